@@ -1,0 +1,395 @@
+//! The NC06 container: header, segment table, chunk tables, payload. docs/FORMAT.md
+//! documents it byte by byte; keep the two in step.
+
+use super::params::CoderParams;
+
+pub const MAGIC: &[u8; 4] = b"NC06";
+pub const VERSION: u16 = 1;
+/// Bytes before the backend tag.
+const FIXED: usize = 4 + 2 + 2 + 4 + 8 + 32 + 32;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SegmentKind {
+    Stored = 0,
+    Zstd = 1,
+    Llm = 2,
+}
+
+impl SegmentKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            SegmentKind::Stored => "stored",
+            SegmentKind::Zstd => "zstd",
+            SegmentKind::Llm => "llm",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChunkEntry {
+    pub original_len: u32,
+    pub n_symbols: u32,
+    pub stored_len: u32,
+    pub crc: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Segment {
+    pub kind: SegmentKind,
+    pub original_len: u64,
+    pub stored_len: u64,
+    pub crc: u32,
+    pub chunks: Vec<ChunkEntry>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Header {
+    pub original_len: u64,
+    pub checksum: [u8; 32],
+    pub model_fingerprint: [u8; 32],
+    pub backend_tag: String,
+    pub params: Vec<(u16, u32)>,
+    pub segments: Vec<Segment>,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum FormatError {
+    #[error("not an NC06 blob (it starts with {0:02x?}, expected \"NC06\")")]
+    NotNc06([u8; 4]),
+    #[error("blob is truncated: {0}")]
+    Truncated(String),
+    #[error("blob header is corrupt: {0}")]
+    Corrupt(String),
+    #[error("blob format version {0} is newer than this nacrith understands (version {VERSION})")]
+    NewerVersion(u16),
+}
+
+fn corrupt(msg: impl Into<String>) -> FormatError {
+    FormatError::Corrupt(msg.into())
+}
+
+impl Header {
+    pub fn has_llm_segments(&self) -> bool {
+        self.segments.iter().any(|s| s.kind == SegmentKind::Llm)
+    }
+
+    pub fn coder_params(&self) -> Result<CoderParams, FormatError> {
+        CoderParams::from_pairs(&self.params).map_err(FormatError::Corrupt)
+    }
+
+    pub fn stored_payload_len(&self) -> u64 {
+        self.segments.iter().map(|s| s.stored_len).sum()
+    }
+
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut b = Vec::with_capacity(256 + self.segments.len() * 32);
+        b.extend_from_slice(MAGIC);
+        b.extend_from_slice(&VERSION.to_le_bytes());
+        b.extend_from_slice(&0u16.to_le_bytes());
+        b.extend_from_slice(&0u32.to_le_bytes()); // header length, patched below
+        b.extend_from_slice(&self.original_len.to_le_bytes());
+        b.extend_from_slice(&self.checksum);
+        b.extend_from_slice(&self.model_fingerprint);
+        let tag = self.backend_tag.as_bytes();
+        let tag = &tag[..tag.len().min(u16::MAX as usize)];
+        b.extend_from_slice(&(tag.len() as u16).to_le_bytes());
+        b.extend_from_slice(tag);
+        b.extend_from_slice(&(self.params.len() as u16).to_le_bytes());
+        for (id, v) in &self.params {
+            b.extend_from_slice(&id.to_le_bytes());
+            b.extend_from_slice(&v.to_le_bytes());
+        }
+        b.extend_from_slice(&(self.segments.len() as u32).to_le_bytes());
+        for s in &self.segments {
+            b.push(s.kind as u8);
+            b.extend_from_slice(&s.original_len.to_le_bytes());
+            b.extend_from_slice(&s.stored_len.to_le_bytes());
+            b.extend_from_slice(&s.crc.to_le_bytes());
+            if s.kind == SegmentKind::Llm {
+                b.extend_from_slice(&(s.chunks.len() as u32).to_le_bytes());
+                for c in &s.chunks {
+                    for v in [c.original_len, c.n_symbols, c.stored_len, c.crc] {
+                        b.extend_from_slice(&v.to_le_bytes());
+                    }
+                }
+            }
+        }
+        let total = (b.len() + 4) as u32;
+        b[8..12].copy_from_slice(&total.to_le_bytes());
+        let crc = crc32fast::hash(&b);
+        b.extend_from_slice(&crc.to_le_bytes());
+        b
+    }
+
+    /// Parse and validate a header. `blob_len` is the whole blob's length, when known, to
+    /// detect truncation and trailing bytes. Returns the header and its length.
+    pub fn parse(data: &[u8], blob_len: Option<u64>) -> Result<(Header, usize), FormatError> {
+        if data.len() < 4 {
+            return Err(FormatError::Truncated(format!("{} bytes", data.len())));
+        }
+        let magic: [u8; 4] = [data[0], data[1], data[2], data[3]];
+        if &magic != MAGIC {
+            return Err(FormatError::NotNc06(magic));
+        }
+        if data.len() < FIXED + 2 {
+            return Err(FormatError::Truncated("header cut short".into()));
+        }
+        let version = u16::from_le_bytes([data[4], data[5]]);
+        let header_len = u32::from_le_bytes([data[8], data[9], data[10], data[11]]) as usize;
+        if header_len < FIXED + 2 + 2 + 4 + 4 {
+            return Err(corrupt(format!("header length {header_len} is too small")));
+        }
+        if header_len > data.len() {
+            return Err(FormatError::Truncated(format!(
+                "header claims {header_len} bytes, only {} present",
+                data.len()
+            )));
+        }
+        let stored_crc = u32::from_le_bytes([
+            data[header_len - 4],
+            data[header_len - 3],
+            data[header_len - 2],
+            data[header_len - 1],
+        ]);
+        if crc32fast::hash(&data[..header_len - 4]) != stored_crc {
+            if version > VERSION {
+                return Err(FormatError::NewerVersion(version));
+            }
+            return Err(corrupt("header checksum mismatch"));
+        }
+        if version != VERSION {
+            return Err(FormatError::NewerVersion(version));
+        }
+        let mut r = Cursor {
+            data: &data[..header_len - 4],
+            pos: 12,
+        };
+        let original_len = r.u64()?;
+        let checksum = r.array32()?;
+        let model_fingerprint = r.array32()?;
+        let tag_len = r.u16()? as usize;
+        let backend_tag = String::from_utf8(r.take(tag_len)?.to_vec())
+            .map_err(|_| corrupt("backend tag is not UTF-8"))?;
+        let n_params = r.u16()? as usize;
+        let mut params = Vec::with_capacity(n_params);
+        for _ in 0..n_params {
+            params.push((r.u16()?, r.u32()?));
+        }
+        let n_segments = r.u32()? as usize;
+        // Each segment takes at least 21 header bytes: bound allocations by what is there.
+        if n_segments > r.remaining() / 21 {
+            return Err(corrupt("segment count exceeds header size"));
+        }
+        let mut segments = Vec::with_capacity(n_segments);
+        let mut sum_original = 0u64;
+        for _ in 0..n_segments {
+            let kind = match r.u8()? {
+                0 => SegmentKind::Stored,
+                1 => SegmentKind::Zstd,
+                2 => SegmentKind::Llm,
+                k => return Err(corrupt(format!("unknown segment kind {k}"))),
+            };
+            let original_len = r.u64()?;
+            let stored_len = r.u64()?;
+            let crc = r.u32()?;
+            let mut chunks = Vec::new();
+            if kind == SegmentKind::Llm {
+                let n = r.u32()? as usize;
+                if n > r.remaining() / 16 || n == 0 {
+                    return Err(corrupt("chunk count does not fit the header"));
+                }
+                let (mut so, mut ss) = (0u64, 0u64);
+                for _ in 0..n {
+                    let c = ChunkEntry {
+                        original_len: r.u32()?,
+                        n_symbols: r.u32()?,
+                        stored_len: r.u32()?,
+                        crc: r.u32()?,
+                    };
+                    // Every symbol yields at least one byte.
+                    if c.n_symbols > c.original_len || (c.original_len > 0 && c.n_symbols == 0) {
+                        return Err(corrupt("chunk symbol count is impossible"));
+                    }
+                    so += c.original_len as u64;
+                    ss += c.stored_len as u64;
+                    chunks.push(c);
+                }
+                if so != original_len || ss != stored_len {
+                    return Err(corrupt("chunk table does not add up to its segment"));
+                }
+            }
+            if kind == SegmentKind::Stored && stored_len != original_len {
+                return Err(corrupt("stored segment with differing lengths"));
+            }
+            sum_original = sum_original
+                .checked_add(original_len)
+                .ok_or_else(|| corrupt("segment lengths overflow"))?;
+            segments.push(Segment {
+                kind,
+                original_len,
+                stored_len,
+                crc,
+                chunks,
+            });
+        }
+        if r.remaining() != 0 {
+            return Err(corrupt("unexpected bytes at the end of the header"));
+        }
+        if sum_original != original_len {
+            return Err(corrupt("segments do not add up to the original length"));
+        }
+        let header = Header {
+            original_len,
+            checksum,
+            model_fingerprint,
+            backend_tag,
+            params,
+            segments,
+        };
+        if let Some(len) = blob_len {
+            let expected = header_len as u64 + header.stored_payload_len();
+            if len < expected {
+                return Err(FormatError::Truncated(format!(
+                    "{len} bytes, the header describes {expected}"
+                )));
+            }
+            if len > expected {
+                return Err(corrupt(format!(
+                    "{} unexpected bytes after the payload",
+                    len - expected
+                )));
+            }
+        }
+        Ok((header, header_len))
+    }
+}
+
+struct Cursor<'a> {
+    data: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Cursor<'a> {
+    fn remaining(&self) -> usize {
+        self.data.len() - self.pos
+    }
+    fn take(&mut self, n: usize) -> Result<&'a [u8], FormatError> {
+        if self.remaining() < n {
+            return Err(corrupt("header fields run past its end"));
+        }
+        let s = &self.data[self.pos..self.pos + n];
+        self.pos += n;
+        Ok(s)
+    }
+    fn u8(&mut self) -> Result<u8, FormatError> {
+        Ok(self.take(1)?[0])
+    }
+    fn u16(&mut self) -> Result<u16, FormatError> {
+        let b = self.take(2)?;
+        Ok(u16::from_le_bytes([b[0], b[1]]))
+    }
+    fn u32(&mut self) -> Result<u32, FormatError> {
+        let b = self.take(4)?;
+        Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+    }
+    fn u64(&mut self) -> Result<u64, FormatError> {
+        let mut a = [0u8; 8];
+        a.copy_from_slice(self.take(8)?);
+        Ok(u64::from_le_bytes(a))
+    }
+    fn array32(&mut self) -> Result<[u8; 32], FormatError> {
+        let mut a = [0u8; 32];
+        a.copy_from_slice(self.take(32)?);
+        Ok(a)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Header {
+        Header {
+            original_len: 30,
+            checksum: [7; 32],
+            model_fingerprint: [9; 32],
+            backend_tag: "test backend".into(),
+            params: vec![(1, 2048), (2, 1536)],
+            segments: vec![
+                Segment {
+                    kind: SegmentKind::Llm,
+                    original_len: 20,
+                    stored_len: 6,
+                    crc: 1,
+                    chunks: vec![
+                        ChunkEntry {
+                            original_len: 12,
+                            n_symbols: 3,
+                            stored_len: 4,
+                            crc: 5,
+                        },
+                        ChunkEntry {
+                            original_len: 8,
+                            n_symbols: 2,
+                            stored_len: 2,
+                            crc: 6,
+                        },
+                    ],
+                },
+                Segment {
+                    kind: SegmentKind::Stored,
+                    original_len: 10,
+                    stored_len: 10,
+                    crc: 3,
+                    chunks: vec![],
+                },
+            ],
+        }
+    }
+
+    #[test]
+    fn roundtrip() {
+        let h = sample();
+        let bytes = h.to_bytes();
+        let (back, len) = Header::parse(&bytes, Some(bytes.len() as u64 + 16)).expect("parse");
+        assert_eq!(back, h);
+        assert_eq!(len, bytes.len());
+    }
+
+    #[test]
+    fn every_single_byte_corruption_is_detected() {
+        let h = sample();
+        let bytes = h.to_bytes();
+        let total = Some(bytes.len() as u64 + 16);
+        for i in 0..bytes.len() {
+            for flip in [0x01u8, 0x80, 0xFF] {
+                let mut b = bytes.clone();
+                b[i] ^= flip;
+                assert!(
+                    Header::parse(&b, total).is_err(),
+                    "flip {flip:#x} at {i} not detected"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn truncation_and_trailing_bytes_are_detected() {
+        let bytes = sample().to_bytes();
+        for cut in 0..bytes.len() {
+            assert!(Header::parse(&bytes[..cut], None).is_err());
+        }
+        let n = bytes.len() as u64;
+        assert!(matches!(
+            Header::parse(&bytes, Some(n + 15)),
+            Err(FormatError::Truncated(_))
+        ));
+        assert!(Header::parse(&bytes, Some(n + 17)).is_err());
+    }
+
+    #[test]
+    fn foreign_data_says_so() {
+        let err = Header::parse(b"\x1f\x8b\x08\x00gzip data here", None).unwrap_err();
+        assert!(err.to_string().contains("not an NC06 blob"));
+    }
+}

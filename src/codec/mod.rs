@@ -1,0 +1,365 @@
+//! Bytes ⇄ NC06 blobs. Pure: the model is reached only through [`Engine`], and the only
+//! I/O is the caller's buffers.
+
+pub mod container;
+pub mod lanes;
+pub mod matcher;
+pub mod mixer;
+pub mod ngram;
+pub mod params;
+pub mod predictor;
+pub mod range;
+pub mod segment;
+pub mod tokenizer;
+
+use std::ops::Range;
+
+use container::{ChunkEntry, FormatError, Header, Segment, SegmentKind};
+use lanes::{ChunkJob, ChunkOutput};
+use params::CoderParams;
+use segment::RunKind;
+use tokenizer::{Symbol, TextTokenizer};
+
+use crate::model::ModelError;
+
+/// Default text chunk size in bytes: chunks are coded independently, so a read decodes
+/// only the chunks it needs and many chunks run in lockstep.
+pub const DEFAULT_CHUNK_SIZE: usize = 8 * 1024;
+pub const ZSTD_LEVEL: i32 = 19;
+
+/// What the codec needs from a model: its identity, its tokenizer, and a way to run many
+/// chunk jobs (in lockstep lanes, on however many contexts it has).
+pub trait Engine: Sync {
+    fn tokenizer(&self) -> &TextTokenizer;
+    fn fingerprint(&self) -> [u8; 32];
+    fn backend_tag(&self) -> &str;
+    /// Parameters for new blobs.
+    fn default_params(&self) -> CoderParams;
+    /// Run every job; outputs in job order. `progress` receives symbol counts.
+    fn run(
+        &self,
+        params: &CoderParams,
+        jobs: Vec<ChunkJob>,
+        progress: &(dyn Fn(usize) + Sync),
+    ) -> Result<Vec<ChunkOutput>, ModelError>;
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CodecError {
+    #[error(transparent)]
+    Format(#[from] FormatError),
+    #[error("this blob has LLM-coded text and needs the model to decode: {0}")]
+    ModelNeeded(String),
+    #[error(
+        "blob was coded with model {blob} but the loaded model is {loaded}; pass --model with the GGUF file it was made with"
+    )]
+    ModelMismatch { blob: String, loaded: String },
+    #[error(
+        "blob was coded on backend \"{blob}\" but this build is \"{loaded}\"; its logits differ, so decoding would fail (build nacrith for the recorded CPU level, or pass --force-backend to try anyway: checksums are still verified)"
+    )]
+    BackendMismatch { blob: String, loaded: String },
+    #[error("blob is corrupt: {0}")]
+    Corrupt(String),
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    #[error("zstd: {0}")]
+    Zstd(String),
+}
+
+#[derive(Debug, Clone)]
+pub struct CompressOptions {
+    pub chunk_size: usize,
+    pub zstd_level: i32,
+    pub params: Option<CoderParams>,
+}
+
+impl Default for CompressOptions {
+    fn default() -> Self {
+        CompressOptions {
+            chunk_size: DEFAULT_CHUNK_SIZE,
+            zstd_level: ZSTD_LEVEL,
+            params: None,
+        }
+    }
+}
+
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn binary_segment(data: &[u8], level: i32) -> Result<(Segment, Vec<u8>), CodecError> {
+    let packed = zstd::bulk::compress(data, level).map_err(|e| CodecError::Zstd(e.to_string()))?;
+    let (kind, stored) = if packed.len() < data.len() {
+        (SegmentKind::Zstd, packed)
+    } else {
+        (SegmentKind::Stored, data.to_vec())
+    };
+    Ok((
+        Segment {
+            kind,
+            original_len: data.len() as u64,
+            stored_len: stored.len() as u64,
+            crc: crc32fast::hash(data),
+            chunks: Vec::new(),
+        },
+        stored,
+    ))
+}
+
+fn assemble(mut header: Header, parts: Vec<(Segment, Vec<u8>)>) -> Vec<u8> {
+    header.segments = parts.iter().map(|(s, _)| s.clone()).collect();
+    let mut out = header.to_bytes();
+    for (_, payload) in parts {
+        out.extend_from_slice(&payload);
+    }
+    out
+}
+
+/// Compress `data` into an NC06 blob. Without an engine every run goes to zstd.
+pub fn compress(
+    data: &[u8],
+    engine: Option<&dyn Engine>,
+    opts: &CompressOptions,
+    progress: &(dyn Fn(usize) + Sync),
+) -> Result<Vec<u8>, CodecError> {
+    let header = Header {
+        original_len: data.len() as u64,
+        checksum: *blake3::hash(data).as_bytes(),
+        model_fingerprint: [0; 32],
+        backend_tag: String::new(),
+        params: Vec::new(),
+        segments: Vec::new(),
+    };
+    let runs = segment::segment(data);
+    let hybrid = match engine.filter(|_| runs.iter().any(|(k, _)| *k == RunKind::Text)) {
+        Some(engine) => hybrid_blob(data, &runs, engine, header.clone(), opts, progress)?,
+        None => {
+            let parts = runs
+                .iter()
+                .map(|(_, r)| binary_segment(&data[r.clone()], opts.zstd_level))
+                .collect::<Result<Vec<_>, _>>()?;
+            assemble(header.clone(), parts)
+        }
+    };
+    if runs.len() <= 1 && !hybrid_has_llm(&hybrid) {
+        return Ok(hybrid);
+    }
+    // Whole-file guarantee: never larger than zstd alone plus our header.
+    let whole = assemble(header, vec![binary_segment(data, opts.zstd_level)?]);
+    Ok(if whole.len() < hybrid.len() {
+        whole
+    } else {
+        hybrid
+    })
+}
+
+fn hybrid_has_llm(blob: &[u8]) -> bool {
+    Header::parse(blob, None).is_ok_and(|(h, _)| h.has_llm_segments())
+}
+
+/// Text runs through the LLM coder (each kept only if it beats zstd), binary runs to zstd.
+fn hybrid_blob(
+    data: &[u8],
+    runs: &[(RunKind, Range<usize>)],
+    engine: &dyn Engine,
+    mut header: Header,
+    opts: &CompressOptions,
+    progress: &(dyn Fn(usize) + Sync),
+) -> Result<Vec<u8>, CodecError> {
+    let params = opts
+        .params
+        .clone()
+        .unwrap_or_else(|| engine.default_params());
+    // Tokenize every text chunk of every text run; all chunks go to the engine at once.
+    let tok = engine.tokenizer();
+    let mut jobs = Vec::new();
+    let mut text_chunks: Vec<Vec<(Range<usize>, u32)>> = Vec::new();
+    for (kind, r) in runs {
+        let mut chunks = Vec::new();
+        if *kind == RunKind::Text {
+            for c in segment::chunk_text(&data[r.clone()], opts.chunk_size) {
+                let abs = r.start + c.start..r.start + c.end;
+                let symbols: Vec<Symbol> = tok.encode(&data[abs.clone()]);
+                chunks.push((abs, symbols.len() as u32));
+                jobs.push(ChunkJob::Encode(symbols));
+            }
+        }
+        text_chunks.push(chunks);
+    }
+    let mut outputs = engine.run(&params, jobs, progress)?.into_iter();
+
+    let mut parts = Vec::with_capacity(runs.len());
+    for ((kind, r), chunks) in runs.iter().zip(text_chunks) {
+        let bytes = &data[r.clone()];
+        if *kind == RunKind::Binary {
+            parts.push(binary_segment(bytes, opts.zstd_level)?);
+            continue;
+        }
+        let mut entries = Vec::with_capacity(chunks.len());
+        let mut payload = Vec::new();
+        for (range, n_symbols) in chunks {
+            let Some(ChunkOutput::Encoded(coded)) = outputs.next() else {
+                return Err(CodecError::Model(ModelError::Runtime(
+                    "engine returned the wrong kind of output".into(),
+                )));
+            };
+            entries.push(ChunkEntry {
+                original_len: range.len() as u32,
+                n_symbols,
+                stored_len: coded.len() as u32,
+                crc: crc32fast::hash(&data[range]),
+            });
+            payload.extend_from_slice(&coded);
+        }
+        // Never worse than the classical codec on the same run.
+        let fallback = binary_segment(bytes, opts.zstd_level)?;
+        if fallback.1.len() <= payload.len() {
+            parts.push(fallback);
+        } else {
+            let seg = Segment {
+                kind: SegmentKind::Llm,
+                original_len: bytes.len() as u64,
+                stored_len: payload.len() as u64,
+                crc: crc32fast::hash(bytes),
+                chunks: entries,
+            };
+            parts.push((seg, payload));
+        }
+    }
+    // Record the model identity only when a segment needs it, so decoding the rest
+    // needs no model.
+    if parts.iter().any(|(s, _)| s.kind == SegmentKind::Llm) {
+        header.model_fingerprint = engine.fingerprint();
+        header.backend_tag = engine.backend_tag().to_string();
+        header.params = params.to_pairs();
+    }
+    Ok(assemble(header, parts))
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct DecompressOptions {
+    /// Decode even if the blob's backend tag differs from ours (checksums still verified).
+    pub force_backend: bool,
+}
+
+/// Check that `engine` can reproduce the logits this blob was coded with.
+pub fn check_engine(
+    header: &Header,
+    engine: &dyn Engine,
+    opts: &DecompressOptions,
+) -> Result<CoderParams, CodecError> {
+    if header.model_fingerprint != engine.fingerprint() {
+        return Err(CodecError::ModelMismatch {
+            blob: hex(&header.model_fingerprint[..8]),
+            loaded: hex(&engine.fingerprint()[..8]),
+        });
+    }
+    if header.backend_tag != engine.backend_tag() && !opts.force_backend {
+        return Err(CodecError::BackendMismatch {
+            blob: header.backend_tag.clone(),
+            loaded: engine.backend_tag().to_string(),
+        });
+    }
+    let params = header.coder_params()?;
+    let ours = engine.default_params();
+    if params.n_vocab != ours.n_vocab {
+        return Err(CodecError::Corrupt(format!(
+            "blob says vocabulary {} but the model has {}",
+            params.n_vocab, ours.n_vocab
+        )));
+    }
+    Ok(params)
+}
+
+/// Decompress a whole blob, verifying every chunk and the whole-file checksum.
+pub fn decompress(
+    blob: &[u8],
+    engine: Option<&dyn Engine>,
+    opts: &DecompressOptions,
+    progress: &(dyn Fn(usize) + Sync),
+) -> Result<Vec<u8>, CodecError> {
+    let (header, header_len) = Header::parse(blob, Some(blob.len() as u64))?;
+    let mut llm_params = None;
+    if header.has_llm_segments() {
+        let engine = engine.ok_or_else(|| CodecError::ModelNeeded("no model loaded".into()))?;
+        llm_params = Some((engine, check_engine(&header, engine, opts)?));
+    }
+    // Never trust a claimed length for an up-front allocation beyond what can be real:
+    // grow as segments actually decode.
+    let mut out = Vec::with_capacity(
+        (header.original_len as usize)
+            .min(blob.len().saturating_mul(64))
+            .min(1 << 30),
+    );
+    let mut jobs = Vec::new();
+    let mut offset = header_len;
+    for seg in &header.segments {
+        if seg.kind == SegmentKind::Llm {
+            for c in &seg.chunks {
+                let data = blob[offset..offset + c.stored_len as usize].to_vec();
+                offset += c.stored_len as usize;
+                jobs.push(ChunkJob::Decode {
+                    data,
+                    n_symbols: c.n_symbols as usize,
+                });
+            }
+        } else {
+            offset += seg.stored_len as usize;
+        }
+    }
+    let mut decoded = match (&llm_params, jobs.is_empty()) {
+        (Some((engine, params)), false) => engine.run(params, jobs, progress)?.into_iter(),
+        _ => Vec::new().into_iter(),
+    };
+    let mut offset = header_len;
+    for (si, seg) in header.segments.iter().enumerate() {
+        let stored = &blob[offset..offset + seg.stored_len as usize];
+        offset += seg.stored_len as usize;
+        let start = out.len();
+        match seg.kind {
+            SegmentKind::Stored => out.extend_from_slice(stored),
+            SegmentKind::Zstd => {
+                let bytes = zstd::bulk::decompress(stored, seg.original_len as usize)
+                    .map_err(|e| CodecError::Corrupt(format!("segment {si}: zstd: {e}")))?;
+                out.extend_from_slice(&bytes);
+            }
+            SegmentKind::Llm => {
+                let Some((engine, _)) = &llm_params else {
+                    return Err(CodecError::ModelNeeded("no model loaded".into()));
+                };
+                for (ci, c) in seg.chunks.iter().enumerate() {
+                    let Some(ChunkOutput::Decoded(symbols)) = decoded.next() else {
+                        return Err(CodecError::Corrupt("decoder lost a chunk".into()));
+                    };
+                    let chunk_start = out.len();
+                    let tok = engine.tokenizer();
+                    for s in symbols {
+                        if !tok.decode_into(s, &mut out)
+                            || out.len() - chunk_start > c.original_len as usize
+                        {
+                            return Err(CodecError::Corrupt(format!(
+                                "segment {si} chunk {ci}: decoded stream is invalid (corrupt data, or logits differ from the encoder's)"
+                            )));
+                        }
+                    }
+                    let got = &out[chunk_start..];
+                    if got.len() != c.original_len as usize || crc32fast::hash(got) != c.crc {
+                        return Err(CodecError::Corrupt(format!(
+                            "segment {si} chunk {ci}: checksum mismatch (corrupt data, or logits differ from the encoder's)"
+                        )));
+                    }
+                }
+            }
+        }
+        let got = &out[start..];
+        if got.len() as u64 != seg.original_len || crc32fast::hash(got) != seg.crc {
+            return Err(CodecError::Corrupt(format!(
+                "segment {si}: checksum mismatch"
+            )));
+        }
+    }
+    if blake3::hash(&out).as_bytes() != &header.checksum {
+        return Err(CodecError::Corrupt("whole-file checksum mismatch".into()));
+    }
+    Ok(out)
+}

@@ -1,0 +1,188 @@
+//! Split input into text and binary runs (NC06's hybrid idea), and text into chunks.
+//!
+//! Text runs go to the LLM coder, binary runs to zstd. A few stray bytes inside text are
+//! cheaper to escape than to cut out; a short text island inside binary is not worth a
+//! segment of its own.
+
+use std::ops::Range;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunKind {
+    Text,
+    Binary,
+}
+
+const BLOCK: usize = 256;
+/// A block with more "bad" bytes than this is binary.
+const MAX_BAD_PER_BLOCK: usize = 8;
+/// Binary islands of at most this many blocks inside text are absorbed into the text.
+const ABSORB_BINARY_BLOCKS: usize = 1;
+/// Text runs shorter than this many blocks between binary runs become binary.
+const MIN_TEXT_BLOCKS: usize = 4;
+
+/// Bytes that a tokenizer would not handle as text: invalid UTF-8, control characters
+/// other than tab, newlines, form feed and escape, and DEL.
+fn bad_bytes(data: &[u8]) -> Vec<bool> {
+    let mut bad = vec![false; data.len()];
+    let mut i = 0;
+    while i < data.len() {
+        let b = data[i];
+        let n = match b {
+            0x00..=0x7F => 1,
+            0xC2..=0xDF => 2,
+            0xE0..=0xEF => 3,
+            0xF0..=0xF4 => 4,
+            _ => 0,
+        };
+        if n == 0 || i + n > data.len() || std::str::from_utf8(&data[i..i + n]).is_err() {
+            bad[i] = true;
+            i += 1;
+            continue;
+        }
+        if n == 1 && ((b < 0x20 && !matches!(b, b'\t' | b'\n' | b'\r' | 0x0C | 0x1B)) || b == 0x7F)
+        {
+            bad[i] = true;
+        }
+        i += n;
+    }
+    bad
+}
+
+/// Runs of text and binary covering `data` in order.
+pub fn segment(data: &[u8]) -> Vec<(RunKind, Range<usize>)> {
+    if data.is_empty() {
+        return Vec::new();
+    }
+    let bad = bad_bytes(data);
+    let mut kinds: Vec<RunKind> = bad
+        .chunks(BLOCK)
+        .map(|blk| {
+            let n = blk.iter().filter(|&&b| b).count();
+            // A short final block is judged by proportion.
+            if n * BLOCK > MAX_BAD_PER_BLOCK * blk.len() {
+                RunKind::Binary
+            } else {
+                RunKind::Text
+            }
+        })
+        .collect();
+    smooth(&mut kinds, RunKind::Binary, ABSORB_BINARY_BLOCKS);
+    smooth(&mut kinds, RunKind::Text, MIN_TEXT_BLOCKS - 1);
+    let mut runs: Vec<(RunKind, Range<usize>)> = Vec::new();
+    for (i, k) in kinds.iter().enumerate() {
+        let start = i * BLOCK;
+        let end = ((i + 1) * BLOCK).min(data.len());
+        match runs.last_mut() {
+            Some((kind, r)) if kind == k => r.end = end,
+            _ => runs.push((*k, start..end)),
+        }
+    }
+    runs
+}
+
+/// Flip runs of `kind` no longer than `max_len` blocks to the other kind.
+fn smooth(kinds: &mut [RunKind], kind: RunKind, max_len: usize) {
+    let other = match kind {
+        RunKind::Text => RunKind::Binary,
+        RunKind::Binary => RunKind::Text,
+    };
+    // Only islands: a run at either end of the file is kept unless the file is all one run.
+    let mut i = 0;
+    while i < kinds.len() {
+        if kinds[i] != kind {
+            i += 1;
+            continue;
+        }
+        let start = i;
+        while i < kinds.len() && kinds[i] == kind {
+            i += 1;
+        }
+        let len = i - start;
+        let bounded = start > 0 && i < kinds.len();
+        if len <= max_len && bounded {
+            kinds[start..i].fill(other);
+        }
+    }
+}
+
+/// Cut text into chunks of about `target` bytes, at a newline when one is near, else at a
+/// UTF-8 character boundary.
+pub fn chunk_text(data: &[u8], target: usize) -> Vec<Range<usize>> {
+    let target = target.max(64);
+    let mut out = Vec::new();
+    let mut start = 0;
+    while start < data.len() {
+        let hard_end = start + target;
+        if hard_end >= data.len() {
+            out.push(start..data.len());
+            break;
+        }
+        let window = &data[start + target * 3 / 4..hard_end];
+        let end = match window.iter().rposition(|&b| b == b'\n') {
+            Some(p) => start + target * 3 / 4 + p + 1,
+            None => {
+                let mut e = hard_end;
+                // Back off continuation bytes so a character is not split.
+                while e > start + 1 && (data[e] & 0xC0) == 0x80 && hard_end - e < 4 {
+                    e -= 1;
+                }
+                e
+            }
+        };
+        out.push(start..end);
+        start = end;
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn covers(runs: &[(RunKind, Range<usize>)], len: usize) {
+        let mut pos = 0;
+        for (_, r) in runs {
+            assert_eq!(r.start, pos);
+            assert!(r.end > r.start);
+            pos = r.end;
+        }
+        assert_eq!(pos, len);
+    }
+
+    #[test]
+    fn text_with_a_binary_middle() {
+        let mut data = b"hello world, this is text.\n".repeat(100);
+        let bin: Vec<u8> = (0..4000u32).map(|i| (i * 7919 % 251) as u8).collect();
+        data.extend_from_slice(&bin);
+        data.extend_from_slice(&b"more text here, plenty of it.\n".repeat(100));
+        let runs = segment(&data);
+        covers(&runs, data.len());
+        let kinds: Vec<_> = runs.iter().map(|r| r.0).collect();
+        assert_eq!(kinds, vec![RunKind::Text, RunKind::Binary, RunKind::Text]);
+    }
+
+    #[test]
+    fn stray_control_bytes_stay_text() {
+        let mut data = b"plain prose line\n".repeat(200);
+        data[1000] = 0x04;
+        data[2000] = 0xFF;
+        let runs = segment(&data);
+        assert_eq!(runs.len(), 1);
+        assert_eq!(runs[0].0, RunKind::Text);
+    }
+
+    #[test]
+    fn chunks_cover_and_prefer_newlines() {
+        let data = "Line of text with é and 漢字.\n".repeat(500);
+        let chunks = chunk_text(data.as_bytes(), 1000);
+        let mut pos = 0;
+        for c in &chunks {
+            assert_eq!(c.start, pos);
+            pos = c.end;
+            if c.end < data.len() {
+                assert_eq!(data.as_bytes()[c.end - 1], b'\n');
+            }
+        }
+        assert_eq!(pos, data.len());
+    }
+}

@@ -1,0 +1,10 @@
+//! nacrithfs: a FUSE transparent compressed filesystem for cold storage of text, and the
+//! Nacrith coder (an LLM-driven arithmetic coder) behind it.
+//!
+//! * [`codec`]: bytes ⇄ NC06 blobs (pure; reaches the model only through a trait)
+//! * [`model`]: the language model (llama.cpp), model discovery and identity
+//! * [`pool`]: workers, one single-threaded model context each, many lanes per context
+
+pub mod codec;
+pub mod model;
+pub mod pool;

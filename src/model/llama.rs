@@ -1,0 +1,360 @@
+//! The llama.cpp implementation (through `llama-cpp-2`).
+//!
+//! Determinism comes first. Measured on CPU with quantized weights: with one thread per
+//! context and `kv_unified = false`, logits do not depend on how many other streams share
+//! the batch; with two threads they diverge past ~256 positions, and F32 weights break
+//! batch invariance too. So every context runs single-threaded, parallelism comes from
+//! one context per core, and unquantized models are refused.
+
+use std::num::NonZeroU32;
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, OnceLock};
+
+use llama_cpp_2::context::params::LlamaContextParams;
+use llama_cpp_2::context::LlamaContext;
+use llama_cpp_2::llama_backend::LlamaBackend;
+use llama_cpp_2::llama_batch::LlamaBatch;
+use llama_cpp_2::model::params::LlamaModelParams;
+use llama_cpp_2::model::LlamaModel;
+use llama_cpp_2::token::LlamaToken;
+
+use super::gguf::Metadata;
+use super::{Feed, LanguageModel, ModelError};
+use crate::codec::params::CoderParams;
+use crate::codec::tokenizer::{TextTokenizer, Vocabulary};
+
+/// The llama.cpp build this binary links (llama-cpp-sys-2 is pinned in Cargo.toml).
+pub const LLAMA_BUILD: &str = "llama-cpp-sys-2 0.1.160";
+
+static BACKEND: OnceLock<Result<LlamaBackend, String>> = OnceLock::new();
+/// llama-cpp-2 documents that creating contexts in parallel is unsound.
+static CONTEXT_CREATION: Mutex<()> = Mutex::new(());
+
+fn backend() -> Result<&'static LlamaBackend, ModelError> {
+    BACKEND
+        .get_or_init(|| {
+            let mut b = LlamaBackend::init().map_err(|e| e.to_string())?;
+            if std::env::var_os("NACRITH_LLAMA_LOG").is_none() {
+                b.void_logs();
+            }
+            Ok(b)
+        })
+        .as_ref()
+        .map_err(|e| ModelError::Runtime(format!("cannot initialise the backend: {e}")))
+}
+
+/// The CPU features llama.cpp was compiled for: they change its kernels, hence the logits.
+pub fn cpu_level() -> String {
+    let level = if cfg!(all(
+        target_arch = "x86_64",
+        target_feature = "avx512f",
+        target_feature = "avx512bw",
+        target_feature = "avx512vl",
+        target_feature = "avx512dq"
+    )) {
+        "x86-64-v4"
+    } else if cfg!(all(
+        target_arch = "x86_64",
+        target_feature = "avx2",
+        target_feature = "fma",
+        target_feature = "bmi2",
+        target_feature = "f16c"
+    )) {
+        "x86-64-v3"
+    } else if cfg!(all(target_arch = "x86_64", target_feature = "sse4.2")) {
+        "x86-64-v2"
+    } else if cfg!(target_arch = "x86_64") {
+        "x86-64"
+    } else {
+        std::env::consts::ARCH
+    };
+    // Extra features llama.cpp's build script reacts to, beyond the level itself.
+    let mut extra = Vec::new();
+    if cfg!(target_feature = "avx512vnni") {
+        extra.push("avx512vnni");
+    }
+    if cfg!(target_feature = "avx512bf16") {
+        extra.push("avx512bf16");
+    }
+    if cfg!(target_feature = "avx512vbmi") {
+        extra.push("avx512vbmi");
+    }
+    if cfg!(target_feature = "avxvnni") {
+        extra.push("avxvnni");
+    }
+    if extra.is_empty() {
+        level.to_string()
+    } else {
+        format!("{level}+{}", extra.join("+"))
+    }
+}
+
+fn file_type_name(ft: i64) -> String {
+    match ft {
+        0 => "F32".into(),
+        1 => "F16".into(),
+        2 => "Q4_0".into(),
+        3 => "Q4_1".into(),
+        7 => "Q8_0".into(),
+        8 => "Q5_0".into(),
+        9 => "Q5_1".into(),
+        10 => "Q2_K".into(),
+        11 => "Q3_K_S".into(),
+        12 => "Q3_K_M".into(),
+        13 => "Q3_K_L".into(),
+        14 => "Q4_K_S".into(),
+        15 => "Q4_K_M".into(),
+        16 => "Q5_K_S".into(),
+        17 => "Q5_K_M".into(),
+        18 => "Q6_K".into(),
+        32 => "BF16".into(),
+        other => format!("ftype{other}"),
+    }
+}
+
+fn use_gpu() -> bool {
+    cfg!(feature = "cuda") && std::env::var_os("NACRITH_CPU_ONLY").is_none()
+}
+
+/// A loaded model with everything the coder needs to know about it.
+pub struct ModelRuntime {
+    pub path: PathBuf,
+    /// BLAKE3 of the GGUF file.
+    pub fingerprint: [u8; 32],
+    /// Backend, CPU level / GPU, weights type, llama.cpp build: all change the logits.
+    pub backend_tag: String,
+    pub tokenizer: TextTokenizer,
+    /// Tokens allowed to carry probability mass (producible by the tokenizer, or escape).
+    pub allowed: Vec<bool>,
+    pub start_token: u32,
+    pub escape_token: u32,
+    model: LlamaModel,
+}
+
+pub fn fingerprint_file(path: &Path) -> Result<[u8; 32], std::io::Error> {
+    let mut hasher = blake3::Hasher::new();
+    let mut f = std::fs::File::open(path)?;
+    std::io::copy(&mut f, &mut hasher)?;
+    Ok(*hasher.finalize().as_bytes())
+}
+
+impl ModelRuntime {
+    pub fn load(path: &Path) -> Result<ModelRuntime, ModelError> {
+        let name = path.display().to_string();
+        let load_err = |msg: String| ModelError::Load {
+            path: name.clone(),
+            msg,
+        };
+        let meta = Metadata::read(path).map_err(|e| load_err(e.to_string()))?;
+        let ftype = meta.get_int("general.file_type").unwrap_or(-1);
+        if matches!(ftype, 0 | 1 | 32) {
+            return Err(ModelError::Refused {
+                path: name,
+                msg: format!(
+                    "its weights are unquantized ({}); with them llama.cpp's logits depend on \
+                     how streams are batched, so blobs would not decode reliably. Use a \
+                     quantized GGUF (Q4_1, Q8_0, ...)",
+                    file_type_name(ftype)
+                ),
+            });
+        }
+        if meta.get_str("tokenizer.ggml.model") != Some("gpt2") {
+            return Err(ModelError::Refused {
+                path: name,
+                msg: format!(
+                    "tokenizer type {:?} is not supported (byte-level BPE \"gpt2\" only)",
+                    meta.get_str("tokenizer.ggml.model")
+                ),
+            });
+        }
+        let tokens = meta
+            .get_str_array("tokenizer.ggml.tokens")
+            .ok_or_else(|| load_err("no tokenizer.ggml.tokens".into()))?
+            .to_vec();
+        let merges = meta
+            .get_str_array("tokenizer.ggml.merges")
+            .ok_or_else(|| load_err("no tokenizer.ggml.merges".into()))?
+            .to_vec();
+        let token_types = meta
+            .get_int_array("tokenizer.ggml.token_type")
+            .map(|v| v.to_vec())
+            .unwrap_or_default();
+        // `<|endoftext|>` separates documents in pre-training: the natural start of a
+        // stream, and a token plain text never produces, so it doubles as the escape.
+        let escape = tokens
+            .iter()
+            .position(|t| t == "<|endoftext|>")
+            .or_else(|| {
+                meta.get_int("tokenizer.ggml.eos_token_id")
+                    .map(|v| v as usize)
+            })
+            .ok_or_else(|| load_err("no <|endoftext|> or EOS token to use as escape".into()))?
+            as u32;
+        let vocab = Vocabulary {
+            tokens,
+            merges,
+            token_types,
+        };
+        let tokenizer = TextTokenizer::new(&vocab, escape).map_err(|e| load_err(e.to_string()))?;
+        let mut allowed = tokenizer.producible().to_vec();
+        allowed[escape as usize] = true;
+
+        let fingerprint = fingerprint_file(path).map_err(|e| load_err(e.to_string()))?;
+        let params = if use_gpu() {
+            LlamaModelParams::default().with_n_gpu_layers(999)
+        } else {
+            LlamaModelParams::default()
+        };
+        let model = LlamaModel::load_from_file(backend()?, path, &params)
+            .map_err(|e| load_err(format!("llama.cpp could not load it: {e}")))?;
+        if model.n_vocab() as usize != vocab.tokens.len() {
+            return Err(load_err(format!(
+                "llama.cpp reports {} tokens, the GGUF vocabulary has {}",
+                model.n_vocab(),
+                vocab.tokens.len()
+            )));
+        }
+        let device = if use_gpu() {
+            "cuda".to_string()
+        } else {
+            format!("cpu {}", cpu_level())
+        };
+        let backend_tag = format!(
+            "{LLAMA_BUILD}; {device}; weights {}; threads 1",
+            file_type_name(ftype)
+        );
+        Ok(ModelRuntime {
+            path: path.to_path_buf(),
+            fingerprint,
+            backend_tag,
+            tokenizer,
+            allowed,
+            start_token: escape,
+            escape_token: escape,
+            model,
+        })
+    }
+
+    pub fn n_vocab(&self) -> usize {
+        self.allowed.len()
+    }
+
+    /// The parameters this build codes new blobs with.
+    pub fn default_params(&self) -> CoderParams {
+        CoderParams::new(self.n_vocab() as u32, self.start_token, self.escape_token)
+    }
+
+    /// A single-threaded context with `n_lanes` independent streams.
+    pub fn lanes(
+        &self,
+        n_lanes: usize,
+        params: &CoderParams,
+    ) -> Result<LlamaLanes<'_>, ModelError> {
+        let n_lanes = n_lanes.clamp(1, 256);
+        let ctx_len = params.ctx_len;
+        let n_ctx = NonZeroU32::new(ctx_len * n_lanes as u32)
+            .ok_or_else(|| ModelError::Runtime("zero context".into()))?;
+        let cparams = LlamaContextParams::default()
+            .with_n_ctx(Some(n_ctx))
+            .with_n_batch(n_lanes as u32)
+            .with_n_ubatch(n_lanes as u32)
+            .with_n_seq_max(n_lanes as u32)
+            .with_n_threads(1)
+            .with_n_threads_batch(1)
+            .with_kv_unified(false)
+            .with_no_perf(true);
+        let ctx = {
+            let _guard = CONTEXT_CREATION.lock().unwrap_or_else(|p| p.into_inner());
+            self.model
+                .new_context(backend()?, cparams)
+                .map_err(|e| ModelError::Runtime(format!("cannot create a context: {e}")))?
+        };
+        Ok(LlamaLanes {
+            ctx,
+            batch: LlamaBatch::new(n_lanes, n_lanes as i32),
+            pos: vec![0; n_lanes],
+            logit_index: Vec::with_capacity(n_lanes),
+            ctx_len,
+            ctx_keep: params.ctx_keep,
+            n_vocab: self.n_vocab(),
+        })
+    }
+}
+
+pub struct LlamaLanes<'m> {
+    ctx: LlamaContext<'m>,
+    batch: LlamaBatch<'static>,
+    pos: Vec<u32>,
+    /// Batch index of each feed of the last step.
+    logit_index: Vec<i32>,
+    ctx_len: u32,
+    ctx_keep: u32,
+    n_vocab: usize,
+}
+
+impl LlamaLanes<'_> {
+    /// Drop the oldest tokens of a full lane and shift the rest down (re-rotating RoPE keys)
+    /// instead of re-evaluating: reproducible, and the decoder slides at the same point.
+    fn slide(&mut self, lane: usize) -> Result<(), ModelError> {
+        let pos = self.pos[lane];
+        let discard = pos - self.ctx_keep;
+        let seq = lane as i32;
+        self.ctx
+            .kv_cache_seq_rm(seq, Some(0), Some(discard))
+            .map_err(|e| ModelError::Runtime(format!("kv remove: {e}")))?;
+        self.ctx
+            .kv_cache_seq_add(seq, Some(discard), Some(pos), -(discard as i32))
+            .map_err(|e| ModelError::Runtime(format!("kv shift: {e}")))?;
+        self.pos[lane] = self.ctx_keep;
+        Ok(())
+    }
+}
+
+impl LanguageModel for LlamaLanes<'_> {
+    fn n_vocab(&self) -> usize {
+        self.n_vocab
+    }
+
+    fn n_lanes(&self) -> usize {
+        self.pos.len()
+    }
+
+    fn reset_lane(&mut self, lane: usize) -> Result<(), ModelError> {
+        self.ctx
+            .clear_kv_cache_seq(Some(lane as u32), None, None)
+            .map_err(|e| ModelError::Runtime(format!("kv clear: {e}")))?;
+        self.pos[lane] = 0;
+        Ok(())
+    }
+
+    fn step(&mut self, feeds: &[Feed]) -> Result<(), ModelError> {
+        self.batch.clear();
+        self.logit_index.clear();
+        for f in feeds {
+            if self.pos[f.lane] >= self.ctx_len {
+                self.slide(f.lane)?;
+            }
+            let index = self.batch.n_tokens();
+            self.batch
+                .add(
+                    LlamaToken::new(f.token as i32),
+                    self.pos[f.lane] as i32,
+                    &[f.lane as i32],
+                    f.want_logits,
+                )
+                .map_err(|e| ModelError::Runtime(format!("batch: {e}")))?;
+            self.logit_index.push(index);
+            self.pos[f.lane] += 1;
+        }
+        if feeds.is_empty() {
+            return Ok(());
+        }
+        self.ctx
+            .decode(&mut self.batch)
+            .map_err(|e| ModelError::Runtime(format!("decode: {e}")))
+    }
+
+    fn logits(&self, feed_index: usize) -> &[f32] {
+        self.ctx.get_logits_ith(self.logit_index[feed_index])
+    }
+}
