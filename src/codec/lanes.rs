@@ -64,6 +64,8 @@ pub fn run_lanes(
     let mut lanes: Vec<Option<Lane>> = (0..n_lanes).map(|_| None).collect();
     let mut feeds = Vec::with_capacity(n_lanes);
     let mut order = Vec::with_capacity(n_lanes);
+    let (mut t_model, mut t_coder) = (std::time::Duration::ZERO, std::time::Duration::ZERO);
+    let mut steps = 0u64;
     loop {
         let idle = lanes.iter().all(|l| l.is_none());
         for slot in 0..n_lanes {
@@ -111,9 +113,14 @@ pub fn run_lanes(
             }
         }
         if feeds.is_empty() {
+            log::debug!("lanes: {steps} steps, model {t_model:?}, coder {t_coder:?}");
             return Ok(());
         }
+        let t0 = std::time::Instant::now();
         lm.step(&feeds)?;
+        let t1 = std::time::Instant::now();
+        t_model += t1 - t0;
+        steps += 1;
         for (i, &slot) in order.iter().enumerate() {
             let Some(lane) = lanes[slot].as_mut() else {
                 continue;
@@ -144,6 +151,7 @@ pub fn run_lanes(
                 }
             }
         }
+        t_coder += t1.elapsed();
         source.progress(feeds.len());
     }
 }

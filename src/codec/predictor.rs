@@ -105,21 +105,26 @@ impl<'a> ChunkModel<'a> {
         match logits {
             Some(l) => {
                 let mut max = f32::NEG_INFINITY;
-                for t in 0..v {
-                    if self.allowed[t] {
-                        max = max.max(l[t] + self.bias[t]);
+                for ((&li, &bi), &ok) in l.iter().zip(&self.bias).zip(self.allowed) {
+                    if ok {
+                        max = max.max(li + bi);
                     }
                 }
                 let mut sum = 0.0f64;
-                for t in 0..v {
-                    let z = l[t] + self.bias[t] - max;
-                    let e = if self.allowed[t] && z > -LOGIT_RANGE {
+                let terms = self
+                    .q_llm
+                    .iter_mut()
+                    .zip(l)
+                    .zip(&self.bias)
+                    .zip(self.allowed);
+                for (((q, &li), &bi), &ok) in terms {
+                    let z = li + bi - max;
+                    *q = if ok && z > -LOGIT_RANGE {
                         libm::expf(z) as f64
                     } else {
                         0.0
                     };
-                    self.q_llm[t] = e;
-                    sum += e;
+                    sum += *q;
                 }
                 for q in self.q_llm.iter_mut() {
                     *q /= sum;

@@ -221,7 +221,7 @@ impl TextTokenizer {
                 return false;
             }
             let b = &self.token_bytes[id as usize];
-            if run.len() < pos + b.len() || &run[pos..pos + b.len()] != &b[..] {
+            if run.len() < pos + b.len() || run[pos..pos + b.len()] != b[..] {
                 return false;
             }
             pos += b.len();

@@ -42,7 +42,11 @@ pub fn find_model(explicit: Option<&Path>) -> Result<PathBuf, ModelError> {
             )))
         };
     }
-    let tried = candidates();
+    find_in(&candidates())
+}
+
+/// The first existing file among `tried`, or an error listing them all.
+pub fn find_in(tried: &[PathBuf]) -> Result<PathBuf, ModelError> {
     if let Some(found) = tried.iter().find(|p| p.is_file()) {
         return Ok(found.clone());
     }

@@ -239,6 +239,17 @@ impl ModelRuntime {
         self.allowed.len()
     }
 
+    /// llama.cpp's own tokenization (no BOS, special-token text not parsed), to cross-check
+    /// the `tokenizers` implementation the coder uses.
+    pub fn llama_tokenize(&self, text: &str) -> Vec<u32> {
+        self.model
+            .vocab()
+            .tokenize(text.as_bytes(), false, false)
+            .into_iter()
+            .map(|t| t.0 as u32)
+            .collect()
+    }
+
     /// The parameters this build codes new blobs with.
     pub fn default_params(&self) -> CoderParams {
         CoderParams::new(self.n_vocab() as u32, self.start_token, self.escape_token)

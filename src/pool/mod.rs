@@ -4,7 +4,7 @@
 
 use std::sync::Mutex;
 
-use crossbeam_channel::{Receiver, TryRecvError};
+use crossbeam_channel::Receiver;
 
 use crate::codec::lanes::{run_lanes, ChunkJob, ChunkOutput, JobSource};
 use crate::codec::params::CoderParams;
@@ -46,10 +46,7 @@ impl JobSource for ChannelSource<'_> {
         if block {
             self.rx.recv().ok()
         } else {
-            match self.rx.try_recv() {
-                Ok(j) => Some(j),
-                Err(TryRecvError::Empty | TryRecvError::Disconnected) => None,
-            }
+            self.rx.try_recv().ok()
         }
     }
 

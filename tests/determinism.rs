@@ -1,0 +1,196 @@
+//! Invariant 3 of DESIGN.md: the decoder must see bit-identical probabilities. These
+//! tests run past a KV-cache slide (> 2,048 tokens) on the real model.
+
+mod common;
+
+use common::{english, llm_lock, pool};
+use nacrithfs::codec::container::Header;
+use nacrithfs::codec::tokenizer::Symbol;
+use nacrithfs::codec::{self, CompressOptions, DecompressOptions, Engine};
+use nacrithfs::model::{Feed, LanguageModel};
+use nacrithfs::pool::LocalPool;
+
+fn tokens_of(text: &[u8]) -> Vec<u32> {
+    pool()
+        .runtime
+        .tokenizer
+        .encode(text)
+        .into_iter()
+        .map(|s| match s {
+            Symbol::Token(t) => t,
+            Symbol::Escaped(_) => pool().runtime.escape_token,
+        })
+        .collect()
+}
+
+fn logits_hash(l: &[f32]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for v in l {
+        for b in v.to_bits().to_le_bytes() {
+            h ^= b as u64;
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    }
+    h
+}
+
+/// Logits of one stream fed alone, one token per call, versus the same stream in another
+/// lane of a batch whose other lanes join, leave, restart and skip logits around it.
+#[test]
+fn logits_do_not_depend_on_batch_composition_across_a_kv_slide() {
+    let _g = llm_lock();
+    let rt = &pool().runtime;
+    let params = rt.default_params();
+    let text = english(11_000);
+    let target = tokens_of(&text);
+    assert!(
+        target.len() > params.ctx_len as usize + 100,
+        "need more than {} tokens to pass a slide, have {}",
+        params.ctx_len,
+        target.len()
+    );
+    let n = target.len().min(params.ctx_len as usize + 300);
+    let start = rt.start_token;
+
+    // Alone.
+    let mut alone = Vec::with_capacity(n);
+    {
+        let mut lm = rt.lanes(1, &params).expect("context");
+        lm.reset_lane(0).expect("reset");
+        for i in 0..n {
+            let token = if i == 0 { start } else { target[i - 1] };
+            lm.step(&[Feed {
+                lane: 0,
+                token,
+                want_logits: true,
+            }])
+            .expect("step");
+            alone.push(logits_hash(lm.logits(0)));
+        }
+    }
+
+    // In lane 2 of 4; the other lanes run other text, with different lengths, so they
+    // finish and restart at different moments; lane 1 asks for no logits half the time.
+    let others = tokens_of(&english(11_000)[3000..]);
+    let mut batched = Vec::with_capacity(n);
+    {
+        let mut lm = rt.lanes(4, &params).expect("context");
+        for lane in 0..4 {
+            lm.reset_lane(lane).expect("reset");
+        }
+        let lens = [97usize, 0, 0, 401];
+        let mut pos = [0usize; 4];
+        let mut runs = [0usize; 4];
+        for i in 0..n {
+            let mut feeds = Vec::new();
+            let mut target_index = 0;
+            for lane in [0usize, 1, 2, 3] {
+                if lane == 2 {
+                    let token = if i == 0 { start } else { target[i - 1] };
+                    target_index = feeds.len();
+                    feeds.push(Feed {
+                        lane,
+                        token,
+                        want_logits: true,
+                    });
+                    continue;
+                }
+                // Lane 1 idles for a stretch, then runs long enough to slide itself.
+                if lane == 1 && (300..700).contains(&i) {
+                    continue;
+                }
+                let limit = if lane == 1 {
+                    usize::MAX
+                } else {
+                    lens[lane] + 13 * runs[lane]
+                };
+                if pos[lane] == limit {
+                    lm.reset_lane(lane).expect("reset");
+                    pos[lane] = 0;
+                    runs[lane] += 1;
+                }
+                let token = if pos[lane] == 0 {
+                    start
+                } else {
+                    others[(pos[lane] - 1 + lane * 50) % others.len()]
+                };
+                feeds.push(Feed {
+                    lane,
+                    token,
+                    want_logits: lane != 1 || i % 2 == 0,
+                });
+                pos[lane] += 1;
+            }
+            lm.step(&feeds).expect("step");
+            batched.push(logits_hash(lm.logits(target_index)));
+        }
+    }
+    let first_diff = alone.iter().zip(&batched).position(|(a, b)| a != b);
+    assert_eq!(
+        first_diff, None,
+        "logits diverged at position {first_diff:?} of {n}"
+    );
+}
+
+/// The codec end to end: a long chunk coded in a 3-lane batch beside shorter chunks
+/// decodes on a single-lane pool, and a chunk coded alone decodes in a batch. A short
+/// context (512, keep 384) makes the ~1,400-token chunk slide its KV cache four times.
+#[test]
+fn chunk_coded_in_a_batch_decodes_alone_and_the_reverse() {
+    let _g = llm_lock();
+    let path = pool().runtime.path.clone();
+    let load = || nacrithfs::model::ModelRuntime::load(&path).expect("load");
+    let alone = LocalPool::new(load(), 1, 1);
+    let batched = LocalPool::new(load(), 1, 3);
+    let mut data = english(6_000);
+    data.extend_from_slice(b"\nA short second chunk of text, coded beside the long one.\n");
+    data.extend_from_slice(b"And a third, even shorter.\n");
+    let mut params = alone.default_params();
+    params.set("ctx_keep", "384").expect("param");
+    params.set("ctx_len", "512").expect("param");
+    let opts = CompressOptions {
+        chunk_size: 6_060,
+        params: Some(params),
+        ..CompressOptions::default()
+    };
+    let compress = |engine: &LocalPool| {
+        codec::compress(&data, Some(engine as &dyn Engine), &opts, &|_| {}).expect("compress")
+    };
+    let decompress = |engine: &LocalPool, blob: &[u8]| {
+        codec::decompress(
+            blob,
+            Some(engine as &dyn Engine),
+            &DecompressOptions::default(),
+            &|_| {},
+        )
+        .expect("decompress")
+    };
+
+    let in_batch = compress(&batched);
+    let (h, _) = Header::parse(&in_batch, Some(in_batch.len() as u64)).expect("header");
+    let chunks: Vec<_> = h.segments.iter().flat_map(|s| s.chunks.iter()).collect();
+    assert!(
+        chunks.len() >= 2,
+        "expected several chunks, got {}",
+        chunks.len()
+    );
+    assert!(
+        chunks[0].n_symbols > 1200,
+        "first chunk has only {} tokens",
+        chunks[0].n_symbols
+    );
+    assert!(
+        decompress(&alone, &in_batch) == data,
+        "batched encode, lone decode differs"
+    );
+
+    let by_itself = compress(&alone);
+    assert_eq!(
+        in_batch, by_itself,
+        "the same input must give the same blob however it is batched"
+    );
+    assert!(
+        decompress(&batched, &by_itself) == data,
+        "lone encode, batched decode differs"
+    );
+}
