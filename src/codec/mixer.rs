@@ -1,6 +1,12 @@
 //! Online mixing of K probability distributions: p = Σ w_i q_i, with w = softmax(θ) per
-//! weight set, and θ trained by gradient ascent on log p(y): ∂/∂θ_j = w_j (q_j(y)/p(y) − 1).
+//! weight set. θ follows an exponentiated-gradient (Hedge) update,
+//! θ_j += η · ln(q_j(y) / p(y)): a Bayesian mixture when η = 1. Unlike the plain softmax
+//! gradient w_j (q_j/p − 1) it does not vanish for a component whose weight is small, so a
+//! chunk of a few thousand tokens is enough to learn that the match model is right.
 //! Weight sets are selected by a small context so confidence is learned per situation.
+
+const Q_FLOOR: f64 = 1e-4;
+const THETA_LIMIT: f64 = 20.0;
 
 pub struct Mixer {
     n: usize,
@@ -37,10 +43,12 @@ impl Mixer {
 
     /// `q_y[i]` is input i's probability of the coded symbol, `p_y` the mixture's.
     pub fn update(&mut self, set: usize, weights: &[f64], q_y: &[f64], p_y: f64) {
+        let _ = weights;
         let th = &mut self.theta[set * self.n..(set + 1) * self.n];
-        for i in 0..self.n {
-            let g = weights[i] * (q_y[i] / p_y - 1.0);
-            th[i] = (th[i] + self.lr * g).clamp(-30.0, 30.0);
+        for (t, &q) in th.iter_mut().zip(q_y) {
+            // A floor keeps one miss of a sparse component from silencing it for good.
+            let g = libm::log(q.max(Q_FLOOR) / p_y);
+            *t = (*t + self.lr * g).clamp(-THETA_LIMIT, THETA_LIMIT);
         }
     }
 }

@@ -23,8 +23,9 @@ use tokenizer::{Symbol, TextTokenizer};
 use crate::model::ModelError;
 
 /// Default text chunk size in bytes: chunks are coded independently, so a read decodes
-/// only the chunks it needs and many chunks run in lockstep.
-pub const DEFAULT_CHUNK_SIZE: usize = 8 * 1024;
+/// only the chunks it needs and many chunks run in lockstep, but each chunk starts with
+/// no context. Measured on 24 KB of GPL-3: 8 KB chunks 0.906 bpb, one 24 KB chunk 0.879.
+pub const DEFAULT_CHUNK_SIZE: usize = 16 * 1024;
 pub const ZSTD_LEVEL: i32 = 19;
 
 /// What the codec needs from a model: its identity, its tokenizer, and a way to run many

@@ -32,6 +32,9 @@ pub struct CoderParams {
 }
 
 impl CoderParams {
+    /// Defaults chosen by measurement with `examples/tune.rs` (24 KB of GPL-3, one chunk):
+    /// LLM alone 0.8793 bpb; with bias_lr 0.05 and mixer_lr 0.005, 0.8747. The confidence
+    /// skip at 1.5 bits cost +4.5% size for 3% of tokens skipped, so it is off.
     pub fn new(n_vocab: u32, start_token: u32, escape_token: u32) -> CoderParams {
         CoderParams {
             ctx_len: 2048,
@@ -44,8 +47,8 @@ impl CoderParams {
             skip_entropy_mbits: 0,
             skip_min_count: 4,
             match_min: 4,
-            bias_lr: 0.002,
-            mixer_lr: 0.02,
+            bias_lr: 0.05,
+            mixer_lr: 0.005,
             mixer_llm_init: 4.0,
         }
     }

@@ -270,3 +270,40 @@ impl<'a> ChunkModel<'a> {
         self.matcher.update(&self.history);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Code length in bits of a repetitive token stream under flat logits.
+    fn cost(params: &CoderParams) -> f64 {
+        let allowed = vec![true; params.n_vocab as usize];
+        let logits = vec![0.0f32; params.n_vocab as usize];
+        let mut m = ChunkModel::new(params, &allowed);
+        let mut bits = 0.0;
+        for i in 0..3000u32 {
+            let s = Symbol::Token(10 + (i % 37) * 3);
+            m.predict(Some(&logits));
+            let t = match s {
+                Symbol::Token(t) => t as usize,
+                Symbol::Escaped(_) => unreachable!(),
+            };
+            bits -= libm::log2(m.freq[t] as f64 / m.total as f64);
+            m.update(s);
+        }
+        bits
+    }
+
+    #[test]
+    fn mixer_learns_to_trust_the_predictors_on_repetitive_input() {
+        let mut p = CoderParams::new(1024, 0, 1);
+        p.mixer_lr = 0.0;
+        let frozen = cost(&p);
+        p.mixer_lr = 0.5;
+        let learning = cost(&p);
+        assert!(
+            learning < frozen * 0.5,
+            "learning {learning:.0} bits vs frozen {frozen:.0} bits"
+        );
+    }
+}
