@@ -43,7 +43,7 @@ enum Cmd {
     /// Compress a file (or `-` for stdin) into an NC06 blob
     Compress {
         input: PathBuf,
-        /// Output file, or `-` for stdout (default: INPUT.nc06)
+        /// Output file, or `-` for stdout (default: INPUT.nc06; stdout when INPUT is `-`)
         #[arg(short, long)]
         output: Option<PathBuf>,
         #[command(flatten)]
@@ -185,6 +185,9 @@ fn compress(
         }
     }
     let out = output.unwrap_or_else(|| {
+        if input == Path::new("-") {
+            return PathBuf::from("-");
+        }
         let mut p = input.as_os_str().to_owned();
         p.push(".nc06");
         PathBuf::from(p)
