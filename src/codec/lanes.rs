@@ -67,12 +67,13 @@ pub fn run_lanes(
     let (mut t_model, mut t_coder) = (std::time::Duration::ZERO, std::time::Duration::ZERO);
     let mut steps = 0u64;
     loop {
-        let idle = lanes.iter().all(|l| l.is_none());
+        // Take at most one new job per step while lanes are busy: workers sharing a queue
+        // then split a handful of long chunks evenly instead of the first one taking all.
         for slot in 0..n_lanes {
             if lanes[slot].is_some() {
                 continue;
             }
-            let all_idle = idle && lanes.iter().all(|l| l.is_none());
+            let all_idle = lanes.iter().all(|l| l.is_none());
             let Some((id, job)) = source.next(all_idle) else {
                 break;
             };
@@ -99,6 +100,7 @@ pub fn run_lanes(
             }
             lm.reset_lane(slot)?;
             lanes[slot] = Some(lane);
+            break;
         }
         feeds.clear();
         order.clear();

@@ -96,13 +96,19 @@ impl Engine for LocalPool {
         let workers = self.workers.min(n);
         let lanes = self.lanes.min(n.div_ceil(workers));
         let results = Mutex::new((0..n).map(|_| None).collect::<Vec<_>>());
+        // Contexts are created one at a time; start stepping only when all exist, so the
+        // first worker does not take every job while the others are still starting.
+        let ready = std::sync::Barrier::new(workers);
         let outcomes: Vec<Result<(), ModelError>> = std::thread::scope(|s| {
             let handles: Vec<_> = (0..workers)
                 .map(|_| {
                     let rx = rx.clone();
                     let results = &results;
+                    let ready = &ready;
                     s.spawn(move || {
-                        let mut lm = self.runtime.lanes(lanes, params)?;
+                        let lm = self.runtime.lanes(lanes, params);
+                        ready.wait();
+                        let mut lm = lm?;
                         let mut source = ChannelSource {
                             rx,
                             results,

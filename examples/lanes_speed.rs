@@ -1,0 +1,84 @@
+//! Raw model throughput: one single-threaded context advancing B lanes in lockstep, and
+//! W such contexts on W threads. Prints tokens/s; no coding, no mixing.
+//!
+//! cargo run --release --example lanes_speed -- [STEPS] [WORKERS]
+
+use std::time::Instant;
+
+use nacrithfs::model::{find_model, Feed, LanguageModel, ModelRuntime};
+
+fn run(rt: &ModelRuntime, lanes: usize, steps: usize) -> anyhow::Result<f64> {
+    let params = rt.default_params();
+    let mut lm = rt.lanes(lanes, &params)?;
+    for l in 0..lanes {
+        lm.reset_lane(l)?;
+    }
+    let t0 = Instant::now();
+    for i in 0..steps {
+        let feeds: Vec<Feed> = (0..lanes)
+            .map(|lane| Feed {
+                lane,
+                token: (100 + i * 7 + lane * 13) as u32 % 40000 + 100,
+                want_logits: true,
+            })
+            .collect();
+        lm.step(&feeds)?;
+    }
+    Ok((steps * lanes) as f64 / t0.elapsed().as_secs_f64())
+}
+
+fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    let steps: usize = args.get(1).map_or(Ok(200), |s| s.parse())?;
+    let workers: usize = args.get(2).map_or(Ok(2), |s| s.parse())?;
+    let rt = ModelRuntime::load(&find_model(None)?)?;
+    println!("backend: {}", rt.backend_tag);
+    for lanes in [1, 2, 4, 8, 16] {
+        println!(
+            "1 context,  B={lanes:>2}: {:>6.1} tok/s",
+            run(&rt, lanes, steps)?
+        );
+    }
+    // Cost against position: one lane run to a full 2,048-token context.
+    {
+        let params = rt.default_params();
+        let mut lm = rt.lanes(2, &params)?;
+        lm.reset_lane(0)?;
+        lm.reset_lane(1)?;
+        let mut t = Instant::now();
+        for i in 0..2000usize {
+            let feeds: Vec<Feed> = (0..2)
+                .map(|lane| Feed {
+                    lane,
+                    token: (100 + i * 7 + lane * 13) as u32 % 40000 + 100,
+                    want_logits: true,
+                })
+                .collect();
+            lm.step(&feeds)?;
+            if (i + 1) % 500 == 0 {
+                println!(
+                    "B=2 positions {:>4}..{:>4}: {:>6.1} tok/s",
+                    i + 1 - 500,
+                    i + 1,
+                    1000.0 / t.elapsed().as_secs_f64()
+                );
+                t = Instant::now();
+            }
+        }
+    }
+    for lanes in [1, 16] {
+        let rates: Vec<f64> = std::thread::scope(|s| {
+            let hs: Vec<_> = (0..workers)
+                .map(|_| s.spawn(|| run(&rt, lanes, steps)))
+                .collect();
+            hs.into_iter()
+                .map(|h| h.join().expect("thread").unwrap_or(0.0))
+                .collect()
+        });
+        println!(
+            "{workers} contexts, B={lanes:>2}: {:>6.1} tok/s total",
+            rates.iter().sum::<f64>()
+        );
+    }
+    Ok(())
+}
