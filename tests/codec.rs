@@ -251,7 +251,7 @@ fn blob_from_another_model_or_backend_says_so() {
 
     let mut other_backend = header.clone();
     other_backend.backend_tag =
-        "llama-cpp-sys-2 0.1.160; cpu x86-64-v4; weights Q4_1; threads 1".into();
+        "llama-cpp-sys-2 0.1.160; cpu x86-64-v4; weights Q4_1; threads 1; attention plain".into();
     let mut b = other_backend.to_bytes();
     b.extend_from_slice(payload);
     let err = decompress(&b).expect_err("another backend's blob must be refused");

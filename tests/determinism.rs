@@ -130,6 +130,36 @@ fn logits_do_not_depend_on_batch_composition_across_a_kv_slide() {
         first_diff, None,
         "logits diverged at position {first_diff:?} of {n}"
     );
+
+    // A full 16-lane batch (the pool's default width), target in lane 11, for the first
+    // 300 positions.
+    let m = 300;
+    let mut lm = rt.lanes(16, &params).expect("context");
+    for lane in 0..16 {
+        lm.reset_lane(lane).expect("reset");
+    }
+    for i in 0..m {
+        let feeds: Vec<Feed> = (0..16)
+            .map(|lane| {
+                let token = match (lane, i) {
+                    (_, 0) => start,
+                    (11, _) => target[i - 1],
+                    _ => others[(i - 1 + lane * 97) % others.len()],
+                };
+                Feed {
+                    lane,
+                    token,
+                    want_logits: true,
+                }
+            })
+            .collect();
+        lm.step(&feeds).expect("step");
+        assert_eq!(
+            logits_hash(lm.logits(11)),
+            alone[i],
+            "16-lane batch diverged at position {i}"
+        );
+    }
 }
 
 /// The codec end to end: a long chunk coded in a 3-lane batch beside shorter chunks
