@@ -236,9 +236,13 @@ fn corrupting_any_sampled_byte_fails_cleanly() {
 #[test]
 fn blob_from_another_model_or_backend_says_so() {
     let _g = llm_lock();
-    let data = english(300);
+    let data = english(1500);
     let blob = compress(&data);
     let (header, header_len) = Header::parse(&blob, Some(blob.len() as u64)).expect("header");
+    assert!(
+        header.has_llm_segments(),
+        "input too small: the blob fell back to zstd"
+    );
     let payload = &blob[header_len..];
 
     let mut other_model = header.clone();

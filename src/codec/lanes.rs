@@ -147,7 +147,10 @@ pub fn run_lanes(
             };
             lane.model.update(sym);
             lane.done += 1;
-            if lane.done == lane.len() {
+            // A valid stream ends within a few bits of its data; reading far past it means
+            // corruption. Stop early: the short output fails the chunk's length check.
+            let overran = matches!(&lane.work, Work::Dec { dec, .. } if dec.overran());
+            if lane.done == lane.len() || overran {
                 if let Some(l) = lanes[slot].take() {
                     finish(l, source);
                 }
