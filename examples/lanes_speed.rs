@@ -7,6 +7,17 @@ use std::time::Instant;
 
 use nacrithfs::model::{find_model, Feed, LanguageModel, ModelRuntime};
 
+/// One arbitrary (but fixed) token per lane for step `i`.
+fn feeds(lanes: usize, i: usize) -> Vec<Feed> {
+    (0..lanes)
+        .map(|lane| Feed {
+            lane,
+            token: (100 + i * 7 + lane * 13) as u32 % 40000 + 100,
+            want_logits: true,
+        })
+        .collect()
+}
+
 fn run(rt: &ModelRuntime, lanes: usize, steps: usize) -> anyhow::Result<f64> {
     let params = rt.default_params();
     let mut lm = rt.lanes(lanes, &params)?;
@@ -15,14 +26,7 @@ fn run(rt: &ModelRuntime, lanes: usize, steps: usize) -> anyhow::Result<f64> {
     }
     let t0 = Instant::now();
     for i in 0..steps {
-        let feeds: Vec<Feed> = (0..lanes)
-            .map(|lane| Feed {
-                lane,
-                token: (100 + i * 7 + lane * 13) as u32 % 40000 + 100,
-                want_logits: true,
-            })
-            .collect();
-        lm.step(&feeds)?;
+        lm.step(&feeds(lanes, i))?;
     }
     Ok((steps * lanes) as f64 / t0.elapsed().as_secs_f64())
 }
@@ -47,14 +51,7 @@ fn main() -> anyhow::Result<()> {
         lm.reset_lane(1)?;
         let mut t = Instant::now();
         for i in 0..2000usize {
-            let feeds: Vec<Feed> = (0..2)
-                .map(|lane| Feed {
-                    lane,
-                    token: (100 + i * 7 + lane * 13) as u32 % 40000 + 100,
-                    want_logits: true,
-                })
-                .collect();
-            lm.step(&feeds)?;
+            lm.step(&feeds(2, i))?;
             if (i + 1) % 500 == 0 {
                 println!(
                     "B=2 positions {:>4}..{:>4}: {:>6.1} tok/s",

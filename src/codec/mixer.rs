@@ -42,8 +42,7 @@ impl Mixer {
     }
 
     /// `q_y[i]` is input i's probability of the coded symbol, `p_y` the mixture's.
-    pub fn update(&mut self, set: usize, weights: &[f64], q_y: &[f64], p_y: f64) {
-        let _ = weights;
+    pub fn update(&mut self, set: usize, q_y: &[f64], p_y: f64) {
         let th = &mut self.theta[set * self.n..(set + 1) * self.n];
         for (t, &q) in th.iter_mut().zip(q_y) {
             // A floor keeps one miss of a sparse component from silencing it for good.

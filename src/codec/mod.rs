@@ -132,17 +132,18 @@ pub fn compress(
         segments: Vec::new(),
     };
     let runs = segment::segment(data);
-    let hybrid = match engine.filter(|_| runs.iter().any(|(k, _)| *k == RunKind::Text)) {
+    let (hybrid, has_llm) = match engine.filter(|_| runs.iter().any(|(k, _)| *k == RunKind::Text)) {
         Some(engine) => hybrid_blob(data, &runs, engine, header.clone(), opts, progress)?,
         None => {
             let parts = runs
                 .iter()
                 .map(|(_, r)| binary_segment(&data[r.clone()], opts.zstd_level))
                 .collect::<Result<Vec<_>, _>>()?;
-            assemble(header.clone(), parts)
+            (assemble(header.clone(), parts), false)
         }
     };
-    if runs.len() <= 1 && !hybrid_has_llm(&hybrid) {
+    if runs.len() <= 1 && !has_llm {
+        // Already zstd (or stored) of the whole file.
         return Ok(hybrid);
     }
     // Whole-file guarantee: never larger than zstd alone plus our header.
@@ -154,11 +155,8 @@ pub fn compress(
     })
 }
 
-fn hybrid_has_llm(blob: &[u8]) -> bool {
-    Header::parse(blob, None).is_ok_and(|(h, _)| h.has_llm_segments())
-}
-
 /// Text runs through the LLM coder (each kept only if it beats zstd), binary runs to zstd.
+/// Returns the blob and whether any segment is LLM-coded.
 fn hybrid_blob(
     data: &[u8],
     runs: &[(RunKind, Range<usize>)],
@@ -166,7 +164,7 @@ fn hybrid_blob(
     mut header: Header,
     opts: &CompressOptions,
     progress: &(dyn Fn(usize) + Sync),
-) -> Result<Vec<u8>, CodecError> {
+) -> Result<(Vec<u8>, bool), CodecError> {
     let params = opts
         .params
         .clone()
@@ -229,12 +227,13 @@ fn hybrid_blob(
     }
     // Record the model identity only when a segment needs it, so decoding the rest
     // needs no model.
-    if parts.iter().any(|(s, _)| s.kind == SegmentKind::Llm) {
+    let has_llm = parts.iter().any(|(s, _)| s.kind == SegmentKind::Llm);
+    if has_llm {
         header.model_fingerprint = engine.fingerprint();
         header.backend_tag = engine.backend_tag().to_string();
         header.params = params.to_pairs();
     }
-    Ok(assemble(header, parts))
+    Ok((assemble(header, parts), has_llm))
 }
 
 #[derive(Debug, Clone, Default)]

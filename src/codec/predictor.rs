@@ -251,7 +251,7 @@ impl<'a> ChunkModel<'a> {
             q_y[order + 1] = (m == y) as u32 as f64;
         }
         let p_y = self.p[yi].max(1e-300);
-        self.mixer.update(self.set, &self.weights, &q_y, p_y);
+        self.mixer.update(self.set, &q_y, p_y);
 
         if self.llm_used && self.params.bias_lr > 0.0 {
             // Gradient of −log softmax(l + b)[y] with respect to b.
