@@ -116,16 +116,8 @@ fn file_type_name(ft: i64) -> String {
 /// stream's context passes ~1,500 tokens (36 vs 55 tok/s at two lanes), and both kernels
 /// pass the batch-invariance tests, so plain attention is the default.
 /// `NACRITH_FLASH_ATTN=auto` selects llama.cpp's choice; it changes the logits, so the
-/// mode is part of the backend tag.
-fn flash_attention() -> llama_cpp_sys_2::llama_flash_attn_type {
-    if flash_attention_auto() {
-        llama_cpp_sys_2::LLAMA_FLASH_ATTN_TYPE_AUTO
-    } else {
-        llama_cpp_sys_2::LLAMA_FLASH_ATTN_TYPE_DISABLED
-    }
-}
-
-fn flash_attention_auto() -> bool {
+/// mode is read once at load and recorded in the backend tag.
+fn flash_attention_auto_requested() -> bool {
     std::env::var("NACRITH_FLASH_ATTN").is_ok_and(|v| v == "auto")
 }
 
@@ -145,6 +137,9 @@ pub struct ModelRuntime {
     pub allowed: Vec<bool>,
     pub start_token: u32,
     pub escape_token: u32,
+    /// Whether contexts use llama.cpp's flash-attention choice (else plain attention);
+    /// fixed at load so the backend tag always describes the kernel in use.
+    flash_attention_auto: bool,
     model: LlamaModel,
 }
 
@@ -236,10 +231,11 @@ impl ModelRuntime {
         } else {
             format!("cpu {}", cpu_level())
         };
+        let flash_attention_auto = flash_attention_auto_requested();
         let backend_tag = format!(
             "{LLAMA_BUILD}; {device}; weights {}; threads 1; attention {}",
             file_type_name(ftype),
-            if flash_attention_auto() {
+            if flash_attention_auto {
                 "flash-auto"
             } else {
                 "plain"
@@ -253,6 +249,7 @@ impl ModelRuntime {
             allowed,
             start_token: escape,
             escape_token: escape,
+            flash_attention_auto,
             model,
         })
     }
@@ -295,7 +292,11 @@ impl ModelRuntime {
             .with_n_threads(1)
             .with_n_threads_batch(1)
             .with_kv_unified(false)
-            .with_flash_attention_policy(flash_attention())
+            .with_flash_attention_policy(if self.flash_attention_auto {
+                llama_cpp_sys_2::LLAMA_FLASH_ATTN_TYPE_AUTO
+            } else {
+                llama_cpp_sys_2::LLAMA_FLASH_ATTN_TYPE_DISABLED
+            })
             .with_no_perf(true);
         let ctx = {
             let _guard = CONTEXT_CREATION.lock().unwrap_or_else(|p| p.into_inner());
@@ -328,7 +329,7 @@ pub struct LlamaLanes<'m> {
 
 impl LlamaLanes<'_> {
     /// Make room in a full lane: keep the start token at position 0 (models lean on the
-    /// first token as an attention sink; dropping it costs ~6% in bits here), drop the
+    /// first token as an attention sink; dropping it cost ~10% more bits here), drop the
     /// oldest tokens after it, and shift the rest down, re-rotating RoPE keys instead of
     /// re-evaluating. Reproducible, and the decoder slides at the same point.
     fn slide(&mut self, lane: usize) -> Result<(), ModelError> {
