@@ -4,7 +4,11 @@
 //! * [`codec`]: bytes ⇄ NC06 blobs (pure; reaches the model only through a trait)
 //! * [`model`]: the language model (llama.cpp), model discovery and identity
 //! * [`pool`]: workers, one single-threaded model context each, many lanes per context
+//! * [`store`]: the backing directory: sled index, blob files, plaintext cache
+//! * [`fs`]: the filesystem engine and its FUSE adapter
 
 pub mod codec;
+pub mod fs;
 pub mod model;
 pub mod pool;
+pub mod store;

@@ -1,0 +1,466 @@
+//! `nacrithfs`: the daemon (and `mount -t fuse.nacrithfs` helper) plus admin commands.
+//!
+//! ```text
+//! nacrithfs BACKING MOUNTPOINT [-o opts] [-f]      mount (daemonizes once live)
+//! nacrithfs TAG MOUNTPOINT -o backing=DIR,...      the same, fstab style
+//! nacrithfs flush|evict|status MOUNTPOINT
+//! ```
+
+use std::ffi::{CString, OsString};
+use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use nacrithfs::fs::core::{XATTR_CONTROL, XATTR_STATUS};
+use nacrithfs::fs::fuse::NacrithFs;
+use nacrithfs::fs::{background, Core, FsOptions};
+use nacrithfs::model::{find_model, ModelRuntime};
+use nacrithfs::pool::LocalPool;
+use nacrithfs::store::Store;
+
+const USAGE: &str = "\
+usage:
+  nacrithfs BACKING MOUNTPOINT [-o OPTIONS] [-f]   mount BACKING at MOUNTPOINT
+  nacrithfs TAG MOUNTPOINT -o backing=DIR[,...]    the same, with the source as a tag
+  nacrithfs flush MOUNTPOINT     compress every closed file now; wait until done
+  nacrithfs evict MOUNTPOINT     drop clean plaintext copies from the cache
+  nacrithfs status MOUNTPOINT    queue, sizes, ratio, worker throughput
+
+mount options (-o a,b=c): idle=SECONDS (30), cache_size=BYTES (1G), workers=N (cores),
+  batch=LANES (16), chunk_size=BYTES (16K), model=PATH, verify=full|none (full),
+  allow_other, allow_root, default_permissions (always on), ro, noatime, nosuid, ...
+-f stays in the foreground (for systemd); logs go to stderr there, else to
+BACKING/nacrithfs.log.";
+
+fn main() {
+    let args: Vec<OsString> = std::env::args_os().skip(1).collect();
+    let first = args.first().map(|a| a.to_string_lossy().into_owned());
+    let result = match first.as_deref() {
+        None | Some("-h") | Some("--help") | Some("help") => {
+            println!("{USAGE}");
+            Ok(())
+        }
+        Some("-V") | Some("--version") => {
+            println!("nacrithfs {}", env!("CARGO_PKG_VERSION"));
+            Ok(())
+        }
+        Some(cmd @ ("flush" | "evict" | "status")) => match args.get(1) {
+            Some(mnt) if args.len() == 2 => admin(cmd, Path::new(mnt)),
+            _ => Err(format!("usage: nacrithfs {cmd} MOUNTPOINT")),
+        },
+        Some(_) => mount_main(&args),
+    };
+    if let Err(e) = result {
+        eprintln!("nacrithfs: error: {e}");
+        std::process::exit(1);
+    }
+}
+
+// ---- admin commands: talk to the daemon through xattrs on the mount's root ----
+
+fn cpath(p: &Path) -> Result<CString, String> {
+    CString::new(p.as_os_str().as_bytes()).map_err(|_| format!("bad path {}", p.display()))
+}
+
+fn get_status(mnt: &Path) -> Result<Vec<(String, String)>, String> {
+    let path = cpath(mnt)?;
+    let name = CString::new(XATTR_STATUS).map_err(|e| e.to_string())?;
+    let mut buf = vec![0u8; 4096];
+    // SAFETY: valid NUL-terminated strings and a buffer of the stated length.
+    let n = unsafe {
+        libc::getxattr(
+            path.as_ptr(),
+            name.as_ptr(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+        )
+    };
+    if n < 0 {
+        let e = std::io::Error::last_os_error();
+        return Err(format!(
+            "{}: cannot read status ({e}); is it a nacrithfs mount?",
+            mnt.display()
+        ));
+    }
+    buf.truncate(n as usize);
+    Ok(String::from_utf8_lossy(&buf)
+        .lines()
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect())
+}
+
+fn field(s: &[(String, String)], key: &str) -> u64 {
+    s.iter()
+        .find(|(k, _)| k == key)
+        .and_then(|(_, v)| v.parse::<f64>().ok())
+        .map_or(0, |v| v as u64)
+}
+
+fn control(mnt: &Path, what: &str) -> Result<(), String> {
+    let path = cpath(mnt)?;
+    let name = CString::new(XATTR_CONTROL).map_err(|e| e.to_string())?;
+    // SAFETY: valid NUL-terminated strings and a value of the stated length.
+    let r = unsafe {
+        libc::setxattr(
+            path.as_ptr(),
+            name.as_ptr(),
+            what.as_ptr().cast(),
+            what.len(),
+            0,
+        )
+    };
+    if r != 0 {
+        return Err(format!(
+            "{}: {what} failed: {}; is it a nacrithfs mount?",
+            mnt.display(),
+            std::io::Error::last_os_error()
+        ));
+    }
+    Ok(())
+}
+
+fn human(n: u64) -> String {
+    let n = n as f64;
+    if n >= 1e9 {
+        format!("{:.2} GB", n / 1e9)
+    } else if n >= 1e6 {
+        format!("{:.2} MB", n / 1e6)
+    } else if n >= 1e3 {
+        format!("{:.1} KB", n / 1e3)
+    } else {
+        format!("{n} B")
+    }
+}
+
+fn admin(cmd: &str, mnt: &Path) -> Result<(), String> {
+    match cmd {
+        "status" => {
+            let s = get_status(mnt)?;
+            let logical = field(&s, "logical_bytes");
+            let stored = field(&s, "stored_bytes");
+            let busy: f64 = s
+                .iter()
+                .find(|(k, _)| k == "busy_seconds")
+                .and_then(|(_, v)| v.parse().ok())
+                .unwrap_or(0.0);
+            println!(
+                "files         {} ({} compressed, {} dirty)",
+                field(&s, "files"),
+                field(&s, "compressed"),
+                field(&s, "dirty")
+            );
+            println!(
+                "queue         {} queued, {} due now, {} compressing",
+                field(&s, "queued"),
+                field(&s, "due"),
+                field(&s, "compressing")
+            );
+            println!(
+                "size          {} logical, {} stored, ratio {:.2}",
+                human(logical),
+                human(stored),
+                if stored > 0 {
+                    logical as f64 / stored as f64
+                } else {
+                    1.0
+                }
+            );
+            println!(
+                "cache         {} of plaintext",
+                human(field(&s, "cache_bytes"))
+            );
+            let bytes_in = field(&s, "bytes_in");
+            println!(
+                "workers       {} files compressed since mount, {} -> {}, {:.2} KB/s while busy",
+                field(&s, "compressed_since_mount"),
+                human(bytes_in),
+                human(field(&s, "bytes_out")),
+                if busy > 0.0 {
+                    bytes_in as f64 / 1e3 / busy
+                } else {
+                    0.0
+                }
+            );
+            println!(
+                "errors        {} compression failures, {} verify failures, {} decompression failures",
+                field(&s, "failures"),
+                field(&s, "verify_failures"),
+                field(&s, "decompress_failures")
+            );
+            Ok(())
+        }
+        "evict" => {
+            let before = field(&get_status(mnt)?, "cache_bytes");
+            control(mnt, "evict")?;
+            let after = field(&get_status(mnt)?, "cache_bytes");
+            println!(
+                "evicted {} of clean plaintext ({} remain: dirty or in use)",
+                human(before.saturating_sub(after)),
+                human(after)
+            );
+            Ok(())
+        }
+        _ => {
+            let failures_before = field(&get_status(mnt)?, "failures");
+            control(mnt, "flush")?;
+            loop {
+                let s = get_status(mnt)?;
+                let (due, busy) = (field(&s, "due"), field(&s, "compressing"));
+                if due == 0 && busy == 0 {
+                    let failed = field(&s, "failures").saturating_sub(failures_before);
+                    let dirty = field(&s, "dirty");
+                    println!(
+                        "flushed: {} files compressed, {} dirty (open for writing or failed)",
+                        field(&s, "compressed"),
+                        dirty
+                    );
+                    if failed > 0 {
+                        return Err(format!(
+                            "{failed} compressions failed (the files stay uncompressed; see the daemon's log)"
+                        ));
+                    }
+                    return Ok(());
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        }
+    }
+}
+
+// ---- mounting ----
+
+struct MountArgs {
+    source: PathBuf,
+    mountpoint: PathBuf,
+    foreground: bool,
+    opts: FsOptions,
+}
+
+fn parse_mount_args(args: &[OsString]) -> Result<MountArgs, String> {
+    let mut positional = Vec::new();
+    let mut opts = FsOptions::default();
+    let mut foreground = false;
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        let s = a.to_string_lossy();
+        match s.as_ref() {
+            "-f" | "--foreground" => foreground = true,
+            "-o" => {
+                let v = it.next().ok_or("-o needs options")?;
+                opts.apply(&v.to_string_lossy())?;
+            }
+            // mount(8) passes these; nothing to do.
+            "-n" | "-s" | "-v" => {}
+            s if s.starts_with("-o") => opts.apply(&s[2..])?,
+            s if s.starts_with('-') => return Err(format!("unknown flag {s}\n{USAGE}")),
+            _ => positional.push(PathBuf::from(a)),
+        }
+    }
+    let [source, mountpoint] = <[PathBuf; 2]>::try_from(positional)
+        .map_err(|_| format!("need a source and a mount point\n{USAGE}"))?;
+    Ok(MountArgs {
+        source,
+        mountpoint,
+        foreground,
+        opts,
+    })
+}
+
+fn mount_main(args: &[OsString]) -> Result<(), String> {
+    let m = parse_mount_args(args)?;
+    let backing = m.opts.backing.clone().unwrap_or_else(|| m.source.clone());
+    let backing = std::fs::canonicalize(&backing)
+        .map_err(|e| format!("backing directory {}: {e}", backing.display()))?;
+    let mountpoint = std::fs::canonicalize(&m.mountpoint)
+        .map_err(|e| format!("mount point {}: {e}", m.mountpoint.display()))?;
+    if !mountpoint.is_dir() {
+        return Err(format!(
+            "mount point {} is not a directory",
+            mountpoint.display()
+        ));
+    }
+    if m.foreground {
+        init_logging();
+        return serve(&m, &backing, &mountpoint, &mut None);
+    }
+    // Fork before any thread exists; the parent returns once the mount is live (or
+    // reports why it is not), the child carries on as the daemon.
+    let mut fds = [0i32; 2];
+    // SAFETY: fds is a valid two-int array.
+    if unsafe { libc::pipe(fds.as_mut_ptr()) } != 0 {
+        return Err(format!("pipe: {}", std::io::Error::last_os_error()));
+    }
+    // SAFETY: both fds were just created and are owned here.
+    let (rd, wr) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    // SAFETY: no other threads exist yet, so fork is safe.
+    match unsafe { libc::fork() } {
+        -1 => Err(format!("fork: {}", std::io::Error::last_os_error())),
+        0 => {
+            drop(rd);
+            // SAFETY: plain syscalls in the child.
+            unsafe { libc::setsid() };
+            let log = backing.join(nacrithfs::store::LOG_FILE);
+            redirect_stdio(&log);
+            init_logging();
+            let mut report = Some(std::fs::File::from(wr));
+            if let Err(e) = serve(&m, &backing, &mountpoint, &mut report) {
+                log::error!("{e}");
+                if let Some(mut r) = report {
+                    let _ = r.write_all(e.as_bytes());
+                }
+                std::process::exit(1);
+            }
+            std::process::exit(0);
+        }
+        _child => {
+            drop(wr);
+            let mut msg = String::new();
+            let _ = std::fs::File::from(rd).read_to_string(&mut msg);
+            match msg.strip_prefix("OK") {
+                Some(_) => Ok(()),
+                None if msg.is_empty() => Err(format!(
+                    "the daemon exited during startup; see {}",
+                    backing.join(nacrithfs::store::LOG_FILE).display()
+                )),
+                None => Err(msg),
+            }
+        }
+    }
+}
+
+fn redirect_stdio(log: &Path) {
+    let null = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/null");
+    let logf = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log);
+    // SAFETY: dup2 onto the standard descriptors of this (single-threaded) child.
+    unsafe {
+        if let Ok(n) = &null {
+            libc::dup2(n.as_raw_fd(), 0);
+            libc::dup2(n.as_raw_fd(), 1);
+        }
+        match (&logf, &null) {
+            (Ok(l), _) => libc::dup2(l.as_raw_fd(), 2),
+            (_, Ok(n)) => libc::dup2(n.as_raw_fd(), 2),
+            _ => 0,
+        };
+    }
+}
+
+fn init_logging() {
+    let env = env_logger::Env::default().default_filter_or("nacrithfs=info,warn");
+    env_logger::Builder::from_env(env)
+        .format_timestamp_secs()
+        .init();
+}
+
+/// Open the store, load the model, mount, report readiness, serve until unmounted.
+fn serve(
+    m: &MountArgs,
+    backing: &Path,
+    mountpoint: &Path,
+    report: &mut Option<std::fs::File>,
+) -> Result<(), String> {
+    // Signals go to one thread that unmounts; block them before any thread starts.
+    let sigs = signal_set();
+    // SAFETY: a valid, initialized signal set.
+    unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &sigs, std::ptr::null_mut()) };
+
+    let store = Store::open(backing).map_err(|e| e.to_string())?;
+    let model_path = find_model(m.opts.model.as_deref()).map_err(|e| e.to_string())?;
+    let runtime = ModelRuntime::load(&model_path).map_err(|e| e.to_string())?;
+    log::info!(
+        "model {} ({}), backend {}",
+        model_path.display(),
+        nacrithfs::codec::hex(&runtime.fingerprint[..8]),
+        runtime.backend_tag
+    );
+    let pool = Arc::new(LocalPool::new(runtime, m.opts.workers, m.opts.batch));
+    let (core, rx) = Core::new(store, pool, m.opts.clone()).map_err(|e| e.to_string())?;
+    let workers = background::start(core.clone(), rx).map_err(|e| e.to_string())?;
+
+    let fsname = m.source.to_string_lossy().into_owned();
+    let session = nacrithfs::fs::mount::mount(
+        NacrithFs { core: core.clone() },
+        &fsname,
+        mountpoint,
+        &m.opts,
+    )
+    .map_err(|e| format!("mounting at {}: {e}", mountpoint.display()))?;
+    log::info!(
+        "mounted {} at {} (idle {} s, {} workers x {} lanes, verify {})",
+        backing.display(),
+        mountpoint.display(),
+        m.opts.idle.as_secs(),
+        m.opts.workers,
+        m.opts.batch,
+        if m.opts.verify { "full" } else { "none" }
+    );
+    if let Some(mut r) = report.take() {
+        // Closing the pipe lets the parent exit.
+        let _ = r.write_all(b"OK");
+    }
+    sd_notify("READY=1");
+
+    let mp = mountpoint.to_path_buf();
+    std::thread::Builder::new()
+        .name("nacrith-signals".into())
+        .spawn(move || wait_for_signal_and_unmount(sigs, &mp))
+        .map_err(|e| e.to_string())?;
+
+    let result = session.run();
+    sd_notify("STOPPING=1");
+    core.shutdown();
+    drop(workers);
+    log::info!("unmounted {}", mountpoint.display());
+    result.map_err(|e| format!("FUSE session: {e}"))
+}
+
+fn signal_set() -> libc::sigset_t {
+    // SAFETY: sigemptyset initializes the set; the signal numbers are valid.
+    unsafe {
+        let mut s: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut s);
+        libc::sigaddset(&mut s, libc::SIGTERM);
+        libc::sigaddset(&mut s, libc::SIGINT);
+        libc::sigaddset(&mut s, libc::SIGHUP);
+        s
+    }
+}
+
+fn wait_for_signal_and_unmount(sigs: libc::sigset_t, mountpoint: &Path) {
+    let mut sig = 0;
+    // SAFETY: sigs is initialized and blocked in every thread.
+    unsafe { libc::sigwait(&sigs, &mut sig) };
+    log::info!("signal {sig}: unmounting {}", mountpoint.display());
+    nacrithfs::fs::mount::unmount(mountpoint);
+}
+
+fn sd_notify(msg: &str) {
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let sock = match std::os::unix::net::UnixDatagram::unbound() {
+        Ok(s) => s,
+        Err(_) => return,
+    };
+    let bytes = path.as_bytes();
+    let r = if let Some(abstract_name) = bytes.strip_prefix(b"@") {
+        use std::os::linux::net::SocketAddrExt;
+        std::os::unix::net::SocketAddr::from_abstract_name(abstract_name)
+            .and_then(|a| sock.send_to_addr(msg.as_bytes(), &a))
+    } else {
+        sock.send_to(msg.as_bytes(), Path::new(&path))
+    };
+    if let Err(e) = r {
+        log::warn!("sd_notify: {e}");
+    }
+}

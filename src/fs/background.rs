@@ -1,0 +1,201 @@
+//! The threads that do the slow work away from the FUSE threads: the compressor (takes
+//! due files from the persistent queue, compresses, verifies, commits the blob durably)
+//! and the decompressor (turns a blob back into a cached plaintext file, then answers
+//! every request that was waiting for it).
+
+use std::io::Write;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, RecvTimeoutError};
+
+use super::core::{Core, FsResult};
+use crate::codec::{self, CompressOptions, DecompressOptions, Engine};
+use crate::store::{write_durably, BlobRef};
+
+pub fn start(
+    core: Arc<Core>,
+    decompress_rx: Receiver<u64>,
+) -> std::io::Result<Vec<JoinHandle<()>>> {
+    let c = core.clone();
+    let compressor = std::thread::Builder::new()
+        .name("nacrith-compress".into())
+        .spawn(move || compressor(&c))?;
+    let decompressor = std::thread::Builder::new()
+        .name("nacrith-decompress".into())
+        .spawn(move || decompressor(&core, decompress_rx))?;
+    Ok(vec![compressor, decompressor])
+}
+
+fn compressor(core: &Core) {
+    loop {
+        if core.is_shutting_down() {
+            return;
+        }
+        match core.next_due() {
+            Ok(Ok((ino, version))) => compress_one(core, ino, version),
+            Ok(Err(wait)) => {
+                if !core.wait_for_work(wait) {
+                    return;
+                }
+            }
+            Err(e) => {
+                log::error!("compression queue unreadable (errno {e}); retrying in 5 s");
+                if !core.wait_for_work(Duration::from_secs(5)) {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+fn compress_one(core: &Core, ino: u64, version: u64) {
+    let path = match core.claim(ino) {
+        Ok(Some(p)) => p,
+        Ok(None) => return,
+        Err(e) => {
+            log::error!("claiming inode {ino} for compression: errno {e}");
+            return;
+        }
+    };
+    let start = Instant::now();
+    let name = core.describe(ino);
+    let fail = |why: String| {
+        log::error!("compressing {name}: {why}; it stays uncompressed and will be retried");
+        core.compression_failed(ino);
+    };
+    let data = match std::fs::read(&path) {
+        Ok(d) => d,
+        Err(e) => return fail(format!("reading its plaintext: {e}")),
+    };
+    let opts = CompressOptions {
+        chunk_size: core.opts.chunk_size,
+        ..CompressOptions::default()
+    };
+    let engine: &dyn Engine = &*core.engine;
+    let mut blob = match codec::compress(&data, Some(engine), &opts, &|_| {}) {
+        Ok(b) => b,
+        Err(e) => return fail(e.to_string()),
+    };
+    if core.opts.verify {
+        let ok = matches!(
+            codec::decompress(&blob, Some(engine), &DecompressOptions::default(), &|_| {}),
+            Ok(ref back) if *back == data
+        );
+        if !ok {
+            // Invariant: never replace plaintext with a blob that did not decode back.
+            log::error!(
+                "compressing {name}: the new blob did not decode to the same bytes; storing it with zstd instead"
+            );
+            core.count_verify_failure();
+            blob = match codec::compress(&data, None, &opts, &|_| {}) {
+                Ok(b) => b,
+                Err(e) => return fail(e.to_string()),
+            };
+            match codec::decompress(&blob, None, &DecompressOptions::default(), &|_| {}) {
+                Ok(back) if back == data => {}
+                _ => return fail("the zstd fallback did not verify either".into()),
+            }
+        }
+    }
+    let seq = match core.store.alloc_blob_seq() {
+        Ok(s) => s,
+        Err(e) => return fail(e.to_string()),
+    };
+    let blob_path = core.store.blob_path(ino, seq);
+    if let Err(e) = write_durably(&blob_path, &blob) {
+        let _ = std::fs::remove_file(&blob_path);
+        return fail(format!("writing {}: {e}", blob_path.display()));
+    }
+    let took = start.elapsed();
+    match core.commit_blob(
+        ino,
+        version,
+        seq,
+        blob.len() as u64,
+        data.len() as u64,
+        took,
+    ) {
+        Ok(true) => log::info!(
+            "compressed {name}: {} -> {} bytes ({:.3} bits/byte) in {:.1} s",
+            data.len(),
+            blob.len(),
+            if data.is_empty() {
+                0.0
+            } else {
+                blob.len() as f64 * 8.0 / data.len() as f64
+            },
+            took.as_secs_f64()
+        ),
+        Ok(false) => {
+            log::debug!("{name} changed while compressing; blob dropped");
+            let _ = std::fs::remove_file(&blob_path);
+        }
+        Err(e) => {
+            let _ = std::fs::remove_file(&blob_path);
+            fail(format!("committing the blob: errno {e}"));
+        }
+    }
+    core.enforce_cache_cap();
+}
+
+fn decompressor(core: &Core, rx: Receiver<u64>) {
+    loop {
+        let ino = match rx.recv_timeout(Duration::from_secs(1)) {
+            Ok(ino) => ino,
+            Err(RecvTimeoutError::Timeout) => {
+                if core.is_shutting_down() {
+                    return;
+                }
+                continue;
+            }
+            Err(RecvTimeoutError::Disconnected) => return,
+        };
+        match core.blob_of(ino) {
+            Ok(None) => core.materialized(ino, None, Ok(())),
+            Ok(Some((path, size, blob))) => {
+                let r = materialize(core, ino, &path, size, blob);
+                core.materialized(ino, Some(blob), r);
+            }
+            Err(e) => core.materialized(ino, None, Err(e)),
+        }
+    }
+}
+
+/// Decode the blob of `ino` into its cache temp file.
+fn materialize(
+    core: &Core,
+    ino: u64,
+    path: &std::path::Path,
+    size: u64,
+    _blob: BlobRef,
+) -> FsResult<()> {
+    let fail = |why: String| {
+        log::error!("cannot read {}: {why}", core.describe(ino));
+        libc::EIO
+    };
+    let data = std::fs::read(path).map_err(|e| fail(format!("{}: {e}", path.display())))?;
+    let engine: &dyn Engine = &*core.engine;
+    let plain = codec::decompress(&data, Some(engine), &DecompressOptions::default(), &|_| {})
+        .map_err(|e| fail(format!("{}: {e}", path.display())))?;
+    if plain.len() as u64 != size {
+        return Err(fail(format!(
+            "{} decodes to {} bytes but the index says {size}",
+            path.display(),
+            plain.len()
+        )));
+    }
+    let tmp = core.store.cache_tmp_path(ino);
+    let write = || -> std::io::Result<()> {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(&plain)?;
+        // The clean copy will be recorded as cached: make it as durable as the record.
+        f.sync_all()
+    };
+    write().map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        log::error!("cannot write the plaintext of {}: {e}", core.describe(ino));
+        e.raw_os_error().unwrap_or(libc::EIO)
+    })
+}

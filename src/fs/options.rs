@@ -1,0 +1,166 @@
+//! Mount options (`-o a=b,c`), as given on the command line, in fstab or by mount.fuse3.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[derive(Debug, Clone)]
+pub struct FsOptions {
+    /// Quiet time after the last close before a file is queued for compression.
+    pub idle: Duration,
+    /// Cap on clean plaintext copies in the cache (dirty ones are never evicted).
+    pub cache_size: u64,
+    pub workers: usize,
+    /// Lanes (chunk streams) per worker context.
+    pub batch: usize,
+    pub chunk_size: usize,
+    pub model: Option<PathBuf>,
+    pub allow_other: bool,
+    pub allow_root: bool,
+    pub read_only: bool,
+    /// Decode every new blob and compare before it replaces the plaintext.
+    pub verify: bool,
+    /// The backing directory when the mount source is only a tag.
+    pub backing: Option<PathBuf>,
+    /// Everything passed through to the kernel unchanged (noatime, nosuid, ...).
+    pub kernel: Vec<String>,
+}
+
+impl Default for FsOptions {
+    fn default() -> Self {
+        FsOptions {
+            idle: Duration::from_secs(30),
+            cache_size: 1 << 30,
+            workers: crate::pool::default_workers(),
+            batch: crate::pool::DEFAULT_LANES,
+            chunk_size: crate::codec::DEFAULT_CHUNK_SIZE,
+            model: None,
+            allow_other: false,
+            allow_root: false,
+            read_only: false,
+            verify: true,
+            backing: None,
+            kernel: Vec::new(),
+        }
+    }
+}
+
+/// Options that mount(8) and mount.fuse3 hand to every helper and that mean nothing here.
+const IGNORED: &[&str] = &[
+    "defaults",
+    "auto",
+    "noauto",
+    "user",
+    "nouser",
+    "users",
+    "owner",
+    "group",
+    "nofail",
+    "_netdev",
+    "rw",
+    "default_permissions",
+    "async",
+    "relatime",
+    "strictatime",
+];
+/// Generic VFS flags passed on to the kernel.
+const KERNEL: &[&str] = &[
+    "dev",
+    "nodev",
+    "suid",
+    "nosuid",
+    "exec",
+    "noexec",
+    "atime",
+    "noatime",
+    "nodiratime",
+    "dirsync",
+    "sync",
+];
+
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (num, mult) = match s.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let m: u64 = match c.to_ascii_uppercase() {
+                'K' => 1 << 10,
+                'M' => 1 << 20,
+                'G' => 1 << 30,
+                'T' => 1 << 40,
+                _ => return Err(format!("bad size {s:?} (use a number with K, M, G or T)")),
+            };
+            (&s[..i], m)
+        }
+        _ => (s, 1),
+    };
+    num.parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(mult))
+        .ok_or_else(|| format!("bad size {s:?}"))
+}
+
+impl FsOptions {
+    /// Apply one comma-separated `-o` string.
+    pub fn apply<'a>(&mut self, opts: &'a str) -> Result<(), String> {
+        for opt in opts.split(',').map(str::trim).filter(|o| !o.is_empty()) {
+            let (key, value) = match opt.split_once('=') {
+                Some((k, v)) => (k, Some(v)),
+                None => (opt, None),
+            };
+            let need = |v: Option<&'a str>| -> Result<&'a str, String> {
+                v.ok_or_else(|| format!("option {key} needs a value"))
+            };
+            let number = |v: Option<&'a str>| -> Result<u64, String> {
+                let v = need(v)?;
+                v.parse::<u64>()
+                    .map_err(|_| format!("option {key}: {v:?} is not a number"))
+            };
+            match key {
+                "idle" => self.idle = Duration::from_secs(number(value)?),
+                "cache_size" => self.cache_size = parse_size(need(value)?)?,
+                "workers" => self.workers = (number(value)? as usize).max(1),
+                "batch" => self.batch = (number(value)? as usize).clamp(1, 256),
+                "chunk_size" => {
+                    self.chunk_size = (parse_size(need(value)?)? as usize).clamp(1024, 1 << 24)
+                }
+                "model" => self.model = Some(PathBuf::from(need(value)?)),
+                "backing" => self.backing = Some(PathBuf::from(need(value)?)),
+                "verify" => {
+                    self.verify = match need(value)? {
+                        "full" => true,
+                        "none" => false,
+                        v => return Err(format!("verify={v}: use verify=full or verify=none")),
+                    }
+                }
+                "allow_other" => self.allow_other = true,
+                "allow_root" => self.allow_root = true,
+                "ro" => self.read_only = true,
+                k if IGNORED.contains(&k) => {}
+                k if k.starts_with("x-") || k == "comment" || k == "fsname" || k == "subtype" => {}
+                k if KERNEL.contains(&k) => self.kernel.push(k.to_string()),
+                _ => return Err(format!("unknown option {opt:?}")),
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_mount_options() {
+        let mut o = FsOptions::default();
+        o.apply("rw,idle=0,cache_size=64M,workers=3,verify=none,nosuid,x-systemd.automount,backing=/srv/b")
+            .unwrap();
+        assert_eq!(o.idle, Duration::ZERO);
+        assert_eq!(o.cache_size, 64 << 20);
+        assert_eq!(o.workers, 3);
+        assert!(!o.verify);
+        assert_eq!(o.kernel, vec!["nosuid".to_string()]);
+        assert_eq!(o.backing, Some(PathBuf::from("/srv/b")));
+        assert!(o.apply("bogus").is_err());
+        assert!(o.apply("idle=soon").is_err());
+        assert!(o.apply("verify=maybe").is_err());
+    }
+}

@@ -1,0 +1,453 @@
+//! Durable state of a backing directory: the sled index (inodes, directory entries,
+//! xattrs, the compression queue), the NC06 blob files and the plaintext cache files.
+//!
+//! ```text
+//! BACKING/nacrithfs.format   "nacrithfs 1": marks an initialized backing directory
+//! BACKING/index/             sled database, one tree, keys by prefix (docs/FORMAT.md)
+//! BACKING/blobs/<ino>-<seq>.nc06
+//! BACKING/cache/<ino>        plaintext of a regular file (dirty, or a clean copy)
+//! ```
+//!
+//! Multi-key changes go through one `sled::Batch`, so each is atomic across a crash;
+//! `commit(.., durable=true)` also flushes sled (its own flush is lazy, every 500 ms).
+
+pub mod record;
+
+use std::fs::File;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+pub use record::{BlobRef, Inode, Kind};
+
+pub const ROOT_INO: u64 = 1;
+const FORMAT_MARKER: &str = "nacrithfs.format";
+const FORMAT_LINE: &str = "nacrithfs 1\n";
+/// Where a daemonized nacrithfs logs.
+pub const LOG_FILE: &str = "nacrithfs.log";
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("{0}")]
+    Io(#[from] io::Error),
+    #[error("index: {0}")]
+    Index(#[from] sled::Error),
+    #[error("index record for {what} is corrupt: {why}")]
+    Corrupt { what: String, why: String },
+    #[error("{0}")]
+    Setup(String),
+}
+
+impl StoreError {
+    pub fn errno(&self) -> i32 {
+        match self {
+            StoreError::Io(e) => e.raw_os_error().unwrap_or(libc::EIO),
+            StoreError::Index(sled::Error::Io(e)) => e.raw_os_error().unwrap_or(libc::EIO),
+            _ => libc::EIO,
+        }
+    }
+}
+
+pub type Result<T> = std::result::Result<T, StoreError>;
+
+fn inode_key(ino: u64) -> [u8; 9] {
+    let mut k = [b'i'; 9];
+    k[1..].copy_from_slice(&ino.to_be_bytes());
+    k
+}
+
+fn dirent_prefix(parent: u64) -> [u8; 9] {
+    let mut k = [b'd'; 9];
+    k[1..].copy_from_slice(&parent.to_be_bytes());
+    k
+}
+
+fn dirent_key(parent: u64, name: &[u8]) -> Vec<u8> {
+    let mut k = dirent_prefix(parent).to_vec();
+    k.extend_from_slice(name);
+    k
+}
+
+fn xattr_prefix(ino: u64) -> [u8; 9] {
+    let mut k = [b'x'; 9];
+    k[1..].copy_from_slice(&ino.to_be_bytes());
+    k
+}
+
+fn xattr_key(ino: u64, name: &[u8]) -> Vec<u8> {
+    let mut k = xattr_prefix(ino).to_vec();
+    k.extend_from_slice(name);
+    k
+}
+
+fn queue_key(ino: u64) -> [u8; 9] {
+    let mut k = [b'q'; 9];
+    k[1..].copy_from_slice(&ino.to_be_bytes());
+    k
+}
+
+const NEXT_INO_KEY: &[u8] = b"mnext_ino";
+const NEXT_BLOB_KEY: &[u8] = b"mnext_blob";
+
+fn ino_from(key: &[u8]) -> Option<u64> {
+    Some(u64::from_be_bytes(key.get(1..9)?.try_into().ok()?))
+}
+
+pub fn unix_ms(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+pub struct Store {
+    db: sled::Db,
+    backing: PathBuf,
+    next_ino: AtomicU64,
+    next_blob: AtomicU64,
+}
+
+/// One atomic change to the index.
+#[derive(Default)]
+pub struct Txn {
+    batch: sled::Batch,
+}
+
+impl Txn {
+    pub fn put_inode(&mut self, ino: u64, inode: &Inode) {
+        self.batch.insert(&inode_key(ino), inode.encode());
+    }
+    pub fn del_inode(&mut self, ino: u64) {
+        self.batch.remove(&inode_key(ino));
+    }
+    pub fn put_dirent(&mut self, parent: u64, name: &[u8], ino: u64, kind: Kind) {
+        self.batch.insert(
+            dirent_key(parent, name),
+            &record::encode_dirent(ino, kind)[..],
+        );
+    }
+    pub fn del_dirent(&mut self, parent: u64, name: &[u8]) {
+        self.batch.remove(dirent_key(parent, name));
+    }
+    pub fn put_xattr(&mut self, ino: u64, name: &[u8], value: &[u8]) {
+        self.batch.insert(xattr_key(ino, name), value);
+    }
+    pub fn del_xattr(&mut self, ino: u64, name: &[u8]) {
+        self.batch.remove(xattr_key(ino, name));
+    }
+    /// Persistently queue `ino` for compression at `due_ms` (Unix milliseconds).
+    pub fn enqueue(&mut self, ino: u64, due_ms: u64) {
+        self.batch.insert(&queue_key(ino), &due_ms.to_le_bytes());
+    }
+    pub fn dequeue(&mut self, ino: u64) {
+        self.batch.remove(&queue_key(ino));
+    }
+}
+
+impl Store {
+    /// Open (initializing an empty directory) the backing directory.
+    pub fn open(backing: &Path) -> Result<Store> {
+        let meta = std::fs::metadata(backing).map_err(|e| {
+            StoreError::Setup(format!("backing directory {}: {e}", backing.display()))
+        })?;
+        if !meta.is_dir() {
+            return Err(StoreError::Setup(format!(
+                "backing directory {} is not a directory",
+                backing.display()
+            )));
+        }
+        let marker = backing.join(FORMAT_MARKER);
+        let fresh = match std::fs::read_to_string(&marker) {
+            Ok(s) if s == FORMAT_LINE => false,
+            Ok(s) => {
+                return Err(StoreError::Setup(format!(
+                    "{} says {:?}: this version reads format \"nacrithfs 1\"",
+                    marker.display(),
+                    s.trim()
+                )))
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                // The daemon's log may already be there: it is opened before the store.
+                let mut entries = std::fs::read_dir(backing)?;
+                if entries.any(|e| e.map_or(true, |e| e.file_name() != LOG_FILE)) {
+                    return Err(StoreError::Setup(format!(
+                        "{} is not empty and is not a nacrithfs backing directory (no {FORMAT_MARKER}); use an empty directory",
+                        backing.display()
+                    )));
+                }
+                true
+            }
+            Err(e) => return Err(e.into()),
+        };
+        std::fs::create_dir_all(backing.join("blobs"))?;
+        std::fs::create_dir_all(backing.join("cache"))?;
+        let db = sled::Config::new()
+            .path(backing.join("index"))
+            .open()
+            .map_err(|e| match e {
+                sled::Error::Io(ref io) if io.kind() == io::ErrorKind::WouldBlock => {
+                    StoreError::Setup(format!(
+                        "{} is in use by another nacrithfs daemon",
+                        backing.display()
+                    ))
+                }
+                e => StoreError::Index(e),
+            })?;
+        let read_counter = |key: &[u8], default: u64| -> Result<u64> {
+            Ok(match db.get(key)? {
+                Some(v) if v.len() == 8 => u64::from_le_bytes(v[..8].try_into().unwrap_or([0; 8])),
+                Some(_) => {
+                    return Err(StoreError::Corrupt {
+                        what: String::from_utf8_lossy(key).into_owned(),
+                        why: "bad length".into(),
+                    })
+                }
+                None => default,
+            })
+        };
+        let store = Store {
+            next_ino: AtomicU64::new(read_counter(NEXT_INO_KEY, ROOT_INO + 1)?),
+            next_blob: AtomicU64::new(read_counter(NEXT_BLOB_KEY, 1)?),
+            db,
+            backing: backing.to_path_buf(),
+        };
+        if store.get(ROOT_INO)?.is_none() {
+            // SAFETY: getuid/getgid cannot fail.
+            let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
+            let root = Inode::new(Kind::Dir, 0o755, uid, gid, SystemTime::now());
+            let mut txn = Txn::default();
+            txn.put_inode(ROOT_INO, &root);
+            store.commit(txn, true)?;
+        }
+        if fresh {
+            let tmp = backing.join(format!("{FORMAT_MARKER}.tmp"));
+            std::fs::write(&tmp, FORMAT_LINE)?;
+            File::open(&tmp)?.sync_all()?;
+            std::fs::rename(&tmp, &marker)?;
+            sync_dir(backing)?;
+        }
+        Ok(store)
+    }
+
+    pub fn backing(&self) -> &Path {
+        &self.backing
+    }
+
+    pub fn cache_path(&self, ino: u64) -> PathBuf {
+        self.backing.join("cache").join(ino.to_string())
+    }
+
+    pub fn cache_tmp_path(&self, ino: u64) -> PathBuf {
+        self.backing.join("cache").join(format!("{ino}.tmp"))
+    }
+
+    pub fn blob_path(&self, ino: u64, seq: u64) -> PathBuf {
+        self.backing.join("blobs").join(format!("{ino}-{seq}.nc06"))
+    }
+
+    pub fn blob_dir(&self) -> PathBuf {
+        self.backing.join("blobs")
+    }
+
+    pub fn cache_dir(&self) -> PathBuf {
+        self.backing.join("cache")
+    }
+
+    /// Allocate an inode number; `txn` persists the counter with the new inode.
+    pub fn alloc_ino(&self, txn: &mut Txn) -> u64 {
+        let ino = self.next_ino.fetch_add(1, Ordering::SeqCst);
+        txn.batch.insert(NEXT_INO_KEY, &(ino + 1).to_le_bytes());
+        ino
+    }
+
+    /// Allocate a blob sequence number, persisted at once so a crash never reuses it.
+    pub fn alloc_blob_seq(&self) -> Result<u64> {
+        let seq = self.next_blob.fetch_add(1, Ordering::SeqCst);
+        self.db.insert(NEXT_BLOB_KEY, &(seq + 1).to_le_bytes())?;
+        Ok(seq)
+    }
+
+    pub fn commit(&self, txn: Txn, durable: bool) -> Result<()> {
+        self.db.apply_batch(txn.batch)?;
+        if durable {
+            self.db.flush()?;
+        }
+        Ok(())
+    }
+
+    pub fn flush(&self) -> Result<()> {
+        self.db.flush()?;
+        Ok(())
+    }
+
+    pub fn get(&self, ino: u64) -> Result<Option<Inode>> {
+        match self.db.get(inode_key(ino))? {
+            Some(v) => Inode::decode(&v)
+                .map(Some)
+                .map_err(|why| StoreError::Corrupt {
+                    what: format!("inode {ino}"),
+                    why,
+                }),
+            None => Ok(None),
+        }
+    }
+
+    pub fn lookup(&self, parent: u64, name: &[u8]) -> Result<Option<(u64, Kind)>> {
+        match self.db.get(dirent_key(parent, name))? {
+            Some(v) => record::decode_dirent(&v)
+                .map(Some)
+                .ok_or_else(|| StoreError::Corrupt {
+                    what: format!(
+                        "entry {:?} of directory {parent}",
+                        String::from_utf8_lossy(name)
+                    ),
+                    why: "bad dirent".into(),
+                }),
+            None => Ok(None),
+        }
+    }
+
+    /// Entries of a directory, in name order, starting after `after` (exclusive).
+    pub fn list_dir(
+        &self,
+        parent: u64,
+        after: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<Vec<(Vec<u8>, u64, Kind)>> {
+        let prefix = dirent_prefix(parent);
+        let mut out = Vec::new();
+        let iter: Box<dyn Iterator<Item = sled::Result<(sled::IVec, sled::IVec)>>> =
+            match after {
+                Some(a) => {
+                    let mut start = dirent_key(parent, a);
+                    start.push(0);
+                    Box::new(self.db.range(start..).take_while(move |r| {
+                        r.as_ref().map_or(true, |(k, _)| k.starts_with(&prefix))
+                    }))
+                }
+                None => Box::new(self.db.scan_prefix(prefix)),
+            };
+        for r in iter {
+            let (k, v) = r?;
+            let name = k[9..].to_vec();
+            let Some((ino, kind)) = record::decode_dirent(&v) else {
+                log::error!(
+                    "directory {parent}: entry {:?} is corrupt; skipped",
+                    String::from_utf8_lossy(&name)
+                );
+                continue;
+            };
+            out.push((name, ino, kind));
+            if out.len() >= limit {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn dir_is_empty(&self, ino: u64) -> Result<bool> {
+        Ok(self
+            .db
+            .scan_prefix(dirent_prefix(ino))
+            .next()
+            .transpose()?
+            .is_none())
+    }
+
+    pub fn xattr_get(&self, ino: u64, name: &[u8]) -> Result<Option<Vec<u8>>> {
+        Ok(self.db.get(xattr_key(ino, name))?.map(|v| v.to_vec()))
+    }
+
+    pub fn xattr_names(&self, ino: u64) -> Result<Vec<Vec<u8>>> {
+        self.db
+            .scan_prefix(xattr_prefix(ino))
+            .map(|r| r.map(|(k, _)| k[9..].to_vec()).map_err(Into::into))
+            .collect()
+    }
+
+    /// Everything keyed by one inode besides its dirents: record, xattrs, queue entry.
+    pub fn delete_inode(&self, txn: &mut Txn, ino: u64) -> Result<()> {
+        txn.del_inode(ino);
+        txn.dequeue(ino);
+        for name in self.xattr_names(ino)? {
+            txn.del_xattr(ino, &name);
+        }
+        Ok(())
+    }
+
+    pub fn queue_due(&self, ino: u64) -> Result<Option<u64>> {
+        Ok(self.db.get(queue_key(ino))?.and_then(|v| {
+            v.get(..8)
+                .and_then(|b| b.try_into().ok())
+                .map(u64::from_le_bytes)
+        }))
+    }
+
+    /// Every queued inode with its due time.
+    pub fn queue(&self) -> Result<Vec<(u64, u64)>> {
+        let mut out = Vec::new();
+        for r in self.db.scan_prefix(b"q") {
+            let (k, v) = r?;
+            let (Some(ino), Some(due)) = (
+                ino_from(&k),
+                v.get(..8)
+                    .and_then(|b| b.try_into().ok())
+                    .map(u64::from_le_bytes),
+            ) else {
+                continue;
+            };
+            out.push((ino, due));
+        }
+        Ok(out)
+    }
+
+    /// Every inode record (for mount-time recovery, status and fsck).
+    pub fn inodes(&self) -> impl Iterator<Item = Result<(u64, Inode)>> + '_ {
+        self.db.scan_prefix(b"i").map(|r| {
+            let (k, v) = r?;
+            let ino = ino_from(&k).ok_or_else(|| StoreError::Corrupt {
+                what: "inode key".into(),
+                why: "short key".into(),
+            })?;
+            let inode = Inode::decode(&v).map_err(|why| StoreError::Corrupt {
+                what: format!("inode {ino}"),
+                why,
+            })?;
+            Ok((ino, inode))
+        })
+    }
+
+    /// Every directory entry: (parent, name, child).
+    pub fn dirents(&self) -> impl Iterator<Item = Result<(u64, Vec<u8>, u64)>> + '_ {
+        self.db.scan_prefix(b"d").map(|r| {
+            let (k, v) = r?;
+            let parent = ino_from(&k).unwrap_or(0);
+            let child = record::decode_dirent(&v).map_or(0, |(c, _)| c);
+            Ok((parent, k.get(9..).unwrap_or(&[]).to_vec(), child))
+        })
+    }
+}
+
+/// fsync a directory, so a rename or create inside it is durable.
+pub fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+/// Write `data` to `path` durably: temp file, fsync, rename, fsync the directory.
+pub fn write_durably(path: &Path, data: &[u8]) -> io::Result<()> {
+    use std::io::Write;
+    let dir = path
+        .parent()
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "path has no parent"))?;
+    let tmp = path.with_extension("tmp");
+    let result = (|| {
+        let mut f = File::create(&tmp)?;
+        f.write_all(data)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)?;
+        sync_dir(dir)
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
