@@ -186,6 +186,14 @@ fn admin(cmd: &str, mnt: &Path) -> Result<(), String> {
                 }
             );
             println!(
+                "superseded    {} compressions dropped because the file changed meanwhile",
+                field(&s, "superseded")
+            );
+            println!(
+                "reads         {} files decompressed since mount",
+                field(&s, "decompressions")
+            );
+            println!(
                 "errors        {} compression failures, {} verify failures, {} decompression failures",
                 field(&s, "failures"),
                 field(&s, "verify_failures"),

@@ -65,6 +65,8 @@ pub struct Stats {
     pub bytes_out: u64,
     pub busy: Duration,
     pub failures: u64,
+    /// Compressions dropped because the file changed meanwhile.
+    pub superseded: u64,
     pub verify_failures: u64,
     pub decompressions: u64,
     pub decompress_failures: u64,
@@ -569,12 +571,7 @@ impl Core {
     }
 
     /// Directory listing after `offset` entries: (offset of next, ino, kind, name).
-    pub fn readdir(
-        &self,
-        ino: u64,
-        offset: u64,
-        max: usize,
-    ) -> FsResult<Vec<DirEntry>> {
+    pub fn readdir(&self, ino: u64, offset: u64, max: usize) -> FsResult<Vec<DirEntry>> {
         let dir = self.dir(ino)?;
         let _ = dir;
         let mut out = Vec::new();
@@ -655,6 +652,19 @@ impl Core {
             self.remove_files(&mut st, ino, &inode);
             return Ok(());
         }
+        if inode.kind == Kind::File && inode.dirty {
+            self.enqueue_locked(ino, self.opts.idle)?;
+        }
+        Ok(())
+    }
+
+    /// A close(2) of some handle (FUSE FLUSH). The kernel sends RELEASE later and
+    /// asynchronously, often after the next open, and an mmap keeps its handle until
+    /// munmap, so a file that is reopened at once may never reach "no handles": queue
+    /// it on every close; the next write takes it off the queue again.
+    pub fn closed(&self, ino: u64) -> FsResult<()> {
+        let _st = self.lock();
+        let inode = self.get(ino)?;
         if inode.kind == Kind::File && inode.dirty {
             self.enqueue_locked(ino, self.opts.idle)?;
         }
@@ -1066,7 +1076,7 @@ impl Core {
         Ok(())
     }
 
-    /// Drop every clean plaintext copy that nothing is using. Returns bytes freed.
+    /// Drop every clean plaintext copy that no operation is using. Returns bytes freed.
     pub fn evict_all(&self) -> FsResult<u64> {
         let mut st = self.lock();
         let inos: Vec<u64> = st.clean.keys().copied().collect();
@@ -1078,9 +1088,9 @@ impl Core {
     }
 
     fn evict_locked(&self, st: &mut State, ino: u64) -> FsResult<u64> {
-        if st.live.get(&ino).is_some_and(|l| l.open > 0 || l.pins > 0)
-            || st.compressing.contains(&ino)
-        {
+        // Open files may go too: their next read or write waits for the decompressor
+        // like any other (the kernel's page cache usually answers first).
+        if st.live.get(&ino).is_some_and(|l| l.pins > 0) || st.compressing.contains(&ino) {
             return Ok(0);
         }
         let mut inode = self.get(ino)?;
@@ -1155,12 +1165,13 @@ impl Core {
             "files={files}\ncompressed={compressed}\ndirty={dirty}\nqueued={}\ndue={due}\ncompressing={compressing}\n\
              logical_bytes={logical}\nstored_bytes={stored}\ncache_bytes={cache}\n\
              compressed_since_mount={}\nbytes_in={}\nbytes_out={}\nbusy_seconds={secs:.1}\n\
-             failures={}\nverify_failures={}\ndecompressions={}\ndecompress_failures={}\n",
+             failures={}\nsuperseded={}\nverify_failures={}\ndecompressions={}\ndecompress_failures={}\n",
             queue.len(),
             stats.compressed_files,
             stats.bytes_in,
             stats.bytes_out,
             stats.failures,
+            stats.superseded,
             stats.verify_failures,
             stats.decompressions,
             stats.decompress_failures,
@@ -1169,7 +1180,7 @@ impl Core {
 
     // ---- background work (called by `background`) ----
 
-    /// The next due queue entry not being written to, or how long to wait for one.
+    /// The next due queue entry, or how long to wait for one.
     pub(crate) fn next_due(&self) -> FsResult<Result<(u64, u64), Duration>> {
         let st = self.lock();
         let now = unix_ms(SystemTime::now());
@@ -1177,7 +1188,10 @@ impl Core {
         queue.sort_by_key(|&(ino, due)| (due, ino));
         let mut wait = Duration::from_secs(5);
         for (ino, due) in queue {
-            if st.live.get(&ino).is_some_and(|l| l.writers > 0) || st.compressing.contains(&ino) {
+            // A file open for writing is still compressed if it has not been written
+            // since it was queued (a write takes it off the queue); the version check
+            // at commit catches a write that races the compression.
+            if st.compressing.contains(&ino) {
                 continue;
             }
             if due > now {
@@ -1233,6 +1247,7 @@ impl Core {
         };
         let current = st.live.get(&ino).map_or(0, |l| l.version);
         if current != version || !inode.dirty || !inode.cached || inode.size != original {
+            st.stats.superseded += 1;
             return Ok(false);
         }
         let old = inode.blob;

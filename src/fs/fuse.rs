@@ -346,12 +346,12 @@ impl Filesystem for NacrithFs {
     fn flush(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         _fh: FileHandle,
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
-        reply.ok();
+        reply_empty(reply, self.core.closed(ino.0));
     }
 
     fn release(
