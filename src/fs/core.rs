@@ -147,11 +147,18 @@ impl Core {
     /// files are queued again; orphans (unlinked while open) are removed.
     fn recover(&self) -> Result<(), StoreError> {
         let now_ms = unix_ms(SystemTime::now());
-        let queued: std::collections::HashSet<u64> =
-            self.store.queue()?.into_iter().map(|(i, _)| i).collect();
+        let queue = self.store.queue()?;
+        let queued: std::collections::HashSet<u64> = queue.iter().map(|&(i, _)| i).collect();
         let mut blobs = std::collections::HashSet::new();
         let mut cached = std::collections::HashSet::new();
         let mut txn = Txn::default();
+        // The idle time of this mount applies to what an earlier mount queued.
+        let latest = now_ms + self.opts.idle.as_millis() as u64;
+        for &(ino, due) in &queue {
+            if due > latest {
+                txn.enqueue(ino, latest);
+            }
+        }
         let mut st = self.lock();
         let mut requeued = 0;
         for r in self.store.inodes() {

@@ -1,0 +1,561 @@
+//! The filesystem, mounted for real (/dev/fuse, as root) with the real model: the
+//! compression lifecycle, remounts, kill -9, the mount helper and POSIX behaviour.
+
+mod common;
+
+use std::ffi::CString;
+use std::fs::{self, File, OpenOptions};
+use std::io::{Read, Write};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_nacrithfs");
+
+fn is_mounted(mnt: &Path) -> bool {
+    let mounts = fs::read_to_string("/proc/mounts").unwrap_or_default();
+    let needle = format!(" {} fuse.nacrithfs ", mnt.display());
+    mounts.contains(&needle)
+}
+
+/// A daemon serving BACKING at MNT in the foreground (so the test owns its pid).
+struct Daemon {
+    child: Child,
+    mnt: PathBuf,
+    log: PathBuf,
+}
+
+impl Daemon {
+    fn start(backing: &Path, mnt: &Path, opts: &str) -> Daemon {
+        fs::create_dir_all(mnt).expect("create mount point");
+        let log = backing.with_extension("daemon.log");
+        let logf = File::create(&log).expect("daemon log");
+        let child = Command::new(BIN)
+            .arg(backing)
+            .arg(mnt)
+            .arg("-f")
+            .args(["-o", opts])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(logf)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {BIN}: {e}"));
+        let mut d = Daemon {
+            child,
+            mnt: mnt.to_path_buf(),
+            log,
+        };
+        let start = Instant::now();
+        while !is_mounted(mnt) {
+            if let Ok(Some(status)) = d.child.try_wait() {
+                panic!(
+                    "nacrithfs exited ({status}) before mounting:\n{}",
+                    fs::read_to_string(&d.log).unwrap_or_default()
+                );
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(60),
+                "not mounted after 60 s:\n{}",
+                d.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        d
+    }
+
+    fn log_text(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn wait_exit(&mut self, why: &str) {
+        let start = Instant::now();
+        loop {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(60),
+                "daemon did not exit after {why}:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn unmount(mut self) {
+        let out = Command::new("umount")
+            .arg(&self.mnt)
+            .output()
+            .expect("umount");
+        assert!(
+            out.status.success(),
+            "umount: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        self.wait_exit("umount");
+        assert!(!is_mounted(&self.mnt));
+    }
+
+    /// kill -9, then clear the dead mount the way an admin would.
+    fn kill9(mut self) {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGKILL) };
+        let _ = self.child.wait();
+        let out = Command::new("umount")
+            .arg("-l")
+            .arg(&self.mnt)
+            .output()
+            .expect("umount -l");
+        assert!(
+            out.status.success(),
+            "umount -l: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if is_mounted(&self.mnt) {
+            let _ = Command::new("umount").arg("-l").arg(&self.mnt).status();
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn xattr(path: &Path, name: &str) -> String {
+    let p = CString::new(path.as_os_str().as_bytes()).expect("path");
+    let n = CString::new(name).expect("name");
+    let mut buf = vec![0u8; 4096];
+    // SAFETY: valid strings and buffer.
+    let r = unsafe { libc::getxattr(p.as_ptr(), n.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+    assert!(
+        r >= 0,
+        "getxattr {name} on {}: {}",
+        path.display(),
+        std::io::Error::last_os_error()
+    );
+    buf.truncate(r as usize);
+    String::from_utf8(buf).expect("utf-8 xattr")
+}
+
+fn admin(cmd: &str, mnt: &Path) -> Output {
+    let out = Command::new(BIN)
+        .arg(cmd)
+        .arg(mnt)
+        .output()
+        .expect("run nacrithfs");
+    assert!(
+        out.status.success(),
+        "nacrithfs {cmd} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+fn write_synced(path: &Path, data: &[u8]) {
+    let mut f = File::create(path).unwrap_or_else(|e| panic!("create {}: {e}", path.display()));
+    f.write_all(data).expect("write");
+    f.sync_all().expect("fsync file");
+    drop(f);
+    File::open(path.parent().expect("parent"))
+        .and_then(|d| d.sync_all())
+        .expect("fsync dir");
+}
+
+fn files() -> Vec<(&'static str, Vec<u8>)> {
+    let text = common::english(2600);
+    vec![
+        ("notes/a.txt", text[..1500].to_vec()),
+        ("notes/b.txt", text[1500..].to_vec()),
+        ("empty", Vec::new()),
+        ("random.bin", common::random_bytes(20_000, 7)),
+        ("zeros.bin", vec![0u8; 50_000]),
+    ]
+}
+
+fn check_all(mnt: &Path, expect: &[(&str, Vec<u8>)]) {
+    for (name, data) in expect {
+        let got = fs::read(mnt.join(name)).unwrap_or_else(|e| panic!("read {name}: {e}"));
+        assert!(
+            got == *data,
+            "{name}: content differs ({} vs {} bytes)",
+            got.len(),
+            data.len()
+        );
+    }
+}
+
+#[test]
+fn write_flush_compress_evict_remount_read_back() {
+    let _llm = common::llm_lock();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (backing, mnt) = (dir.path().join("backing"), dir.path().join("mnt"));
+    fs::create_dir(&backing).expect("backing");
+    let d = Daemon::start(&backing, &mnt, "idle=3600");
+    fs::create_dir(mnt.join("notes")).expect("mkdir");
+    let files = files();
+    for (name, data) in &files {
+        fs::write(mnt.join(name), data).expect("write");
+    }
+    for (name, _) in &files {
+        assert_eq!(
+            xattr(&mnt.join(name), "user.nacrith.state"),
+            "dirty",
+            "{name}"
+        );
+    }
+    let out = admin("flush", &mnt);
+    println!("{}", String::from_utf8_lossy(&out.stdout));
+    for (name, data) in &files {
+        let p = mnt.join(name);
+        assert_eq!(xattr(&p, "user.nacrith.state"), "compressed", "{name}");
+        let stored: u64 = xattr(&p, "user.nacrith.stored_size")
+            .parse()
+            .expect("number");
+        println!("{name}: {} -> {stored} bytes", data.len());
+        if name.ends_with(".txt") {
+            // Small files carry a ~300-byte header; the LLM still beats zstd -19.
+            let zstd = zstd::bulk::compress(data, 19).expect("zstd").len() as u64;
+            assert!(
+                stored < zstd && stored * 2 < data.len() as u64,
+                "{name}: {stored} bytes stored for {} of English (zstd -19: {zstd})",
+                data.len()
+            );
+        }
+        if *name == "zeros.bin" {
+            assert!(stored < 1000, "zeros stored in {stored} bytes");
+        }
+    }
+    // The blobs were coded by the LLM (the backing directory holds one per file).
+    let blobs = fs::read_dir(backing.join("blobs")).expect("blobs").count();
+    assert_eq!(blobs, files.len());
+    let status = String::from_utf8_lossy(&admin("status", &mnt).stdout).into_owned();
+    println!("{status}");
+    assert!(
+        status.contains("0 queued, 0 due now, 0 compressing"),
+        "{status}"
+    );
+    assert!(
+        status.contains(&format!("{} compressed, 0 dirty", files.len())),
+        "{status}"
+    );
+
+    admin("evict", &mnt);
+    let cached = fs::read_dir(backing.join("cache")).expect("cache").count();
+    assert_eq!(cached, 0, "evict left plaintext copies");
+    d.unmount();
+
+    let d = Daemon::start(&backing, &mnt, "idle=3600");
+    // Reads decompress (through the model for the text files).
+    check_all(&mnt, &files);
+    for (name, _) in &files {
+        assert_eq!(xattr(&mnt.join(name), "user.nacrith.state"), "compressed");
+    }
+    // Writing to an evicted compressed file decompresses it first.
+    admin("evict", &mnt);
+    let a = mnt.join("notes/a.txt");
+    let mut f = OpenOptions::new()
+        .append(true)
+        .open(&a)
+        .expect("open for append");
+    f.write_all(b"\nappended line\n").expect("append");
+    drop(f);
+    let mut expect = files[0].1.clone();
+    expect.extend_from_slice(b"\nappended line\n");
+    assert_eq!(fs::read(&a).expect("read"), expect);
+    assert_eq!(xattr(&a, "user.nacrith.state"), "dirty");
+    // O_TRUNC needs no decompression and loses nothing else.
+    fs::write(mnt.join("notes/b.txt"), b"short").expect("truncate-write");
+    assert_eq!(fs::read(mnt.join("notes/b.txt")).expect("read"), b"short");
+    d.unmount();
+}
+
+#[test]
+fn kill9_with_queued_and_compressing_files_loses_nothing() {
+    let _llm = common::llm_lock();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (backing, mnt) = (dir.path().join("backing"), dir.path().join("mnt"));
+    fs::create_dir(&backing).expect("backing");
+
+    // Round 1: files written and fsynced, queued (idle not over yet), then kill -9.
+    let d = Daemon::start(&backing, &mnt, "idle=3600");
+    let mut expect: Vec<(String, Vec<u8>)> = Vec::new();
+    for i in 0..6 {
+        let name = format!("f{i}.bin");
+        let data = common::random_bytes(10_000 + i * 999, i as u64 + 1);
+        write_synced(&mnt.join(&name), &data);
+        expect.push((name, data));
+    }
+    let text = common::english(1200);
+    write_synced(&mnt.join("t.txt"), &text);
+    expect.push(("t.txt".into(), text));
+    for (name, _) in &expect {
+        assert_eq!(xattr(&mnt.join(name), "user.nacrith.state"), "dirty");
+    }
+    d.kill9();
+
+    // Round 2: everything is there and still pending; kill -9 again while the text file
+    // is being compressed.
+    let d = Daemon::start(&backing, &mnt, "idle=0");
+    let start = Instant::now();
+    loop {
+        let s = xattr(&mnt.join("t.txt"), "user.nacrith.state");
+        if s == "compressing" {
+            break;
+        }
+        assert!(
+            s != "compressed",
+            "t.txt compressed before the kill could land"
+        );
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "t.txt never compressing"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    for (name, data) in &expect {
+        assert_eq!(&fs::read(mnt.join(name)).expect("read"), data, "{name}");
+    }
+    d.kill9();
+
+    // Round 3: intact, and it all compresses.
+    let d = Daemon::start(&backing, &mnt, "idle=3600");
+    for (name, data) in &expect {
+        assert_eq!(&fs::read(mnt.join(name)).expect("read"), data, "{name}");
+    }
+    admin("flush", &mnt);
+    admin("evict", &mnt);
+    for (name, data) in &expect {
+        assert_eq!(
+            xattr(&mnt.join(name), "user.nacrith.state"),
+            "compressed",
+            "{name}"
+        );
+        assert_eq!(&fs::read(mnt.join(name)).expect("read"), data, "{name}");
+    }
+    println!("verified {} files after two kill -9 rounds", expect.len());
+    d.unmount();
+}
+
+fn daemon_pid_for(mnt: &Path) -> Option<i32> {
+    for e in fs::read_dir("/proc").ok()?.flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let cmd = fs::read(e.path().join("cmdline")).unwrap_or_default();
+        let args: Vec<&[u8]> = cmd.split(|&b| b == 0).collect();
+        if args.first().is_some_and(|a| a.ends_with(b"nacrithfs"))
+            && args.iter().any(|a| *a == mnt.as_os_str().as_bytes())
+        {
+            return Some(pid);
+        }
+    }
+    None
+}
+
+#[test]
+fn mount_helper_tag_source_and_sigterm() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (backing, mnt) = (dir.path().join("backing"), dir.path().join("mnt"));
+    fs::create_dir(&backing).expect("backing");
+    fs::create_dir(&mnt).expect("mnt");
+    // mount(8) runs mount.fuse3, which runs `nacrithfs` from PATH (it daemonizes once
+    // live). mount(8) resets PATH to the system's, where only the installed copy is, so
+    // call mount.fuse3 as mount(8) would, with this build first in PATH.
+    let bin_dir = Path::new(BIN).parent().expect("bin dir");
+    let path = format!(
+        "{}:{}",
+        bin_dir.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let out = Command::new("mount.fuse3")
+        .arg("coldtag")
+        .arg(&mnt)
+        .args(["-t", "fuse.nacrithfs"])
+        .arg("-o")
+        .arg(format!("backing={},idle=60,workers=1", backing.display()))
+        .env("PATH", &path)
+        .output()
+        .expect("mount(8)");
+    assert!(
+        out.status.success(),
+        "mount.fuse3 -t fuse.nacrithfs failed: {}{}",
+        String::from_utf8_lossy(&out.stderr),
+        fs::read_to_string(backing.join("nacrithfs.log")).unwrap_or_default()
+    );
+    let mounts = fs::read_to_string("/proc/mounts").expect("/proc/mounts");
+    let line = mounts
+        .lines()
+        .find(|l| l.contains(&format!(" {} ", mnt.display())))
+        .expect("mount listed");
+    assert!(line.starts_with("coldtag "), "{line}");
+    assert!(line.contains(" fuse.nacrithfs "), "{line}");
+    fs::write(mnt.join("x"), b"hello").expect("write");
+    assert!(backing.join("nacrithfs.format").exists());
+
+    let pid = daemon_pid_for(&mnt).expect("daemon process");
+    // SAFETY: signalling the daemon we started.
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    let start = Instant::now();
+    while is_mounted(&mnt) || Path::new(&format!("/proc/{pid}")).exists() {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "SIGTERM did not unmount"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let log = fs::read_to_string(backing.join("nacrithfs.log")).expect("log");
+    assert!(log.contains("unmounted"), "{log}");
+
+    // A second mount of the same backing directory finds the file.
+    let d = Daemon::start(&backing, &mnt, "idle=60");
+    assert_eq!(fs::read(mnt.join("x")).expect("read"), b"hello");
+    d.unmount();
+
+    // Bad input: an unknown option and a non-empty foreign directory are refused clearly.
+    let out = Command::new(BIN)
+        .arg(&backing)
+        .arg(&mnt)
+        .args(["-o", "bogus=1"])
+        .output()
+        .expect("run");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown option"));
+    let foreign = dir.path().join("foreign");
+    fs::create_dir(&foreign).expect("foreign");
+    fs::write(foreign.join("data"), b"x").expect("write");
+    let out = Command::new(BIN)
+        .arg(&foreign)
+        .arg(&mnt)
+        .output()
+        .expect("run");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("not a nacrithfs backing directory"), "{err}");
+    assert!(!is_mounted(&mnt));
+}
+
+fn renameat2(from: &Path, to: &Path, flags: u32) -> std::io::Result<()> {
+    let f = CString::new(from.as_os_str().as_bytes()).expect("path");
+    let t = CString::new(to.as_os_str().as_bytes()).expect("path");
+    // SAFETY: valid strings; AT_FDCWD with absolute paths.
+    let r = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            f.as_ptr(),
+            libc::AT_FDCWD,
+            t.as_ptr(),
+            flags,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+#[test]
+fn posix_behaviour() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (backing, mnt) = (dir.path().join("backing"), dir.path().join("mnt"));
+    fs::create_dir(&backing).expect("backing");
+    let d = Daemon::start(&backing, &mnt, "idle=3600");
+    let p = |n: &str| mnt.join(n);
+
+    // O_APPEND, overwrite, truncate up (sparse) and down.
+    fs::write(p("f"), b"hello").expect("write");
+    let mut f = OpenOptions::new().append(true).open(p("f")).expect("open");
+    f.write_all(b" world").expect("append");
+    drop(f);
+    assert_eq!(fs::read(p("f")).expect("read"), b"hello world");
+    let f = OpenOptions::new().write(true).open(p("f")).expect("open");
+    f.set_len(100_000).expect("extend");
+    f.set_len(5).expect("shrink");
+    drop(f);
+    assert_eq!(fs::read(p("f")).expect("read"), b"hello");
+
+    // rename: plain, NOREPLACE, EXCHANGE, over an existing file.
+    fs::write(p("g"), b"gee").expect("write");
+    let e = renameat2(&p("f"), &p("g"), libc::RENAME_NOREPLACE).expect_err("noreplace");
+    assert_eq!(e.raw_os_error(), Some(libc::EEXIST));
+    renameat2(&p("f"), &p("g"), libc::RENAME_EXCHANGE).expect("exchange");
+    assert_eq!(fs::read(p("f")).expect("read"), b"gee");
+    assert_eq!(fs::read(p("g")).expect("read"), b"hello");
+    fs::rename(p("f"), p("g")).expect("rename over");
+    assert!(!p("f").exists());
+    assert_eq!(fs::read(p("g")).expect("read"), b"gee");
+
+    // Directories, hard links, symlinks, nlink counts.
+    fs::create_dir_all(p("d/e")).expect("mkdirs");
+    assert_eq!(fs::metadata(p("d")).expect("stat").nlink(), 3);
+    fs::hard_link(p("g"), p("d/link")).expect("link");
+    assert_eq!(fs::metadata(p("g")).expect("stat").nlink(), 2);
+    std::os::unix::fs::symlink("../g", p("d/sym")).expect("symlink");
+    assert_eq!(
+        fs::read_link(p("d/sym")).expect("readlink"),
+        Path::new("../g")
+    );
+    assert_eq!(fs::read(p("d/sym")).expect("through symlink"), b"gee");
+    let e = fs::remove_dir(p("d")).expect_err("rmdir non-empty");
+    assert_eq!(e.raw_os_error(), Some(libc::ENOTEMPTY));
+    let mut names: Vec<String> = fs::read_dir(p("d"))
+        .expect("readdir")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["e", "link", "sym"]);
+
+    // Unlinked while open: still readable through the handle, gone afterwards.
+    fs::write(p("tmp"), b"still here").expect("write");
+    let mut h = File::open(p("tmp")).expect("open");
+    fs::remove_file(p("tmp")).expect("unlink");
+    let mut s = String::new();
+    h.read_to_string(&mut s).expect("read unlinked");
+    assert_eq!(s, "still here");
+    drop(h);
+
+    // chmod, xattrs, fifo, statfs.
+    fs::set_permissions(p("g"), fs::Permissions::from_mode(0o600)).expect("chmod");
+    assert_eq!(fs::metadata(p("g")).expect("stat").mode() & 0o7777, 0o600);
+    let out = Command::new("setfattr")
+        .args(["-n", "user.color", "-v", "blue"])
+        .arg(p("g"))
+        .output()
+        .expect("setfattr");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(xattr(&p("g"), "user.color"), "blue");
+    let c = CString::new(p("fifo").as_os_str().as_bytes()).expect("path");
+    // SAFETY: valid path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o644) }, 0);
+    assert!(fs::metadata(p("fifo")).expect("stat").file_type().is_fifo());
+    let out = Command::new("df").arg(&mnt).output().expect("df");
+    assert!(out.status.success());
+
+    // Exclusive create and mmap-style writes through a second handle.
+    let e = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o644)
+        .open(p("g"))
+        .expect_err("O_EXCL");
+    assert_eq!(e.raw_os_error(), Some(libc::EEXIST));
+    d.unmount();
+
+    // Everything above survives a remount.
+    let d = Daemon::start(&backing, &mnt, "idle=3600");
+    assert_eq!(fs::read(p("g")).expect("read"), b"gee");
+    assert_eq!(xattr(&p("g"), "user.color"), "blue");
+    assert_eq!(fs::read(p("d/link")).expect("read"), b"gee");
+    assert!(!p("tmp").exists());
+    d.unmount();
+}
