@@ -18,14 +18,23 @@ pub fn start(
     core: Arc<Core>,
     decompress_rx: Receiver<u64>,
 ) -> std::io::Result<Vec<JoinHandle<()>>> {
-    let c = core.clone();
-    let compressor = std::thread::Builder::new()
-        .name("nacrith-compress".into())
-        .spawn(move || compressor(&c))?;
-    let decompressor = std::thread::Builder::new()
-        .name("nacrith-decompress".into())
-        .spawn(move || decompressor(&core, decompress_rx))?;
-    Ok(vec![compressor, decompressor])
+    let mut threads = Vec::new();
+    // A read-only mount leaves the blobs as they are; queued files wait for a
+    // read-write mount.
+    if !core.opts.read_only {
+        let c = core.clone();
+        threads.push(
+            std::thread::Builder::new()
+                .name("nacrith-compress".into())
+                .spawn(move || compressor(&c))?,
+        );
+    }
+    threads.push(
+        std::thread::Builder::new()
+            .name("nacrith-decompress".into())
+            .spawn(move || decompressor(&core, decompress_rx))?,
+    );
+    Ok(threads)
 }
 
 fn compressor(core: &Core) {
@@ -34,7 +43,17 @@ fn compressor(core: &Core) {
             return;
         }
         match core.next_due() {
-            Ok(Ok((ino, version))) => compress_one(core, ino, version),
+            Ok(Ok((ino, version))) => {
+                // A bug in the coder must not stop the queue or lose the file: it stays
+                // plaintext and is retried later.
+                let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    compress_one(core, ino, version)
+                }));
+                if r.is_err() {
+                    log::error!("compressing inode {ino} panicked; it stays uncompressed");
+                    core.compression_failed(ino);
+                }
+            }
             Ok(Err(wait)) => {
                 if !core.wait_for_work(wait) {
                     return;
@@ -155,7 +174,13 @@ fn decompressor(core: &Core, rx: Receiver<u64>) {
         match core.blob_of(ino) {
             Ok(None) => core.materialized(ino, None, Ok(())),
             Ok(Some((path, size, blob))) => {
-                let r = materialize(core, ino, &path, size, blob);
+                let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    materialize(core, ino, &path, size, blob)
+                }))
+                .unwrap_or_else(|_| {
+                    log::error!("decompressing {} panicked", core.describe(ino));
+                    Err(libc::EIO)
+                });
                 core.materialized(ino, Some(blob), r);
             }
             Err(e) => core.materialized(ino, None, Err(e)),
