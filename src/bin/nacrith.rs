@@ -198,11 +198,7 @@ fn compress(
         "{} -> {} bytes ({:.3} bits/byte, {:.2} KB/s){}",
         data.len(),
         blob.len(),
-        if data.is_empty() {
-            0.0
-        } else {
-            blob.len() as f64 * 8.0 / data.len() as f64
-        },
+        codec::bits_per_byte(blob.len() as u64, data.len() as u64),
         data.len() as f64 / 1000.0 / secs.max(1e-9),
         if verify { ", verified" } else { "" }
     );
@@ -245,11 +241,7 @@ fn info(input: &Path, show_chunks: bool) -> Result<()> {
     } else {
         h.original_len as f64 / blob.len() as f64
     };
-    let bpb = if h.original_len == 0 {
-        0.0
-    } else {
-        blob.len() as f64 * 8.0 / h.original_len as f64
-    };
+    let bpb = codec::bits_per_byte(blob.len() as u64, h.original_len);
     println!("format        NC06 v{}", codec::container::VERSION);
     println!("original      {} bytes", h.original_len);
     println!("stored        {} bytes (header {header_len})", blob.len());
@@ -268,11 +260,7 @@ fn info(input: &Path, show_chunks: bool) -> Result<()> {
     println!("segments      {}", h.segments.len());
     let mut offset = 0u64;
     for (i, s) in h.segments.iter().enumerate() {
-        let sbpb = if s.original_len == 0 {
-            0.0
-        } else {
-            s.stored_len as f64 * 8.0 / s.original_len as f64
-        };
+        let sbpb = codec::bits_per_byte(s.stored_len, s.original_len);
         println!(
             "  #{i:<3} {:<6} at {offset:>10}  {:>10} -> {:>10} bytes  {sbpb:.4} bpb{}",
             s.kind.name(),

@@ -84,6 +84,15 @@ impl Default for CompressOptions {
     }
 }
 
+/// Stored size in bits per original byte (0 for an empty original).
+pub fn bits_per_byte(stored: u64, original: u64) -> f64 {
+    if original == 0 {
+        0.0
+    } else {
+        stored as f64 * 8.0 / original as f64
+    }
+}
+
 pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }

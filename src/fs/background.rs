@@ -12,7 +12,7 @@ use crossbeam_channel::{Receiver, RecvTimeoutError};
 
 use super::core::{Core, FsResult};
 use crate::codec::{self, CompressOptions, DecompressOptions, Engine};
-use crate::store::{write_durably, BlobRef};
+use crate::store::write_durably;
 
 pub fn start(
     core: Arc<Core>,
@@ -140,11 +140,7 @@ fn compress_one(core: &Core, ino: u64, version: u64) {
             "compressed {name}: {} -> {} bytes ({:.3} bits/byte) in {:.1} s",
             data.len(),
             blob.len(),
-            if data.is_empty() {
-                0.0
-            } else {
-                blob.len() as f64 * 8.0 / data.len() as f64
-            },
+            codec::bits_per_byte(blob.len() as u64, data.len() as u64),
             took.as_secs_f64()
         ),
         Ok(false) => {
@@ -175,7 +171,7 @@ fn decompressor(core: &Core, rx: Receiver<u64>) {
             Ok(None) => core.materialized(ino, None, Ok(())),
             Ok(Some((path, size, blob))) => {
                 let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    materialize(core, ino, &path, size, blob)
+                    materialize(core, ino, &path, size)
                 }))
                 .unwrap_or_else(|_| {
                     log::error!("decompressing {} panicked", core.describe(ino));
@@ -189,13 +185,7 @@ fn decompressor(core: &Core, rx: Receiver<u64>) {
 }
 
 /// Decode the blob of `ino` into its cache temp file.
-fn materialize(
-    core: &Core,
-    ino: u64,
-    path: &std::path::Path,
-    size: u64,
-    _blob: BlobRef,
-) -> FsResult<()> {
+fn materialize(core: &Core, ino: u64, path: &std::path::Path, size: u64) -> FsResult<()> {
     let fail = |why: String| {
         log::error!("cannot read {}: {why}", core.describe(ino));
         libc::EIO

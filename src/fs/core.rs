@@ -579,12 +579,11 @@ impl Core {
 
     /// Directory listing after `offset` entries: (offset of next, ino, kind, name).
     pub fn readdir(&self, ino: u64, offset: u64, max: usize) -> FsResult<Vec<DirEntry>> {
-        let dir = self.dir(ino)?;
-        let _ = dir;
+        self.dir(ino)?;
         let mut out = Vec::new();
-        let parent = if ino == ROOT_INO { ROOT_INO } else { ino };
         let mut n = 0u64;
-        for (name, child) in [(&b"."[..], ino), (&b".."[..], parent)] {
+        // The kernel resolves ".." itself; its inode number here is not used.
+        for (name, child) in [(&b"."[..], ino), (&b".."[..], ino)] {
             n += 1;
             if n > offset {
                 out.push((n, child, Kind::Dir, name.to_vec()));
@@ -592,10 +591,7 @@ impl Core {
         }
         // Offsets are positions in name order; skip the first ones without decoding.
         let skip = offset.saturating_sub(2) as usize;
-        let entries = self
-            .store
-            .list_dir(ino, None, skip + max)
-            .map_err(store_err)?;
+        let entries = self.store.list_dir(ino, skip + max).map_err(store_err)?;
         for (i, (name, child, kind)) in entries.into_iter().enumerate().skip(skip) {
             out.push((3 + i as u64, child, kind, name));
             if out.len() >= max {

@@ -306,27 +306,10 @@ impl Store {
         }
     }
 
-    /// Entries of a directory, in name order, starting after `after` (exclusive).
-    pub fn list_dir(
-        &self,
-        parent: u64,
-        after: Option<&[u8]>,
-        limit: usize,
-    ) -> Result<Vec<(Vec<u8>, u64, Kind)>> {
-        let prefix = dirent_prefix(parent);
+    /// The first `limit` entries of a directory, in name order.
+    pub fn list_dir(&self, parent: u64, limit: usize) -> Result<Vec<(Vec<u8>, u64, Kind)>> {
         let mut out = Vec::new();
-        let iter: Box<dyn Iterator<Item = sled::Result<(sled::IVec, sled::IVec)>>> =
-            match after {
-                Some(a) => {
-                    let mut start = dirent_key(parent, a);
-                    start.push(0);
-                    Box::new(self.db.range(start..).take_while(move |r| {
-                        r.as_ref().map_or(true, |(k, _)| k.starts_with(&prefix))
-                    }))
-                }
-                None => Box::new(self.db.scan_prefix(prefix)),
-            };
-        for r in iter {
+        for r in self.db.scan_prefix(dirent_prefix(parent)) {
             let (k, v) = r?;
             let name = k[9..].to_vec();
             let Some((ino, kind)) = record::decode_dirent(&v) else {
