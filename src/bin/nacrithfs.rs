@@ -4,6 +4,7 @@
 //! nacrithfs BACKING MOUNTPOINT [-o opts] [-f]      mount (daemonizes once live)
 //! nacrithfs TAG MOUNTPOINT -o backing=DIR,...      the same, fstab style
 //! nacrithfs flush|evict|status MOUNTPOINT
+//! nacrithfs fsck BACKING [--repair] [--deep] [--model PATH]
 //! ```
 
 use std::ffi::{CString, OsString};
@@ -17,8 +18,8 @@ use std::time::Duration;
 use nacrithfs::fs::core::{XATTR_CONTROL, XATTR_STATUS};
 use nacrithfs::fs::fuse::NacrithFs;
 use nacrithfs::fs::{background, Core, FsOptions};
-use nacrithfs::model::{find_model, ModelRuntime};
-use nacrithfs::pool::LocalPool;
+use nacrithfs::model::find_model;
+use nacrithfs::pool::LazyPool;
 use nacrithfs::store::Store;
 
 const USAGE: &str = "\
@@ -28,6 +29,11 @@ usage:
   nacrithfs flush MOUNTPOINT     compress every closed file now; wait until done
   nacrithfs evict MOUNTPOINT     drop clean plaintext copies from the cache
   nacrithfs status MOUNTPOINT    queue, sizes, ratio, worker throughput
+  nacrithfs fsck BACKING [--repair] [--deep] [--model PATH]
+                                 check an unmounted backing directory; --repair fixes
+                                 what can be fixed without losing data, --deep decodes
+                                 LLM blobs too (loads the model). Exit 0 clean, 1 all
+                                 repaired, 4 problems remain, 8 fsck itself failed.
 
 mount options (-o a,b=c): idle=SECONDS (30), cache_size=BYTES (1G), workers=N (cores),
   batch=LANES (16), chunk_size=BYTES (16K), model=PATH, verify=full|none (full),
@@ -51,12 +57,78 @@ fn main() {
             Some(mnt) if args.len() == 2 => admin(cmd, Path::new(mnt)),
             _ => Err(format!("usage: nacrithfs {cmd} MOUNTPOINT")),
         },
+        Some("fsck") => fsck_main(&args[1..]),
         Some(_) => mount_main(&args),
     };
     if let Err(e) = result {
         eprintln!("nacrithfs: error: {e}");
         std::process::exit(1);
     }
+}
+
+fn fsck_main(args: &[OsString]) -> Result<(), String> {
+    let usage = "usage: nacrithfs fsck BACKING [--repair] [--deep] [--model PATH]";
+    let (mut backing, mut repair, mut deep, mut model) = (None, false, false, None);
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        match a.to_str() {
+            Some("--repair") => repair = true,
+            Some("--deep") => deep = true,
+            Some("--model") => {
+                model = Some(PathBuf::from(it.next().ok_or(usage)?));
+                deep = true;
+            }
+            Some(s) if s.starts_with('-') => return Err(format!("unknown flag {s}\n{usage}")),
+            _ if backing.is_none() => backing = Some(PathBuf::from(a)),
+            _ => return Err(usage.into()),
+        }
+    }
+    let backing = backing.ok_or(usage)?;
+    let pool = if deep {
+        let path = find_model(model.as_deref()).map_err(|e| e.to_string())?;
+        let runtime = nacrithfs::model::ModelRuntime::load(&path).map_err(|e| e.to_string())?;
+        Some(nacrithfs::pool::LocalPool::new(
+            runtime,
+            nacrithfs::pool::default_workers(),
+            nacrithfs::pool::DEFAULT_LANES,
+        ))
+    } else {
+        None
+    };
+    let opts = nacrithfs::store::fsck::FsckOptions {
+        repair,
+        engine: pool.as_ref().map(|p| p as &dyn nacrithfs::codec::Engine),
+    };
+    let report = match nacrithfs::store::fsck::fsck(&backing, opts) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("nacrithfs: fsck: {e}");
+            std::process::exit(8);
+        }
+    };
+    for f in &report.findings {
+        match &f.repaired {
+            Some(done) => println!("{:<18} {} -> {done}", f.code, f.detail),
+            None if f.fixable => println!("{:<18} {} (--repair fixes this)", f.code, f.detail),
+            None => println!("{:<18} {} (cannot be repaired)", f.code, f.detail),
+        }
+    }
+    println!(
+        "{}: {} inodes, {} files, {} blobs checked ({} decoded{}); {} problems, {} repaired",
+        backing.display(),
+        report.inodes,
+        report.files,
+        report.blobs_checked,
+        report.blobs_decoded,
+        if deep {
+            ""
+        } else {
+            ", LLM blobs: header only; --deep decodes them"
+        },
+        report.findings.len(),
+        report.findings.len() - report.unresolved(),
+    );
+    std::process::exit(report.exit_code());
 }
 
 // ---- admin commands: talk to the daemon through xattrs on the mount's root ----
@@ -383,15 +455,13 @@ fn serve(
     unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &sigs, std::ptr::null_mut()) };
 
     let store = Store::open(backing).map_err(|e| e.to_string())?;
+    // The model is loaded on first use; a file that is missing or not a usable GGUF now
+    // is a mistake worth refusing the mount for (later it only delays compression).
     let model_path = find_model(m.opts.model.as_deref()).map_err(|e| e.to_string())?;
-    let runtime = ModelRuntime::load(&model_path).map_err(|e| e.to_string())?;
-    log::info!(
-        "model {} ({}), backend {}",
-        model_path.display(),
-        nacrithfs::codec::hex(&runtime.fingerprint[..8]),
-        runtime.backend_tag
-    );
-    let pool = Arc::new(LocalPool::new(runtime, m.opts.workers, m.opts.batch));
+    nacrithfs::model::gguf::Metadata::read(&model_path)
+        .map_err(|e| format!("model {}: {e}", model_path.display()))?;
+    log::info!("model {} (loaded on first use)", model_path.display());
+    let pool = Arc::new(LazyPool::new(model_path, m.opts.workers, m.opts.batch));
     let (core, rx) = Core::new(store, pool, m.opts.clone()).map_err(|e| e.to_string())?;
     let workers = background::start(core.clone(), rx).map_err(|e| e.to_string())?;
 

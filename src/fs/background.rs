@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError};
 
-use super::core::{Core, FsResult};
+use super::core::Core;
 use crate::codec::{self, CompressOptions, DecompressOptions, Engine};
 use crate::store::write_durably;
 
@@ -92,7 +92,13 @@ fn compress_one(core: &Core, ino: u64, version: u64) {
         chunk_size: core.opts.chunk_size,
         ..CompressOptions::default()
     };
-    let engine: &dyn Engine = &*core.engine;
+    // Without the model nothing is compressed (not even with zstd): a text file stored
+    // with zstd now would stay that way, so it waits as plaintext for the model.
+    let pool = match core.engine.get() {
+        Ok(p) => p,
+        Err(e) => return fail(format!("the model is unavailable: {e}")),
+    };
+    let engine: &dyn Engine = &*pool;
     let mut blob = match codec::compress(&data, Some(engine), &opts, &|_| {}) {
         Ok(b) => b,
         Err(e) => return fail(e.to_string()),
@@ -173,9 +179,15 @@ fn decompressor(core: &Core, rx: Receiver<u64>) {
                 let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                     materialize(core, ino, &path, size)
                 }))
-                .unwrap_or_else(|_| {
-                    log::error!("decompressing {} panicked", core.describe(ino));
-                    Err(libc::EIO)
+                .unwrap_or_else(|_| Err((libc::EIO, "the decoder panicked".into())));
+                let r = r.map_err(|(errno, why)| {
+                    // Readers retry (the kernel and cat both do): one line per bad blob.
+                    if core.first_failure_of(ino, blob) {
+                        log::error!("cannot read {}: {why}", core.describe(ino));
+                    } else {
+                        log::debug!("cannot read inode {ino} (again): {why}");
+                    }
+                    errno
                 });
                 core.materialized(ino, Some(blob), r);
             }
@@ -184,15 +196,31 @@ fn decompressor(core: &Core, rx: Receiver<u64>) {
     }
 }
 
-/// Decode the blob of `ino` into its cache temp file.
-fn materialize(core: &Core, ino: u64, path: &std::path::Path, size: u64) -> FsResult<()> {
-    let fail = |why: String| {
-        log::error!("cannot read {}: {why}", core.describe(ino));
-        libc::EIO
-    };
+/// Decode the blob of `ino` into its cache temp file; on failure, the errno for the
+/// reader and what went wrong.
+fn materialize(
+    core: &Core,
+    ino: u64,
+    path: &std::path::Path,
+    size: u64,
+) -> Result<(), (i32, String)> {
+    let fail = |why: String| (libc::EIO, why);
     let data = std::fs::read(path).map_err(|e| fail(format!("{}: {e}", path.display())))?;
-    let engine: &dyn Engine = &*core.engine;
-    let plain = codec::decompress(&data, Some(engine), &DecompressOptions::default(), &|_| {})
+    // Only blobs with LLM segments need the model: zstd-only files stay readable without it.
+    let (header, _) = crate::codec::container::Header::parse(&data, Some(data.len() as u64))
+        .map_err(|e| fail(format!("{}: {e}", path.display())))?;
+    let pool = if header.has_llm_segments() {
+        Some(core.engine.get().map_err(|e| {
+            fail(format!(
+                "{} needs the model, which is unavailable: {e}",
+                path.display()
+            ))
+        })?)
+    } else {
+        None
+    };
+    let engine = pool.as_deref().map(|p| p as &dyn Engine);
+    let plain = codec::decompress(&data, engine, &DecompressOptions::default(), &|_| {})
         .map_err(|e| fail(format!("{}: {e}", path.display())))?;
     if plain.len() as u64 != size {
         return Err(fail(format!(
@@ -210,7 +238,9 @@ fn materialize(core: &Core, ino: u64, path: &std::path::Path, size: u64) -> FsRe
     };
     write().map_err(|e| {
         let _ = std::fs::remove_file(&tmp);
-        log::error!("cannot write the plaintext of {}: {e}", core.describe(ino));
-        e.raw_os_error().unwrap_or(libc::EIO)
+        (
+            e.raw_os_error().unwrap_or(libc::EIO),
+            format!("writing its plaintext to {}: {e}", tmp.display()),
+        )
     })
 }

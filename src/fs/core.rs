@@ -16,7 +16,7 @@ use std::time::{Duration, Instant, SystemTime};
 use crossbeam_channel::Sender;
 
 use super::options::FsOptions;
-use crate::pool::LocalPool;
+use crate::pool::LazyPool;
 use crate::store::{unix_ms, BlobRef, Inode, Kind, Store, StoreError, Txn, ROOT_INO};
 
 pub type Errno = i32;
@@ -88,12 +88,17 @@ pub(crate) struct State {
     clean: HashMap<u64, u64>,
     pub(crate) stats: Stats,
     pub(crate) shutting_down: bool,
+    /// Blobs whose decoding failed and was logged in this mount: (ino, blob seq).
+    reported: std::collections::HashSet<(u64, u64)>,
 }
 
 pub struct Core {
     pub store: Store,
     pub opts: FsOptions,
-    pub engine: Arc<LocalPool>,
+    /// The coder's model, loaded on first use.
+    pub engine: Arc<LazyPool>,
+    /// Bytes of backing space that cache writes leave free (see `FsOptions::reserve`).
+    reserve: u64,
     state: Mutex<State>,
     /// Wakes the compressor (new due work, flush, shutdown).
     pub(crate) wake: Condvar,
@@ -113,13 +118,20 @@ impl Core {
     /// of the decompression channel for [`super::background::start`].
     pub fn new(
         store: Store,
-        engine: Arc<LocalPool>,
+        engine: Arc<LazyPool>,
         opts: FsOptions,
     ) -> Result<(Arc<Core>, crossbeam_channel::Receiver<u64>), StoreError> {
         let (tx, rx) = crossbeam_channel::unbounded();
+        let reserve = match opts.reserve {
+            Some(r) => r,
+            None => {
+                backing_space(store.backing()).map_or(0, |(total, _)| (total / 100).min(256 << 20))
+            }
+        };
         let core = Arc::new(Core {
             store,
             opts,
+            reserve,
             engine,
             state: Mutex::new(State {
                 live: HashMap::new(),
@@ -130,6 +142,7 @@ impl Core {
                 clean: HashMap::new(),
                 stats: Stats::default(),
                 shutting_down: false,
+                reported: Default::default(),
             }),
             wake: Condvar::new(),
             materialize_tx: tx,
@@ -811,6 +824,7 @@ impl Core {
         if !inode.cached {
             return Err(libc::ESTALE);
         }
+        self.check_space(data.len() as u64)?;
         let append = st.handles.get(&fh).is_some_and(|h| h.append);
         let offset = if append { inode.size } else { offset };
         let file = self.cache_file(&mut st, ino)?;
@@ -894,6 +908,9 @@ impl Core {
         if !inode.cached {
             return Err(libc::ESTALE);
         }
+        if mode & libc::FALLOC_FL_PUNCH_HOLE == 0 {
+            self.check_space(length)?;
+        }
         let file = self.cache_file(&mut st, ino)?;
         // SAFETY: a valid open fd; plain integer arguments.
         let r = unsafe {
@@ -941,6 +958,18 @@ impl Core {
 
     pub fn fsyncdir(&self) -> FsResult<()> {
         self.store.flush().map_err(store_err)
+    }
+
+    /// ENOSPC unless `extra` more bytes leave the reserve free on the backing disk.
+    fn check_space(&self, extra: u64) -> FsResult<()> {
+        if self.reserve == 0 {
+            return Ok(());
+        }
+        let (_, free) = backing_space(self.store.backing()).map_err(io_err)?;
+        if free < self.reserve.saturating_add(extra) {
+            return Err(libc::ENOSPC);
+        }
+        Ok(())
     }
 
     /// Total and free space of the backing filesystem, plus our inode count.
@@ -1345,6 +1374,11 @@ impl Core {
         self.enforce_cache_cap();
     }
 
+    /// True the first time decoding this blob fails in this mount (so it is logged once).
+    pub(crate) fn first_failure_of(&self, ino: u64, blob: BlobRef) -> bool {
+        self.lock().reported.insert((ino, blob.seq))
+    }
+
     /// One path of `ino` (for log lines), or `inode N` if it has none.
     pub fn describe(&self, ino: u64) -> String {
         let mut parts = Vec::new();
@@ -1391,6 +1425,19 @@ impl Core {
 
 /// Bytes the file occupies in the backing store: the blob once compressed, else the
 /// plaintext.
+/// (total, available to unprivileged users) bytes of the filesystem holding `path`.
+fn backing_space(path: &std::path::Path) -> std::io::Result<(u64, u64)> {
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
+    // SAFETY: zeroed statvfs is a valid out-parameter; c is NUL-terminated.
+    let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statvfs(c.as_ptr(), &mut s) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let frsize = s.f_frsize as u64;
+    Ok((s.f_blocks as u64 * frsize, s.f_bavail as u64 * frsize))
+}
+
 pub fn stored_size(inode: &Inode) -> u64 {
     match (inode.dirty, inode.blob) {
         (false, Some(b)) => b.stored_size,

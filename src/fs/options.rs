@@ -9,6 +9,10 @@ pub struct FsOptions {
     pub idle: Duration,
     /// Cap on clean plaintext copies in the cache (dirty ones are never evicted).
     pub cache_size: u64,
+    /// Free space on the backing filesystem that writes into the cache leave alone, so
+    /// compressions (which free space) and index updates can still commit on a full
+    /// disk. None: 1% of the backing filesystem, at most 256 MiB.
+    pub reserve: Option<u64>,
     pub workers: usize,
     /// Lanes (chunk streams) per worker context.
     pub batch: usize,
@@ -30,6 +34,7 @@ impl Default for FsOptions {
         FsOptions {
             idle: Duration::from_secs(30),
             cache_size: 1 << 30,
+            reserve: None,
             workers: crate::pool::default_workers(),
             batch: crate::pool::DEFAULT_LANES,
             chunk_size: crate::codec::DEFAULT_CHUNK_SIZE,
@@ -117,6 +122,7 @@ impl FsOptions {
             match key {
                 "idle" => self.idle = Duration::from_secs(number(value)?),
                 "cache_size" => self.cache_size = parse_size(need(value)?)?,
+                "reserve" => self.reserve = Some(parse_size(need(value)?)?),
                 "workers" => self.workers = (number(value)? as usize).max(1),
                 "batch" => self.batch = (number(value)? as usize).clamp(1, 256),
                 "chunk_size" => {
@@ -151,10 +157,11 @@ mod tests {
     #[test]
     fn parses_mount_options() {
         let mut o = FsOptions::default();
-        o.apply("rw,idle=0,cache_size=64M,workers=3,verify=none,nosuid,x-systemd.automount,backing=/srv/b")
+        o.apply("rw,idle=0,cache_size=64M,reserve=2M,workers=3,verify=none,nosuid,x-systemd.automount,backing=/srv/b")
             .unwrap();
         assert_eq!(o.idle, Duration::ZERO);
         assert_eq!(o.cache_size, 64 << 20);
+        assert_eq!(o.reserve, Some(2 << 20));
         assert_eq!(o.workers, 3);
         assert!(!o.verify);
         assert_eq!(o.kernel, vec!["nosuid".to_string()]);

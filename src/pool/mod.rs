@@ -136,3 +136,57 @@ impl Engine for LocalPool {
             .collect()
     }
 }
+
+/// A pool whose model is loaded on first use, not at mount: a volume whose model file is
+/// missing or broken still mounts and serves its plaintext and zstd-only files, and a
+/// later attempt succeeds once the file is back. Once loaded, the model stays in memory.
+pub struct LazyPool {
+    path: std::path::PathBuf,
+    workers: usize,
+    lanes: usize,
+    loaded: Mutex<Option<std::sync::Arc<LocalPool>>>,
+}
+
+impl LazyPool {
+    pub fn new(path: std::path::PathBuf, workers: usize, lanes: usize) -> LazyPool {
+        LazyPool {
+            path,
+            workers,
+            lanes,
+            loaded: Mutex::new(None),
+        }
+    }
+
+    /// An already-loaded pool (tests, and callers that loaded the model themselves).
+    pub fn with(pool: LocalPool) -> LazyPool {
+        LazyPool {
+            path: pool.runtime.path.clone(),
+            workers: pool.workers,
+            lanes: pool.lanes,
+            loaded: Mutex::new(Some(std::sync::Arc::new(pool))),
+        }
+    }
+
+    pub fn path(&self) -> &std::path::Path {
+        &self.path
+    }
+
+    /// The loaded pool, loading the model now if this is the first use (or every
+    /// earlier attempt failed).
+    pub fn get(&self) -> Result<std::sync::Arc<LocalPool>, ModelError> {
+        let mut slot = self.loaded.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(p) = slot.as_ref() {
+            return Ok(p.clone());
+        }
+        let runtime = ModelRuntime::load(&self.path)?;
+        log::info!(
+            "model {} loaded ({}), backend {}",
+            self.path.display(),
+            crate::codec::hex(&runtime.fingerprint[..8]),
+            runtime.backend_tag
+        );
+        let pool = std::sync::Arc::new(LocalPool::new(runtime, self.workers, self.lanes));
+        *slot = Some(pool.clone());
+        Ok(pool)
+    }
+}

@@ -11,6 +11,7 @@
 //! Multi-key changes go through one `sled::Batch`, so each is atomic across a crash;
 //! `commit(.., durable=true)` also flushes sled (its own flush is lazy, every 500 ms).
 
+pub mod fsck;
 pub mod record;
 
 use std::fs::File;

@@ -1,6 +1,8 @@
 //! Shared helpers for integration tests: the real model, real text.
 #![allow(dead_code)]
 
+pub mod mount;
+
 use std::sync::{Mutex, MutexGuard, OnceLock};
 
 use nacrithfs::model::{find_model, ModelRuntime};

@@ -1,0 +1,669 @@
+//! `nacrithfs fsck`: check that the index, the blobs and the plaintext cache agree, and
+//! with `repair` fix what can be fixed without losing data. Nothing is ever deleted that
+//! could hold user data: unreferenced blobs and cache files move to `lost+found/` in the
+//! backing directory, and inodes no directory names are linked into `/lost+found`.
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::time::SystemTime;
+
+use super::record::{self, Inode, Kind};
+use super::{
+    dirent_key, ino_from, inode_key, queue_key, unix_ms, xattr_key, Result, Store, StoreError, Txn,
+    NEXT_BLOB_KEY, NEXT_INO_KEY, ROOT_INO,
+};
+use crate::codec::container::Header;
+use crate::codec::{self, DecompressOptions, Engine};
+
+/// Where repair puts files nothing refers to, inside the backing directory.
+pub const LOST_FOUND: &str = "lost+found";
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Finding {
+    /// A stable short name (orphan-blob, missing-blob, ...), for scripts and tests.
+    pub code: &'static str,
+    pub detail: String,
+    /// What repair did, or None if it was not asked to or cannot fix this.
+    pub repaired: Option<String>,
+    /// Whether `--repair` knows a lossless fix.
+    pub fixable: bool,
+}
+
+#[derive(Debug, Default)]
+pub struct Report {
+    pub findings: Vec<Finding>,
+    pub inodes: u64,
+    pub files: u64,
+    pub blobs_checked: u64,
+    pub blobs_decoded: u64,
+}
+
+impl Report {
+    pub fn unresolved(&self) -> usize {
+        self.findings
+            .iter()
+            .filter(|f| f.repaired.is_none())
+            .count()
+    }
+
+    /// e2fsck's convention: 0 clean, 1 problems found and all repaired, 4 some remain.
+    pub fn exit_code(&self) -> i32 {
+        if self.findings.is_empty() {
+            0
+        } else if self.unresolved() == 0 {
+            1
+        } else {
+            4
+        }
+    }
+}
+
+pub struct FsckOptions<'a> {
+    pub repair: bool,
+    /// Decode LLM blobs completely (needs the model); zstd-only blobs are always decoded.
+    pub engine: Option<&'a dyn Engine>,
+}
+
+struct Checker<'a> {
+    store: &'a Store,
+    opts: FsckOptions<'a>,
+    report: Report,
+    txn: Txn,
+    /// Unusable blobs the repaired index no longer refers to.
+    rescue_after_commit: Vec<PathBuf>,
+}
+
+impl Checker<'_> {
+    fn found(&mut self, code: &'static str, detail: String, fix: Option<String>) {
+        let fixable = fix.is_some();
+        let repaired = fix.filter(|_| self.opts.repair);
+        self.report.findings.push(Finding {
+            code,
+            detail,
+            repaired,
+            fixable,
+        });
+    }
+
+    fn lost_found_dir(&self) -> Result<PathBuf> {
+        let d = self.store.backing().join(LOST_FOUND);
+        std::fs::create_dir_all(&d)?;
+        Ok(d)
+    }
+
+    /// Move an unreferenced file out of the store's way (repair only).
+    fn rescue(&self, path: &Path) -> Result<String> {
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let dir = self.lost_found_dir()?;
+        let parent = path
+            .parent()
+            .and_then(|p| p.file_name())
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let mut target = dir.join(format!("{parent}-{name}"));
+        let mut n = 1;
+        while target.exists() {
+            target = dir.join(format!("{parent}-{name}.{n}"));
+            n += 1;
+        }
+        std::fs::rename(path, &target)?;
+        Ok(format!("moved to {}", target.display()))
+    }
+}
+
+/// Check (and optionally repair) an unmounted backing directory.
+pub fn fsck(backing: &Path, opts: FsckOptions<'_>) -> Result<Report> {
+    let store = Store::open_existing(backing)?;
+    let mut c = Checker {
+        store: &store,
+        opts,
+        report: Report::default(),
+        txn: Txn::default(),
+        rescue_after_commit: Vec::new(),
+    };
+    let inodes = read_inodes(&mut c)?;
+    let names = check_dirents(&mut c, &inodes)?;
+    check_links(&mut c, &inodes, &names)?;
+    let referenced = check_files(&mut c, &inodes)?;
+    check_queue_and_xattrs(&mut c, &inodes)?;
+    check_counters(&mut c, &inodes)?;
+    let txn = std::mem::take(&mut c.txn);
+    if c.opts.repair {
+        store.commit(txn, true)?;
+        for path in std::mem::take(&mut c.rescue_after_commit) {
+            c.rescue(&path)?;
+        }
+    }
+    // Files are moved only after the index no longer needs them.
+    check_directories(&mut c, &referenced)?;
+    Ok(c.report)
+}
+
+fn read_inodes(c: &mut Checker) -> Result<HashMap<u64, Inode>> {
+    let mut inodes = HashMap::new();
+    let mut bad = Vec::new();
+    for r in c.store.db.scan_prefix(b"i") {
+        let (k, v) = r?;
+        match (ino_from(&k), Inode::decode(&v)) {
+            (Some(ino), Ok(i)) => {
+                inodes.insert(ino, i);
+            }
+            (ino, Err(why)) => bad.push((ino, why)),
+            (None, Ok(_)) => bad.push((None, "short key".into())),
+        }
+    }
+    for (ino, why) in bad {
+        let what = ino.map_or("an inode record".to_string(), |i| format!("inode {i}"));
+        c.found(
+            "bad-inode-record",
+            format!("{what} cannot be decoded: {why}"),
+            None,
+        );
+    }
+    c.report.inodes = inodes.len() as u64;
+    match inodes.get(&ROOT_INO) {
+        Some(r) if r.kind == Kind::Dir => {}
+        Some(_) => c.found("bad-root", "the root inode is not a directory".into(), None),
+        None => c.found("bad-root", "the root inode is missing".into(), None),
+    }
+    Ok(inodes)
+}
+
+/// Per inode, the (parent directory, name) pairs that name it.
+type Names = HashMap<u64, Vec<(u64, Vec<u8>)>>;
+
+/// Every dirent points at a live inode of the kind it says, under a directory.
+/// Returns, per inode, the (parent, name) pairs that name it.
+fn check_dirents(c: &mut Checker, inodes: &HashMap<u64, Inode>) -> Result<Names> {
+    let mut names = Names::new();
+    let entries: Vec<_> = c
+        .store
+        .db
+        .scan_prefix(b"d")
+        .map(|r| r.map(|(k, v)| (k.to_vec(), v.to_vec())))
+        .collect::<std::result::Result<_, _>>()?;
+    for (k, v) in entries {
+        let parent = ino_from(&k).unwrap_or(0);
+        let name = k.get(9..).unwrap_or(&[]).to_vec();
+        let shown = format!("{:?} in directory {parent}", String::from_utf8_lossy(&name));
+        let Some((child, kind)) = record::decode_dirent(&v) else {
+            c.found(
+                "bad-dirent",
+                format!("entry {shown} cannot be decoded"),
+                Some("removed the entry".into()),
+            );
+            c.txn.batch.remove(k);
+            continue;
+        };
+        if !inodes.get(&parent).is_some_and(|p| p.kind == Kind::Dir) {
+            c.found(
+                "dangling-dirent",
+                format!("entry {shown}: the directory does not exist"),
+                Some("removed the entry".into()),
+            );
+            c.txn.batch.remove(k);
+            continue;
+        }
+        let Some(target) = inodes.get(&child) else {
+            c.found(
+                "dangling-dirent",
+                format!("entry {shown} points at inode {child}, which does not exist"),
+                Some("removed the entry".into()),
+            );
+            c.txn.batch.remove(k);
+            continue;
+        };
+        if target.kind != kind {
+            c.found(
+                "dirent-kind",
+                format!(
+                    "entry {shown} says {kind:?} but inode {child} is {:?}",
+                    target.kind
+                ),
+                Some("rewrote the entry's kind".into()),
+            );
+            c.txn.put_dirent(parent, &name, child, target.kind);
+        }
+        names.entry(child).or_default().push((parent, name));
+    }
+    Ok(names)
+}
+
+/// Link counts match the names; live inodes nothing names go to /lost+found.
+fn check_links(c: &mut Checker, inodes: &HashMap<u64, Inode>, names: &Names) -> Result<()> {
+    let mut subdirs: HashMap<u64, u32> = HashMap::new();
+    for (ino, ns) in names {
+        if inodes.get(ino).is_some_and(|i| i.kind == Kind::Dir) {
+            for (parent, _) in ns {
+                *subdirs.entry(*parent).or_default() += 1;
+            }
+        }
+    }
+    let mut lost_found: Option<u64> = None;
+    let mut sorted: Vec<_> = inodes.iter().collect();
+    sorted.sort_by_key(|(ino, _)| **ino);
+    for (&ino, inode) in sorted {
+        let named = names.get(&ino).map_or(0, |v| v.len() as u32);
+        if ino != ROOT_INO && named == 0 {
+            if inode.nlink == 0 {
+                // Unlinked while open when the daemon stopped: the next mount deletes it.
+                continue;
+            }
+            let fix = format!("linked as /{LOST_FOUND}/#{ino}");
+            c.found(
+                "orphan-inode",
+                format!(
+                    "inode {ino} ({:?}, {} bytes) has no name",
+                    inode.kind, inode.size
+                ),
+                Some(fix),
+            );
+            if c.opts.repair {
+                let lf = match lost_found {
+                    Some(lf) => lf,
+                    None => {
+                        let lf = lost_found_inode(c, inodes)?;
+                        lost_found = Some(lf);
+                        lf
+                    }
+                };
+                let mut fixed = inode.clone();
+                fixed.nlink = if inode.kind == Kind::Dir {
+                    2 + subdirs.get(&ino).copied().unwrap_or(0)
+                } else {
+                    1
+                };
+                c.txn.put_inode(ino, &fixed);
+                c.txn
+                    .put_dirent(lf, format!("#{ino}").as_bytes(), ino, inode.kind);
+                if inode.kind == Kind::Dir {
+                    *subdirs.entry(lf).or_default() += 1;
+                }
+            }
+            continue;
+        }
+        let want = if inode.kind == Kind::Dir {
+            2 + subdirs.get(&ino).copied().unwrap_or(0)
+        } else {
+            named
+        };
+        if inode.nlink != want && Some(ino) != lost_found {
+            c.found(
+                "link-count",
+                format!(
+                    "inode {ino} has link count {} but {want} names",
+                    inode.nlink
+                ),
+                Some(format!("set to {want}")),
+            );
+            let mut fixed = inode.clone();
+            fixed.nlink = want;
+            c.txn.put_inode(ino, &fixed);
+        }
+    }
+    if let Some(lf) = lost_found {
+        // Its own record was written by lost_found_inode; fix its count for what moved in.
+        if let Some(mut i) = c.store.get(lf)? {
+            i.nlink = 2 + subdirs.get(&lf).copied().unwrap_or(0);
+            c.txn.put_inode(lf, &i);
+        }
+    }
+    Ok(())
+}
+
+/// The inode of /lost+found, created (and committed) if needed.
+fn lost_found_inode(c: &mut Checker, inodes: &HashMap<u64, Inode>) -> Result<u64> {
+    if let Some((ino, Kind::Dir)) = c.store.lookup(ROOT_INO, LOST_FOUND.as_bytes())? {
+        return Ok(ino);
+    }
+    let mut txn = Txn::default();
+    let ino = c.store.alloc_ino(&mut txn);
+    let dir = Inode::new(Kind::Dir, 0o700, 0, 0, SystemTime::now());
+    txn.put_inode(ino, &dir);
+    txn.put_dirent(ROOT_INO, LOST_FOUND.as_bytes(), ino, Kind::Dir);
+    if let Some(mut root) = inodes.get(&ROOT_INO).cloned() {
+        root.nlink += 1;
+        txn.put_inode(ROOT_INO, &root);
+    }
+    c.store.commit(txn, true)?;
+    Ok(ino)
+}
+
+/// Each regular file has its content somewhere, and what it names is sound.
+/// Returns the blob and cache files the index refers to.
+fn check_files(c: &mut Checker, inodes: &HashMap<u64, Inode>) -> Result<HashSet<PathBuf>> {
+    let mut referenced = HashSet::new();
+    let queued: HashSet<u64> = c.store.queue()?.into_iter().map(|(i, _)| i).collect();
+    let mut sorted: Vec<_> = inodes
+        .iter()
+        .filter(|(_, i)| i.kind == Kind::File)
+        .collect();
+    sorted.sort_by_key(|(ino, _)| **ino);
+    for (&ino, inode) in sorted {
+        c.report.files += 1;
+        let mut fixed = inode.clone();
+        let cache = c.store.cache_path(ino);
+        let cache_len = std::fs::metadata(&cache).ok().map(|m| m.len());
+        let plaintext_ok = inode.cached && cache_len == Some(inode.size);
+        if inode.cached && cache_len.is_some() {
+            referenced.insert(cache.clone());
+        }
+        let mut blob_ok = false;
+        let mut blob_reported = false;
+        if let Some(b) = inode.blob {
+            let path = c.store.blob_path(ino, b.seq);
+            match check_blob(c, inode, &path, b.stored_size) {
+                None => {
+                    blob_ok = true;
+                    referenced.insert(path);
+                }
+                Some((code, why)) => {
+                    blob_reported = true;
+                    let detail = format!("inode {ino}: blob {} {why}", path.display());
+                    // The blob is unusable; what repair can do depends on the plaintext.
+                    let fix = if inode.dirty && inode.cached && cache_len.is_some() {
+                        Some("dropped it: the plaintext is newer".to_string())
+                    } else if plaintext_ok {
+                        Some(
+                            "its plaintext copy is intact: marked dirty and queued for \
+                             compression; the blob goes to lost+found"
+                                .to_string(),
+                        )
+                    } else {
+                        None
+                    };
+                    if fix.is_some() {
+                        fixed.blob = None;
+                        fixed.dirty = true;
+                        if !queued.contains(&ino) {
+                            c.txn.enqueue(ino, unix_ms(SystemTime::now()));
+                        }
+                        if c.opts.repair && path.exists() {
+                            c.rescue_after_commit.push(path.clone());
+                        }
+                    }
+                    // Reported here, not again as an orphan. Without a fix it stays
+                    // referenced: nothing better exists (reads give EIO).
+                    referenced.insert(path);
+                    let detail = if fix.is_some() {
+                        detail
+                    } else {
+                        format!("{detail}; there is no plaintext copy: the content is lost")
+                    };
+                    c.found(code, detail, fix);
+                }
+            }
+        }
+        if inode.cached {
+            match (cache_len, inode.dirty) {
+                (Some(len), true) if len != inode.size => {
+                    c.found(
+                        "size-mismatch",
+                        format!(
+                            "inode {ino}: the index says {} bytes, its plaintext has {len}",
+                            inode.size
+                        ),
+                        Some(format!("size set to {len} (the plaintext is the truth)")),
+                    );
+                    fixed.size = len;
+                }
+                (Some(len), false) if len != inode.size => {
+                    let fix = blob_ok.then(|| "dropped the stale plaintext copy".to_string());
+                    c.found(
+                        "stale-cache",
+                        format!(
+                            "inode {ino}: its clean plaintext copy has {len} bytes, not {}",
+                            inode.size
+                        ),
+                        fix.clone(),
+                    );
+                    if fix.is_some() {
+                        fixed.cached = false;
+                        referenced.remove(&cache);
+                    }
+                }
+                (None, false) if blob_ok => {
+                    c.found(
+                        "missing-cache",
+                        format!("inode {ino}: marked cached but its plaintext copy is gone"),
+                        Some("marked not cached (the blob has the content)".into()),
+                    );
+                    fixed.cached = false;
+                }
+                (None, _) if !blob_reported => c.found(
+                    "lost-content",
+                    format!(
+                        "inode {ino}: its plaintext {} is missing and there is no good blob: \
+                         the content is lost",
+                        cache.display()
+                    ),
+                    None,
+                ),
+                _ => {}
+            }
+        } else if inode.blob.is_none() {
+            c.found(
+                "lost-content",
+                format!("inode {ino}: no plaintext copy and no blob: the content is lost"),
+                None,
+            );
+        }
+        if fixed.dirty && !queued.contains(&ino) && !(blob_reported && fixed.blob.is_none()) {
+            c.found(
+                "not-queued",
+                format!("inode {ino} has uncompressed changes but is not queued"),
+                Some("queued for compression".into()),
+            );
+            c.txn.enqueue(ino, unix_ms(SystemTime::now()));
+        }
+        if fixed != *inode {
+            c.txn.put_inode(ino, &fixed);
+        }
+    }
+    Ok(referenced)
+}
+
+/// None if the blob exists, has the recorded size, a sound header for this file's size,
+/// and (zstd-only, or with an engine) decodes to bytes matching its checksums; else a
+/// finding code and what is wrong.
+fn check_blob(
+    c: &mut Checker,
+    inode: &Inode,
+    path: &Path,
+    stored: u64,
+) -> Option<(&'static str, String)> {
+    c.report.blobs_checked += 1;
+    let data = match std::fs::read(path) {
+        Ok(d) => d,
+        Err(e) => return Some(("missing-blob", format!("cannot be read: {e}"))),
+    };
+    let why = if data.len() as u64 != stored {
+        format!("has {} bytes, the index says {stored}", data.len())
+    } else {
+        match Header::parse(&data, Some(data.len() as u64)) {
+            Err(e) => e.to_string(),
+            Ok((h, _)) if h.original_len != inode.size => format!(
+                "decodes to {} bytes, the file has {}",
+                h.original_len, inode.size
+            ),
+            Ok((h, _)) => {
+                if h.has_llm_segments() && c.opts.engine.is_none() {
+                    return None; // header and sizes are sound; the payload needs --deep
+                }
+                c.report.blobs_decoded += 1;
+                let engine = c.opts.engine.filter(|_| h.has_llm_segments());
+                match codec::decompress(&data, engine, &DecompressOptions::default(), &|_| {}) {
+                    Ok(_) => return None,
+                    Err(e) => e.to_string(),
+                }
+            }
+        }
+    };
+    Some(("bad-blob", why))
+}
+
+fn check_queue_and_xattrs(c: &mut Checker, inodes: &HashMap<u64, Inode>) -> Result<()> {
+    for (ino, _) in c.store.queue()? {
+        if !inodes.get(&ino).is_some_and(|i| i.kind == Kind::File) {
+            c.found(
+                "stale-queue",
+                format!("the compression queue names inode {ino}, which is not a file"),
+                Some("removed from the queue".into()),
+            );
+            c.txn.batch.remove(&queue_key(ino)[..]);
+        }
+    }
+    let keys: Vec<_> = c
+        .store
+        .db
+        .scan_prefix(b"x")
+        .keys()
+        .collect::<std::result::Result<_, _>>()?;
+    for k in keys {
+        let ino = ino_from(&k).unwrap_or(0);
+        if !inodes.contains_key(&ino) {
+            let name = String::from_utf8_lossy(k.get(9..).unwrap_or(&[])).into_owned();
+            c.found(
+                "stale-xattr",
+                format!("xattr {name:?} belongs to inode {ino}, which does not exist"),
+                Some("removed".into()),
+            );
+            c.txn
+                .batch
+                .remove(xattr_key(ino, k.get(9..).unwrap_or(&[])));
+        }
+    }
+    Ok(())
+}
+
+/// The allocation counters are beyond every number in use (else a new file or blob
+/// would overwrite an old one).
+fn check_counters(c: &mut Checker, inodes: &HashMap<u64, Inode>) -> Result<()> {
+    let max_ino = inodes.keys().copied().max().unwrap_or(ROOT_INO);
+    let next_ino = c.store.next_ino.load(std::sync::atomic::Ordering::SeqCst);
+    if next_ino <= max_ino {
+        c.found(
+            "counter",
+            format!("next inode number {next_ino} is already in use (highest {max_ino})"),
+            Some(format!("set to {}", max_ino + 1)),
+        );
+        c.txn
+            .batch
+            .insert(NEXT_INO_KEY, &(max_ino + 1).to_le_bytes());
+    }
+    let mut max_seq = 0;
+    for e in std::fs::read_dir(c.store.blob_dir())?.flatten() {
+        if let Some((_, seq)) = parse_blob_name(&e.file_name().to_string_lossy()) {
+            max_seq = max_seq.max(seq);
+        }
+    }
+    for i in inodes.values() {
+        if let Some(b) = i.blob {
+            max_seq = max_seq.max(b.seq);
+        }
+    }
+    let next_blob = c.store.next_blob.load(std::sync::atomic::Ordering::SeqCst);
+    if next_blob <= max_seq {
+        c.found(
+            "counter",
+            format!("next blob number {next_blob} is already in use (highest {max_seq})"),
+            Some(format!("set to {}", max_seq + 1)),
+        );
+        c.txn
+            .batch
+            .insert(NEXT_BLOB_KEY, &(max_seq + 1).to_le_bytes());
+    }
+    Ok(())
+}
+
+fn parse_blob_name(name: &str) -> Option<(u64, u64)> {
+    let stem = name.strip_suffix(".nc06")?;
+    let (ino, seq) = stem.split_once('-')?;
+    Some((ino.parse().ok()?, seq.parse().ok()?))
+}
+
+/// Files in blobs/ and cache/ that the index does not refer to.
+fn check_directories(c: &mut Checker, referenced: &HashSet<PathBuf>) -> Result<()> {
+    for (dir, code) in [
+        (c.store.blob_dir(), "orphan-blob"),
+        (c.store.cache_dir(), "orphan-cache"),
+    ] {
+        let mut entries: Vec<PathBuf> = std::fs::read_dir(&dir)?
+            .map(|e| e.map(|e| e.path()))
+            .collect::<std::io::Result<_>>()?;
+        entries.sort();
+        for path in entries {
+            if referenced.contains(&path) {
+                continue;
+            }
+            let is_tmp = path.extension().is_some_and(|e| e == "tmp");
+            if is_tmp {
+                // Half-written by an interrupted compression or decompression: the
+                // index never pointed at it, and its source is still in place.
+                c.found(
+                    "leftover-temp",
+                    format!("{} was left by an interrupted write", path.display()),
+                    Some("removed".into()),
+                );
+                if c.opts.repair {
+                    std::fs::remove_file(&path)?;
+                }
+                continue;
+            }
+            c.found(
+                code,
+                format!("{} is not referenced by the index", path.display()),
+                Some(format!("moved to {LOST_FOUND}/")),
+            );
+            if c.opts.repair {
+                let what = c.rescue(&path)?;
+                if let Some(f) = c.report.findings.last_mut() {
+                    f.repaired = Some(what);
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+impl Store {
+    /// Open a backing directory that must already be one (fsck never initializes).
+    pub fn open_existing(backing: &Path) -> Result<Store> {
+        if !backing.join(super::FORMAT_MARKER).is_file() {
+            return Err(StoreError::Setup(format!(
+                "{} is not a nacrithfs backing directory (no {})",
+                backing.display(),
+                super::FORMAT_MARKER
+            )));
+        }
+        Store::open(backing)
+    }
+
+    /// Plant a raw index entry (fsck's tests build broken directories with it).
+    #[doc(hidden)]
+    pub fn raw_insert(&self, key: &[u8], value: &[u8]) -> Result<()> {
+        self.db.insert(key, value)?;
+        self.db.flush()?;
+        Ok(())
+    }
+
+    #[doc(hidden)]
+    pub fn raw_remove(&self, key: &[u8]) -> Result<()> {
+        self.db.remove(key)?;
+        self.db.flush()?;
+        Ok(())
+    }
+
+    #[doc(hidden)]
+    pub fn dirent_key(parent: u64, name: &[u8]) -> Vec<u8> {
+        dirent_key(parent, name)
+    }
+
+    #[doc(hidden)]
+    pub fn inode_key(ino: u64) -> Vec<u8> {
+        inode_key(ino).to_vec()
+    }
+}

@@ -1,0 +1,201 @@
+//! Mounting the real daemon in tests: a foreground `nacrithfs` per mount, admin commands,
+//! xattrs, durable writes.
+
+use std::ffi::CString;
+use std::fs::{self, File};
+use std::io::Write;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_nacrithfs");
+
+pub fn is_mounted(mnt: &Path) -> bool {
+    let mounts = fs::read_to_string("/proc/mounts").unwrap_or_default();
+    let needle = format!(" {} fuse.nacrithfs ", mnt.display());
+    mounts.contains(&needle)
+}
+
+/// A daemon serving BACKING at MNT in the foreground (so the test owns its pid).
+pub struct Daemon {
+    pub child: Child,
+    pub mnt: PathBuf,
+    pub log: PathBuf,
+}
+
+impl Daemon {
+    pub fn start(backing: &Path, mnt: &Path, opts: &str) -> Daemon {
+        fs::create_dir_all(mnt).expect("create mount point");
+        let log = backing.with_extension("daemon.log");
+        let logf = File::create(&log).expect("daemon log");
+        let child = Command::new(BIN)
+            .arg(backing)
+            .arg(mnt)
+            .arg("-f")
+            .args(["-o", opts])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(logf)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {BIN}: {e}"));
+        let mut d = Daemon {
+            child,
+            mnt: mnt.to_path_buf(),
+            log,
+        };
+        let start = Instant::now();
+        while !is_mounted(mnt) {
+            if let Ok(Some(status)) = d.child.try_wait() {
+                panic!(
+                    "nacrithfs exited ({status}) before mounting:\n{}",
+                    fs::read_to_string(&d.log).unwrap_or_default()
+                );
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(60),
+                "not mounted after 60 s:\n{}",
+                d.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        d
+    }
+
+    pub fn log_text(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn wait_exit(&mut self, why: &str) {
+        let start = Instant::now();
+        loop {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(60),
+                "daemon did not exit after {why}:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn unmount(mut self) {
+        let out = Command::new("umount")
+            .arg(&self.mnt)
+            .output()
+            .expect("umount");
+        assert!(
+            out.status.success(),
+            "umount: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        self.wait_exit("umount");
+        assert!(!is_mounted(&self.mnt));
+    }
+
+    /// kill -9, then clear the dead mount the way an admin would.
+    pub fn kill9(mut self) {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGKILL) };
+        let _ = self.child.wait();
+        let out = Command::new("umount")
+            .arg("-l")
+            .arg(&self.mnt)
+            .output()
+            .expect("umount -l");
+        assert!(
+            out.status.success(),
+            "umount -l: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if is_mounted(&self.mnt) {
+            let _ = Command::new("umount").arg("-l").arg(&self.mnt).status();
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn xattr(path: &Path, name: &str) -> String {
+    let p = CString::new(path.as_os_str().as_bytes()).expect("path");
+    let n = CString::new(name).expect("name");
+    let mut buf = vec![0u8; 4096];
+    // SAFETY: valid strings and buffer.
+    let r = unsafe { libc::getxattr(p.as_ptr(), n.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+    assert!(
+        r >= 0,
+        "getxattr {name} on {}: {}",
+        path.display(),
+        std::io::Error::last_os_error()
+    );
+    buf.truncate(r as usize);
+    String::from_utf8(buf).expect("utf-8 xattr")
+}
+
+pub fn admin(cmd: &str, mnt: &Path) -> Output {
+    let out = Command::new(BIN)
+        .arg(cmd)
+        .arg(mnt)
+        .output()
+        .expect("run nacrithfs");
+    assert!(
+        out.status.success(),
+        "nacrithfs {cmd} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+pub fn write_synced(path: &Path, data: &[u8]) {
+    let mut f = File::create(path).unwrap_or_else(|e| panic!("create {}: {e}", path.display()));
+    f.write_all(data).expect("write");
+    f.sync_all().expect("fsync file");
+    drop(f);
+    File::open(path.parent().expect("parent"))
+        .and_then(|d| d.sync_all())
+        .expect("fsync dir");
+}
+
+/// Run an admin command without asserting success.
+pub fn admin_raw(cmd: &str, mnt: &Path) -> Output {
+    Command::new(BIN)
+        .arg(cmd)
+        .arg(mnt)
+        .output()
+        .expect("run nacrithfs")
+}
+
+/// A status field of a mount, from `user.nacrith.status` on its root.
+pub fn status_field(mnt: &Path, key: &str) -> u64 {
+    let s = xattr(mnt, "user.nacrith.status");
+    s.lines()
+        .filter_map(|l| l.split_once('='))
+        .find(|(k, _)| *k == key)
+        .and_then(|(_, v)| v.parse::<f64>().ok())
+        .unwrap_or_else(|| panic!("status has no {key}:\n{s}")) as u64
+}
+
+/// Copy a directory tree (the committed fixtures are never mounted in place).
+pub fn copy_tree(from: &Path, to: &Path) {
+    let out = Command::new("cp")
+        .arg("-a")
+        .arg(from)
+        .arg(to)
+        .output()
+        .expect("cp");
+    assert!(
+        out.status.success(),
+        "cp -a {} {}: {}",
+        from.display(),
+        to.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

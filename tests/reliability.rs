@@ -1,0 +1,915 @@
+//! Reliability on real mounts with the real model: the committed format fixture, fsck on
+//! a deliberately broken backing directory, corrupt and truncated blobs, a missing model,
+//! a full backing disk, kill -9 rounds, and concurrent stress. Longer versions of the last
+//! two run from scripts/crash-test and scripts/stress.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::fs::{self, File, OpenOptions};
+use std::io::{ErrorKind, Write};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::mount::*;
+use nacrithfs::store::{Store, Txn};
+
+fn fixture_dir(version: u32) -> PathBuf {
+    PathBuf::from(format!(
+        "{}/tests/fixtures/format-v{version}",
+        env!("CARGO_MANIFEST_DIR")
+    ))
+}
+
+/// (path, sha256) from the fixture's manifest, written by scripts/make-format-fixture.
+fn fixture_manifest(version: u32) -> Vec<(String, String)> {
+    let path = format!(
+        "{}/tests/fixtures/format-v{version}.sha256",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    let text = fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+    text.lines()
+        .filter_map(|l| l.split_once("  "))
+        .map(|(h, p)| (p.trim_start_matches("./").to_string(), h.to_string()))
+        .collect()
+}
+
+fn sha256(path: &Path) -> Result<String, String> {
+    let out = Command::new("sha256sum")
+        .arg(path)
+        .output()
+        .map_err(|e| format!("sha256sum: {e}"))?;
+    if !out.status.success() {
+        return Err(String::from_utf8_lossy(&out.stderr).trim().to_string());
+    }
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_string())
+}
+
+fn check_manifest(mnt: &Path, manifest: &[(String, String)], skip: &[&str]) {
+    for (name, hash) in manifest {
+        if skip.contains(&name.as_str()) {
+            continue;
+        }
+        let got = sha256(&mnt.join(name)).unwrap_or_else(|e| panic!("reading {name}: {e}"));
+        assert_eq!(&got, hash, "{name}: content differs from the manifest");
+    }
+}
+
+/// A fresh copy of the format fixture at DIR/backing; returns (backing, mnt).
+fn fixture_copy(dir: &Path) -> (PathBuf, PathBuf) {
+    let backing = dir.join("backing");
+    copy_tree(&fixture_dir(1), &backing);
+    (backing, dir.join("mnt"))
+}
+
+fn fsck(args: &[&str], backing: &Path) -> (i32, String) {
+    let out = Command::new(BIN)
+        .arg("fsck")
+        .arg(backing)
+        .args(args)
+        .output()
+        .expect("run nacrithfs fsck");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.code().unwrap_or(-1), text)
+}
+
+fn read_err(path: &Path) -> std::io::Error {
+    match fs::read(path) {
+        Ok(d) => panic!(
+            "{} read {} bytes; expected an error",
+            path.display(),
+            d.len()
+        ),
+        Err(e) => e,
+    }
+}
+
+#[test]
+fn format_v1_fixture_mounts_and_reads_byte_exact() {
+    let _llm = common::llm_lock();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (backing, mnt) = fixture_copy(dir.path());
+    // fsck --deep decodes every blob, the LLM ones through the model.
+    let (code, out) = fsck(&["--deep"], &backing);
+    println!("{out}");
+    assert_eq!(code, 0, "fsck of the untouched fixture:\n{out}");
+    assert!(out.contains("6 blobs checked (6 decoded"), "{out}");
+
+    let d = Daemon::start(&backing, &mnt, "idle=3600");
+    let manifest = fixture_manifest(1);
+    assert_eq!(manifest.len(), 8);
+    check_manifest(&mnt, &manifest, &[]);
+    assert_eq!(
+        xattr(&mnt.join("books/en/gpl-head.txt"), "user.comment"),
+        "format fixture v1"
+    );
+    assert_eq!(
+        fs::read_link(mnt.join("link-to-head")).expect("readlink"),
+        Path::new("books/en/gpl-head.txt")
+    );
+    assert_eq!(
+        fs::metadata(mnt.join("data/random.bin"))
+            .expect("stat")
+            .nlink(),
+        2
+    );
+    let zeros = fs::metadata(mnt.join("data/zeros.bin")).expect("stat");
+    assert_eq!(zeros.permissions().mode() & 0o777, 0o640);
+    assert!(fs::metadata(mnt.join("empty-dir")).expect("stat").is_dir());
+    assert_eq!(xattr(&mnt.join("dirty.txt"), "user.nacrith.state"), "dirty");
+    assert_eq!(
+        xattr(&mnt.join("books/en/gpl-head.txt"), "user.nacrith.state"),
+        "compressed"
+    );
+    d.unmount();
+}
+
+#[test]
+fn fsck_finds_and_repairs_every_planted_defect() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (backing, mnt) = fixture_copy(dir.path());
+    let blobs = backing.join("blobs");
+    // Inode numbers of the fixture (scripts/make-format-fixture): 6 gpl-head.txt (LLM,
+    // evicted), 7 gpl-tail.txt (LLM, clean cached copy), 9 random.bin (+ hard link),
+    // 10 zeros.bin (evicted), 11 empty.
+    {
+        let store = Store::open_existing(&backing).expect("open fixture");
+        let lookup = |path: &[&str]| {
+            let mut ino = 1;
+            for p in path {
+                ino = store
+                    .lookup(ino, p.as_bytes())
+                    .expect("lookup")
+                    .unwrap_or_else(|| panic!("fixture has no {p}"))
+                    .0;
+            }
+            ino
+        };
+        assert_eq!(lookup(&["books", "en", "gpl-tail.txt"]), 7);
+        assert_eq!(lookup(&["data", "zeros.bin"]), 10);
+        assert_eq!(lookup(&["empty"]), 11);
+        // dangling dirent: a name for an inode that does not exist
+        let mut txn = Txn::default();
+        txn.put_dirent(1, b"ghost", 500, nacrithfs::store::Kind::File);
+        // orphan inode: /empty loses its only name
+        txn.del_dirent(1, b"empty");
+        // wrong link count
+        let mut random = store.get(9).expect("get").expect("inode 9");
+        random.nlink = 5;
+        txn.put_inode(9, &random);
+        // queue entry and xattr of an inode that does not exist
+        txn.enqueue(400, 1);
+        txn.put_xattr(400, b"user.stale", b"x");
+        store.commit(txn, true).expect("plant index defects");
+    }
+    // orphan blob (also above the blob counter), orphan cache file, leftover temp file
+    fs::copy(blobs.join("9-4.nc06"), blobs.join("99-999.nc06")).expect("orphan blob");
+    fs::write(backing.join("cache/77"), b"nobody's plaintext").expect("orphan cache");
+    fs::write(backing.join("cache/7.tmp"), b"half").expect("temp");
+    // missing blob of an evicted file: its content is gone
+    fs::remove_file(blobs.join("10-5.nc06")).expect("remove blob");
+    // corrupt header of a blob whose clean plaintext copy is still cached
+    let mut tail = fs::read(blobs.join("7-2.nc06")).expect("read blob");
+    tail[20] ^= 0xff;
+    fs::write(blobs.join("7-2.nc06"), &tail).expect("corrupt blob");
+
+    let expected = [
+        "dangling-dirent",
+        "orphan-inode",
+        "link-count",
+        "stale-queue",
+        "stale-xattr",
+        "orphan-blob",
+        "orphan-cache",
+        "leftover-temp",
+        "counter",
+        "missing-blob",
+        "bad-blob",
+    ];
+    let (code, out) = fsck(&[], &backing);
+    println!("{out}");
+    assert_eq!(code, 4, "problems found and not repaired:\n{out}");
+    for code in expected {
+        assert!(
+            out.lines().any(|l| l.starts_with(code)),
+            "fsck did not report {code}:\n{out}"
+        );
+    }
+    assert!(out.contains("11 problems, 0 repaired"), "{out}");
+
+    let (code, out) = fsck(&["--repair"], &backing);
+    println!("{out}");
+    // The content of zeros.bin is gone (its only copy was the deleted blob): reported,
+    // never "repaired" by inventing data.
+    assert_eq!(code, 4, "{out}");
+    assert!(out.contains("11 problems, 10 repaired"), "{out}");
+    let lf = backing.join("lost+found");
+    assert!(lf.join("blobs-99-999.nc06").is_file(), "orphan blob kept");
+    assert!(lf.join("blobs-7-2.nc06").is_file(), "bad blob kept");
+    assert_eq!(
+        fs::read(lf.join("cache-77")).expect("orphan cache kept"),
+        b"nobody's plaintext"
+    );
+
+    let (code, out) = fsck(&[], &backing);
+    println!("{out}");
+    assert_eq!(code, 4, "{out}");
+    assert!(out.contains("1 problems, 0 repaired"), "{out}");
+    assert!(out.contains("missing-blob"), "{out}");
+
+    let _llm = common::llm_lock();
+    let d = Daemon::start(&backing, &mnt, "idle=3600");
+    let manifest = fixture_manifest(1);
+    check_manifest(&mnt, &manifest, &["data/zeros.bin", "empty"]);
+    assert_eq!(
+        read_err(&mnt.join("data/zeros.bin")).raw_os_error(),
+        Some(libc::EIO)
+    );
+    let rescued = fs::read_dir(mnt.join("lost+found"))
+        .expect("/lost+found")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect::<Vec<_>>();
+    assert_eq!(rescued, vec!["#11".to_string()]);
+    assert_eq!(fs::read(mnt.join("lost+found/#11")).expect("read"), b"");
+    assert!(!mnt.join("ghost").exists());
+    assert_eq!(
+        fs::metadata(mnt.join("data/random.bin"))
+            .expect("stat")
+            .nlink(),
+        2
+    );
+    // The tail's plaintext is the truth again and compresses anew (fsck queued it due
+    // now, so it may already be under way).
+    let tail = mnt.join("books/en/gpl-tail.txt");
+    let state = xattr(&tail, "user.nacrith.state");
+    assert!(state == "dirty" || state == "compressing", "{state}");
+    admin("flush", &mnt);
+    assert_eq!(xattr(&tail, "user.nacrith.state"), "compressed");
+    admin("evict", &mnt);
+    check_manifest(&mnt, &manifest, &["data/zeros.bin", "empty"]);
+    d.unmount();
+}
+
+/// Flip a byte or cut a blob of the fixture; reading that file gives EIO and one log line
+/// naming it, the others read fine, the daemon stays up.
+#[test]
+fn corrupt_and_truncated_blobs_give_eio_and_one_log_line() {
+    let _llm = common::llm_lock();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (backing, mnt) = fixture_copy(dir.path());
+    let blobs = backing.join("blobs");
+    // gpl-head.txt: LLM payload, last byte flipped (found by the chunk checksum after
+    // decoding); zeros.bin: zstd blob cut short; random.bin: a payload byte flipped.
+    let p = blobs.join("6-1.nc06");
+    let mut b = fs::read(&p).expect("read");
+    let last = b.len() - 1;
+    b[last] ^= 0x5a;
+    fs::write(&p, &b).expect("write");
+    let p = blobs.join("10-5.nc06");
+    let b = fs::read(&p).expect("read");
+    fs::write(&p, &b[..b.len() - 10]).expect("truncate");
+    let p = blobs.join("9-4.nc06");
+    let mut b = fs::read(&p).expect("read");
+    let mid = b.len() - 100;
+    b[mid] ^= 1;
+    fs::write(&p, &b).expect("write");
+
+    let d = Daemon::start(&backing, &mnt, "idle=3600");
+    let bad = ["books/en/gpl-head.txt", "data/zeros.bin", "data/random.bin"];
+    for name in bad {
+        for _ in 0..3 {
+            let e = read_err(&mnt.join(name));
+            assert_eq!(e.raw_os_error(), Some(libc::EIO), "{name}: {e}");
+        }
+    }
+    let manifest = fixture_manifest(1);
+    check_manifest(
+        &mnt,
+        &manifest,
+        &[bad[0], bad[1], bad[2], "data/random-hardlink.bin"],
+    );
+    // Still serving: writes and a new compression work.
+    fs::write(mnt.join("after.txt"), b"the daemon is still up").expect("write");
+    admin("flush", &mnt);
+    let log = d.log_text();
+    // One line per bad blob, naming the file (random.bin may be named by its hard link).
+    for blob in ["6-1.nc06", "10-5.nc06", "9-4.nc06"] {
+        let lines: Vec<_> = log
+            .lines()
+            .filter(|l| l.contains("ERROR") && l.contains("cannot read /") && l.contains(blob))
+            .collect();
+        assert_eq!(lines.len(), 1, "{blob}: expected one log line, got:\n{log}");
+    }
+    assert!(
+        log.contains("cannot read /books/en/gpl-head.txt: "),
+        "{log}"
+    );
+    assert!(log.contains("cannot read /data/zeros.bin: "), "{log}");
+    println!(
+        "{}",
+        log.lines()
+            .filter(|l| l.contains("ERROR"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    d.unmount();
+}
+
+#[test]
+fn missing_or_broken_model_at_runtime_keeps_files_plaintext_and_serving() {
+    let _llm = common::llm_lock();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (backing, mnt) = fixture_copy(dir.path());
+    let real = nacrithfs::model::find_model(None)
+        .unwrap_or_else(|e| panic!("this test needs the real model: {e}"));
+    let model = dir.path().join("model.gguf");
+    fs::copy(&real, &model).expect("copy model");
+
+    // The model is checked at mount, loaded on first use; it disappears in between.
+    let d = Daemon::start(
+        &backing,
+        &mnt,
+        &format!("idle=3600,model={}", model.display()),
+    );
+    fs::remove_file(&model).expect("remove model");
+    let head = mnt.join("books/en/gpl-head.txt");
+    assert_eq!(read_err(&head).raw_os_error(), Some(libc::EIO));
+    // Blobs without LLM segments need no model.
+    let manifest = fixture_manifest(1);
+    check_manifest(
+        &mnt,
+        &manifest,
+        &[
+            "books/en/gpl-head.txt",
+            "books/en/gpl-tail.txt", // cached: readable, but keep the LLM ones apart
+            "data/hybrid.dat",
+        ],
+    );
+    let new = mnt.join("new.txt");
+    let text = common::english(300);
+    fs::write(&new, &text).expect("write");
+    let out = admin_raw("flush", &mnt);
+    assert!(!out.status.success(), "flush must report the failure");
+    println!("{}", String::from_utf8_lossy(&out.stderr));
+    for f in [&new, &mnt.join("dirty.txt")] {
+        assert_eq!(xattr(f, "user.nacrith.state"), "dirty");
+    }
+    assert_eq!(fs::read(&new).expect("read"), text);
+
+    // Present but not a GGUF: the same.
+    fs::write(&model, b"this is not a model").expect("garbage model");
+    assert!(!admin_raw("flush", &mnt).status.success());
+    assert_eq!(xattr(&new, "user.nacrith.state"), "dirty");
+    let log = d.log_text();
+    println!(
+        "{}",
+        log.lines()
+            .filter(|l| l.contains("ERROR"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    assert!(
+        log.contains("compressing /new.txt: the model is unavailable"),
+        "{log}"
+    );
+    assert!(log.contains("cannot read /books/en/gpl-head.txt"), "{log}");
+
+    // The model comes back: everything works without a remount.
+    fs::copy(&real, &model).expect("restore model");
+    check_manifest(&mnt, &manifest, &[]);
+    admin("flush", &mnt);
+    assert_eq!(xattr(&new, "user.nacrith.state"), "compressed");
+    admin("evict", &mnt);
+    assert_eq!(fs::read(&new).expect("read"), text);
+    check_manifest(&mnt, &manifest, &[]);
+    d.unmount();
+}
+
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    fn mount(path: &Path, size: &str) -> Tmpfs {
+        fs::create_dir_all(path).expect("mkdir");
+        let out = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(path)
+            .output()
+            .expect("mount tmpfs");
+        assert!(
+            out.status.success(),
+            "this test needs a small tmpfs (as root): {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Tmpfs(path.to_path_buf())
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// Write 64 KiB blocks to `path` until the disk is full; returns (bytes written, error).
+fn fill(path: &Path) -> (u64, std::io::Error) {
+    let mut f = File::create(path).unwrap_or_else(|e| panic!("create {}: {e}", path.display()));
+    let block = common::random_bytes(64 << 10, 99);
+    let mut n = 0u64;
+    loop {
+        if let Err(e) = f.write_all(&block).and_then(|_| f.sync_data()) {
+            return (n, e);
+        }
+        n += block.len() as u64;
+        assert!(n < 1 << 30, "the disk never filled");
+    }
+}
+
+#[test]
+fn full_backing_disk_gives_enospc_and_loses_nothing() {
+    let _llm = common::llm_lock();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let small = dir.path().join("small");
+    let _tmpfs = Tmpfs::mount(&small, "12m");
+    let (backing, mnt) = fixture_copy(&small);
+    let mnt = dir.path().join(mnt.file_name().expect("name"));
+    let d = Daemon::start(&backing, &mnt, "idle=3600,reserve=3M");
+    let manifest = fixture_manifest(1);
+
+    // Writes through the mount stop at the reserve with ENOSPC.
+    let (written, e) = fill(&mnt.join("fill"));
+    println!("wrote {written} bytes through the mount, then: {e}");
+    assert_eq!(e.raw_os_error(), Some(libc::ENOSPC), "{e}");
+    assert!(written > 4 << 20, "only {written} bytes fit");
+    check_manifest(&mnt, &manifest, &[]);
+
+    // Now fill the disk itself, from outside: a compression cannot write its blob.
+    let (outside, e) = fill(&small.join("outside"));
+    println!("then {outside} more bytes beside the backing directory: {e}");
+    let out = admin_raw("flush", &mnt);
+    assert!(
+        !out.status.success(),
+        "flush on a full disk must fail: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert_eq!(xattr(&mnt.join("dirty.txt"), "user.nacrith.state"), "dirty");
+    check_manifest(&mnt, &manifest, &[]);
+    let log = d.log_text();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("compressing /dirty.txt") && l.contains("No space left")),
+        "{log}"
+    );
+
+    // Space comes back: the same mount compresses and everything reads back.
+    fs::remove_file(small.join("outside")).expect("rm");
+    fs::remove_file(mnt.join("fill")).expect("rm");
+    admin("flush", &mnt);
+    assert_eq!(
+        xattr(&mnt.join("dirty.txt"), "user.nacrith.state"),
+        "compressed"
+    );
+    admin("evict", &mnt);
+    check_manifest(&mnt, &manifest, &[]);
+    d.unmount();
+    let d = Daemon::start(&backing, &mnt, "idle=3600");
+    check_manifest(&mnt, &manifest, &[]);
+    d.unmount();
+    let (code, out) = fsck(&[], &backing);
+    assert_eq!(code, 0, "{out}");
+}
+
+fn env_number(var: &str, default: u64) -> u64 {
+    std::env::var(var)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn fsync_dir(dir: &Path) -> std::io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+/// What the writer did: an operation on `name` began (its content is uncertain until the
+/// matching Done), or it finished durably with this full content.
+enum Event {
+    Begin(String),
+    Done(String, Vec<u8>),
+}
+
+/// Writes files durably until told to stop or until the mount dies under it.
+fn crash_writer(
+    mnt: PathBuf,
+    known: BTreeMap<String, Vec<u8>>,
+    seed: u64,
+    stop: Arc<AtomicBool>,
+    tx: std::sync::mpsc::Sender<Event>,
+) {
+    let text = common::english(30_000);
+    let mut rng = seed | 1;
+    let mut next = move || {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng
+    };
+    let mut known = known;
+    let mut n = 0;
+    while !stop.load(Ordering::Relaxed) && n < 40 {
+        n += 1;
+        let r = next();
+        let existing: Vec<String> = known.keys().cloned().collect();
+        let (name, content, append) = match r % 4 {
+            // new text, and new binary, files
+            0 | 1 => {
+                let name = format!("r{seed:x}-{n}.{}", if r % 4 == 0 { "txt" } else { "bin" });
+                let data = if r % 4 == 0 {
+                    let start = (next() % 25_000) as usize;
+                    text[start..start + 200 + (next() % 700) as usize].to_vec()
+                } else {
+                    common::random_bytes(1000 + (next() % 30_000) as usize, next())
+                };
+                (name, data, None)
+            }
+            // rewrite an existing file
+            2 if !existing.is_empty() => {
+                let name = existing[(next() as usize) % existing.len()].clone();
+                let data = common::random_bytes(500 + (next() % 5000) as usize, next());
+                (name, data, None)
+            }
+            // append to an existing file
+            _ if !existing.is_empty() => {
+                let name = existing[(next() as usize) % existing.len()].clone();
+                let extra = text[..100 + (next() % 300) as usize].to_vec();
+                let mut all = known[&name].clone();
+                all.extend_from_slice(&extra);
+                (name, all, Some(extra))
+            }
+            _ => continue,
+        };
+        if tx.send(Event::Begin(name.clone())).is_err() {
+            return;
+        }
+        let path = mnt.join(&name);
+        let result = (|| -> std::io::Result<()> {
+            let mut f = match &append {
+                Some(_) => OpenOptions::new().append(true).open(&path)?,
+                None => File::create(&path)?,
+            };
+            f.write_all(append.as_deref().unwrap_or(&content))?;
+            f.sync_all()?;
+            drop(f);
+            fsync_dir(&mnt)
+        })();
+        if result.is_err() {
+            return; // the daemon is gone: this file stays uncertain
+        }
+        known.insert(name.clone(), content.clone());
+        if tx.send(Event::Done(name, content)).is_err() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(30 + next() % 120));
+    }
+}
+
+/// Every manifest file reads back with its size and hash; returns how many.
+fn verify_manifest(mnt: &Path, manifest: &BTreeMap<String, Vec<u8>>, when: &str) -> usize {
+    for (name, data) in manifest {
+        let path = mnt.join(name);
+        let size = fs::metadata(&path)
+            .unwrap_or_else(|e| panic!("{when}: {name} is gone: {e}"))
+            .len();
+        assert_eq!(size, data.len() as u64, "{when}: {name} has the wrong size");
+        let got = fs::read(&path).unwrap_or_else(|e| panic!("{when}: reading {name}: {e}"));
+        assert!(
+            blake3::hash(&got) == blake3::hash(data),
+            "{when}: {name} differs from what was fsynced"
+        );
+    }
+    manifest.len()
+}
+
+/// kill -9 at random moments (mid-write, queued, mid-compression, right after a blob
+/// commit), remount, verify everything that was fsynced. NACRITHFS_CRASH_ROUNDS sets
+/// the number of rounds (scripts/crash-test runs 20).
+#[test]
+fn crash_consistency_kill9_rounds() {
+    let _llm = common::llm_lock();
+    let rounds = env_number("NACRITHFS_CRASH_ROUNDS", 3);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (backing, mnt) = (dir.path().join("backing"), dir.path().join("mnt"));
+    fs::create_dir(&backing).expect("backing");
+    // Outside the mount: what the writer has fsynced (name, size, hash per line).
+    let manifest_path = dir.path().join("manifest");
+    let mut manifest: BTreeMap<String, Vec<u8>> = BTreeMap::new();
+    let mut pending_total = 0;
+    for round in 0..rounds {
+        let d = Daemon::start(&backing, &mnt, "idle=0");
+        let verified = verify_manifest(&mnt, &manifest, &format!("round {round}"));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let writer = {
+            let (mnt, known, stop) = (mnt.clone(), manifest.clone(), stop.clone());
+            let seed = 0x9e37_79b9_7f4a_7c15u64.wrapping_mul(round + 1);
+            std::thread::spawn(move || crash_writer(mnt, known, seed, stop, tx))
+        };
+        let mode = round % 3;
+        let start = Instant::now();
+        let committed_before = status_field(&mnt, "compressed_since_mount");
+        let delay = Duration::from_millis(300 + (round * 7919) % 2200);
+        // Kill when the moment for this round's mode has come and work is pending.
+        let (queued, compressing) = loop {
+            let (q, c) = (
+                status_field(&mnt, "queued"),
+                status_field(&mnt, "compressing"),
+            );
+            let moment = match mode {
+                0 => start.elapsed() >= delay,
+                1 => c > 0,
+                _ => status_field(&mnt, "compressed_since_mount") > committed_before,
+            };
+            if moment && q + c > 0 {
+                break (q, c);
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(90),
+                "round {round}: nothing pending to kill (queued {q}, compressing {c})"
+            );
+            std::thread::sleep(Duration::from_millis(2));
+        };
+        d.kill9();
+        stop.store(true, Ordering::Relaxed);
+        let _ = writer.join();
+        let mut uncertain = std::collections::BTreeSet::new();
+        let mut written = 0;
+        for e in rx.try_iter() {
+            match e {
+                Event::Begin(n) => {
+                    uncertain.insert(n);
+                }
+                Event::Done(n, data) => {
+                    uncertain.remove(&n);
+                    manifest.insert(n, data);
+                    written += 1;
+                }
+            }
+        }
+        // An operation cut by the kill was never fsynced: no promise about that file.
+        for n in &uncertain {
+            manifest.remove(n);
+        }
+        let mut lines = String::new();
+        for (n, data) in &manifest {
+            lines.push_str(&format!("{n} {} {}\n", data.len(), blake3::hash(data)));
+        }
+        fs::write(&manifest_path, lines).expect("manifest");
+        pending_total += queued + compressing;
+        println!(
+            "round {round}: {verified} files verified after remount; {written} durable writes, \
+             killed ({}) with {queued} queued and {compressing} compressing, {} cut mid-write",
+            [
+                "random moment",
+                "mid-compression",
+                "right after a blob commit"
+            ][mode as usize],
+            uncertain.len()
+        );
+    }
+    let d = Daemon::start(&backing, &mnt, "idle=3600");
+    let n = verify_manifest(&mnt, &manifest, "after the last kill");
+    admin("flush", &mnt);
+    admin("evict", &mnt);
+    let after = verify_manifest(&mnt, &manifest, "after flush and evict (decompressed)");
+    let compressed = manifest
+        .keys()
+        .filter(|name| xattr(&mnt.join(name), "user.nacrith.state") == "compressed")
+        .count();
+    d.unmount();
+    let (code, out) = fsck(&[], &backing);
+    assert_eq!(code, 0, "fsck after {rounds} kill -9 rounds:\n{out}");
+    assert_eq!(compressed, manifest.len());
+    println!(
+        "{rounds} kill -9 rounds, {pending_total} pending compressions killed: {n} files verified \
+         after the last remount, {after} verified again through decompression ({compressed} \
+         compressed); fsck clean"
+    );
+}
+
+/// One stress worker: random writes, appends, truncates, renames, deletes and reads on
+/// its own files, checked against an in-memory reference after every step.
+fn stress_worker(mnt: PathBuf, id: u64, deadline: Instant) -> BTreeMap<String, Vec<u8>> {
+    let dir = mnt.join(format!("w{id}"));
+    fs::create_dir(&dir).expect("worker dir");
+    let text = common::english(20_000);
+    let mut rng = (id + 1).wrapping_mul(0x2545_f491_4f6c_dd1d);
+    let mut next = move |n: u64| {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng % n.max(1)
+    };
+    let mut reference: BTreeMap<String, Vec<u8>> = BTreeMap::new();
+    let mut ops = 0u64;
+    while Instant::now() < deadline {
+        ops += 1;
+        let name = format!("f{}", next(4));
+        let path = dir.join(&name);
+        let what = next(8);
+        let ctx = format!("worker {id} op {ops} ({what}) on {name}");
+        match (what, reference.contains_key(&name)) {
+            (0 | 1, _) | (_, false) => {
+                // (re)create: text or binary
+                let data = if next(2) == 0 {
+                    let s = next(15_000) as usize;
+                    text[s..s + 1 + next(900) as usize].to_vec()
+                } else {
+                    common::random_bytes(1 + next(20_000) as usize, next(u64::MAX))
+                };
+                fs::write(&path, &data).unwrap_or_else(|e| panic!("{ctx}: {e}"));
+                reference.insert(name, data);
+            }
+            (2, true) => {
+                // write at an offset (may extend, leaving a hole)
+                let cur = reference.get_mut(&name).expect("ref");
+                let off = next(cur.len() as u64 + 1000) as usize;
+                let s = next(15_000) as usize;
+                let data = &text[s..s + 1 + next(600) as usize];
+                let f = OpenOptions::new()
+                    .write(true)
+                    .open(&path)
+                    .unwrap_or_else(|e| panic!("{ctx}: {e}"));
+                std::os::unix::fs::FileExt::write_all_at(&f, data, off as u64)
+                    .unwrap_or_else(|e| panic!("{ctx}: {e}"));
+                if cur.len() < off + data.len() {
+                    cur.resize(off + data.len(), 0);
+                }
+                cur[off..off + data.len()].copy_from_slice(data);
+            }
+            (3, true) => {
+                let cur = reference.get_mut(&name).expect("ref");
+                let extra = common::random_bytes(1 + next(4000) as usize, next(u64::MAX));
+                let mut f = OpenOptions::new()
+                    .append(true)
+                    .open(&path)
+                    .unwrap_or_else(|e| panic!("{ctx}: {e}"));
+                f.write_all(&extra).unwrap_or_else(|e| panic!("{ctx}: {e}"));
+                cur.extend_from_slice(&extra);
+            }
+            (4, true) => {
+                let cur = reference.get_mut(&name).expect("ref");
+                let len = next(cur.len() as u64 * 2 + 1) as usize;
+                OpenOptions::new()
+                    .write(true)
+                    .open(&path)
+                    .and_then(|f| f.set_len(len as u64))
+                    .unwrap_or_else(|e| panic!("{ctx}: {e}"));
+                cur.resize(len, 0);
+            }
+            (5, true) => {
+                // rename, possibly over another of our files
+                let to = format!("f{}", next(4));
+                fs::rename(&path, dir.join(&to)).unwrap_or_else(|e| panic!("{ctx}: {e}"));
+                let data = reference.remove(&name).expect("ref");
+                reference.insert(to, data);
+            }
+            (6, true) if next(4) == 0 => {
+                fs::remove_file(&path).unwrap_or_else(|e| panic!("{ctx}: {e}"));
+                reference.remove(&name);
+            }
+            _ => {
+                let got = fs::read(&path).unwrap_or_else(|e| panic!("{ctx}: {e}"));
+                assert!(
+                    got == reference[&name],
+                    "{ctx}: read {} bytes that differ from the reference ({} bytes)",
+                    got.len(),
+                    reference[&name].len()
+                );
+            }
+        }
+        if next(10) == 0 {
+            std::thread::sleep(Duration::from_millis(next(300)));
+        }
+    }
+    println!("worker {id}: {ops} operations");
+    reference
+        .into_iter()
+        .map(|(n, d)| (format!("w{id}/{n}"), d))
+        .collect()
+}
+
+/// Concurrent writers, readers and renamers with compression, eviction and decompression
+/// running underneath; zero errors, zero differences from the reference, before and
+/// after a remount. NACRITHFS_STRESS_SECS sets the duration (scripts/stress runs longer).
+#[test]
+fn stress_concurrent_writers_readers_renamers() {
+    let _llm = common::llm_lock();
+    let secs = env_number("NACRITHFS_STRESS_SECS", 10);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (backing, mnt) = (dir.path().join("backing"), dir.path().join("mnt"));
+    fs::create_dir(&backing).expect("backing");
+    // idle=0 compresses as soon as a file is closed; a tiny cache forces evictions, so
+    // reads and writes keep decompressing what was just compressed.
+    let d = Daemon::start(&backing, &mnt, "idle=0,cache_size=32K");
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    let workers: Vec<_> = (0..3)
+        .map(|id| {
+            let mnt = mnt.clone();
+            std::thread::spawn(move || stress_worker(mnt, id, deadline))
+        })
+        .collect();
+    // A reader of everyone's files: contents are in flux, but reads must not fail
+    // (ENOENT from a concurrent rename or delete is fine).
+    let reader = {
+        let mnt = mnt.clone();
+        std::thread::spawn(move || {
+            let mut reads = 0;
+            while Instant::now() < deadline {
+                for w in 0..3 {
+                    for f in 0..5 {
+                        match fs::read(mnt.join(format!("w{w}/f{f}"))) {
+                            Ok(_) => reads += 1,
+                            Err(e) if e.kind() == ErrorKind::NotFound => {}
+                            Err(e) => panic!("reader: w{w}/f{f}: {e}"),
+                        }
+                    }
+                }
+                let _ = control_evict(&mnt);
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            reads
+        })
+    };
+    let mut reference = BTreeMap::new();
+    for w in workers {
+        match w.join() {
+            Ok(r) => reference.extend(r),
+            Err(p) => std::panic::resume_unwind(p),
+        }
+    }
+    let reads = reader
+        .join()
+        .unwrap_or_else(|p| std::panic::resume_unwind(p));
+    let compressed = status_field(&mnt, "compressed_since_mount");
+    let decompressed = status_field(&mnt, "decompressions");
+    let superseded = status_field(&mnt, "superseded");
+    let check = |when: &str| {
+        for (name, data) in &reference {
+            let got = fs::read(mnt.join(name)).unwrap_or_else(|e| panic!("{when}: {name}: {e}"));
+            assert!(got == *data, "{when}: {name} differs from the reference");
+        }
+    };
+    check("after the stress");
+    admin("flush", &mnt);
+    admin("evict", &mnt);
+    check("after flush and evict");
+    for key in ["failures", "verify_failures", "decompress_failures"] {
+        assert_eq!(status_field(&mnt, key), 0, "{key}:\n{}", d.log_text());
+    }
+    assert!(
+        !d.log_text().contains("ERROR"),
+        "errors logged:\n{}",
+        d.log_text()
+    );
+    d.unmount();
+    let d = Daemon::start(&backing, &mnt, "idle=3600");
+    check("after a remount");
+    d.unmount();
+    let (code, out) = fsck(&["--deep"], &backing);
+    assert_eq!(code, 0, "{out}");
+    println!(
+        "{secs} s, 3 writers + 1 reader: {} files match the reference; {reads} concurrent reads; \
+         {compressed} compressions committed, {superseded} superseded, {decompressed} \
+         decompressions during the run; 0 errors; fsck --deep clean",
+        reference.len()
+    );
+}
+
+fn control_evict(mnt: &Path) -> std::io::Result<()> {
+    let p = std::ffi::CString::new(mnt.as_os_str().as_encoded_bytes()).expect("path");
+    let v = b"evict";
+    // SAFETY: valid NUL-terminated strings and a value of the stated length.
+    let r = unsafe {
+        libc::setxattr(
+            p.as_ptr(),
+            c"user.nacrith.control".as_ptr(),
+            v.as_ptr().cast(),
+            v.len(),
+            0,
+        )
+    };
+    if r != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
