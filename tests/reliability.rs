@@ -700,7 +700,8 @@ fn crash_consistency_kill9_rounds() {
     assert_eq!(code, 0, "fsck after {rounds} kill -9 rounds:\n{out}");
     assert_eq!(compressed, manifest.len());
     println!(
-        "{rounds} kill -9 rounds, {pending_total} pending compressions killed: {n} files verified \
+        "{rounds} kill -9 rounds, each with work pending ({pending_total} files queued or compressing \
+         at the kills, summed): {n} files verified \
          after the last remount, {after} verified again through decompression ({compressed} \
          compressed); fsck clean"
     );

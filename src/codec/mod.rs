@@ -280,6 +280,32 @@ pub fn check_engine(
     Ok(params)
 }
 
+/// Append the zstd frame `stored` to `out`, refusing to produce more than `expected`
+/// bytes. Streams rather than allocating `expected` up front: the header's length is
+/// not trusted until the data proves it.
+fn zstd_into(stored: &[u8], expected: u64, out: &mut Vec<u8>) -> std::io::Result<()> {
+    use std::io::Read;
+    let start = out.len();
+    zstd::stream::read::Decoder::with_buffer(stored)?
+        .take(expected.saturating_add(1))
+        .read_to_end(out)?;
+    if (out.len() - start) as u64 != expected {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!(
+                "decodes to {}{} bytes, the header says {expected}",
+                out.len() - start,
+                if (out.len() - start) as u64 > expected {
+                    "+"
+                } else {
+                    ""
+                }
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// Decompress a whole blob, verifying every chunk and the whole-file checksum.
 pub fn decompress(
     blob: &[u8],
@@ -328,9 +354,8 @@ pub fn decompress(
         match seg.kind {
             SegmentKind::Stored => out.extend_from_slice(stored),
             SegmentKind::Zstd => {
-                let bytes = zstd::bulk::decompress(stored, seg.original_len as usize)
+                zstd_into(stored, seg.original_len, &mut out)
                     .map_err(|e| CodecError::Corrupt(format!("segment {si}: zstd: {e}")))?;
-                out.extend_from_slice(&bytes);
             }
             SegmentKind::Llm => {
                 let Some((engine, _)) = &llm_params else {

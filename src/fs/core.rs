@@ -1337,6 +1337,18 @@ impl Core {
     pub(crate) fn materialized(&self, ino: u64, blob: Option<BlobRef>, result: FsResult<()>) {
         let mut st = self.lock();
         let mut result = result;
+        if let (Err(_), Some(blob)) = (result, blob) {
+            // A failure on a blob the file no longer uses (truncated, rewritten meanwhile:
+            // open(O_TRUNC) reaches us as an open, which starts a decompression, and then a
+            // truncate, which drops the blob) is no failure: serve what is there now.
+            if let Ok(inode) = self.get(ino) {
+                if inode.cached {
+                    result = Ok(());
+                } else if inode.blob != Some(blob) {
+                    result = Err(libc::EAGAIN);
+                }
+            }
+        }
         if let (Ok(()), Some(blob)) = (result, blob) {
             result = (|| {
                 let mut inode = self.get(ino)?;
@@ -1374,9 +1386,14 @@ impl Core {
         self.enforce_cache_cap();
     }
 
-    /// True the first time decoding this blob fails in this mount (so it is logged once).
+    /// True the first time decoding this blob fails in this mount (so it is logged once),
+    /// and only while the file still depends on it.
     pub(crate) fn first_failure_of(&self, ino: u64, blob: BlobRef) -> bool {
-        self.lock().reported.insert((ino, blob.seq))
+        let mut st = self.lock();
+        let current = self
+            .get(ino)
+            .is_ok_and(|i| !i.cached && i.blob == Some(blob));
+        current && st.reported.insert((ino, blob.seq))
     }
 
     /// One path of `ino` (for log lines), or `inode N` if it has none.
