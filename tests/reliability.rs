@@ -600,13 +600,13 @@ fn verify_manifest(mnt: &Path, manifest: &BTreeMap<String, Vec<u8>>, when: &str)
     manifest.len()
 }
 
-/// kill -9 at random moments (mid-write, queued, mid-compression, right after a blob
-/// commit), remount, verify everything that was fsynced. NACRITHFS_CRASH_ROUNDS sets
+/// kill -9 at random moments (mid-write, queued, mid-compression, between a blob's
+/// durable write and its index commit, right after a commit), remount, verify everything that was fsynced. NACRITHFS_CRASH_ROUNDS sets
 /// the number of rounds (scripts/crash-test runs 20).
 #[test]
 fn crash_consistency_kill9_rounds() {
     let _llm = common::llm_lock();
-    let rounds = env_number("NACRITHFS_CRASH_ROUNDS", 3);
+    let rounds = env_number("NACRITHFS_CRASH_ROUNDS", 4);
     let dir = tempfile::tempdir().expect("tempdir");
     let (backing, mnt) = (dir.path().join("backing"), dir.path().join("mnt"));
     fs::create_dir(&backing).expect("backing");
@@ -615,7 +615,14 @@ fn crash_consistency_kill9_rounds() {
     let mut manifest: BTreeMap<String, Vec<u8>> = BTreeMap::new();
     let mut pending_total = 0;
     for round in 0..rounds {
-        let d = Daemon::start(&backing, &mnt, "idle=0");
+        let mode = round % 4;
+        // Mode 3 holds each blob between its durable write and its index commit.
+        let env: &[(&str, &str)] = if mode == 3 {
+            &[("NACRITHFS_FAULT_PAUSE_BEFORE_COMMIT_MS", "3000")]
+        } else {
+            &[]
+        };
+        let d = Daemon::start_env(&backing, &mnt, "idle=0", env);
         let verified = verify_manifest(&mnt, &manifest, &format!("round {round}"));
         let stop = Arc::new(AtomicBool::new(false));
         let (tx, rx) = std::sync::mpsc::channel();
@@ -624,7 +631,6 @@ fn crash_consistency_kill9_rounds() {
             let seed = 0x9e37_79b9_7f4a_7c15u64.wrapping_mul(round + 1);
             std::thread::spawn(move || crash_writer(mnt, known, seed, stop, tx))
         };
-        let mode = round % 3;
         let start = Instant::now();
         let committed_before = status_field(&mnt, "compressed_since_mount");
         let delay = Duration::from_millis(300 + (round * 7919) % 2200);
@@ -637,7 +643,8 @@ fn crash_consistency_kill9_rounds() {
             let moment = match mode {
                 0 => start.elapsed() >= delay,
                 1 => c > 0,
-                _ => status_field(&mnt, "compressed_since_mount") > committed_before,
+                2 => status_field(&mnt, "compressed_since_mount") > committed_before,
+                _ => d.log_text().contains("pausing 3000 ms before committing"),
             };
             if moment && q + c > 0 {
                 break (q, c);
@@ -681,7 +688,8 @@ fn crash_consistency_kill9_rounds() {
             [
                 "random moment",
                 "mid-compression",
-                "right after a blob commit"
+                "right after a blob commit",
+                "mid-commit: blob written, index not yet",
             ][mode as usize],
             uncertain.len()
         );

@@ -133,6 +133,7 @@ fn compress_one(core: &Core, ino: u64, version: u64) {
         let _ = std::fs::remove_file(&blob_path);
         return fail(format!("writing {}: {e}", blob_path.display()));
     }
+    pause_before_commit(&blob_path);
     let took = start.elapsed();
     match core.commit_blob(
         ino,
@@ -159,6 +160,25 @@ fn compress_one(core: &Core, ino: u64, version: u64) {
         }
     }
     core.enforce_cache_cap();
+}
+
+/// Fault injection for the crash test: with NACRITHFS_FAULT_PAUSE_BEFORE_COMMIT_MS set,
+/// wait that long between writing a blob durably and committing it to the index, so a
+/// kill lands exactly mid-commit. Never set in normal use.
+fn pause_before_commit(blob: &std::path::Path) {
+    static PAUSE: std::sync::OnceLock<Option<u64>> = std::sync::OnceLock::new();
+    let pause = PAUSE.get_or_init(|| {
+        std::env::var("NACRITHFS_FAULT_PAUSE_BEFORE_COMMIT_MS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+    });
+    if let Some(ms) = *pause {
+        log::warn!(
+            "fault injection: {} is written, pausing {ms} ms before committing it",
+            blob.display()
+        );
+        std::thread::sleep(Duration::from_millis(ms));
+    }
 }
 
 fn decompressor(core: &Core, rx: Receiver<u64>) {

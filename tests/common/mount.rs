@@ -26,6 +26,11 @@ pub struct Daemon {
 
 impl Daemon {
     pub fn start(backing: &Path, mnt: &Path, opts: &str) -> Daemon {
+        Daemon::start_env(backing, mnt, opts, &[])
+    }
+
+    /// The same, with extra environment for the daemon (fault-injection hooks).
+    pub fn start_env(backing: &Path, mnt: &Path, opts: &str, env: &[(&str, &str)]) -> Daemon {
         fs::create_dir_all(mnt).expect("create mount point");
         let log = backing.with_extension("daemon.log");
         let logf = File::create(&log).expect("daemon log");
@@ -34,6 +39,7 @@ impl Daemon {
             .arg(mnt)
             .arg("-f")
             .args(["-o", opts])
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(logf)
