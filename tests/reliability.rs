@@ -64,9 +64,23 @@ fn check_manifest(mnt: &Path, manifest: &[(String, String)], skip: &[&str]) {
 }
 
 /// A fresh copy of the format fixture at DIR/backing; returns (backing, mnt).
+///
+/// The fixture's queue holds dirty.txt with the wall-clock due time it was given when the
+/// fixture was made (an hour later). So that tests do not depend on today's date, the
+/// copy's queue entries are moved far into the future; a mount then caps them at its own
+/// `idle`, and dirty.txt stays dirty until a test flushes it.
 fn fixture_copy(dir: &Path) -> (PathBuf, PathBuf) {
     let backing = dir.join("backing");
     copy_tree(&fixture_dir(1), &backing);
+    let store = Store::open_existing(&backing).expect("open the fixture copy");
+    let mut txn = Txn::default();
+    let queue = store.queue().expect("fixture queue");
+    assert!(!queue.is_empty(), "the fixture has a queued dirty file");
+    for (ino, _) in queue {
+        txn.enqueue(ino, u64::MAX / 2);
+    }
+    store.commit(txn, true).expect("requeue");
+    drop(store);
     (backing, dir.join("mnt"))
 }
 
