@@ -224,3 +224,87 @@ fn chunk_coded_in_a_batch_decodes_alone_and_the_reverse() {
         "lone encode, batched decode differs"
     );
 }
+
+/// The shared pool that every file of a mount uses: chunks of different lengths join and
+/// leave one context's lanes mid-stream, and an urgent job (a reader's) pauses every
+/// other lane mid-stream until it is done. No stream's probabilities may change: the
+/// blob equals the one a single-lane pool makes, and every chunk decodes to its bytes.
+#[test]
+fn shared_pool_lanes_join_leave_and_pause_without_changing_any_stream() {
+    use nacrithfs::codec::lanes::{ChunkOutput, BACKGROUND, URGENT};
+    use nacrithfs::codec::{check_engine, chunk_bytes, chunk_job, Plan, RegionKind};
+    use nacrithfs::pool::{Done, Submit};
+    use std::sync::atomic::AtomicU8;
+    use std::sync::Arc;
+
+    let _g = llm_lock();
+    let path = pool().runtime.path.clone();
+    let load = || nacrithfs::model::ModelRuntime::load(&path).expect("load");
+    let one_lane = LocalPool::new(load(), 1, 1);
+    let shared = LocalPool::new(load(), 1, 3);
+    let data = english(6_000);
+    let opts = CompressOptions {
+        chunk_size: 1_200,
+        ..CompressOptions::default()
+    };
+    let alone = codec::compress(&data, Some(&one_lane as &dyn Engine), &opts, &|_| {})
+        .expect("compress alone");
+    let blob = codec::compress(&data, Some(&shared as &dyn Engine), &opts, &|_| {})
+        .expect("compress shared");
+    assert!(
+        alone == blob,
+        "the shared pool's blob differs from a lone stream's"
+    );
+
+    let plan = Plan::of(&blob).expect("plan");
+    let params =
+        check_engine(&plan.header, &shared, &DecompressOptions::default()).expect("engine");
+    assert!(plan.regions.len() >= 4, "{} chunks", plan.regions.len());
+    assert!(plan
+        .regions
+        .iter()
+        .all(|r| matches!(r.kind, RegionKind::Chunk { .. })));
+    let (tx, rx) = crossbeam_channel::unbounded::<Done>();
+    let submit = |tag: u64, region: usize, priority: u8| {
+        shared.submit(
+            &params,
+            Submit {
+                tag,
+                job: chunk_job(&blob, &plan.regions[region]),
+                priority: Arc::new(AtomicU8::new(priority)),
+                progress: None,
+                reply: tx.clone(),
+            },
+        )
+    };
+    for i in 0..plan.regions.len() {
+        submit(i as u64, i, BACKGROUND);
+    }
+    // Let the background lanes get going, then cut in.
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    let last = plan.regions.len() - 1;
+    submit(1000, last, URGENT);
+    let mut order = Vec::new();
+    for _ in 0..=plan.regions.len() {
+        let done = rx
+            .recv_timeout(std::time::Duration::from_secs(600))
+            .expect("a chunk job never finished");
+        let region = if done.tag == 1000 {
+            last
+        } else {
+            done.tag as usize
+        };
+        let Ok(ChunkOutput::Decoded(symbols)) = done.result else {
+            panic!("chunk {} failed", done.tag);
+        };
+        let r = &plan.regions[region];
+        let bytes = chunk_bytes(shared.tokenizer(), symbols, r)
+            .unwrap_or_else(|e| panic!("chunk {} (tag {}): {e}", region, done.tag));
+        assert!(
+            bytes[..] == data[r.out.start as usize..r.out.end as usize],
+            "chunk {region} decoded to different bytes"
+        );
+        order.push(done.tag);
+    }
+    println!("finish order (1000 = the urgent one): {order:?}");
+}

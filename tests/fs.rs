@@ -406,3 +406,70 @@ fn posix_behaviour() {
     assert!(!p("tmp").exists());
     d.unmount();
 }
+
+/// A read of a compressed file decodes only the chunks under it (plus a few read ahead)
+/// and is answered before the rest of the file is decoded; reading everything then
+/// installs the verified plaintext as the clean copy.
+#[test]
+fn a_read_decodes_only_the_chunks_it_covers() {
+    use std::os::unix::fs::FileExt;
+    use std::os::unix::io::AsRawFd;
+    let _llm = common::llm_lock();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (backing, mnt) = (dir.path().join("backing"), dir.path().join("mnt"));
+    fs::create_dir(&backing).expect("backing");
+    let d = Daemon::start(&backing, &mnt, "idle=3600,chunk_size=1024");
+    let text = common::english(16_000);
+    let path = mnt.join("book.txt");
+    fs::write(&path, &text).expect("write");
+    admin("flush", &mnt);
+    admin("evict", &mnt);
+    assert_eq!(xattr(&path, "user.nacrith.state"), "compressed");
+    assert_eq!(
+        status_field(&mnt, "cache_bytes"),
+        0,
+        "the file was not evicted"
+    );
+    let regions = status_field(&mnt, "regions_decoded");
+
+    // 100 bytes from the first page, read-ahead off: the kernel asks for that page only.
+    let f = File::open(&path).expect("open");
+    // SAFETY: a plain fadvise on a file descriptor this test owns.
+    let rc = unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_RANDOM) };
+    assert_eq!(rc, 0, "posix_fadvise");
+    let mut buf = [0u8; 100];
+    f.read_exact_at(&mut buf, 2000).expect("read");
+    assert_eq!(&buf[..], &text[2000..2100], "partial read differs");
+    let decoded = status_field(&mnt, "regions_decoded") - regions;
+    println!("one 4 KB page read: {decoded} of ~16 chunks decoded");
+    assert!(
+        decoded >= 4,
+        "the page spans at least 4 chunks, {decoded} decoded"
+    );
+    assert!(
+        decoded < 12,
+        "{decoded} chunks decoded for one page: not a partial read"
+    );
+    assert_eq!(
+        status_field(&mnt, "decompressions"),
+        0,
+        "the whole file was decoded for one page"
+    );
+    drop(f);
+
+    // The whole file: every chunk, verified, installed as the clean copy.
+    assert!(
+        fs::read(&path).expect("read all") == text,
+        "full read differs"
+    );
+    // The last read is answered as its chunks arrive; the whole-file check and the
+    // install follow.
+    let t = Instant::now();
+    while status_field(&mnt, "decompressions") == 0 && t.elapsed() < Duration::from_secs(60) {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(status_field(&mnt, "decompressions"), 1);
+    assert_eq!(status_field(&mnt, "cache_bytes"), text.len() as u64);
+    assert_eq!(status_field(&mnt, "decompress_failures"), 0);
+    d.unmount();
+}

@@ -13,7 +13,7 @@ use std::sync::OnceLock;
 
 use libfuzzer_sys::fuzz_target;
 use nacrithfs::codec::container::Header;
-use nacrithfs::codec::lanes::{run_lanes, ChunkJob, ChunkOutput, JobSource};
+use nacrithfs::codec::lanes::{run_lanes, ChunkJob, ChunkOutput, JobSource, Taken};
 use nacrithfs::codec::params::CoderParams;
 use nacrithfs::codec::tokenizer::TextTokenizer;
 use nacrithfs::codec::{decompress, DecompressOptions, Engine};
@@ -48,8 +48,8 @@ struct Jobs {
 }
 
 impl JobSource for Jobs {
-    fn next(&mut self, _block: bool) -> Option<(usize, ChunkJob)> {
-        self.jobs.next()
+    fn next(&mut self, _block: bool, _background_ok: bool) -> Option<Taken> {
+        self.jobs.next().map(|(id, job)| Taken::background(id, job))
     }
     fn finished(&mut self, id: usize, output: ChunkOutput) {
         self.out[id] = Some(output);
@@ -88,7 +88,7 @@ impl Engine for FuzzEngine {
             jobs: jobs.into_iter().enumerate().collect::<Vec<_>>().into_iter(),
             out: (0..n).map(|_| None).collect(),
         };
-        run_lanes(&mut lm, params, &self.rt.allowed, &mut src)?;
+        run_lanes(&mut lm, params, &self.rt.allowed, 4, &mut src)?;
         src.out
             .into_iter()
             .map(|o| o.ok_or_else(|| ModelError::Runtime("lost".into())))

@@ -246,24 +246,24 @@ fn admin(cmd: &str, mnt: &Path) -> Result<(), String> {
                 human(field(&s, "cache_bytes"))
             );
             let bytes_in = field(&s, "bytes_in");
+            let per_busy_second = |v: u64| if busy > 0.0 { v as f64 / busy } else { 0.0 };
             println!(
-                "workers       {} files compressed since mount, {} -> {}, {:.2} KB/s while busy",
+                "workers       {} files compressed since mount, {} -> {}, {:.2} KB/s, {:.0} tokens/s while busy ({} chunk jobs waiting)",
                 field(&s, "compressed_since_mount"),
                 human(bytes_in),
                 human(field(&s, "bytes_out")),
-                if busy > 0.0 {
-                    bytes_in as f64 / 1e3 / busy
-                } else {
-                    0.0
-                }
+                per_busy_second(bytes_in) / 1e3,
+                per_busy_second(field(&s, "symbols_coded")),
+                field(&s, "chunk_jobs_queued"),
             );
             println!(
                 "superseded    {} compressions dropped because the file changed meanwhile",
                 field(&s, "superseded")
             );
             println!(
-                "reads         {} files decompressed since mount",
-                field(&s, "decompressions")
+                "reads         {} files decompressed since mount ({} regions decoded for reads)",
+                field(&s, "decompressions"),
+                field(&s, "regions_decoded")
             );
             println!(
                 "errors        {} compression failures, {} verify failures, {} decompression failures",

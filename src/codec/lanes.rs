@@ -2,6 +2,9 @@
 //! symbol per stream per step, filling a lane with the next job as soon as one ends.
 //! Encoding and decoding run the same loop, so both sides make identical model calls.
 
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::Arc;
+
 use super::params::CoderParams;
 use super::predictor::ChunkModel;
 use super::range::{Decoder, Encoder};
@@ -30,8 +33,36 @@ enum Work {
     },
 }
 
+/// How urgently a job is wanted. A lane of a lower tier is not stepped while a lane of a
+/// higher tier is active in the same context (it keeps its state and resumes later:
+/// logits do not depend on which lanes share a step).
+pub const BACKGROUND: u8 = 0;
+/// Chunks just past what a reader asked for.
+pub const READ_AHEAD: u8 = 1;
+/// A reader is waiting on this chunk.
+pub const URGENT: u8 = 2;
+
+/// A job handed to a lane. `priority` may be raised by its owner while it runs.
+pub struct Taken {
+    pub id: usize,
+    pub job: ChunkJob,
+    pub priority: Arc<AtomicU8>,
+}
+
+impl Taken {
+    pub fn background(id: usize, job: ChunkJob) -> Taken {
+        Taken {
+            id,
+            job,
+            priority: Arc::new(AtomicU8::new(BACKGROUND)),
+        }
+    }
+}
+
 struct Lane<'a> {
     id: usize,
+    priority: Arc<AtomicU8>,
+    background: bool,
     model: ChunkModel<'a>,
     work: Work,
     done: usize,
@@ -46,18 +77,27 @@ impl Lane<'_> {
     }
 }
 
-/// Where jobs come from: `block` is true when every lane is idle (so waiting is fine).
+/// Where jobs come from: `block` is true when every lane is idle (so waiting is fine);
+/// `background_ok` is false when the lanes background jobs may use are all taken (the
+/// rest are kept for reads).
 pub trait JobSource {
-    fn next(&mut self, block: bool) -> Option<(usize, ChunkJob)>;
+    fn next(&mut self, block: bool, background_ok: bool) -> Option<Taken>;
     fn finished(&mut self, id: usize, output: ChunkOutput);
-    /// Called after every step with the number of symbols just coded.
-    fn progress(&mut self, _symbols: usize) {}
+    /// Called after every step for each job that just coded `symbols` symbols.
+    fn progress(&mut self, _id: usize, _symbols: usize) {}
+    /// Checked every step: true abandons the running jobs (run_lanes returns an error).
+    fn stop(&self) -> bool {
+        false
+    }
 }
 
+/// Run jobs from `source` until it has none left (it returns None while every lane is
+/// idle). At most `background_slots` lanes hold background jobs at once.
 pub fn run_lanes(
     lm: &mut dyn LanguageModel,
     params: &CoderParams,
     allowed: &[bool],
+    background_slots: usize,
     source: &mut dyn JobSource,
 ) -> Result<(), ModelError> {
     let n_lanes = lm.n_lanes();
@@ -74,7 +114,10 @@ pub fn run_lanes(
                 continue;
             }
             let all_idle = lanes.iter().all(|l| l.is_none());
-            let Some((id, job)) = source.next(all_idle) else {
+            let busy_background = lanes.iter().flatten().filter(|l| l.background).count();
+            let Some(Taken { id, job, priority }) =
+                source.next(all_idle, busy_background < background_slots)
+            else {
                 break;
             };
             let work = match job {
@@ -90,6 +133,8 @@ pub fn run_lanes(
             };
             let lane = Lane {
                 id,
+                background: priority.load(Ordering::Relaxed) == BACKGROUND,
+                priority,
                 model: ChunkModel::new(params, allowed),
                 work,
                 done: 0,
@@ -104,8 +149,19 @@ pub fn run_lanes(
         }
         feeds.clear();
         order.clear();
+        // Only the most urgent tier present advances: a reader's chunk runs at the speed
+        // of a single stream even when every other lane is busy with compression.
+        let tier = lanes
+            .iter()
+            .flatten()
+            .map(|l| l.priority.load(Ordering::Relaxed))
+            .max()
+            .unwrap_or(BACKGROUND);
         for (slot, lane) in lanes.iter().enumerate() {
-            if let Some(l) = lane {
+            if let Some(l) = lane
+                .as_ref()
+                .filter(|l| l.priority.load(Ordering::Relaxed) >= tier)
+            {
                 feeds.push(Feed {
                     lane: slot,
                     token: l.model.next_feed_token(),
@@ -113,6 +169,9 @@ pub fn run_lanes(
                 });
                 order.push(slot);
             }
+        }
+        if source.stop() {
+            return Err(ModelError::Runtime("the pool is shutting down".into()));
         }
         if feeds.is_empty() {
             log::debug!("lanes: {steps} steps, model {t_model:?}, coder {t_coder:?}");
@@ -147,6 +206,7 @@ pub fn run_lanes(
             };
             lane.model.update(sym);
             lane.done += 1;
+            source.progress(lane.id, 1);
             // A valid stream ends within a few bits of its data; reading far past it means
             // corruption. Stop early: the short output fails the chunk's length check.
             let overran = matches!(&lane.work, Work::Dec { dec, .. } if dec.overran());
@@ -157,7 +217,6 @@ pub fn run_lanes(
             }
         }
         t_coder += t1.elapsed();
-        source.progress(feeds.len());
     }
 }
 

@@ -306,6 +306,185 @@ fn zstd_into(stored: &[u8], expected: u64, out: &mut Vec<u8>) -> std::io::Result
     Ok(())
 }
 
+/// One independently decodable piece of a blob: a stored or zstd segment, or one chunk
+/// of an LLM segment. A read decodes only the regions that cover it.
+#[derive(Debug, Clone)]
+pub struct Region {
+    /// Where its bytes go in the original.
+    pub out: Range<u64>,
+    /// Where its coded bytes are in the blob.
+    pub stored: Range<usize>,
+    pub segment: usize,
+    pub kind: RegionKind,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum RegionKind {
+    Stored,
+    Zstd,
+    Chunk {
+        index: usize,
+        n_symbols: usize,
+        crc: u32,
+    },
+}
+
+/// A parsed blob: its header and its regions in file order.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    pub header: Header,
+    pub regions: Vec<Region>,
+}
+
+impl Plan {
+    /// Parse `blob`'s header (checked against the blob's length) and lay out its regions.
+    pub fn of(blob: &[u8]) -> Result<Plan, CodecError> {
+        let (header, header_len) = Header::parse(blob, Some(blob.len() as u64))?;
+        let mut regions = Vec::new();
+        let (mut stored, mut out) = (header_len, 0u64);
+        for (si, seg) in header.segments.iter().enumerate() {
+            match seg.kind {
+                SegmentKind::Stored | SegmentKind::Zstd => {
+                    let len = seg.stored_len as usize;
+                    regions.push(Region {
+                        out: out..out + seg.original_len,
+                        stored: stored..stored + len,
+                        segment: si,
+                        kind: if seg.kind == SegmentKind::Zstd {
+                            RegionKind::Zstd
+                        } else {
+                            RegionKind::Stored
+                        },
+                    });
+                    stored += len;
+                    out += seg.original_len;
+                }
+                SegmentKind::Llm => {
+                    for (ci, c) in seg.chunks.iter().enumerate() {
+                        let len = c.stored_len as usize;
+                        regions.push(Region {
+                            out: out..out + c.original_len as u64,
+                            stored: stored..stored + len,
+                            segment: si,
+                            kind: RegionKind::Chunk {
+                                index: ci,
+                                n_symbols: c.n_symbols as usize,
+                                crc: c.crc,
+                            },
+                        });
+                        stored += len;
+                        out += c.original_len as u64;
+                    }
+                }
+            }
+        }
+        Ok(Plan { header, regions })
+    }
+
+    /// The regions that hold bytes `range` of the original.
+    pub fn covering(&self, range: Range<u64>) -> Range<usize> {
+        let first = self.regions.partition_point(|r| r.out.end <= range.start);
+        let end = self.regions.partition_point(|r| r.out.start < range.end);
+        first..end.max(first)
+    }
+}
+
+/// Decode a stored or zstd region (no model needed), checked against its segment's CRC
+/// (such a region is a whole segment).
+pub fn decode_plain_region(
+    header: &Header,
+    blob: &[u8],
+    region: &Region,
+) -> Result<Vec<u8>, CodecError> {
+    let stored = &blob[region.stored.clone()];
+    let expected = region.out.end - region.out.start;
+    let mut out = Vec::new();
+    match region.kind {
+        RegionKind::Stored => out.extend_from_slice(stored),
+        RegionKind::Zstd => zstd_into(stored, expected, &mut out)
+            .map_err(|e| CodecError::Corrupt(format!("segment {}: zstd: {e}", region.segment)))?,
+        RegionKind::Chunk { .. } => {
+            return Err(CodecError::ModelNeeded(
+                "an LLM chunk cannot be decoded without the model".into(),
+            ))
+        }
+    }
+    let crc = header.segments.get(region.segment).map(|s| s.crc);
+    if crc != Some(crc32fast::hash(&out)) {
+        return Err(CodecError::Corrupt(format!(
+            "segment {}: checksum mismatch",
+            region.segment
+        )));
+    }
+    Ok(out)
+}
+
+/// The model job that decodes an LLM chunk region.
+pub fn chunk_job(blob: &[u8], region: &Region) -> ChunkJob {
+    let n_symbols = match region.kind {
+        RegionKind::Chunk { n_symbols, .. } => n_symbols,
+        _ => 0,
+    };
+    ChunkJob::Decode {
+        data: blob[region.stored.clone()].to_vec(),
+        n_symbols,
+    }
+}
+
+/// Turn a decoded chunk's symbols into its bytes, checking its length and CRC.
+pub fn chunk_bytes(
+    tok: &TextTokenizer,
+    symbols: Vec<Symbol>,
+    region: &Region,
+) -> Result<Vec<u8>, CodecError> {
+    let (ci, crc) = match region.kind {
+        RegionKind::Chunk { index, crc, .. } => (index, crc),
+        _ => return Err(CodecError::Corrupt("not an LLM chunk".into())),
+    };
+    let si = region.segment;
+    let len = (region.out.end - region.out.start) as usize;
+    let mut out = Vec::with_capacity(len);
+    for s in symbols {
+        if !tok.decode_into(s, &mut out) || out.len() > len {
+            return Err(CodecError::Corrupt(format!(
+                "segment {si} chunk {ci}: decoded stream is invalid (corrupt data, or logits differ from the encoder's)"
+            )));
+        }
+    }
+    if out.len() != len || crc32fast::hash(&out) != crc {
+        return Err(CodecError::Corrupt(format!(
+            "segment {si} chunk {ci}: checksum mismatch (corrupt data, or logits differ from the encoder's)"
+        )));
+    }
+    Ok(out)
+}
+
+/// The checks on a fully assembled original: every segment's CRC and the whole-file
+/// BLAKE3.
+pub fn verify_assembled(header: &Header, plain: &[u8]) -> Result<(), CodecError> {
+    if plain.len() as u64 != header.original_len {
+        return Err(CodecError::Corrupt(format!(
+            "decodes to {} bytes, the header says {}",
+            plain.len(),
+            header.original_len
+        )));
+    }
+    let mut at = 0usize;
+    for (si, seg) in header.segments.iter().enumerate() {
+        let got = &plain[at..at + seg.original_len as usize];
+        at += seg.original_len as usize;
+        if crc32fast::hash(got) != seg.crc {
+            return Err(CodecError::Corrupt(format!(
+                "segment {si}: checksum mismatch"
+            )));
+        }
+    }
+    if blake3::hash(plain).as_bytes() != &header.checksum {
+        return Err(CodecError::Corrupt("whole-file checksum mismatch".into()));
+    }
+    Ok(())
+}
+
 /// Decompress a whole blob, verifying every chunk and the whole-file checksum.
 pub fn decompress(
     blob: &[u8],
@@ -313,87 +492,57 @@ pub fn decompress(
     opts: &DecompressOptions,
     progress: &(dyn Fn(usize) + Sync),
 ) -> Result<Vec<u8>, CodecError> {
-    let (header, header_len) = Header::parse(blob, Some(blob.len() as u64))?;
-    let mut llm_params = None;
+    let plan = Plan::of(blob)?;
+    let header = &plan.header;
+    let mut llm = None;
     if header.has_llm_segments() {
         let engine = engine.ok_or_else(|| CodecError::ModelNeeded("no model loaded".into()))?;
-        llm_params = Some((engine, check_engine(&header, engine, opts)?));
+        llm = Some((engine, check_engine(header, engine, opts)?));
     }
+    let jobs: Vec<ChunkJob> = plan
+        .regions
+        .iter()
+        .filter(|r| matches!(r.kind, RegionKind::Chunk { .. }))
+        .map(|r| chunk_job(blob, r))
+        .collect();
+    let mut decoded = match (&llm, jobs.is_empty()) {
+        (Some((engine, params)), false) => engine.run(params, jobs, progress)?.into_iter(),
+        _ => Vec::new().into_iter(),
+    };
     // Never trust a claimed length for an up-front allocation beyond what can be real:
-    // grow as segments actually decode.
+    // grow as regions actually decode.
     let mut out = Vec::with_capacity(
         (header.original_len as usize)
             .min(blob.len().saturating_mul(64))
             .min(1 << 30),
     );
-    let mut jobs = Vec::new();
-    let mut offset = header_len;
-    for seg in &header.segments {
-        if seg.kind == SegmentKind::Llm {
-            for c in &seg.chunks {
-                let data = blob[offset..offset + c.stored_len as usize].to_vec();
-                offset += c.stored_len as usize;
-                jobs.push(ChunkJob::Decode {
-                    data,
-                    n_symbols: c.n_symbols as usize,
-                });
-            }
-        } else {
-            offset += seg.stored_len as usize;
-        }
-    }
-    let mut decoded = match (&llm_params, jobs.is_empty()) {
-        (Some((engine, params)), false) => engine.run(params, jobs, progress)?.into_iter(),
-        _ => Vec::new().into_iter(),
-    };
-    let mut offset = header_len;
-    for (si, seg) in header.segments.iter().enumerate() {
-        let stored = &blob[offset..offset + seg.stored_len as usize];
-        offset += seg.stored_len as usize;
-        let start = out.len();
-        match seg.kind {
-            SegmentKind::Stored => out.extend_from_slice(stored),
-            SegmentKind::Zstd => {
-                zstd_into(stored, seg.original_len, &mut out)
-                    .map_err(|e| CodecError::Corrupt(format!("segment {si}: zstd: {e}")))?;
-            }
-            SegmentKind::Llm => {
-                let Some((engine, _)) = &llm_params else {
+    for region in &plan.regions {
+        match region.kind {
+            RegionKind::Chunk { .. } => {
+                let Some((engine, _)) = &llm else {
                     return Err(CodecError::ModelNeeded("no model loaded".into()));
                 };
-                for (ci, c) in seg.chunks.iter().enumerate() {
-                    let Some(ChunkOutput::Decoded(symbols)) = decoded.next() else {
-                        return Err(CodecError::Corrupt("decoder lost a chunk".into()));
-                    };
-                    let chunk_start = out.len();
-                    let tok = engine.tokenizer();
-                    for s in symbols {
-                        if !tok.decode_into(s, &mut out)
-                            || out.len() - chunk_start > c.original_len as usize
-                        {
-                            return Err(CodecError::Corrupt(format!(
-                                "segment {si} chunk {ci}: decoded stream is invalid (corrupt data, or logits differ from the encoder's)"
-                            )));
-                        }
-                    }
-                    let got = &out[chunk_start..];
-                    if got.len() != c.original_len as usize || crc32fast::hash(got) != c.crc {
-                        return Err(CodecError::Corrupt(format!(
-                            "segment {si} chunk {ci}: checksum mismatch (corrupt data, or logits differ from the encoder's)"
-                        )));
-                    }
+                let Some(ChunkOutput::Decoded(symbols)) = decoded.next() else {
+                    return Err(CodecError::Corrupt("decoder lost a chunk".into()));
+                };
+                out.extend_from_slice(&chunk_bytes(engine.tokenizer(), symbols, region)?);
+            }
+            _ => {
+                let stored = &blob[region.stored.clone()];
+                match region.kind {
+                    RegionKind::Zstd => zstd_into(
+                        stored,
+                        region.out.end - region.out.start,
+                        &mut out,
+                    )
+                    .map_err(|e| {
+                        CodecError::Corrupt(format!("segment {}: zstd: {e}", region.segment))
+                    })?,
+                    _ => out.extend_from_slice(stored),
                 }
             }
         }
-        let got = &out[start..];
-        if got.len() as u64 != seg.original_len || crc32fast::hash(got) != seg.crc {
-            return Err(CodecError::Corrupt(format!(
-                "segment {si}: checksum mismatch"
-            )));
-        }
     }
-    if blake3::hash(&out).as_bytes() != &header.checksum {
-        return Err(CodecError::Corrupt("whole-file checksum mismatch".into()));
-    }
+    verify_assembled(header, &out)?;
     Ok(out)
 }

@@ -1,43 +1,92 @@
-//! The threads that do the slow work away from the FUSE threads: the compressor (takes
-//! due files from the persistent queue, compresses, verifies, commits the blob durably)
-//! and the decompressor (turns a blob back into a cached plaintext file, then answers
-//! every request that was waiting for it).
+//! The threads that do the slow work away from the FUSE threads: the compressors (take
+//! due files from the persistent queue, compress, verify, commit the blob durably; many
+//! at once, all feeding the one shared worker pool) and the decoder (turns blobs back
+//! into cached plaintext, only as far as readers need, and answers every request that
+//! was waiting for it).
 
-use std::io::Write;
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, RecvTimeoutError};
+use crossbeam_channel::{Receiver, Sender};
 
-use super::core::Core;
-use crate::codec::{self, CompressOptions, DecompressOptions, Engine};
-use crate::store::write_durably;
+use super::core::{Core, Need};
+use crate::codec::lanes::{ChunkOutput, BACKGROUND, READ_AHEAD, URGENT};
+use crate::codec::params::CoderParams;
+use crate::codec::{self, CompressOptions, DecompressOptions, Engine, Plan, RegionKind};
+use crate::pool::{Done, LocalPool, Submit};
+use crate::store::{write_durably, BlobRef};
 
-pub fn start(
-    core: Arc<Core>,
-    decompress_rx: Receiver<u64>,
-) -> std::io::Result<Vec<JoinHandle<()>>> {
+pub fn start(core: Arc<Core>, need_rx: Receiver<Need>) -> std::io::Result<Vec<JoinHandle<()>>> {
     let mut threads = Vec::new();
     // A read-only mount leaves the blobs as they are; queued files wait for a
     // read-write mount.
     if !core.opts.read_only {
-        let c = core.clone();
-        threads.push(
-            std::thread::Builder::new()
-                .name("nacrith-compress".into())
-                .spawn(move || compressor(&c))?,
-        );
+        // One compressor per lane the pool has for background work, so even a corpus of
+        // one-chunk files keeps every lane busy; each waits on the pool, not the CPU.
+        let compressors = (core.opts.workers * core.opts.batch).clamp(1, MAX_COMPRESSORS);
+        let budget = Arc::new(Budget::new(COMPRESS_BUDGET));
+        for i in 0..compressors {
+            let c = core.clone();
+            let b = budget.clone();
+            threads.push(
+                std::thread::Builder::new()
+                    .name(format!("nacrith-compress-{i}"))
+                    .spawn(move || compressor(&c, &b))?,
+            );
+        }
     }
     threads.push(
         std::thread::Builder::new()
-            .name("nacrith-decompress".into())
-            .spawn(move || decompressor(&core, decompress_rx))?,
+            .name("nacrith-decode".into())
+            .spawn(move || decoder(&core, need_rx))?,
     );
     Ok(threads)
 }
 
-fn compressor(core: &Core) {
+const MAX_COMPRESSORS: usize = 64;
+/// Plaintext bytes being compressed at once (each costs ~3x in memory: its tokens, its
+/// blob and the verifying decode). A larger file runs alone.
+const COMPRESS_BUDGET: u64 = 256 << 20;
+
+/// A byte budget shared by the compressors.
+struct Budget {
+    used: std::sync::Mutex<u64>,
+    freed: std::sync::Condvar,
+    cap: u64,
+}
+
+impl Budget {
+    fn new(cap: u64) -> Budget {
+        Budget {
+            used: std::sync::Mutex::new(0),
+            freed: std::sync::Condvar::new(),
+            cap,
+        }
+    }
+
+    /// Take `n` bytes (all of it if `n` exceeds the cap: then only when nothing else runs).
+    fn take(&self, n: u64) -> u64 {
+        let n = n.min(self.cap);
+        let mut used = self.used.lock().unwrap_or_else(|p| p.into_inner());
+        while *used + n > self.cap {
+            used = self.freed.wait(used).unwrap_or_else(|p| p.into_inner());
+        }
+        *used += n;
+        n
+    }
+
+    fn give(&self, n: u64) {
+        let mut used = self.used.lock().unwrap_or_else(|p| p.into_inner());
+        *used = used.saturating_sub(n);
+        self.freed.notify_all();
+    }
+}
+
+fn compressor(core: &Core, budget: &Budget) {
     loop {
         if core.is_shutting_down() {
             return;
@@ -47,7 +96,7 @@ fn compressor(core: &Core) {
                 // A bug in the coder must not stop the queue or lose the file: it stays
                 // plaintext and is retried later.
                 let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    compress_one(core, ino, version)
+                    compress_one(core, budget, ino, version)
                 }));
                 if r.is_err() {
                     log::error!("compressing inode {ino} panicked; it stays uncompressed");
@@ -69,7 +118,7 @@ fn compressor(core: &Core) {
     }
 }
 
-fn compress_one(core: &Core, ino: u64, version: u64) {
+fn compress_one(core: &Core, budget: &Budget, ino: u64, version: u64) {
     let path = match core.claim(ino) {
         Ok(Some(p)) => p,
         Ok(None) => return,
@@ -84,10 +133,32 @@ fn compress_one(core: &Core, ino: u64, version: u64) {
         log::error!("compressing {name}: {why}; it stays uncompressed and will be retried");
         core.compression_failed(ino);
     };
+    let size = std::fs::metadata(&path).map_or(0, |m| m.len());
+    let taken = budget.take(size);
     let data = match std::fs::read(&path) {
         Ok(d) => d,
-        Err(e) => return fail(format!("reading its plaintext: {e}")),
+        Err(e) => {
+            budget.give(taken);
+            if !core.still_needs_compression(ino) {
+                // Deleted, truncated to nothing or rewritten since it was claimed.
+                return core.compression_abandoned(ino);
+            }
+            return fail(format!("reading its plaintext: {e}"));
+        }
     };
+    compress_data(core, ino, version, &name, data, start, &fail);
+    budget.give(taken);
+}
+
+fn compress_data(
+    core: &Core,
+    ino: u64,
+    version: u64,
+    name: &str,
+    data: Vec<u8>,
+    start: Instant,
+    fail: &dyn Fn(String),
+) {
     let opts = CompressOptions {
         chunk_size: core.opts.chunk_size,
         ..CompressOptions::default()
@@ -99,13 +170,15 @@ fn compress_one(core: &Core, ino: u64, version: u64) {
         Err(e) => return fail(format!("the model is unavailable: {e}")),
     };
     let engine: &dyn Engine = &*pool;
-    let mut blob = match codec::compress(&data, Some(engine), &opts, &|_| {}) {
+    // Symbols coded, for the status (tokens/s); counted as they go, failures included.
+    let count = |n: usize| core.count_symbols(n as u64);
+    let mut blob = match codec::compress(&data, Some(engine), &opts, &count) {
         Ok(b) => b,
         Err(e) => return fail(e.to_string()),
     };
     if core.opts.verify {
         let ok = matches!(
-            codec::decompress(&blob, Some(engine), &DecompressOptions::default(), &|_| {}),
+            codec::decompress(&blob, Some(engine), &DecompressOptions::default(), &count),
             Ok(ref back) if *back == data
         );
         if !ok {
@@ -135,14 +208,7 @@ fn compress_one(core: &Core, ino: u64, version: u64) {
     }
     pause_before_commit(&blob_path);
     let took = start.elapsed();
-    match core.commit_blob(
-        ino,
-        version,
-        seq,
-        blob.len() as u64,
-        data.len() as u64,
-        took,
-    ) {
+    match core.commit_blob(ino, version, seq, blob.len() as u64, data.len() as u64) {
         Ok(true) => log::info!(
             "compressed {name}: {} -> {} bytes ({:.3} bits/byte) in {:.1} s",
             data.len(),
@@ -181,86 +247,400 @@ fn pause_before_commit(blob: &std::path::Path) {
     }
 }
 
-fn decompressor(core: &Core, rx: Receiver<u64>) {
+/// Regions decoded past the last one a reader asked for. Sequential readers find the
+/// next chunks decoded (or decoding) when they get there; a reader that only wants the
+/// first page does not pay for the whole book.
+const READ_AHEAD_REGIONS: usize = 4;
+/// A partial decode nobody has touched for this long is dropped (its temp file too).
+const PARTIAL_IDLE: Duration = Duration::from_secs(120);
+
+enum RegionState {
+    Missing,
+    Running(Arc<AtomicU8>),
+    Done,
+}
+
+/// One file being decoded into its cache temp file, region by region.
+struct Decoding {
+    blob: BlobRef,
+    path: PathBuf,
+    data: Arc<Vec<u8>>,
+    plan: Plan,
+    pool: Option<(Arc<LocalPool>, CoderParams)>,
+    file: Arc<std::fs::File>,
+    state: Vec<RegionState>,
+    remaining: usize,
+    last_used: Instant,
+}
+
+impl Decoding {
+    fn done_flags(&self) -> Vec<bool> {
+        self.state
+            .iter()
+            .map(|s| matches!(s, RegionState::Done))
+            .collect()
+    }
+}
+
+/// The decoder: owns every decode in progress. Requests ([`Need`]) say which bytes are
+/// wanted; LLM chunks go to the shared pool (reader's chunks urgent, read-ahead below
+/// them, both above background compression); stored and zstd regions are decoded here.
+/// When every region is in, the whole file is verified and installed as the clean copy.
+struct Decoder<'a> {
+    core: &'a Core,
+    decodings: HashMap<u64, Decoding>,
+    /// Pool job tag -> (inode, blob seq, region).
+    tags: HashMap<u64, (u64, u64, usize)>,
+    next_tag: u64,
+    done_tx: Sender<Done>,
+}
+
+fn decoder(core: &Core, rx: Receiver<Need>) {
+    let (done_tx, done_rx) = crossbeam_channel::unbounded();
+    let mut d = Decoder {
+        core,
+        decodings: HashMap::new(),
+        tags: HashMap::new(),
+        next_tag: 0,
+        done_tx,
+    };
     loop {
-        let ino = match rx.recv_timeout(Duration::from_secs(1)) {
-            Ok(ino) => ino,
-            Err(RecvTimeoutError::Timeout) => {
+        crossbeam_channel::select! {
+            recv(rx) -> need => match need {
+                Ok(need) => d.guarded(need.ino, |d| d.need(need)),
+                Err(_) => return,
+            },
+            recv(done_rx) -> done => {
+                if let Ok(done) = done {
+                    if let Some(&(ino, _, _)) = d.tags.get(&done.tag) {
+                        d.guarded(ino, |d| d.chunk_done(done));
+                    }
+                }
+            },
+            default(Duration::from_secs(1)) => {
                 if core.is_shutting_down() {
                     return;
                 }
-                continue;
+                d.expire();
             }
-            Err(RecvTimeoutError::Disconnected) => return,
-        };
-        match core.blob_of(ino) {
-            Ok(None) => core.materialized(ino, None, Ok(())),
-            Ok(Some((path, size, blob))) => {
-                let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    materialize(core, ino, &path, size)
-                }))
-                .unwrap_or_else(|_| Err((libc::EIO, "the decoder panicked".into())));
-                let r = r.map_err(|(errno, why)| {
-                    // Readers retry (the kernel and cat both do): one line per bad blob.
-                    if core.first_failure_of(ino, blob) {
-                        log::error!("cannot read {}: {why}", core.describe(ino));
-                    } else {
-                        log::debug!("cannot read inode {ino} (again): {why}");
-                    }
-                    errno
-                });
-                core.materialized(ino, Some(blob), r);
-            }
-            Err(e) => core.materialized(ino, None, Err(e)),
         }
     }
 }
 
-/// Decode the blob of `ino` into its cache temp file; on failure, the errno for the
-/// reader and what went wrong.
-fn materialize(
-    core: &Core,
-    ino: u64,
-    path: &std::path::Path,
-    size: u64,
-) -> Result<(), (i32, String)> {
-    let fail = |why: String| (libc::EIO, why);
-    let data = std::fs::read(path).map_err(|e| fail(format!("{}: {e}", path.display())))?;
-    // Only blobs with LLM segments need the model: zstd-only files stay readable without it.
-    let (header, _) = crate::codec::container::Header::parse(&data, Some(data.len() as u64))
-        .map_err(|e| fail(format!("{}: {e}", path.display())))?;
-    let pool = if header.has_llm_segments() {
-        Some(core.engine.get().map_err(|e| {
-            fail(format!(
-                "{} needs the model, which is unavailable: {e}",
-                path.display()
-            ))
-        })?)
-    } else {
-        None
-    };
-    let engine = pool.as_deref().map(|p| p as &dyn Engine);
-    let plain = codec::decompress(&data, engine, &DecompressOptions::default(), &|_| {})
-        .map_err(|e| fail(format!("{}: {e}", path.display())))?;
-    if plain.len() as u64 != size {
-        return Err(fail(format!(
-            "{} decodes to {} bytes but the index says {size}",
-            path.display(),
-            plain.len()
-        )));
+impl Decoder<'_> {
+    /// Run `f`; a panic in it fails that file's decode, not the decoder.
+    fn guarded(&mut self, ino: u64, f: impl FnOnce(&mut Self)) {
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(self)));
+        if r.is_err() {
+            let blob = self.decodings.get(&ino).map(|d| d.blob);
+            self.fail(ino, blob, libc::EIO, "the decoder panicked".into());
+        }
     }
-    let tmp = core.store.cache_tmp_path(ino);
-    let write = || -> std::io::Result<()> {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(&plain)?;
-        // The clean copy will be recorded as cached: make it as durable as the record.
-        f.sync_all()
-    };
-    write().map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        (
-            e.raw_os_error().unwrap_or(libc::EIO),
-            format!("writing its plaintext to {}: {e}", tmp.display()),
-        )
-    })
+
+    /// Give up on `ino`'s decode: one log line per bad blob, EIO (or `errno`) to every
+    /// waiting operation, the temp file removed.
+    fn fail(&mut self, ino: u64, blob: Option<BlobRef>, errno: i32, why: String) {
+        self.drop_decoding(ino);
+        if let Some(blob) = blob {
+            // Readers retry (the kernel and cat both do): one line per bad blob.
+            if self.core.first_failure_of(ino, blob) {
+                log::error!("cannot read {}: {why}", self.core.describe(ino));
+            } else {
+                log::debug!("cannot read inode {ino} (again): {why}");
+            }
+        }
+        self.core.materialized(ino, blob, Err(errno));
+    }
+
+    fn drop_decoding(&mut self, ino: u64) {
+        if let Some(d) = self.decodings.remove(&ino) {
+            for s in &d.state {
+                if let RegionState::Running(p) = s {
+                    // Nobody wants it now: let compression have the lane back.
+                    p.store(BACKGROUND, Ordering::Relaxed);
+                }
+            }
+            self.core.partial_dropped(ino, d.blob);
+            let _ = std::fs::remove_file(self.core.store.cache_tmp_path(ino));
+        }
+    }
+
+    fn need(&mut self, need: Need) {
+        let ino = need.ino;
+        let (path, size, blob) = match self.core.blob_of(ino) {
+            Ok(Some(b)) => b,
+            Ok(None) => {
+                // Already plaintext (truncated, rewritten, or decoded meanwhile).
+                self.drop_decoding(ino);
+                return self.core.materialized(ino, None, Ok(()));
+            }
+            Err(e) => {
+                self.drop_decoding(ino);
+                // A read-ahead hint for a file deleted since is nobody's failure.
+                if !self.core.waiting_ranges(ino).is_empty() {
+                    self.core.materialized(ino, None, Err(e));
+                }
+                return;
+            }
+        };
+        if self.decodings.get(&ino).is_some_and(|d| d.blob != blob) {
+            self.drop_decoding(ino);
+        }
+        if !self.decodings.contains_key(&ino) {
+            match self.start(ino, &path, size, blob) {
+                Ok(d) => {
+                    self.core.partial_started(
+                        ino,
+                        blob,
+                        d.file.clone(),
+                        Arc::new(d.plan.regions.iter().map(|r| r.out.clone()).collect()),
+                        size,
+                    );
+                    self.decodings.insert(ino, d);
+                }
+                Err((errno, why)) => return self.fail(ino, Some(blob), errno, why),
+            }
+        }
+        let n = self.decodings.get(&ino).map_or(0, |d| d.plan.regions.len());
+        let mut urgent = Vec::new();
+        for r in self.core.waiting_ranges(ino) {
+            match r {
+                None => urgent.extend(0..n),
+                Some(r) => urgent.extend(self.covering(ino, r)),
+            }
+        }
+        let ahead = need.range.map_or(0..0, |r| {
+            let c = self.covering(ino, r);
+            c.end..(c.end + READ_AHEAD_REGIONS).min(n)
+        });
+        for i in urgent {
+            if let Err((errno, why)) = self.start_region(ino, i, URGENT) {
+                return self.fail(ino, Some(blob), errno, why);
+            }
+        }
+        for i in ahead {
+            if let Err((errno, why)) = self.start_region(ino, i, READ_AHEAD) {
+                return self.fail(ino, Some(blob), errno, why);
+            }
+        }
+        self.progressed(ino);
+    }
+
+    fn covering(&self, ino: u64, r: std::ops::Range<u64>) -> std::ops::Range<usize> {
+        self.decodings
+            .get(&ino)
+            .map_or(0..0, |d| d.plan.covering(r))
+    }
+
+    /// Read and parse the blob, load the model if it needs it, make the temp file.
+    fn start(
+        &self,
+        ino: u64,
+        path: &std::path::Path,
+        size: u64,
+        blob: BlobRef,
+    ) -> Result<Decoding, (i32, String)> {
+        let fail = |why: String| (libc::EIO, why);
+        let data = std::fs::read(path).map_err(|e| fail(format!("{}: {e}", path.display())))?;
+        let plan = Plan::of(&data).map_err(|e| fail(format!("{}: {e}", path.display())))?;
+        if plan.header.original_len != size {
+            return Err(fail(format!(
+                "{} holds {} bytes but the index says {size}",
+                path.display(),
+                plan.header.original_len
+            )));
+        }
+        // Only blobs with LLM segments need the model: zstd-only files stay readable
+        // without it.
+        let pool = if plan.header.has_llm_segments() {
+            let pool = self.core.engine.get().map_err(|e| {
+                fail(format!(
+                    "{} needs the model, which is unavailable: {e}",
+                    path.display()
+                ))
+            })?;
+            let params = codec::check_engine(&plan.header, &*pool, &DecompressOptions::default())
+                .map_err(|e| fail(format!("{}: {e}", path.display())))?;
+            Some((pool, params))
+        } else {
+            None
+        };
+        let tmp = self.core.store.cache_tmp_path(ino);
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&tmp)
+            .and_then(|f| f.set_len(size).map(|()| f))
+            .map_err(|e| {
+                (
+                    e.raw_os_error().unwrap_or(libc::EIO),
+                    format!("creating {}: {e}", tmp.display()),
+                )
+            })?;
+        let n = plan.regions.len();
+        Ok(Decoding {
+            blob,
+            path: path.to_path_buf(),
+            data: Arc::new(data),
+            plan,
+            pool,
+            file: Arc::new(file),
+            state: (0..n).map(|_| RegionState::Missing).collect(),
+            remaining: n,
+            last_used: Instant::now(),
+        })
+    }
+
+    /// Make sure region `i` of `ino` is decoded or on its way, at least at `priority`.
+    fn start_region(&mut self, ino: u64, i: usize, priority: u8) -> Result<(), (i32, String)> {
+        let Some(d) = self.decodings.get_mut(&ino) else {
+            return Ok(());
+        };
+        d.last_used = Instant::now();
+        match &d.state[i] {
+            RegionState::Done => Ok(()),
+            RegionState::Running(p) => {
+                p.fetch_max(priority, Ordering::Relaxed);
+                Ok(())
+            }
+            RegionState::Missing => {
+                let region = &d.plan.regions[i];
+                if !matches!(region.kind, RegionKind::Chunk { .. }) {
+                    let bytes = codec::decode_plain_region(&d.plan.header, &d.data, region)
+                        .map_err(|e| (libc::EIO, format!("{}: {e}", d.path.display())))?;
+                    return Self::write_region(self.core, d, i, &bytes);
+                }
+                let Some((pool, params)) = &d.pool else {
+                    return Err((libc::EIO, "LLM chunk without a model".into()));
+                };
+                let tag = self.next_tag;
+                self.next_tag += 1;
+                self.tags.insert(tag, (ino, d.blob.seq, i));
+                let p = Arc::new(AtomicU8::new(priority));
+                pool.submit(
+                    params,
+                    Submit {
+                        tag,
+                        job: codec::chunk_job(&d.data, region),
+                        priority: p.clone(),
+                        progress: None,
+                        reply: self.done_tx.clone(),
+                    },
+                );
+                d.state[i] = RegionState::Running(p);
+                Ok(())
+            }
+        }
+    }
+
+    fn write_region(
+        core: &Core,
+        d: &mut Decoding,
+        i: usize,
+        bytes: &[u8],
+    ) -> Result<(), (i32, String)> {
+        use std::os::unix::fs::FileExt;
+        d.file
+            .write_all_at(bytes, d.plan.regions[i].out.start)
+            .map_err(|e| {
+                (
+                    e.raw_os_error().unwrap_or(libc::EIO),
+                    format!("writing its plaintext: {e}"),
+                )
+            })?;
+        d.state[i] = RegionState::Done;
+        d.remaining -= 1;
+        core.count_regions(1);
+        Ok(())
+    }
+
+    fn chunk_done(&mut self, done: Done) {
+        let Some((ino, seq, i)) = self.tags.remove(&done.tag) else {
+            return;
+        };
+        let Some(d) = self.decodings.get_mut(&ino).filter(|d| d.blob.seq == seq) else {
+            return; // a decode given up meanwhile
+        };
+        let blob = d.blob;
+        let r = match (done.result, &d.pool) {
+            (Ok(ChunkOutput::Decoded(symbols)), Some((pool, _))) => {
+                codec::chunk_bytes(pool.tokenizer(), symbols, &d.plan.regions[i])
+                    .map_err(|e| (libc::EIO, format!("{}: {e}", d.path.display())))
+                    .and_then(|bytes| Self::write_region(self.core, d, i, &bytes))
+            }
+            (Ok(_), _) => Err((libc::EIO, "the pool returned the wrong output".into())),
+            (Err(e), _) => Err((libc::EIO, format!("{}: {e}", d.path.display()))),
+        };
+        if let Err((errno, why)) = r {
+            return self.fail(ino, Some(blob), errno, why);
+        }
+        self.progressed(ino);
+    }
+
+    /// Tell the core what is decoded now; install the file when it is complete.
+    fn progressed(&mut self, ino: u64) {
+        let Some(d) = self.decodings.get(&ino) else {
+            return;
+        };
+        let blob = d.blob;
+        self.core.partial_progress(ino, blob, &d.done_flags());
+        if d.remaining > 0 {
+            return;
+        }
+        let Some(d) = self.decodings.remove(&ino) else {
+            return;
+        };
+        // Every chunk passed its CRC; the whole file must also pass its BLAKE3 before it
+        // becomes the clean copy.
+        let tmp = self.core.store.cache_tmp_path(ino);
+        let check = d
+            .file
+            .sync_all()
+            .map_err(|e| {
+                (
+                    e.raw_os_error().unwrap_or(libc::EIO),
+                    format!("syncing {}: {e}", tmp.display()),
+                )
+            })
+            .and_then(|()| {
+                let plain = std::fs::read(&tmp)
+                    .map_err(|e| (libc::EIO, format!("reading {}: {e}", tmp.display())))?;
+                codec::verify_assembled(&d.plan.header, &plain)
+                    .map_err(|e| (libc::EIO, format!("{}: {e}", d.path.display())))
+            });
+        match check {
+            Ok(()) => self.core.materialized(ino, Some(blob), Ok(())),
+            Err((errno, why)) => {
+                self.decodings.insert(ino, d);
+                self.fail(ino, Some(blob), errno, why);
+            }
+        }
+    }
+
+    /// Drop partial decodes nobody uses any more: idle ones with nothing running, and
+    /// ones whose file moved on (rewritten, truncated, deleted).
+    fn expire(&mut self) {
+        let stale: Vec<u64> = self
+            .decodings
+            .iter()
+            .filter(|(&ino, d)| {
+                let moved_on =
+                    !matches!(self.core.blob_of(ino), Ok(Some((_, _, b))) if b == d.blob);
+                let idle = d.last_used.elapsed() > PARTIAL_IDLE
+                    && !d.state.iter().any(|s| matches!(s, RegionState::Running(_)))
+                    && self.core.waiting_ranges(ino).is_empty();
+                moved_on || idle
+            })
+            .map(|(&ino, _)| ino)
+            .collect();
+        for ino in stale {
+            self.drop_decoding(ino);
+            // Anyone still waiting gets what the file holds now.
+            if !self.core.waiting_ranges(ino).is_empty() {
+                self.need(Need { ino, range: None });
+            }
+        }
+    }
 }

@@ -9,6 +9,7 @@
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
+use std::ops::Range;
 use std::os::unix::fs::FileExt;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
@@ -45,6 +46,41 @@ fn io_err(e: std::io::Error) -> Errno {
 /// What the caller wants to happen once a file's plaintext is in the cache.
 pub type Waiter = Box<dyn FnOnce(FsResult<()>) + Send>;
 
+/// A waiting operation and the bytes it needs (None: the whole file).
+type RangeWaiter = (Option<Range<u64>>, Waiter);
+
+/// A request to the decoder: the plaintext of `ino` is wanted; `range` (the bytes a
+/// reader asked for) steers read-ahead, None means the whole file.
+#[derive(Debug, Clone)]
+pub struct Need {
+    pub ino: u64,
+    pub range: Option<Range<u64>>,
+}
+
+/// A compressed file being decoded region by region into its cache temp file. Reads of
+/// decoded regions are served from it before the whole file is there.
+pub(crate) struct Partial {
+    pub(crate) blob: BlobRef,
+    pub(crate) file: Arc<File>,
+    /// Each region's byte range in the file, in order, and whether it is decoded.
+    pub(crate) regions: Arc<Vec<Range<u64>>>,
+    pub(crate) done: Vec<bool>,
+    pub(crate) size: u64,
+}
+
+impl Partial {
+    /// Whether bytes `range` (clamped to the file) are all decoded.
+    fn covers(&self, range: &Range<u64>) -> bool {
+        let (start, end) = (range.start.min(self.size), range.end.min(self.size));
+        if start >= end {
+            return true;
+        }
+        let first = self.regions.partition_point(|r| r.end <= start);
+        let last = self.regions.partition_point(|r| r.start < end);
+        (first..last).all(|i| self.done.get(i).copied().unwrap_or(false))
+    }
+}
+
 #[derive(Default)]
 struct Live {
     /// Open handles, and how many of them can write.
@@ -70,6 +106,10 @@ pub struct Stats {
     pub verify_failures: u64,
     pub decompressions: u64,
     pub decompress_failures: u64,
+    /// Symbols the model coded for compression (encode and verifying decode).
+    pub symbols_coded: u64,
+    /// Regions (chunks, zstd and stored segments) decoded for reads.
+    pub regions_decoded: u64,
 }
 
 struct Handle {
@@ -81,13 +121,18 @@ pub(crate) struct State {
     live: HashMap<u64, Live>,
     handles: HashMap<u64, Handle>,
     next_fh: u64,
-    waiters: HashMap<u64, Vec<Waiter>>,
+    /// Operations waiting on plaintext: the byte range they need (None: the whole file).
+    waiters: HashMap<u64, Vec<RangeWaiter>>,
+    /// Files being decoded, for reads that can be served before the whole file is.
+    pub(crate) partial: HashMap<u64, Partial>,
     /// Inodes a worker is compressing now.
     pub(crate) compressing: Vec<u64>,
     /// Clean cached copies: ino → size, for the cache cap.
     clean: HashMap<u64, u64>,
     pub(crate) stats: Stats,
     pub(crate) shutting_down: bool,
+    /// Since when at least one compression has been running (for busy time).
+    busy_since: Option<Instant>,
     /// Blobs whose decoding failed and was logged in this mount: (ino, blob seq).
     reported: std::collections::HashSet<(u64, u64)>,
 }
@@ -102,7 +147,7 @@ pub struct Core {
     state: Mutex<State>,
     /// Wakes the compressor (new due work, flush, shutdown).
     pub(crate) wake: Condvar,
-    materialize_tx: Sender<u64>,
+    materialize_tx: Sender<Need>,
 }
 
 /// A readdir entry: (offset of the next entry, inode, kind, name).
@@ -120,7 +165,7 @@ impl Core {
         store: Store,
         engine: Arc<LazyPool>,
         opts: FsOptions,
-    ) -> Result<(Arc<Core>, crossbeam_channel::Receiver<u64>), StoreError> {
+    ) -> Result<(Arc<Core>, crossbeam_channel::Receiver<Need>), StoreError> {
         let (tx, rx) = crossbeam_channel::unbounded();
         let reserve = match opts.reserve {
             Some(r) => r,
@@ -138,10 +183,12 @@ impl Core {
                 handles: HashMap::new(),
                 next_fh: 1,
                 waiters: HashMap::new(),
+                partial: HashMap::new(),
                 compressing: Vec::new(),
                 clean: HashMap::new(),
                 stats: Stats::default(),
                 shutting_down: false,
+                busy_since: None,
                 reported: Default::default(),
             }),
             wake: Condvar::new(),
@@ -719,9 +766,15 @@ impl Core {
     }
 
     /// Run `then` once the file's plaintext is in the cache: at once (on this thread) if
-    /// it is, else from the decompressor when it arrives. The file is not evicted while
+    /// it is, else from the decoder when it arrives. The file is not evicted while
     /// `then` waits or runs.
     pub fn with_plain(self: &Arc<Self>, ino: u64, then: Waiter) {
+        self.with_range(ino, None, then)
+    }
+
+    /// Run `then` once bytes `range` of the file can be read (see [`Core::read`]): a
+    /// compressed file is decoded only as far as the range and a read-ahead need.
+    pub fn with_range(self: &Arc<Self>, ino: u64, range: Option<Range<u64>>, then: Waiter) {
         let mut st = self.lock();
         let inode = match self.get(ino) {
             Ok(i) => i,
@@ -735,24 +788,103 @@ impl Core {
             return then(Err(libc::EINVAL));
         }
         st.live.entry(ino).or_default().pins += 1;
-        if inode.cached {
+        let ready = inode.cached
+            || range.as_ref().is_some_and(|r| {
+                st.partial
+                    .get(&ino)
+                    .is_some_and(|p| Some(p.blob) == inode.blob && p.covers(r))
+            });
+        if ready {
             drop(st);
+            if !inode.cached {
+                // Served from the partial decode; let the decoder keep reading ahead.
+                let _ = self.materialize_tx.send(Need { ino, range });
+            }
             then(Ok(()));
             self.unpin(ino);
             return;
         }
         let core = self.clone();
-        let list = st.waiters.entry(ino).or_default();
-        list.push(Box::new(move |r| {
-            then(r);
-            core.unpin(ino);
-        }));
-        if list.len() == 1 && self.materialize_tx.send(ino).is_err() {
+        st.waiters.entry(ino).or_default().push((
+            range.clone(),
+            Box::new(move |r| {
+                then(r);
+                core.unpin(ino);
+            }),
+        ));
+        if self.materialize_tx.send(Need { ino, range }).is_err() {
             let waiters = st.waiters.remove(&ino).unwrap_or_default();
             drop(st);
-            for w in waiters {
+            for (_, w) in waiters {
                 w(Err(libc::EIO));
             }
+        }
+    }
+
+    /// The byte ranges operations on `ino` are waiting for (None: the whole file).
+    pub(crate) fn waiting_ranges(&self, ino: u64) -> Vec<Option<Range<u64>>> {
+        let st = self.lock();
+        st.waiters
+            .get(&ino)
+            .map(|l| l.iter().map(|(r, _)| r.clone()).collect())
+            .unwrap_or_default()
+    }
+
+    /// The decoder started decoding `ino`'s blob into `file` (its cache temp file).
+    pub(crate) fn partial_started(
+        &self,
+        ino: u64,
+        blob: BlobRef,
+        file: Arc<File>,
+        regions: Arc<Vec<Range<u64>>>,
+        size: u64,
+    ) {
+        let n = regions.len();
+        self.lock().partial.insert(
+            ino,
+            Partial {
+                blob,
+                file,
+                regions,
+                done: vec![false; n],
+                size,
+            },
+        );
+    }
+
+    /// Regions of `ino` were decoded: answer the reads they complete.
+    pub(crate) fn partial_progress(&self, ino: u64, blob: BlobRef, done: &[bool]) {
+        let mut st = self.lock();
+        let State {
+            partial, waiters, ..
+        } = &mut *st;
+        let Some(p) = partial.get_mut(&ino).filter(|p| p.blob == blob) else {
+            return;
+        };
+        p.done.clear();
+        p.done.extend_from_slice(done);
+        let mut ready = Vec::new();
+        if let Some(list) = waiters.get_mut(&ino) {
+            let mut i = 0;
+            while i < list.len() {
+                if list[i].0.as_ref().is_some_and(|r| p.covers(r)) {
+                    ready.push(list.swap_remove(i).1);
+                } else {
+                    i += 1;
+                }
+            }
+        }
+        drop(st);
+        for w in ready {
+            w(Ok(()));
+        }
+    }
+
+    /// The decoder gave up on (or finished with) a partial decode of `ino`.
+    pub(crate) fn partial_dropped(&self, ino: u64, blob: BlobRef) {
+        let mut st = self.lock();
+        if st.partial.get(&ino).is_some_and(|p| p.blob == blob) {
+            st.partial.remove(&ino);
         }
     }
 
@@ -763,15 +895,22 @@ impl Core {
         }
     }
 
-    /// Read from a cached file (call inside [`Core::with_plain`]).
+    /// Read from a cached file, or from the decoded part of one being decoded (call
+    /// inside [`Core::with_range`]). ESTALE: the bytes are not there (any more).
     pub fn read(&self, ino: u64, offset: u64, size: u32) -> FsResult<Vec<u8>> {
         let file = {
             let mut st = self.lock();
             let inode = self.get(ino)?;
-            if !inode.cached {
-                return Err(libc::ESTALE);
+            if inode.cached {
+                self.cache_file(&mut st, ino)?
+            } else {
+                let range = offset..offset.saturating_add(size as u64);
+                // The temp file has the file's length; what is read of it is decoded.
+                match st.partial.get(&ino) {
+                    Some(p) if Some(p.blob) == inode.blob && p.covers(&range) => p.file.clone(),
+                    _ => return Err(libc::ESTALE),
+                }
             }
-            self.cache_file(&mut st, ino)?
         };
         let mut buf = vec![0u8; size as usize];
         let mut got = 0;
@@ -1169,8 +1308,13 @@ impl Core {
         let now = unix_ms(SystemTime::now());
         let (compressing, stats) = {
             let st = self.lock();
-            (st.compressing.len(), st.stats.clone())
+            let mut stats = st.stats.clone();
+            if let Some(t) = st.busy_since {
+                stats.busy += t.elapsed();
+            }
+            (st.compressing.len(), stats)
         };
+        let chunk_jobs = self.engine.loaded().map_or(0, |p| p.queued());
         let queue = self.store.queue().map_err(store_err)?;
         let due = queue.iter().filter(|(_, d)| *d <= now).count();
         let (mut files, mut compressed, mut dirty, mut logical, mut stored, mut cache) =
@@ -1197,7 +1341,8 @@ impl Core {
             "files={files}\ncompressed={compressed}\ndirty={dirty}\nqueued={}\ndue={due}\ncompressing={compressing}\n\
              logical_bytes={logical}\nstored_bytes={stored}\ncache_bytes={cache}\n\
              compressed_since_mount={}\nbytes_in={}\nbytes_out={}\nbusy_seconds={secs:.1}\n\
-             failures={}\nsuperseded={}\nverify_failures={}\ndecompressions={}\ndecompress_failures={}\n",
+             failures={}\nsuperseded={}\nverify_failures={}\ndecompressions={}\ndecompress_failures={}\n\
+             symbols_coded={}\nregions_decoded={}\nchunk_jobs_queued={chunk_jobs}\n",
             queue.len(),
             stats.compressed_files,
             stats.bytes_in,
@@ -1207,6 +1352,8 @@ impl Core {
             stats.verify_failures,
             stats.decompressions,
             stats.decompress_failures,
+            stats.symbols_coded,
+            stats.regions_decoded,
         ))
     }
 
@@ -1240,6 +1387,10 @@ impl Core {
     /// no longer needs compressing (then its queue entry is dropped).
     pub(crate) fn claim(&self, ino: u64) -> FsResult<Option<std::path::PathBuf>> {
         let mut st = self.lock();
+        if st.compressing.contains(&ino) {
+            // Another compressor took it between next_due and now.
+            return Ok(None);
+        }
         let inode = match self.get(ino) {
             Ok(i) => Some(i),
             Err(libc::ENOENT) => None,
@@ -1247,6 +1398,9 @@ impl Core {
         };
         match inode {
             Some(i) if i.kind == Kind::File && i.dirty && i.cached => {
+                if st.compressing.is_empty() {
+                    st.busy_since = Some(Instant::now());
+                }
                 st.compressing.push(ino);
                 Ok(Some(self.store.cache_path(ino)))
             }
@@ -1268,10 +1422,9 @@ impl Core {
         seq: u64,
         stored_size: u64,
         original: u64,
-        took: Duration,
     ) -> FsResult<bool> {
         let mut st = self.lock();
-        st.compressing.retain(|&i| i != ino);
+        Self::compression_ended(&mut st, ino);
         let mut inode = match self.get(ino) {
             Ok(i) => i,
             Err(libc::ENOENT) => return Ok(false),
@@ -1296,20 +1449,50 @@ impl Core {
         st.stats.compressed_files += 1;
         st.stats.bytes_in += original;
         st.stats.bytes_out += stored_size;
-        st.stats.busy += took;
         Ok(true)
     }
 
     /// A compression failed: keep the plaintext, retry later.
     pub(crate) fn compression_failed(&self, ino: u64) {
         let mut st = self.lock();
-        st.compressing.retain(|&i| i != ino);
+        Self::compression_ended(&mut st, ino);
         st.stats.failures += 1;
         let mut txn = Txn::default();
         txn.enqueue(ino, unix_ms(SystemTime::now() + RETRY_AFTER));
         if let Err(e) = self.store.commit(txn, false) {
             log::error!("requeue of inode {ino}: {e}");
         }
+    }
+
+    /// Busy time is wall time with at least one compression running (they overlap).
+    fn compression_ended(st: &mut State, ino: u64) {
+        st.compressing.retain(|&i| i != ino);
+        if st.compressing.is_empty() {
+            if let Some(t) = st.busy_since.take() {
+                st.stats.busy += t.elapsed();
+            }
+        }
+    }
+
+    /// Whether `ino` is still a dirty regular file with its plaintext in the cache.
+    pub(crate) fn still_needs_compression(&self, ino: u64) -> bool {
+        let _st = self.lock();
+        self.get(ino)
+            .is_ok_and(|i| i.kind == Kind::File && i.dirty && i.cached)
+    }
+
+    /// A claimed compression that is no longer needed: no failure, no retry.
+    pub(crate) fn compression_abandoned(&self, ino: u64) {
+        let mut st = self.lock();
+        Self::compression_ended(&mut st, ino);
+    }
+
+    pub(crate) fn count_symbols(&self, n: u64) {
+        self.lock().stats.symbols_coded += n;
+    }
+
+    pub(crate) fn count_regions(&self, n: u64) {
+        self.lock().stats.regions_decoded += n;
     }
 
     pub(crate) fn count_verify_failure(&self) {
@@ -1370,17 +1553,22 @@ impl Core {
         } else if result.is_err() {
             st.stats.decompress_failures += 1;
         }
+        if let Some(blob) = blob {
+            if st.partial.get(&ino).is_some_and(|p| p.blob == blob) {
+                st.partial.remove(&ino);
+            }
+        }
         if result == Err(libc::EAGAIN) {
             // The file changed under us: try again with its new blob.
             let _ = std::fs::remove_file(self.store.cache_tmp_path(ino));
-            if self.materialize_tx.send(ino).is_ok() {
+            if self.materialize_tx.send(Need { ino, range: None }).is_ok() {
                 return;
             }
             result = Err(libc::EIO);
         }
         let waiters = st.waiters.remove(&ino).unwrap_or_default();
         drop(st);
-        for w in waiters {
+        for (_, w) in waiters {
             w(result);
         }
         self.enforce_cache_cap();

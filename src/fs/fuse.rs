@@ -299,16 +299,7 @@ impl Filesystem for NacrithFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        let core = self.core.clone();
-        self.core.with_plain(
-            ino.0,
-            Box::new(
-                move |r| match r.and_then(|()| core.read(ino.0, offset, size)) {
-                    Ok(d) => reply.data(&d),
-                    Err(e) => reply.error(errno(e)),
-                },
-            ),
-        );
+        read_when_ready(self.core.clone(), ino.0, offset, size, reply, 3);
     }
 
     fn write(
@@ -530,4 +521,31 @@ impl Filesystem for NacrithFs {
             }),
         );
     }
+}
+
+/// Answer a read once its bytes are decoded: a compressed file is decoded only as far as
+/// the read (and read-ahead) needs. If the bytes went away between the wake-up and the
+/// read (the file was rewritten), ask again, a few times.
+fn read_when_ready(
+    core: Arc<Core>,
+    ino: u64,
+    offset: u64,
+    size: u32,
+    reply: ReplyData,
+    tries: u32,
+) {
+    let range = offset..offset.saturating_add(size as u64);
+    let c = core.clone();
+    core.with_range(
+        ino,
+        Some(range),
+        Box::new(move |r| match r.and_then(|()| c.read(ino, offset, size)) {
+            Ok(d) => reply.data(&d),
+            Err(libc::ESTALE) if tries > 0 => {
+                read_when_ready(c, ino, offset, size, reply, tries - 1)
+            }
+            Err(libc::ESTALE) => reply.error(Errno::EIO),
+            Err(e) => reply.error(errno(e)),
+        }),
+    );
 }

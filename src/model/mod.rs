@@ -16,7 +16,7 @@ pub struct Feed {
     pub want_logits: bool,
 }
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum ModelError {
     #[error("{0}")]
     NotFound(String),

@@ -1,63 +1,390 @@
-//! The worker pool: one single-threaded llama.cpp context per worker, each advancing many
-//! chunk streams in lockstep; jobs are handed out through a crossbeam channel so a worker
-//! refills a lane as soon as one of its streams ends.
+//! The worker pool, shared by every file of a mount: one thread per worker, each owning
+//! one single-threaded llama.cpp context (created on its first job, dropped after a
+//! while idle) that advances many chunk streams in lockstep. Jobs from every file wait
+//! in one queue; a worker fills a free lane as soon as one of its streams ends, taking
+//! the most urgent job first (a reader's chunk before read-ahead before compression).
+//!
+//! Why contexts and not threads per context: with two threads in one context, llama.cpp
+//! splits attention work by thread and the logits start to depend on it past 256
+//! positions; with one thread they do not depend on which lanes share a step.
 
-use std::sync::Mutex;
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::Duration;
 
-use crossbeam_channel::Receiver;
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 
-use crate::codec::lanes::{run_lanes, ChunkJob, ChunkOutput, JobSource};
+use crate::codec::lanes::{run_lanes, ChunkJob, ChunkOutput, JobSource, Taken, BACKGROUND};
 use crate::codec::params::CoderParams;
 use crate::codec::tokenizer::TextTokenizer;
 use crate::codec::Engine;
 use crate::model::{ModelError, ModelRuntime};
 
-/// Default lanes per context: measured here, 16 lanes give ~1.2x one stream's tokens/s.
+/// Default lanes per context for background work: measured here (2-core x86-64-v3),
+/// 16 lanes give ~1.2x one stream's tokens/s per context.
 pub const DEFAULT_LANES: usize = 16;
+/// Lanes per context kept free for reads, so a read starts at the next step even when
+/// compression fills every other lane.
+pub const READ_LANES: usize = 4;
+/// A worker with nothing to do keeps its context this long (creating one costs ~0.1 s
+/// and, at 20 lanes, ~1 GB of KV cache that an idle daemon should give back).
+const IDLE_KEEP: Duration = Duration::from_secs(30);
 
 pub fn default_workers() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
+/// The answer to one submitted job.
+pub struct Done {
+    pub tag: u64,
+    pub result: Result<ChunkOutput, ModelError>,
+}
+
+/// One chunk job for the pool. `priority` (a tier from [`crate::codec::lanes`]) may be
+/// raised while the job waits or runs; `progress` counts its coded symbols.
+pub struct Submit {
+    pub tag: u64,
+    pub job: ChunkJob,
+    pub priority: Arc<AtomicU8>,
+    pub progress: Option<Arc<AtomicUsize>>,
+    pub reply: Sender<Done>,
+}
+
+struct Queue {
+    jobs: VecDeque<Submit>,
+    shutdown: bool,
+}
+
+struct Shared {
+    queue: Mutex<Queue>,
+    wake: Condvar,
+    /// The coder parameters the shared contexts run (the model's defaults).
+    params: CoderParams,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Queue> {
+        self.queue.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The most urgent waiting job (first come first served within a tier); background
+    /// jobs only if `background_ok`.
+    fn pop(q: &mut Queue, background_ok: bool) -> Option<Submit> {
+        let mut best: Option<(usize, u8)> = None;
+        for (i, s) in q.jobs.iter().enumerate() {
+            let p = s.priority.load(Ordering::Relaxed);
+            if (p > BACKGROUND || background_ok) && best.is_none_or(|(_, bp)| p > bp) {
+                best = Some((i, p));
+            }
+        }
+        best.and_then(|(i, _)| q.jobs.remove(i))
+    }
+}
+
 pub struct LocalPool {
-    pub runtime: ModelRuntime,
+    pub runtime: Arc<ModelRuntime>,
     pub workers: usize,
     pub lanes: usize,
+    shared: Arc<Shared>,
+    threads: Vec<JoinHandle<()>>,
 }
 
 impl LocalPool {
+    /// Start `workers` worker threads (their contexts are created on first use), each
+    /// running up to `lanes` background streams plus [`READ_LANES`] for reads.
     pub fn new(runtime: ModelRuntime, workers: usize, lanes: usize) -> LocalPool {
+        let runtime = Arc::new(runtime);
+        let workers = workers.max(1);
+        let lanes = lanes.max(1);
+        let shared = Arc::new(Shared {
+            queue: Mutex::new(Queue {
+                jobs: VecDeque::new(),
+                shutdown: false,
+            }),
+            wake: Condvar::new(),
+            params: runtime.default_params(),
+        });
+        let threads = (0..workers)
+            .filter_map(|i| {
+                let rt = runtime.clone();
+                let sh = shared.clone();
+                std::thread::Builder::new()
+                    .name(format!("nacrith-worker-{i}"))
+                    .spawn(move || worker(&rt, &sh, lanes))
+                    .map_err(|e| log::error!("cannot start worker {i}: {e}"))
+                    .ok()
+            })
+            .collect();
         LocalPool {
             runtime,
-            workers: workers.max(1),
-            lanes: lanes.max(1),
+            workers,
+            lanes,
+            shared,
+            threads,
+        }
+    }
+
+    /// Queue one job; its answer arrives on `s.reply`. Jobs whose parameters differ from
+    /// the shared contexts' (blobs made with `nacrith --param`) run on a private context.
+    pub fn submit(&self, params: &CoderParams, s: Submit) {
+        if *params == self.shared.params {
+            let mut q = self.shared.lock();
+            if q.shutdown {
+                drop(q);
+                let _ = s.reply.send(Done {
+                    tag: s.tag,
+                    result: Err(ModelError::Runtime("the pool is shutting down".into())),
+                });
+                return;
+            }
+            q.jobs.push_back(s);
+            drop(q);
+            self.shared.wake.notify_all();
+            return;
+        }
+        let rt = self.runtime.clone();
+        let params = params.clone();
+        let spawned = std::thread::Builder::new()
+            .name("nacrith-private".into())
+            .spawn(move || {
+                let mut out = run_private(&rt, &params, vec![s.job], 1, 1, &|_| {});
+                let result = out
+                    .as_mut()
+                    .map_err(|e| e.clone())
+                    .and_then(|v| v.pop().ok_or_else(lost));
+                let _ = s.reply.send(Done { tag: s.tag, result });
+            });
+        if let Err(e) = spawned {
+            log::error!("cannot start a private coder thread: {e}");
+        }
+    }
+
+    /// Jobs waiting for a lane (not counting those running).
+    pub fn queued(&self) -> usize {
+        self.shared.lock().jobs.len()
+    }
+}
+
+impl Drop for LocalPool {
+    fn drop(&mut self) {
+        self.shared.lock().shutdown = true;
+        self.shared.wake.notify_all();
+        for t in self.threads.drain(..) {
+            let _ = t.join();
         }
     }
 }
 
-struct ChannelSource<'a> {
-    rx: Receiver<(usize, ChunkJob)>,
-    results: &'a Mutex<Vec<Option<ChunkOutput>>>,
-    progress: &'a (dyn Fn(usize) + Sync),
+fn lost() -> ModelError {
+    ModelError::Runtime("a chunk job was lost".into())
 }
 
-impl JobSource for ChannelSource<'_> {
-    fn next(&mut self, block: bool) -> Option<(usize, ChunkJob)> {
-        if block {
-            self.rx.recv().ok()
-        } else {
-            self.rx.try_recv().ok()
+fn worker(runtime: &ModelRuntime, shared: &Shared, lanes: usize) {
+    loop {
+        // Hold no context while there is nothing to do.
+        {
+            let mut q = shared.lock();
+            while q.jobs.is_empty() && !q.shutdown {
+                q = shared.wake.wait(q).unwrap_or_else(|p| p.into_inner());
+            }
+            if q.shutdown {
+                return;
+            }
         }
+        let mut source = PoolSource {
+            shared,
+            active: HashMap::new(),
+            next_id: 0,
+        };
+        let lm = runtime.lanes(lanes + READ_LANES, &shared.params);
+        let outcome = match lm {
+            Ok(mut lm) => std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                run_lanes(
+                    &mut lm,
+                    &shared.params,
+                    &runtime.allowed,
+                    lanes,
+                    &mut source,
+                )
+            }))
+            .unwrap_or_else(|_| Err(ModelError::Runtime("a coder worker panicked".into()))),
+            Err(e) => {
+                // Fail the job that woke us, so its owner hears about it; then wait.
+                let job = Shared::pop(&mut shared.lock(), true);
+                if let Some(s) = job {
+                    let _ = s.reply.send(Done {
+                        tag: s.tag,
+                        result: Err(e.clone()),
+                    });
+                }
+                Err(e)
+            }
+        };
+        if let Err(e) = outcome {
+            if shared.lock().shutdown {
+                log::debug!("coder worker: {e}");
+            } else {
+                log::error!("coder worker: {e}");
+            }
+            for (_, s) in source.active.drain() {
+                let _ = s.reply.send(Done {
+                    tag: s.tag,
+                    result: Err(e.clone()),
+                });
+            }
+            // Do not spin on a context that cannot be created.
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
+struct Running {
+    tag: u64,
+    progress: Option<Arc<AtomicUsize>>,
+    reply: Sender<Done>,
+}
+
+/// A worker's view of the shared queue. It keeps each running job's reply channel so
+/// that a failing step can still answer every job it held.
+struct PoolSource<'a> {
+    shared: &'a Shared,
+    active: HashMap<usize, Running>,
+    next_id: usize,
+}
+
+impl JobSource for PoolSource<'_> {
+    fn next(&mut self, block: bool, background_ok: bool) -> Option<Taken> {
+        let mut q = self.shared.lock();
+        let s = loop {
+            if q.shutdown {
+                return None;
+            }
+            if let Some(s) = Shared::pop(&mut q, background_ok) {
+                break s;
+            }
+            if !block {
+                return None;
+            }
+            let (guard, timeout) = self
+                .shared
+                .wake
+                .wait_timeout(q, IDLE_KEEP)
+                .unwrap_or_else(|p| p.into_inner());
+            q = guard;
+            if timeout.timed_out() && q.jobs.is_empty() {
+                return None;
+            }
+        };
+        drop(q);
+        let id = self.next_id;
+        self.next_id += 1;
+        let Submit {
+            tag,
+            job,
+            priority,
+            progress,
+            reply,
+        } = s;
+        self.active.insert(
+            id,
+            Running {
+                tag,
+                progress,
+                reply,
+            },
+        );
+        Some(Taken { id, job, priority })
     }
 
     fn finished(&mut self, id: usize, output: ChunkOutput) {
-        let mut r = self.results.lock().unwrap_or_else(|p| p.into_inner());
-        r[id] = Some(output);
+        if let Some(s) = self.active.remove(&id) {
+            let _ = s.reply.send(Done {
+                tag: s.tag,
+                result: Ok(output),
+            });
+        }
     }
 
-    fn progress(&mut self, symbols: usize) {
-        (self.progress)(symbols);
+    fn progress(&mut self, id: usize, symbols: usize) {
+        if let Some(p) = self.active.get(&id).and_then(|s| s.progress.as_ref()) {
+            p.fetch_add(symbols, Ordering::Relaxed);
+        }
     }
+
+    fn stop(&self) -> bool {
+        self.shared.lock().shutdown
+    }
+}
+
+/// Jobs with their own parameters, on contexts made for them (`workers` threads with
+/// `lanes` lanes each), outputs in job order.
+fn run_private(
+    runtime: &ModelRuntime,
+    params: &CoderParams,
+    jobs: Vec<ChunkJob>,
+    workers: usize,
+    lanes: usize,
+    progress: &(dyn Fn(usize) + Sync),
+) -> Result<Vec<ChunkOutput>, ModelError> {
+    struct Private<'a> {
+        rx: Receiver<(usize, ChunkJob)>,
+        results: &'a Mutex<Vec<Option<ChunkOutput>>>,
+        progress: &'a (dyn Fn(usize) + Sync),
+    }
+    impl JobSource for Private<'_> {
+        fn next(&mut self, _block: bool, _background_ok: bool) -> Option<Taken> {
+            self.rx
+                .try_recv()
+                .ok()
+                .map(|(id, job)| Taken::background(id, job))
+        }
+        fn finished(&mut self, id: usize, output: ChunkOutput) {
+            self.results.lock().unwrap_or_else(|p| p.into_inner())[id] = Some(output);
+        }
+        fn progress(&mut self, _id: usize, symbols: usize) {
+            (self.progress)(symbols);
+        }
+    }
+    let n = jobs.len();
+    let (tx, rx) = crossbeam_channel::unbounded();
+    for job in jobs.into_iter().enumerate() {
+        let _ = tx.send(job);
+    }
+    drop(tx);
+    let workers = workers.clamp(1, n.max(1));
+    let lanes = lanes.min(n.div_ceil(workers)).max(1);
+    let results = Mutex::new((0..n).map(|_| None).collect::<Vec<_>>());
+    let outcomes: Vec<Result<(), ModelError>> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..workers)
+            .map(|_| {
+                let rx = rx.clone();
+                let results = &results;
+                s.spawn(move || {
+                    let mut lm = runtime.lanes(lanes, params)?;
+                    let mut source = Private {
+                        rx,
+                        results,
+                        progress,
+                    };
+                    run_lanes(&mut lm, params, &runtime.allowed, lanes, &mut source)
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(ModelError::Runtime("a worker panicked".into())))
+            })
+            .collect()
+    });
+    for o in outcomes {
+        o?;
+    }
+    let results = results.into_inner().unwrap_or_else(|p| p.into_inner());
+    results.into_iter().map(|r| r.ok_or_else(lost)).collect()
 }
 
 impl Engine for LocalPool {
@@ -77,6 +404,8 @@ impl Engine for LocalPool {
         self.runtime.default_params()
     }
 
+    /// Every job at background priority on the shared workers, so several callers (one
+    /// per file being compressed) fill the same lanes.
     fn run(
         &self,
         params: &CoderParams,
@@ -87,53 +416,53 @@ impl Engine for LocalPool {
         if n == 0 {
             return Ok(Vec::new());
         }
+        if *params != self.shared.params {
+            return run_private(
+                &self.runtime,
+                params,
+                jobs,
+                self.workers,
+                self.lanes,
+                progress,
+            );
+        }
         let (tx, rx) = crossbeam_channel::unbounded();
-        for job in jobs.into_iter().enumerate() {
-            // The receiver is alive until the workers below finish.
-            let _ = tx.send(job);
+        let coded = Arc::new(AtomicUsize::new(0));
+        let priority = Arc::new(AtomicU8::new(BACKGROUND));
+        for (i, job) in jobs.into_iter().enumerate() {
+            self.submit(
+                params,
+                Submit {
+                    tag: i as u64,
+                    job,
+                    priority: priority.clone(),
+                    progress: Some(coded.clone()),
+                    reply: tx.clone(),
+                },
+            );
         }
+        // Only the workers hold senders now: if they all drop theirs, recv says so.
         drop(tx);
-        let workers = self.workers.min(n);
-        let lanes = self.lanes.min(n.div_ceil(workers));
-        let results = Mutex::new((0..n).map(|_| None).collect::<Vec<_>>());
-        // Contexts are created one at a time; start stepping only when all exist, so the
-        // first worker does not take every job while the others are still starting.
-        let ready = std::sync::Barrier::new(workers);
-        let outcomes: Vec<Result<(), ModelError>> = std::thread::scope(|s| {
-            let handles: Vec<_> = (0..workers)
-                .map(|_| {
-                    let rx = rx.clone();
-                    let results = &results;
-                    let ready = &ready;
-                    s.spawn(move || {
-                        let lm = self.runtime.lanes(lanes, params);
-                        ready.wait();
-                        let mut lm = lm?;
-                        let mut source = ChannelSource {
-                            rx,
-                            results,
-                            progress,
-                        };
-                        run_lanes(&mut lm, params, &self.runtime.allowed, &mut source)
-                    })
-                })
-                .collect();
-            handles
-                .into_iter()
-                .map(|h| {
-                    h.join()
-                        .unwrap_or_else(|_| Err(ModelError::Runtime("a worker panicked".into())))
-                })
-                .collect()
-        });
-        for o in outcomes {
-            o?;
+        let mut out: Vec<Option<ChunkOutput>> = (0..n).map(|_| None).collect();
+        let mut reported = 0;
+        let mut received = 0;
+        while received < n {
+            match rx.recv_timeout(Duration::from_millis(200)) {
+                Ok(Done { tag, result }) => {
+                    let slot = out.get_mut(tag as usize).ok_or_else(lost)?;
+                    *slot = Some(result?);
+                    received += 1;
+                }
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => return Err(lost()),
+            }
+            let now = coded.load(Ordering::Relaxed);
+            if now > reported {
+                progress(now - reported);
+                reported = now;
+            }
         }
-        let results = results.into_inner().unwrap_or_else(|p| p.into_inner());
-        results
-            .into_iter()
-            .map(|r| r.ok_or_else(|| ModelError::Runtime("a chunk job was lost".into())))
-            .collect()
+        out.into_iter().map(|r| r.ok_or_else(lost)).collect()
     }
 }
 
@@ -144,7 +473,7 @@ pub struct LazyPool {
     path: std::path::PathBuf,
     workers: usize,
     lanes: usize,
-    loaded: Mutex<Option<std::sync::Arc<LocalPool>>>,
+    loaded: Mutex<Option<Arc<LocalPool>>>,
 }
 
 impl LazyPool {
@@ -163,7 +492,7 @@ impl LazyPool {
             path: pool.runtime.path.clone(),
             workers: pool.workers,
             lanes: pool.lanes,
-            loaded: Mutex::new(Some(std::sync::Arc::new(pool))),
+            loaded: Mutex::new(Some(Arc::new(pool))),
         }
     }
 
@@ -171,9 +500,17 @@ impl LazyPool {
         &self.path
     }
 
+    /// The pool if the model is already loaded (never loads it).
+    pub fn loaded(&self) -> Option<Arc<LocalPool>> {
+        self.loaded
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
     /// The loaded pool, loading the model now if this is the first use (or every
     /// earlier attempt failed).
-    pub fn get(&self) -> Result<std::sync::Arc<LocalPool>, ModelError> {
+    pub fn get(&self) -> Result<Arc<LocalPool>, ModelError> {
         let mut slot = self.loaded.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(p) = slot.as_ref() {
             return Ok(p.clone());
@@ -185,7 +522,7 @@ impl LazyPool {
             crate::codec::hex(&runtime.fingerprint[..8]),
             runtime.backend_tag
         );
-        let pool = std::sync::Arc::new(LocalPool::new(runtime, self.workers, self.lanes));
+        let pool = Arc::new(LocalPool::new(runtime, self.workers, self.lanes));
         *slot = Some(pool.clone());
         Ok(pool)
     }
