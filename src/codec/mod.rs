@@ -527,20 +527,7 @@ pub fn decompress(
                 };
                 out.extend_from_slice(&chunk_bytes(engine.tokenizer(), symbols, region)?);
             }
-            _ => {
-                let stored = &blob[region.stored.clone()];
-                match region.kind {
-                    RegionKind::Zstd => zstd_into(
-                        stored,
-                        region.out.end - region.out.start,
-                        &mut out,
-                    )
-                    .map_err(|e| {
-                        CodecError::Corrupt(format!("segment {}: zstd: {e}", region.segment))
-                    })?,
-                    _ => out.extend_from_slice(stored),
-                }
-            }
+            _ => out.extend_from_slice(&decode_plain_region(header, blob, region)?),
         }
     }
     verify_assembled(header, &out)?;
