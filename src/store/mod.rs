@@ -144,6 +144,43 @@ impl Txn {
     }
 }
 
+/// Whether sled failed because another open of the index holds its file lock.
+/// sled wraps the `flock` refusal in an `Other` error whose text is the only tell.
+fn is_lock_refusal(e: &sled::Error) -> bool {
+    match e {
+        sled::Error::Io(io) => {
+            io.kind() == io::ErrorKind::WouldBlock || io.to_string().contains("acquire lock")
+        }
+        _ => false,
+    }
+}
+
+/// Open the sled index, waiting a little for its lock.
+///
+/// The lock is an `flock` on an open file: a child process forked by any thread
+/// of this process between our close and its `exec` briefly holds a copy of the
+/// descriptor, and with it the lock. A daemon that is really running keeps it,
+/// and after the wait that becomes a clear error.
+fn open_index(backing: &Path) -> Result<sled::Db> {
+    const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
+    let started = std::time::Instant::now();
+    loop {
+        match sled::Config::new().path(backing.join("index")).open() {
+            Ok(db) => return Ok(db),
+            Err(e) if is_lock_refusal(&e) && started.elapsed() < LOCK_WAIT => {
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            Err(e) if is_lock_refusal(&e) => {
+                return Err(StoreError::Setup(format!(
+                    "{} is in use by another nacrithfs daemon (its index is locked)",
+                    backing.display()
+                )))
+            }
+            Err(e) => return Err(StoreError::Index(e)),
+        }
+    }
+}
+
 impl Store {
     /// Open (initializing an empty directory) the backing directory.
     pub fn open(backing: &Path) -> Result<Store> {
@@ -181,18 +218,7 @@ impl Store {
         };
         std::fs::create_dir_all(backing.join("blobs"))?;
         std::fs::create_dir_all(backing.join("cache"))?;
-        let db = sled::Config::new()
-            .path(backing.join("index"))
-            .open()
-            .map_err(|e| match e {
-                sled::Error::Io(ref io) if io.kind() == io::ErrorKind::WouldBlock => {
-                    StoreError::Setup(format!(
-                        "{} is in use by another nacrithfs daemon",
-                        backing.display()
-                    ))
-                }
-                e => StoreError::Index(e),
-            })?;
+        let db = open_index(backing)?;
         let read_counter = |key: &[u8], default: u64| -> Result<u64> {
             Ok(match db.get(key)? {
                 Some(v) if v.len() == 8 => u64::from_le_bytes(v[..8].try_into().unwrap_or([0; 8])),
@@ -434,4 +460,22 @@ pub fn write_durably(path: &Path, data: &[u8]) -> io::Result<()> {
         let _ = std::fs::remove_file(&tmp);
     }
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_second_open_of_a_backing_directory_is_refused_with_the_reason() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let first = Store::open(dir.path()).expect("first open");
+        let err = match Store::open(dir.path()) {
+            Ok(_) => panic!("a second open of the same index succeeded"),
+            Err(e) => e.to_string(),
+        };
+        assert!(err.contains("in use by another nacrithfs daemon"), "{err}");
+        drop(first);
+        Store::open(dir.path()).expect("open again once the first is closed");
+    }
 }
