@@ -180,6 +180,8 @@ fn chunk_coded_in_a_batch_decodes_alone_and_the_reverse() {
     params.set("ctx_len", "512").expect("param");
     let opts = CompressOptions {
         chunk_size: 6_060,
+        // One long first chunk: it must run past the KV slide.
+        head_chunk: 0,
         params: Some(params),
         ..CompressOptions::default()
     };

@@ -11,8 +11,8 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use nacrithfs::codec::container::{Header, SegmentKind};
 use nacrithfs::codec::{self, CompressOptions, DecompressOptions, Engine};
-use nacrithfs::model::{find_model, ModelRuntime};
-use nacrithfs::pool::{default_workers, LocalPool, DEFAULT_LANES};
+use nacrithfs::model::find_model;
+use nacrithfs::pool::{LocalPool, DEFAULT_LANES};
 
 #[derive(Parser)]
 #[command(
@@ -30,7 +30,7 @@ struct ModelArgs {
     /// GGUF model file (default: $NACRITH_MODEL, then the installed default model)
     #[arg(long, value_name = "PATH")]
     model: Option<PathBuf>,
-    /// Worker contexts (each single-threaded; default: one per core)
+    /// Worker contexts (each single-threaded; default: one per core; with GPUs: per GPU, default 1)
     #[arg(long, value_name = "N")]
     threads: Option<usize>,
     /// Streams each context advances in lockstep
@@ -51,6 +51,10 @@ enum Cmd {
         /// Text chunk size in bytes (chunks are coded independently)
         #[arg(long, default_value_t = codec::DEFAULT_CHUNK_SIZE)]
         chunk_size: usize,
+        /// Target size of the first chunk (0: the chunk size); a read of a file's start
+        /// waits for this chunk only
+        #[arg(long, default_value_t = codec::DEFAULT_HEAD_CHUNK)]
+        head_chunk: usize,
         /// Decode the blob again and compare before writing it
         #[arg(long)]
         verify: bool,
@@ -126,9 +130,7 @@ fn write_output(path: &Path, data: &[u8]) -> Result<()> {
 
 fn load_pool(args: &ModelArgs) -> Result<LocalPool> {
     let path = find_model(args.model.as_deref())?;
-    let runtime = ModelRuntime::load(&path)?;
-    let workers = args.threads.unwrap_or_else(default_workers);
-    Ok(LocalPool::new(runtime, workers, args.batch))
+    Ok(nacrithfs::pool::load(&path, args.threads, args.batch)?)
 }
 
 fn progress_bar(total_symbols: u64, what: &str) -> Option<ProgressBar> {
@@ -149,7 +151,7 @@ fn compress(
     input: &Path,
     output: Option<PathBuf>,
     args: &ModelArgs,
-    chunk_size: usize,
+    (chunk_size, head_chunk): (usize, usize),
     verify: bool,
     overrides: &[String],
 ) -> Result<()> {
@@ -165,6 +167,7 @@ fn compress(
     let t0 = Instant::now();
     let opts = CompressOptions {
         chunk_size,
+        head_chunk,
         params: Some(params),
         ..CompressOptions::default()
     };
@@ -300,9 +303,17 @@ fn main() -> ExitCode {
             output,
             model,
             chunk_size,
+            head_chunk,
             verify,
             params,
-        } => compress(input, output.clone(), model, *chunk_size, *verify, params),
+        } => compress(
+            input,
+            output.clone(),
+            model,
+            (*chunk_size, *head_chunk),
+            *verify,
+            params,
+        ),
         Cmd::Decompress {
             input,
             output,

@@ -35,8 +35,9 @@ usage:
                                  LLM blobs too (loads the model). Exit 0 clean, 1 all
                                  repaired, 4 problems remain, 8 fsck itself failed.
 
-mount options (-o a,b=c): idle=SECONDS (30), cache_size=BYTES (1G), workers=N (cores),
-  batch=LANES (16), chunk_size=BYTES (16K), model=PATH, verify=full|none (full),
+mount options (-o a,b=c): idle=SECONDS (30), cache_size=BYTES (1G),
+  workers=N (cores; with GPUs: per GPU, 1), batch=LANES (16), chunk_size=BYTES (16K),
+  head_chunk=BYTES (4K), model=PATH, verify=full|none (full),
   allow_other, allow_root, default_permissions (always on), ro, noatime, nosuid, ...
 -f stays in the foreground (for systemd); logs go to stderr there, else to
 BACKING/nacrithfs.log.";
@@ -86,12 +87,10 @@ fn fsck_main(args: &[OsString]) -> Result<(), String> {
     let backing = backing.ok_or(usage)?;
     let pool = if deep {
         let path = find_model(model.as_deref()).map_err(|e| e.to_string())?;
-        let runtime = nacrithfs::model::ModelRuntime::load(&path).map_err(|e| e.to_string())?;
-        Some(nacrithfs::pool::LocalPool::new(
-            runtime,
-            nacrithfs::pool::default_workers(),
-            nacrithfs::pool::DEFAULT_LANES,
-        ))
+        Some(
+            nacrithfs::pool::load(&path, None, nacrithfs::pool::DEFAULT_LANES)
+                .map_err(|e| e.to_string())?,
+        )
     } else {
         None
     };
@@ -478,7 +477,7 @@ fn serve(
         backing.display(),
         mountpoint.display(),
         m.opts.idle.as_secs(),
-        m.opts.workers,
+        nacrithfs::pool::total_workers(m.opts.workers),
         m.opts.batch,
         if m.opts.verify { "full" } else { "none" }
     );

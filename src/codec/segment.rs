@@ -108,18 +108,32 @@ fn smooth(kinds: &mut [RunKind], kind: RunKind, max_len: usize) {
 /// Cut text into chunks of about `target` bytes, at a newline when one is near, else at a
 /// UTF-8 character boundary.
 pub fn chunk_text(data: &[u8], target: usize) -> Vec<Range<usize>> {
-    let target = target.max(64);
+    chunk_text_with_head(data, target, target)
+}
+
+/// Like [`chunk_text`], but the first chunk is at least `head` bytes (at most a quarter
+/// more, cut at a newline when one is near): a page-sized read at the start of a file
+/// then needs this chunk alone.
+pub fn chunk_text_with_head(data: &[u8], head: usize, rest: usize) -> Vec<Range<usize>> {
     let mut out = Vec::new();
     let mut start = 0;
     while start < data.len() {
-        let hard_end = start + target;
+        // The window a cut may fall in: [lo, hi) bytes from the chunk's start.
+        let (lo, hi) = if out.is_empty() && head != rest {
+            let head = head.max(64);
+            (head, head + head / 4)
+        } else {
+            let rest = rest.max(64);
+            (rest * 3 / 4, rest)
+        };
+        let hard_end = start + hi;
         if hard_end >= data.len() {
             out.push(start..data.len());
             break;
         }
-        let window = &data[start + target * 3 / 4..hard_end];
+        let window = &data[start + lo..hard_end];
         let end = match window.iter().rposition(|&b| b == b'\n') {
-            Some(p) => start + target * 3 / 4 + p + 1,
+            Some(p) => start + lo + p + 1,
             None => {
                 let mut e = hard_end;
                 // Back off continuation bytes so a character is not split.
@@ -184,5 +198,23 @@ mod tests {
             }
         }
         assert_eq!(pos, data.len());
+    }
+
+    #[test]
+    fn the_head_chunk_holds_at_least_its_target() {
+        let data = "A line of prose, some forty bytes long.\n".repeat(2000);
+        let chunks = chunk_text_with_head(data.as_bytes(), 4096, 16384);
+        assert!((4096..=5120).contains(&chunks[0].len()), "{:?}", chunks[0]);
+        assert_eq!(data.as_bytes()[chunks[0].end - 1], b'\n');
+        for c in &chunks[1..] {
+            assert!(c.len() <= 16384, "{c:?}");
+        }
+        assert!(chunks.windows(2).all(|w| w[0].end == w[1].start));
+        assert_eq!(chunks.last().map(|c| c.end), Some(data.len()));
+        // Text shorter than the head is one chunk.
+        assert_eq!(
+            chunk_text_with_head(&data.as_bytes()[..3000], 4096, 16384),
+            vec![0..3000]
+        );
     }
 }

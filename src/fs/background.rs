@@ -27,7 +27,8 @@ pub fn start(core: Arc<Core>, need_rx: Receiver<Need>) -> std::io::Result<Vec<Jo
     if !core.opts.read_only {
         // One compressor per lane the pool has for background work, so even a corpus of
         // one-chunk files keeps every lane busy; each waits on the pool, not the CPU.
-        let compressors = (core.opts.workers * core.opts.batch).clamp(1, MAX_COMPRESSORS);
+        let compressors = (crate::pool::total_workers(core.opts.workers) * core.opts.batch)
+            .clamp(1, MAX_COMPRESSORS);
         let budget = Arc::new(Budget::new(COMPRESS_BUDGET));
         for i in 0..compressors {
             let c = core.clone();
@@ -161,6 +162,7 @@ fn compress_data(
 ) {
     let opts = CompressOptions {
         chunk_size: core.opts.chunk_size,
+        head_chunk: core.opts.head_chunk,
         ..CompressOptions::default()
     };
     // Without the model nothing is compressed (not even with zstd): a text file stored

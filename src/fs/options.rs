@@ -13,10 +13,13 @@ pub struct FsOptions {
     /// compressions (which free space) and index updates can still commit on a full
     /// disk. None: 1% of the backing filesystem, at most 256 MiB.
     pub reserve: Option<u64>,
-    pub workers: usize,
+    /// Worker contexts: in all on a CPU (None: one per core), per GPU with GPUs (None: 1).
+    pub workers: Option<usize>,
     /// Lanes (chunk streams) per worker context.
     pub batch: usize,
     pub chunk_size: usize,
+    /// First chunk's target size (0: `chunk_size`).
+    pub head_chunk: usize,
     pub model: Option<PathBuf>,
     pub allow_other: bool,
     pub allow_root: bool,
@@ -35,9 +38,10 @@ impl Default for FsOptions {
             idle: Duration::from_secs(30),
             cache_size: 1 << 30,
             reserve: None,
-            workers: crate::pool::default_workers(),
+            workers: None,
             batch: crate::pool::DEFAULT_LANES,
             chunk_size: crate::codec::DEFAULT_CHUNK_SIZE,
+            head_chunk: crate::codec::DEFAULT_HEAD_CHUNK,
             model: None,
             allow_other: false,
             allow_root: false,
@@ -123,10 +127,16 @@ impl FsOptions {
                 "idle" => self.idle = Duration::from_secs(number(value)?),
                 "cache_size" => self.cache_size = parse_size(need(value)?)?,
                 "reserve" => self.reserve = Some(parse_size(need(value)?)?),
-                "workers" => self.workers = (number(value)? as usize).max(1),
+                "workers" => self.workers = Some((number(value)? as usize).max(1)),
                 "batch" => self.batch = (number(value)? as usize).clamp(1, 256),
                 "chunk_size" => {
                     self.chunk_size = (parse_size(need(value)?)? as usize).clamp(1024, 1 << 24)
+                }
+                "head_chunk" => {
+                    self.head_chunk = match parse_size(need(value)?)? as usize {
+                        0 => 0,
+                        n => n.clamp(1024, 1 << 24),
+                    }
                 }
                 "model" => self.model = Some(PathBuf::from(need(value)?)),
                 "backing" => self.backing = Some(PathBuf::from(need(value)?)),
@@ -162,12 +172,17 @@ mod tests {
         assert_eq!(o.idle, Duration::ZERO);
         assert_eq!(o.cache_size, 64 << 20);
         assert_eq!(o.reserve, Some(2 << 20));
-        assert_eq!(o.workers, 3);
+        assert_eq!(o.workers, Some(3));
         assert!(!o.verify);
         assert_eq!(o.kernel, vec!["nosuid".to_string()]);
         assert_eq!(o.backing, Some(PathBuf::from("/srv/b")));
         assert!(o.apply("bogus").is_err());
         assert!(o.apply("idle=soon").is_err());
         assert!(o.apply("verify=maybe").is_err());
+        assert_eq!(o.head_chunk, crate::codec::DEFAULT_HEAD_CHUNK);
+        o.apply("head_chunk=8K,chunk_size=32K").unwrap();
+        assert_eq!((o.head_chunk, o.chunk_size), (8192, 32768));
+        o.apply("head_chunk=0").unwrap();
+        assert_eq!(o.head_chunk, 0);
     }
 }

@@ -125,6 +125,58 @@ fn use_gpu() -> bool {
     cfg!(feature = "cuda") && std::env::var_os("NACRITH_CPU_ONLY").is_none()
 }
 
+/// Where a model's weights and its contexts live.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Device {
+    Cpu,
+    /// A ggml backend device (its index in llama.cpp's device list) and its name, e.g.
+    /// "NVIDIA H100 80GB HBM3": the kernels, hence the logits, depend on the GPU model.
+    Gpu {
+        index: usize,
+        description: String,
+    },
+}
+
+impl Device {
+    fn tag(&self) -> String {
+        match self {
+            Device::Cpu => format!("cpu {}", cpu_level()),
+            Device::Gpu { description, .. } => format!("cuda {description}"),
+        }
+    }
+}
+
+/// The GPUs the coder should use: none unless built with `cuda` (and `NACRITH_CPU_ONLY`
+/// unset). Only GPUs of the first one's model are used, so every worker of a pool
+/// computes the same logits and writes the same backend tag; `CUDA_VISIBLE_DEVICES`
+/// picks among them.
+pub fn gpus() -> Result<Vec<Device>, ModelError> {
+    if !use_gpu() {
+        return Ok(Vec::new());
+    }
+    backend()?;
+    let all: Vec<Device> = llama_cpp_2::list_llama_ggml_backend_devices()
+        .into_iter()
+        .filter(|d| d.device_type == llama_cpp_2::LlamaBackendDeviceType::Gpu)
+        .map(|d| Device::Gpu {
+            index: d.index,
+            description: d.description,
+        })
+        .collect();
+    let Some(first) = all.first().cloned() else {
+        return Ok(Vec::new());
+    };
+    let (same, other): (Vec<Device>, Vec<Device>) =
+        all.into_iter().partition(|d| d.tag() == first.tag());
+    for d in other {
+        log::warn!(
+            "not using {d:?}: a pool uses GPUs of one model only ({})",
+            first.tag()
+        );
+    }
+    Ok(same)
+}
+
 /// A loaded model with everything the coder needs to know about it.
 pub struct ModelRuntime {
     pub path: PathBuf,
@@ -140,6 +192,7 @@ pub struct ModelRuntime {
     /// Whether contexts use llama.cpp's flash-attention choice (else plain attention);
     /// fixed at load so the backend tag always describes the kernel in use.
     flash_attention_auto: bool,
+    pub device: Device,
     model: LlamaModel,
 }
 
@@ -151,7 +204,13 @@ pub fn fingerprint_file(path: &Path) -> Result<[u8; 32], std::io::Error> {
 }
 
 impl ModelRuntime {
+    /// Load on the first GPU (see [`gpus`]) or, without one, on the CPU.
     pub fn load(path: &Path) -> Result<ModelRuntime, ModelError> {
+        let device = gpus()?.into_iter().next().unwrap_or(Device::Cpu);
+        ModelRuntime::load_on(path, &device)
+    }
+
+    pub fn load_on(path: &Path, device: &Device) -> Result<ModelRuntime, ModelError> {
         let name = path.display().to_string();
         let load_err = |msg: String| ModelError::Load {
             path: name.clone(),
@@ -212,10 +271,14 @@ impl ModelRuntime {
         allowed[escape as usize] = true;
 
         let fingerprint = fingerprint_file(path).map_err(|e| load_err(e.to_string()))?;
-        let params = if use_gpu() {
-            LlamaModelParams::default().with_n_gpu_layers(999)
-        } else {
-            LlamaModelParams::default()
+        let params = match device {
+            Device::Cpu => LlamaModelParams::default(),
+            // Every layer on this one GPU: a split across GPUs would make the logits
+            // depend on how many there are.
+            Device::Gpu { index, .. } => LlamaModelParams::default()
+                .with_n_gpu_layers(999)
+                .with_devices(&[*index])
+                .map_err(|e| load_err(format!("GPU {index}: {e}")))?,
         };
         let model = LlamaModel::load_from_file(backend()?, path, &params)
             .map_err(|e| load_err(format!("llama.cpp could not load it: {e}")))?;
@@ -226,14 +289,10 @@ impl ModelRuntime {
                 vocab.tokens.len()
             )));
         }
-        let device = if use_gpu() {
-            "cuda".to_string()
-        } else {
-            format!("cpu {}", cpu_level())
-        };
+        let device_tag = device.tag();
         let flash_attention_auto = flash_attention_auto_requested();
         let backend_tag = format!(
-            "{LLAMA_BUILD}; {device}; weights {}; threads 1; attention {}",
+            "{LLAMA_BUILD}; {device_tag}; weights {}; threads 1; attention {}",
             file_type_name(ftype),
             if flash_attention_auto {
                 "flash-auto"
@@ -250,6 +309,7 @@ impl ModelRuntime {
             start_token: escape,
             escape_token: escape,
             flash_attention_auto,
+            device: device.clone(),
             model,
         })
     }

@@ -4,6 +4,9 @@
 //! in one queue; a worker fills a free lane as soon as one of its streams ends, taking
 //! the most urgent job first (a reader's chunk before read-ahead before compression).
 //!
+//! With GPUs (the `cuda` feature), the model is loaded once per GPU and each worker's
+//! context lives on its GPU.
+//!
 //! Why contexts and not threads per context: with two threads in one context, llama.cpp
 //! splits attention work by thread and the logits start to depend on it past 256
 //! positions; with one thread they do not depend on which lanes share a step.
@@ -20,7 +23,9 @@ use crate::codec::lanes::{run_lanes, ChunkJob, ChunkOutput, JobSource, Taken, BA
 use crate::codec::params::CoderParams;
 use crate::codec::tokenizer::TextTokenizer;
 use crate::codec::Engine;
+use crate::model::llama::{gpus, Device};
 use crate::model::{ModelError, ModelRuntime};
+use std::path::Path;
 
 /// Default lanes per context for background work: measured here (2-core x86-64-v3),
 /// 16 lanes give ~1.2x one stream's tokens/s per context.
@@ -34,6 +39,35 @@ const IDLE_KEEP: Duration = Duration::from_secs(30);
 
 pub fn default_workers() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// Worker threads a pool made with `workers` (the `workers=` option) will run: per GPU
+/// when there are GPUs (one each by default), else in all (one per core by default).
+pub fn total_workers(workers: Option<usize>) -> usize {
+    match gpus() {
+        Ok(g) if !g.is_empty() => g.len() * workers.unwrap_or(1).max(1),
+        _ => workers.unwrap_or_else(default_workers).max(1),
+    }
+}
+
+/// Load the model and start a pool: one copy of the model per GPU with `workers`
+/// (default: 1) workers each, or without GPUs one copy on the CPU with `workers`
+/// (default: one per core) single-threaded workers.
+pub fn load(path: &Path, workers: Option<usize>, lanes: usize) -> Result<LocalPool, ModelError> {
+    let gpus = gpus()?;
+    if gpus.is_empty() {
+        let runtime = ModelRuntime::load_on(path, &Device::Cpu)?;
+        return Ok(LocalPool::new(
+            runtime,
+            workers.unwrap_or_else(default_workers),
+            lanes,
+        ));
+    }
+    let runtimes = gpus
+        .iter()
+        .map(|d| ModelRuntime::load_on(path, d))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(LocalPool::on_devices(runtimes, workers.unwrap_or(1), lanes))
 }
 
 /// The answer to one submitted job.
@@ -62,11 +96,27 @@ struct Shared {
     wake: Condvar,
     /// The coder parameters the shared contexts run (the model's defaults).
     params: CoderParams,
+    /// Jobs each worker holds in its lanes ([`UNAVAILABLE`] for a worker that cannot
+    /// take any). A busy worker leaves new jobs to a less busy one: otherwise the first
+    /// worker to create its context takes a whole file's chunks while the others are
+    /// still allocating theirs, and a 10-chunk file runs on one core.
+    load: Vec<AtomicUsize>,
 }
+
+const UNAVAILABLE: usize = usize::MAX;
 
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, Queue> {
         self.queue.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether worker `me` holds more jobs than some other worker that can take them.
+    fn busier_than_another(&self, me: usize) -> bool {
+        let mine = self.load[me].load(Ordering::Relaxed);
+        self.load
+            .iter()
+            .enumerate()
+            .any(|(w, l)| w != me && l.load(Ordering::Relaxed) < mine)
     }
 
     /// The most urgent waiting job (first come first served within a tier); background
@@ -84,7 +134,9 @@ impl Shared {
 }
 
 pub struct LocalPool {
+    /// The model as loaded on the first device: tokenizer, fingerprint, backend tag.
     pub runtime: Arc<ModelRuntime>,
+    /// Worker threads in all.
     pub workers: usize,
     pub lanes: usize,
     shared: Arc<Shared>,
@@ -95,8 +147,18 @@ impl LocalPool {
     /// Start `workers` worker threads (their contexts are created on first use), each
     /// running up to `lanes` background streams plus [`READ_LANES`] for reads.
     pub fn new(runtime: ModelRuntime, workers: usize, lanes: usize) -> LocalPool {
-        let runtime = Arc::new(runtime);
-        let workers = workers.max(1);
+        LocalPool::on_devices(vec![runtime], workers, lanes)
+    }
+
+    /// `per_device` workers for each loaded copy of the model (one copy per GPU), worker
+    /// threads of one device after the other. Every copy must code identically: same
+    /// file, same backend tag.
+    /// `runtimes` is never empty.
+    fn on_devices(runtimes: Vec<ModelRuntime>, per_device: usize, lanes: usize) -> LocalPool {
+        let runtimes: Vec<Arc<ModelRuntime>> = runtimes.into_iter().map(Arc::new).collect();
+        let runtime = runtimes[0].clone();
+        let workers = per_device.max(1) * runtimes.len();
+        let per_device = per_device.max(1);
         let lanes = lanes.max(1);
         let shared = Arc::new(Shared {
             queue: Mutex::new(Queue {
@@ -105,15 +167,19 @@ impl LocalPool {
             }),
             wake: Condvar::new(),
             params: runtime.default_params(),
+            load: (0..workers).map(|_| AtomicUsize::new(0)).collect(),
         });
         let threads = (0..workers)
             .filter_map(|i| {
-                let rt = runtime.clone();
+                let rt = runtimes[i / per_device].clone();
                 let sh = shared.clone();
                 std::thread::Builder::new()
                     .name(format!("nacrith-worker-{i}"))
-                    .spawn(move || worker(&rt, &sh, lanes))
-                    .map_err(|e| log::error!("cannot start worker {i}: {e}"))
+                    .spawn(move || worker(&rt, &sh, i, lanes))
+                    .map_err(|e| {
+                        shared.load[i].store(UNAVAILABLE, Ordering::Relaxed);
+                        log::error!("cannot start worker {i}: {e}")
+                    })
                     .ok()
             })
             .collect();
@@ -181,7 +247,7 @@ fn lost() -> ModelError {
     ModelError::Runtime("a chunk job was lost".into())
 }
 
-fn worker(runtime: &ModelRuntime, shared: &Shared, lanes: usize) {
+fn worker(runtime: &ModelRuntime, shared: &Shared, me: usize, lanes: usize) {
     loop {
         // Hold no context while there is nothing to do.
         {
@@ -193,8 +259,10 @@ fn worker(runtime: &ModelRuntime, shared: &Shared, lanes: usize) {
                 return;
             }
         }
+        shared.load[me].store(0, Ordering::Relaxed);
         let mut source = PoolSource {
             shared,
+            me,
             active: HashMap::new(),
             next_id: 0,
         };
@@ -234,7 +302,9 @@ fn worker(runtime: &ModelRuntime, shared: &Shared, lanes: usize) {
                     result: Err(e.clone()),
                 });
             }
-            // Do not spin on a context that cannot be created.
+            // Do not spin on a context that cannot be created, and let the other
+            // workers take the queue meanwhile.
+            shared.load[me].store(UNAVAILABLE, Ordering::Relaxed);
             std::thread::sleep(Duration::from_millis(200));
         }
     }
@@ -250,6 +320,7 @@ struct Running {
 /// that a failing step can still answer every job it held.
 struct PoolSource<'a> {
     shared: &'a Shared,
+    me: usize,
     active: HashMap<usize, Running>,
     next_id: usize,
 }
@@ -259,6 +330,9 @@ impl JobSource for PoolSource<'_> {
         let mut q = self.shared.lock();
         let s = loop {
             if q.shutdown {
+                return None;
+            }
+            if !block && self.shared.busier_than_another(self.me) {
                 return None;
             }
             if let Some(s) = Shared::pop(&mut q, background_ok) {
@@ -295,11 +369,14 @@ impl JobSource for PoolSource<'_> {
                 reply,
             },
         );
+        self.shared.load[self.me].store(self.active.len(), Ordering::Relaxed);
         Some(Taken { id, job, priority })
     }
 
     fn finished(&mut self, id: usize, output: ChunkOutput) {
-        if let Some(s) = self.active.remove(&id) {
+        let ended = self.active.remove(&id);
+        self.shared.load[self.me].store(self.active.len(), Ordering::Relaxed);
+        if let Some(s) = ended {
             let _ = s.reply.send(Done {
                 tag: s.tag,
                 result: Ok(output),
@@ -471,13 +548,13 @@ impl Engine for LocalPool {
 /// later attempt succeeds once the file is back. Once loaded, the model stays in memory.
 pub struct LazyPool {
     path: std::path::PathBuf,
-    workers: usize,
+    workers: Option<usize>,
     lanes: usize,
     loaded: Mutex<Option<Arc<LocalPool>>>,
 }
 
 impl LazyPool {
-    pub fn new(path: std::path::PathBuf, workers: usize, lanes: usize) -> LazyPool {
+    pub fn new(path: std::path::PathBuf, workers: Option<usize>, lanes: usize) -> LazyPool {
         LazyPool {
             path,
             workers,
@@ -490,7 +567,7 @@ impl LazyPool {
     pub fn with(pool: LocalPool) -> LazyPool {
         LazyPool {
             path: pool.runtime.path.clone(),
-            workers: pool.workers,
+            workers: Some(pool.workers),
             lanes: pool.lanes,
             loaded: Mutex::new(Some(Arc::new(pool))),
         }
@@ -515,14 +592,14 @@ impl LazyPool {
         if let Some(p) = slot.as_ref() {
             return Ok(p.clone());
         }
-        let runtime = ModelRuntime::load(&self.path)?;
+        let pool = Arc::new(load(&self.path, self.workers, self.lanes)?);
         log::info!(
-            "model {} loaded ({}), backend {}",
+            "model {} loaded ({}), backend {}, {} workers",
             self.path.display(),
-            crate::codec::hex(&runtime.fingerprint[..8]),
-            runtime.backend_tag
+            crate::codec::hex(&pool.runtime.fingerprint[..8]),
+            pool.runtime.backend_tag,
+            pool.workers
         );
-        let pool = Arc::new(LocalPool::new(runtime, self.workers, self.lanes));
         *slot = Some(pool.clone());
         Ok(pool)
     }
