@@ -162,16 +162,21 @@ fn logits_do_not_depend_on_batch_composition_across_a_kv_slide() {
     }
 }
 
+/// A pool of its own (one context with `lanes` lanes) on the shared test model's file.
+fn private_pool(lanes: usize) -> LocalPool {
+    let path = &pool().runtime.path;
+    let runtime = nacrithfs::model::ModelRuntime::load(path).expect("load");
+    LocalPool::new(runtime, 1, lanes)
+}
+
 /// The codec end to end: a long chunk coded in a 3-lane batch beside shorter chunks
 /// decodes on a single-lane pool, and a chunk coded alone decodes in a batch. A short
 /// context (512, keep 384) makes the ~1,400-token chunk slide its KV cache four times.
 #[test]
 fn chunk_coded_in_a_batch_decodes_alone_and_the_reverse() {
     let _g = llm_lock();
-    let path = pool().runtime.path.clone();
-    let load = || nacrithfs::model::ModelRuntime::load(&path).expect("load");
-    let alone = LocalPool::new(load(), 1, 1);
-    let batched = LocalPool::new(load(), 1, 3);
+    let alone = private_pool(1);
+    let batched = private_pool(3);
     let mut data = english(6_000);
     data.extend_from_slice(b"\nA short second chunk of text, coded beside the long one.\n");
     data.extend_from_slice(b"And a third, even shorter.\n");
@@ -240,10 +245,8 @@ fn shared_pool_lanes_join_leave_and_pause_without_changing_any_stream() {
     use std::sync::Arc;
 
     let _g = llm_lock();
-    let path = pool().runtime.path.clone();
-    let load = || nacrithfs::model::ModelRuntime::load(&path).expect("load");
-    let one_lane = LocalPool::new(load(), 1, 1);
-    let shared = LocalPool::new(load(), 1, 3);
+    let one_lane = private_pool(1);
+    let shared = private_pool(3);
     let data = english(6_000);
     let opts = CompressOptions {
         chunk_size: 1_200,

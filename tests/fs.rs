@@ -41,8 +41,7 @@ fn check_all(mnt: &Path, expect: &[(&str, Vec<u8>)]) {
 fn write_flush_compress_evict_remount_read_back() {
     let _llm = common::llm_lock();
     let dir = tempfile::tempdir().expect("tempdir");
-    let (backing, mnt) = (dir.path().join("backing"), dir.path().join("mnt"));
-    fs::create_dir(&backing).expect("backing");
+    let (backing, mnt) = new_volume(dir.path());
     let d = Daemon::start(&backing, &mnt, "idle=3600");
     fs::create_dir(mnt.join("notes")).expect("mkdir");
     let files = files();
@@ -126,8 +125,7 @@ fn write_flush_compress_evict_remount_read_back() {
 fn kill9_with_queued_and_compressing_files_loses_nothing() {
     let _llm = common::llm_lock();
     let dir = tempfile::tempdir().expect("tempdir");
-    let (backing, mnt) = (dir.path().join("backing"), dir.path().join("mnt"));
-    fs::create_dir(&backing).expect("backing");
+    let (backing, mnt) = new_volume(dir.path());
 
     // Round 1: files written and fsynced, queued (idle not over yet), then kill -9.
     let d = Daemon::start(&backing, &mnt, "idle=3600");
@@ -208,8 +206,7 @@ fn daemon_pid_for(mnt: &Path) -> Option<i32> {
 #[test]
 fn mount_helper_tag_source_and_sigterm() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let (backing, mnt) = (dir.path().join("backing"), dir.path().join("mnt"));
-    fs::create_dir(&backing).expect("backing");
+    let (backing, mnt) = new_volume(dir.path());
     fs::create_dir(&mnt).expect("mnt");
     // mount(8) runs mount.fuse3, which runs `nacrithfs` from PATH (it daemonizes once
     // live). mount(8) resets PATH to the system's, where only the installed copy is, so
@@ -310,8 +307,7 @@ fn renameat2(from: &Path, to: &Path, flags: u32) -> std::io::Result<()> {
 #[test]
 fn posix_behaviour() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let (backing, mnt) = (dir.path().join("backing"), dir.path().join("mnt"));
-    fs::create_dir(&backing).expect("backing");
+    let (backing, mnt) = new_volume(dir.path());
     let d = Daemon::start(&backing, &mnt, "idle=3600");
     let p = |n: &str| mnt.join(n);
 
@@ -416,8 +412,7 @@ fn a_read_decodes_only_the_chunks_it_covers() {
     use std::os::unix::io::AsRawFd;
     let _llm = common::llm_lock();
     let dir = tempfile::tempdir().expect("tempdir");
-    let (backing, mnt) = (dir.path().join("backing"), dir.path().join("mnt"));
-    fs::create_dir(&backing).expect("backing");
+    let (backing, mnt) = new_volume(dir.path());
     let d = Daemon::start(&backing, &mnt, "idle=3600,chunk_size=1024");
     let text = common::english(16_000);
     let path = mnt.join("book.txt");

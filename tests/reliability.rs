@@ -622,8 +622,7 @@ fn crash_consistency_kill9_rounds() {
     let _llm = common::llm_lock();
     let rounds = env_number("NACRITHFS_CRASH_ROUNDS", 4);
     let dir = tempfile::tempdir().expect("tempdir");
-    let (backing, mnt) = (dir.path().join("backing"), dir.path().join("mnt"));
-    fs::create_dir(&backing).expect("backing");
+    let (backing, mnt) = new_volume(dir.path());
     // Outside the mount: what the writer has fsynced (name, size, hash per line).
     let manifest_path = dir.path().join("manifest");
     let mut manifest: BTreeMap<String, Vec<u8>> = BTreeMap::new();
@@ -839,8 +838,7 @@ fn stress_concurrent_writers_readers_renamers() {
     let _llm = common::llm_lock();
     let secs = env_number("NACRITHFS_STRESS_SECS", 10);
     let dir = tempfile::tempdir().expect("tempdir");
-    let (backing, mnt) = (dir.path().join("backing"), dir.path().join("mnt"));
-    fs::create_dir(&backing).expect("backing");
+    let (backing, mnt) = new_volume(dir.path());
     // idle=0 compresses as soon as a file is closed; a tiny cache forces evictions, so
     // reads and writes keep decompressing what was just compressed.
     let d = Daemon::start(&backing, &mnt, "idle=0,cache_size=32K");

@@ -192,7 +192,6 @@ pub struct ModelRuntime {
     /// Whether contexts use llama.cpp's flash-attention choice (else plain attention);
     /// fixed at load so the backend tag always describes the kernel in use.
     flash_attention_auto: bool,
-    pub device: Device,
     model: LlamaModel,
 }
 
@@ -289,10 +288,10 @@ impl ModelRuntime {
                 vocab.tokens.len()
             )));
         }
-        let device_tag = device.tag();
         let flash_attention_auto = flash_attention_auto_requested();
         let backend_tag = format!(
-            "{LLAMA_BUILD}; {device_tag}; weights {}; threads 1; attention {}",
+            "{LLAMA_BUILD}; {}; weights {}; threads 1; attention {}",
+            device.tag(),
             file_type_name(ftype),
             if flash_attention_auto {
                 "flash-auto"
@@ -309,7 +308,6 @@ impl ModelRuntime {
             start_token: escape,
             escape_token: escape,
             flash_attention_auto,
-            device: device.clone(),
             model,
         })
     }

@@ -12,6 +12,7 @@
 //! positions; with one thread they do not depend on which lanes share a step.
 
 use std::collections::{HashMap, VecDeque};
+use std::path::Path;
 use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
@@ -25,7 +26,6 @@ use crate::codec::tokenizer::TextTokenizer;
 use crate::codec::Engine;
 use crate::model::llama::{gpus, Device};
 use crate::model::{ModelError, ModelRuntime};
-use std::path::Path;
 
 /// Default lanes per context for background work: measured here (2-core x86-64-v3),
 /// 16 lanes give ~1.2x one stream's tokens/s per context.
@@ -41,33 +41,33 @@ pub fn default_workers() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
-/// Worker threads a pool made with `workers` (the `workers=` option) will run: per GPU
-/// when there are GPUs (one each by default), else in all (one per core by default).
-pub fn total_workers(workers: Option<usize>) -> usize {
-    match gpus() {
-        Ok(g) if !g.is_empty() => g.len() * workers.unwrap_or(1).max(1),
-        _ => workers.unwrap_or_else(default_workers).max(1),
-    }
+/// What `workers` (the `workers=` option) means: workers per GPU when there are GPUs
+/// (default 1), else workers in all (default: one per core).
+fn workers_per_device(workers: Option<usize>, on_gpus: bool) -> usize {
+    let default = if on_gpus { 1 } else { default_workers() };
+    workers.unwrap_or(default).max(1)
 }
 
-/// Load the model and start a pool: one copy of the model per GPU with `workers`
-/// (default: 1) workers each, or without GPUs one copy on the CPU with `workers`
-/// (default: one per core) single-threaded workers.
+/// Worker threads a pool made with `workers` will run.
+pub fn total_workers(workers: Option<usize>) -> usize {
+    let devices = gpus().map_or(0, |g| g.len());
+    workers_per_device(workers, devices > 0) * devices.max(1)
+}
+
+/// Load the model and start a pool: one copy of the model per GPU, or without GPUs one
+/// copy on the CPU, with [`workers_per_device`] single-threaded workers each.
 pub fn load(path: &Path, workers: Option<usize>, lanes: usize) -> Result<LocalPool, ModelError> {
     let gpus = gpus()?;
+    let per_device = workers_per_device(workers, !gpus.is_empty());
     if gpus.is_empty() {
         let runtime = ModelRuntime::load_on(path, &Device::Cpu)?;
-        return Ok(LocalPool::new(
-            runtime,
-            workers.unwrap_or_else(default_workers),
-            lanes,
-        ));
+        return Ok(LocalPool::new(runtime, per_device, lanes));
     }
     let runtimes = gpus
         .iter()
         .map(|d| ModelRuntime::load_on(path, d))
         .collect::<Result<Vec<_>, _>>()?;
-    Ok(LocalPool::on_devices(runtimes, workers.unwrap_or(1), lanes))
+    Ok(LocalPool::on_devices(runtimes, per_device, lanes))
 }
 
 /// The answer to one submitted job.
@@ -152,13 +152,12 @@ impl LocalPool {
 
     /// `per_device` workers for each loaded copy of the model (one copy per GPU), worker
     /// threads of one device after the other. Every copy must code identically: same
-    /// file, same backend tag.
-    /// `runtimes` is never empty.
+    /// file, same backend tag. `runtimes` is never empty.
     fn on_devices(runtimes: Vec<ModelRuntime>, per_device: usize, lanes: usize) -> LocalPool {
         let runtimes: Vec<Arc<ModelRuntime>> = runtimes.into_iter().map(Arc::new).collect();
         let runtime = runtimes[0].clone();
-        let workers = per_device.max(1) * runtimes.len();
         let per_device = per_device.max(1);
+        let workers = per_device * runtimes.len();
         let lanes = lanes.max(1);
         let shared = Arc::new(Shared {
             queue: Mutex::new(Queue {

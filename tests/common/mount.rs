@@ -11,6 +11,14 @@ use std::time::{Duration, Instant};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_nacrithfs");
 
+/// A fresh volume under `dir`: an empty backing directory (created) and the mountpoint
+/// path (the daemon creates it).
+pub fn new_volume(dir: &Path) -> (PathBuf, PathBuf) {
+    let (backing, mnt) = (dir.join("backing"), dir.join("mnt"));
+    fs::create_dir(&backing).expect("backing");
+    (backing, mnt)
+}
+
 pub fn is_mounted(mnt: &Path) -> bool {
     let mounts = fs::read_to_string("/proc/mounts").unwrap_or_default();
     let needle = format!(" {} fuse.nacrithfs ", mnt.display());
