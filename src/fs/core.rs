@@ -69,6 +69,23 @@ pub(crate) struct Partial {
 }
 
 impl Partial {
+    /// Where the decoded bytes that start at `from` end: `from` itself when the region
+    /// under it is not decoded yet.
+    fn decoded_until(&self, from: u64) -> u64 {
+        if from >= self.size {
+            return self.size;
+        }
+        let first = self.regions.partition_point(|r| r.end <= from);
+        let mut end = from;
+        for (r, done) in self.regions[first..].iter().zip(&self.done[first..]) {
+            if !done {
+                break;
+            }
+            end = r.end;
+        }
+        end.min(self.size)
+    }
+
     /// Whether bytes `range` (clamped to the file) are all decoded.
     fn covers(&self, range: &Range<u64>) -> bool {
         let (start, end) = (range.start.min(self.size), range.end.min(self.size));
@@ -115,6 +132,24 @@ pub struct Stats {
 struct Handle {
     ino: u64,
     append: bool,
+    /// A read-only handle of a compressed file: its reads are answered with what is
+    /// decoded so far (see [`Opened::direct_io`]).
+    stream: bool,
+}
+
+/// A new handle, and how the kernel should do its I/O.
+pub struct Opened {
+    pub fh: u64,
+    /// I/O goes straight to this daemon instead of through the kernel's page cache:
+    /// - write-only handles: through the page cache every write would be copied into the
+    ///   mount's pages as well as the cache file's (sequential writes ran at 44% of the
+    ///   backing disk's speed); a write-only handle cannot be read or mapped, so it
+    ///   loses nothing;
+    /// - read-only handles of compressed files (`stream`): a read(2) is answered with
+    ///   the bytes decoded so far, so `cat` prints the head chunk while the rest is
+    ///   decoding. In the page cache the kernel fills a whole read (128 KiB for `cat`)
+    ///   before returning any of it.
+    pub direct_io: bool,
 }
 
 pub(crate) struct State {
@@ -661,9 +696,14 @@ impl Core {
         Ok(out)
     }
 
-    pub fn open(self: &Arc<Self>, ino: u64, flags: i32) -> FsResult<u64> {
+    /// Open a handle. Nothing is decoded here: an open for writing is often an
+    /// `O_TRUNC` (the kernel truncates with a SETATTR after the open), and a write that
+    /// needs the old bytes decodes them then.
+    pub fn open(&self, ino: u64, flags: i32) -> FsResult<Opened> {
         let inode = self.get(ino)?;
-        let write = flags & libc::O_ACCMODE != libc::O_RDONLY;
+        let mode = flags & libc::O_ACCMODE;
+        let write = mode != libc::O_RDONLY;
+        let stream = inode.kind == Kind::File && mode == libc::O_RDONLY && !inode.cached;
         let mut st = self.lock();
         let fh = st.next_fh;
         st.next_fh += 1;
@@ -672,6 +712,7 @@ impl Core {
             Handle {
                 ino,
                 append: flags & libc::O_APPEND != 0,
+                stream,
             },
         );
         let live = st.live.entry(ino).or_default();
@@ -680,11 +721,15 @@ impl Core {
             live.writers += 1;
         }
         drop(st);
-        if inode.kind == Kind::File && write && !inode.cached && flags & libc::O_TRUNC == 0 {
-            // A writer will need the plaintext: start decompressing now, in the background.
-            self.with_plain(ino, Box::new(|_| {}));
-        }
-        Ok(fh)
+        Ok(Opened {
+            fh,
+            direct_io: stream || mode == libc::O_WRONLY,
+        })
+    }
+
+    /// Whether reads of handle `fh` may be answered with part of what they asked for.
+    pub fn streams(&self, fh: u64) -> bool {
+        self.lock().handles.get(&fh).is_some_and(|h| h.stream)
     }
 
     /// Close a handle; the last close of a dirty file queues it after `idle`.
@@ -896,20 +941,29 @@ impl Core {
     }
 
     /// Read from a cached file, or from the decoded part of one being decoded (call
-    /// inside [`Core::with_range`]). ESTALE: the bytes are not there (any more).
-    pub fn read(&self, ino: u64, offset: u64, size: u32) -> FsResult<Vec<u8>> {
+    /// inside [`Core::with_range`]). With `short`, a partly decoded range gives its
+    /// decoded start. ESTALE: the bytes are not there (any more).
+    pub fn read(&self, ino: u64, offset: u64, size: u32, short: bool) -> FsResult<Vec<u8>> {
+        let mut size = size as u64;
         let file = {
             let mut st = self.lock();
             let inode = self.get(ino)?;
             if inode.cached {
                 self.cache_file(&mut st, ino)?
             } else {
-                let range = offset..offset.saturating_add(size as u64);
                 // The temp file has the file's length; what is read of it is decoded.
-                match st.partial.get(&ino) {
-                    Some(p) if Some(p.blob) == inode.blob && p.covers(&range) => p.file.clone(),
-                    _ => return Err(libc::ESTALE),
+                let Some(p) = st.partial.get(&ino).filter(|p| Some(p.blob) == inode.blob) else {
+                    return Err(libc::ESTALE);
+                };
+                if short && offset < p.size {
+                    size = size.min(p.decoded_until(offset) - offset);
+                    if size == 0 {
+                        return Err(libc::ESTALE);
+                    }
+                } else if !p.covers(&(offset..offset.saturating_add(size))) {
+                    return Err(libc::ESTALE);
                 }
+                p.file.clone()
             }
         };
         let mut buf = vec![0u8; size as usize];
@@ -1521,9 +1575,8 @@ impl Core {
         let mut st = self.lock();
         let mut result = result;
         if let (Err(_), Some(blob)) = (result, blob) {
-            // A failure on a blob the file no longer uses (truncated, rewritten meanwhile:
-            // open(O_TRUNC) reaches us as an open, which starts a decompression, and then a
-            // truncate, which drops the blob) is no failure: serve what is there now.
+            // A failure on a blob the file no longer uses (truncated or rewritten while it
+            // was decoding) is no failure: serve what is there now.
             if let Ok(inode) = self.get(ino) {
                 if inode.cached {
                     result = Ok(());

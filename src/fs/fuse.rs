@@ -10,12 +10,12 @@ use std::time::{Duration, SystemTime};
 
 use fuser::{
     AccessFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation,
-    INodeNo, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData,
-    ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr,
-    Request, TimeOrNow, WriteFlags,
+    INodeNo, InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate,
+    ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite,
+    ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 
-use super::core::{stored_size, Attr, Core};
+use super::core::{stored_size, Attr, Core, Opened};
 use crate::store::Kind;
 
 /// How long the kernel may cache attributes and entries. Every change goes through
@@ -75,6 +75,14 @@ fn time(t: TimeOrNow) -> Option<SystemTime> {
     }
 }
 
+fn fopen_flags(o: &Opened) -> FopenFlags {
+    if o.direct_io {
+        FopenFlags::FOPEN_DIRECT_IO
+    } else {
+        FopenFlags::empty()
+    }
+}
+
 fn reply_entry(reply: ReplyEntry, r: Result<Attr, i32>) {
     match r {
         Ok(a) => reply.entry(&TTL, &file_attr(&a), Generation(0)),
@@ -102,6 +110,9 @@ impl Filesystem for NacrithFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         // Larger writes: fewer round trips on the plaintext path.
         let _ = config.set_max_write(1 << 20);
+        // Lets MAP_SHARED work on direct-I/O handles (see `Opened::direct_io`); without
+        // it such a mapping fails with ENODEV. Kernels before 6.6 lack it.
+        let _ = config.add_capabilities(InitFlags::FUSE_DIRECT_IO_ALLOW_MMAP);
         Ok(())
     }
 
@@ -283,7 +294,7 @@ impl Filesystem for NacrithFs {
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         match self.core.open(ino.0, flags.0) {
-            Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
+            Ok(o) => reply.opened(FileHandle(o.fh), fopen_flags(&o)),
             Err(e) => reply.error(errno(e)),
         }
     }
@@ -292,14 +303,19 @@ impl Filesystem for NacrithFs {
         &self,
         _req: &Request,
         ino: INodeNo,
-        _fh: FileHandle,
+        fh: FileHandle,
         offset: u64,
         size: u32,
         _flags: OpenFlags,
-        _lock_owner: Option<LockOwner>,
+        lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        read_when_ready(self.core.clone(), ino.0, offset, size, reply, 3);
+        // A short answer is right only for a read(2) on a streaming handle. The kernel
+        // sends a lock owner with direct reads and never with page-cache reads, which an
+        // mmap of that same handle makes; a short answer to those would mean the file
+        // ends there. (tests/fs.rs maps a streaming handle to hold the kernel to this.)
+        let short = lock_owner.is_some() && self.core.streams(fh.0);
+        read_when_ready(self.core.clone(), ino.0, offset, size, short, reply, 3);
     }
 
     fn write(
@@ -489,12 +505,12 @@ impl Filesystem for NacrithFs {
             )
             .and_then(|a| Ok((self.core.open(a.ino, flags)?, a)));
         match r {
-            Ok((fh, a)) => reply.created(
+            Ok((o, a)) => reply.created(
                 &TTL,
                 &file_attr(&a),
                 Generation(0),
-                FileHandle(fh),
-                FopenFlags::empty(),
+                FileHandle(o.fh),
+                fopen_flags(&o),
             ),
             Err(e) => reply.error(errno(e)),
         }
@@ -531,21 +547,26 @@ fn read_when_ready(
     ino: u64,
     offset: u64,
     size: u32,
+    short: bool,
     reply: ReplyData,
     tries: u32,
 ) {
-    let range = offset..offset.saturating_add(size as u64);
+    // A short read waits for its first byte only.
+    let wanted = if short { size.min(1) } else { size };
+    let range = offset..offset.saturating_add(wanted as u64);
     let c = core.clone();
     core.with_range(
         ino,
         Some(range),
-        Box::new(move |r| match r.and_then(|()| c.read(ino, offset, size)) {
-            Ok(d) => reply.data(&d),
-            Err(libc::ESTALE) if tries > 0 => {
-                read_when_ready(c, ino, offset, size, reply, tries - 1)
-            }
-            Err(libc::ESTALE) => reply.error(Errno::EIO),
-            Err(e) => reply.error(errno(e)),
-        }),
+        Box::new(
+            move |r| match r.and_then(|()| c.read(ino, offset, size, short)) {
+                Ok(d) => reply.data(&d),
+                Err(libc::ESTALE) if tries > 0 => {
+                    read_when_ready(c, ino, offset, size, short, reply, tries - 1)
+                }
+                Err(libc::ESTALE) => reply.error(Errno::EIO),
+                Err(e) => reply.error(errno(e)),
+            },
+        ),
     );
 }
