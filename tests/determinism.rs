@@ -233,12 +233,13 @@ fn chunk_coded_in_a_batch_decodes_alone_and_the_reverse() {
 }
 
 /// The shared pool that every file of a mount uses: chunks of different lengths join and
-/// leave one context's lanes mid-stream, and an urgent job (a reader's) pauses every
-/// other lane mid-stream until it is done. No stream's probabilities may change: the
-/// blob equals the one a single-lane pool makes, and every chunk decodes to its bytes.
+/// leave one context's lanes mid-stream, an urgent job (a reader's) pauses every other
+/// lane mid-stream until it is done, and a cancelled job leaves its lane mid-stream. No
+/// stream's probabilities may change: the blob equals the one a single-lane pool makes,
+/// and every chunk decodes to its bytes.
 #[test]
 fn shared_pool_lanes_join_leave_and_pause_without_changing_any_stream() {
-    use nacrithfs::codec::lanes::{ChunkOutput, BACKGROUND, URGENT};
+    use nacrithfs::codec::lanes::{ChunkOutput, BACKGROUND, CANCELLED, URGENT};
     use nacrithfs::codec::{check_engine, chunk_bytes, chunk_job, Plan, RegionKind};
     use nacrithfs::pool::{Done, Submit};
     use std::sync::atomic::AtomicU8;
@@ -270,30 +271,42 @@ fn shared_pool_lanes_join_leave_and_pause_without_changing_any_stream() {
         .iter()
         .all(|r| matches!(r.kind, RegionKind::Chunk { .. })));
     let (tx, rx) = crossbeam_channel::unbounded::<Done>();
-    let submit = |tag: u64, region: usize, priority: u8| {
+    let submit = |tag: u64, region: usize, priority: Arc<AtomicU8>| {
         shared.submit(
             &params,
             Submit {
                 tag,
                 job: chunk_job(&blob, &plan.regions[region]),
-                priority: Arc::new(AtomicU8::new(priority)),
+                priority,
                 progress: None,
                 reply: tx.clone(),
             },
         )
     };
+    // First in line, so a lane is running it when it is cancelled.
+    let doomed = Arc::new(AtomicU8::new(BACKGROUND));
+    submit(2000, 0, doomed.clone());
     for i in 0..plan.regions.len() {
-        submit(i as u64, i, BACKGROUND);
+        submit(i as u64, i, Arc::new(AtomicU8::new(BACKGROUND)));
     }
-    // Let the background lanes get going, then cut in.
+    // Let the background lanes get going, then cancel one and cut in.
     std::thread::sleep(std::time::Duration::from_secs(2));
+    doomed.store(CANCELLED, std::sync::atomic::Ordering::Relaxed);
     let last = plan.regions.len() - 1;
-    submit(1000, last, URGENT);
+    submit(1000, last, Arc::new(AtomicU8::new(URGENT)));
     let mut order = Vec::new();
-    for _ in 0..=plan.regions.len() {
+    for _ in 0..plan.regions.len() + 2 {
         let done = rx
             .recv_timeout(std::time::Duration::from_secs(600))
             .expect("a chunk job never finished");
+        if done.tag == 2000 {
+            match done.result {
+                Err(e) => assert!(e.to_string().contains("cancelled"), "{e}"),
+                Ok(_) => panic!("the cancelled job ran to its end"),
+            }
+            order.push(done.tag);
+            continue;
+        }
         let region = if done.tag == 1000 {
             last
         } else {
@@ -311,5 +324,5 @@ fn shared_pool_lanes_join_leave_and_pause_without_changing_any_stream() {
         );
         order.push(done.tag);
     }
-    println!("finish order (1000 = the urgent one): {order:?}");
+    println!("finish order (1000 = the urgent one, 2000 = the cancelled one): {order:?}");
 }

@@ -41,6 +41,9 @@ pub const BACKGROUND: u8 = 0;
 pub const READ_AHEAD: u8 = 1;
 /// A reader is waiting on this chunk.
 pub const URGENT: u8 = 2;
+/// Not a tier: the job's owner gave up on it (a failed sibling chunk, a dropped decode).
+/// A lane holding it lets it go at the next step; a queue drops it unstarted.
+pub const CANCELLED: u8 = u8::MAX;
 
 /// A job handed to a lane. `priority` may be raised by its owner while it runs.
 pub struct Taken {
@@ -83,6 +86,8 @@ impl Lane<'_> {
 pub trait JobSource {
     fn next(&mut self, block: bool, background_ok: bool) -> Option<Taken>;
     fn finished(&mut self, id: usize, output: ChunkOutput);
+    /// A running job was let go (its priority became [`CANCELLED`]).
+    fn cancelled(&mut self, _id: usize) {}
     /// Called after every step for each job that just coded `symbols` symbols.
     fn progress(&mut self, _id: usize, _symbols: usize) {}
     /// Checked every step: true abandons the running jobs (run_lanes returns an error).
@@ -107,6 +112,16 @@ pub fn run_lanes(
     let (mut t_model, mut t_coder) = (std::time::Duration::ZERO, std::time::Duration::ZERO);
     let mut steps = 0u64;
     loop {
+        for lane in lanes.iter_mut() {
+            if lane
+                .as_ref()
+                .is_some_and(|l| l.priority.load(Ordering::Relaxed) == CANCELLED)
+            {
+                if let Some(l) = lane.take() {
+                    source.cancelled(l.id);
+                }
+            }
+        }
         // Take at most one new job per step while lanes are busy: workers sharing a queue
         // then split a handful of long chunks evenly instead of the first one taking all.
         for slot in 0..n_lanes {

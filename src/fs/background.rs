@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, Sender};
 
 use super::core::{Core, Need};
-use crate::codec::lanes::{ChunkOutput, BACKGROUND, READ_AHEAD, URGENT};
+use crate::codec::lanes::{ChunkOutput, CANCELLED, READ_AHEAD, URGENT};
 use crate::codec::params::CoderParams;
 use crate::codec::{self, CompressOptions, DecompressOptions, Engine, Plan, RegionKind};
 use crate::pool::{Done, LocalPool, Submit};
@@ -356,10 +356,14 @@ impl Decoder<'_> {
 
     fn drop_decoding(&mut self, ino: u64) {
         if let Some(d) = self.decodings.remove(&ino) {
+            // Late answers of its jobs ("cancelled", mostly) must not reach a new decode
+            // of the same blob.
+            self.tags.retain(|_, &mut (i, _, _)| i != ino);
             for s in &d.state {
                 if let RegionState::Running(p) = s {
-                    // Nobody wants it now: let compression have the lane back.
-                    p.store(BACKGROUND, Ordering::Relaxed);
+                    // Nobody wants it now (its output would go to a removed temp file):
+                    // the lane goes back to whoever needs it.
+                    p.store(CANCELLED, Ordering::Relaxed);
                 }
             }
             self.core.partial_dropped(ino, d.blob);

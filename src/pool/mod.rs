@@ -20,7 +20,9 @@ use std::time::Duration;
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 
-use crate::codec::lanes::{run_lanes, ChunkJob, ChunkOutput, JobSource, Taken, BACKGROUND};
+use crate::codec::lanes::{
+    run_lanes, ChunkJob, ChunkOutput, JobSource, Taken, BACKGROUND, CANCELLED,
+};
 use crate::codec::params::CoderParams;
 use crate::codec::tokenizer::TextTokenizer;
 use crate::codec::Engine;
@@ -86,6 +88,20 @@ pub struct Submit {
     pub reply: Sender<Done>,
 }
 
+impl Submit {
+    fn answer_cancelled(self) {
+        let _ = self.reply.send(Done {
+            tag: self.tag,
+            result: Err(cancelled()),
+        });
+    }
+}
+
+/// The answer to a job its owner cancelled (nobody reads it but the owner's books).
+fn cancelled() -> ModelError {
+    ModelError::Runtime("cancelled".into())
+}
+
 struct Queue {
     jobs: VecDeque<Submit>,
     shutdown: bool,
@@ -120,8 +136,20 @@ impl Shared {
     }
 
     /// The most urgent waiting job (first come first served within a tier); background
-    /// jobs only if `background_ok`.
+    /// jobs only if `background_ok`. Cancelled jobs are answered and dropped on the way.
     fn pop(q: &mut Queue, background_ok: bool) -> Option<Submit> {
+        if q.jobs
+            .iter()
+            .any(|s| s.priority.load(Ordering::Relaxed) == CANCELLED)
+        {
+            let (cancelled, kept) = std::mem::take(&mut q.jobs)
+                .into_iter()
+                .partition(|s| s.priority.load(Ordering::Relaxed) == CANCELLED);
+            q.jobs = kept;
+            for s in cancelled {
+                s.answer_cancelled();
+            }
+        }
         let mut best: Option<(usize, u8)> = None;
         for (i, s) in q.jobs.iter().enumerate() {
             let p = s.priority.load(Ordering::Relaxed);
@@ -324,6 +352,17 @@ struct PoolSource<'a> {
     next_id: usize,
 }
 
+impl PoolSource<'_> {
+    /// Take job `id` off this worker and answer it.
+    fn end(&mut self, id: usize, result: Result<ChunkOutput, ModelError>) {
+        let ended = self.active.remove(&id);
+        self.shared.load[self.me].store(self.active.len(), Ordering::Relaxed);
+        if let Some(s) = ended {
+            let _ = s.reply.send(Done { tag: s.tag, result });
+        }
+    }
+}
+
 impl JobSource for PoolSource<'_> {
     fn next(&mut self, block: bool, background_ok: bool) -> Option<Taken> {
         let mut q = self.shared.lock();
@@ -373,14 +412,11 @@ impl JobSource for PoolSource<'_> {
     }
 
     fn finished(&mut self, id: usize, output: ChunkOutput) {
-        let ended = self.active.remove(&id);
-        self.shared.load[self.me].store(self.active.len(), Ordering::Relaxed);
-        if let Some(s) = ended {
-            let _ = s.reply.send(Done {
-                tag: s.tag,
-                result: Ok(output),
-            });
-        }
+        self.end(id, Ok(output));
+    }
+
+    fn cancelled(&mut self, id: usize) {
+        self.end(id, Err(cancelled()));
     }
 
     fn progress(&mut self, id: usize, symbols: usize) {
@@ -522,21 +558,29 @@ impl Engine for LocalPool {
         let mut out: Vec<Option<ChunkOutput>> = (0..n).map(|_| None).collect();
         let mut reported = 0;
         let mut received = 0;
-        while received < n {
-            match rx.recv_timeout(Duration::from_millis(200)) {
-                Ok(Done { tag, result }) => {
-                    let slot = out.get_mut(tag as usize).ok_or_else(lost)?;
-                    *slot = Some(result?);
-                    received += 1;
+        let collected = (|| {
+            while received < n {
+                match rx.recv_timeout(Duration::from_millis(200)) {
+                    Ok(Done { tag, result }) => {
+                        let slot = out.get_mut(tag as usize).ok_or_else(lost)?;
+                        *slot = Some(result?);
+                        received += 1;
+                    }
+                    Err(RecvTimeoutError::Timeout) => {}
+                    Err(RecvTimeoutError::Disconnected) => return Err(lost()),
                 }
-                Err(RecvTimeoutError::Timeout) => {}
-                Err(RecvTimeoutError::Disconnected) => return Err(lost()),
+                let now = coded.load(Ordering::Relaxed);
+                if now > reported {
+                    progress(now - reported);
+                    reported = now;
+                }
             }
-            let now = coded.load(Ordering::Relaxed);
-            if now > reported {
-                progress(now - reported);
-                reported = now;
-            }
+            Ok(())
+        })();
+        if let Err(e) = collected {
+            // One chunk failed, so the file fails: its other chunks stop taking lanes.
+            priority.store(CANCELLED, Ordering::Relaxed);
+            return Err(e);
         }
         out.into_iter().map(|r| r.ok_or_else(lost)).collect()
     }
