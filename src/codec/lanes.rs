@@ -170,6 +170,7 @@ pub fn run_lanes(
             .iter()
             .flatten()
             .map(|l| l.priority.load(Ordering::Relaxed))
+            .filter(|&p| p != CANCELLED)
             .max()
             .unwrap_or(BACKGROUND);
         for (slot, lane) in lanes.iter().enumerate() {

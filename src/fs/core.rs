@@ -69,21 +69,19 @@ pub(crate) struct Partial {
 }
 
 impl Partial {
-    /// Where the decoded bytes that start at `from` end: `from` itself when the region
-    /// under it is not decoded yet.
-    fn decoded_until(&self, from: u64) -> u64 {
-        if from >= self.size {
-            return self.size;
-        }
+    /// Where the decoded bytes that start at `from` end, looking no further than
+    /// `limit`: `from` itself when the region under it is not decoded yet.
+    fn decoded_until(&self, from: u64, limit: u64) -> u64 {
+        let limit = limit.min(self.size);
         let first = self.regions.partition_point(|r| r.end <= from);
         let mut end = from;
         for (r, done) in self.regions[first..].iter().zip(&self.done[first..]) {
-            if !done {
+            if !done || end >= limit {
                 break;
             }
             end = r.end;
         }
-        end.min(self.size)
+        end.min(limit)
     }
 
     /// Whether bytes `range` (clamped to the file) are all decoded.
@@ -145,10 +143,17 @@ pub struct Opened {
     ///   mount's pages as well as the cache file's (sequential writes ran at 44% of the
     ///   backing disk's speed); a write-only handle cannot be read or mapped, so it
     ///   loses nothing;
-    /// - read-only handles of compressed files (`stream`): a read(2) is answered with
-    ///   the bytes decoded so far, so `cat` prints the head chunk while the rest is
-    ///   decoding. In the page cache the kernel fills a whole read (128 KiB for `cat`)
-    ///   before returning any of it.
+    /// - read-only handles of compressed files: a read asks for what the reader asked
+    ///   for, no more. Through the page cache the kernel's read-ahead window comes with
+    ///   it (16 KiB for a 4 KiB read at the start), and a cold read would wait for every
+    ///   chunk under that window, not just the one under the page. With `stream_reads`
+    ///   (`stream`) a read(2) is even answered with the bytes decoded so far, so `cat`
+    ///   prints the head chunk while the rest is decoding, where its first 128 KiB read
+    ///   would otherwise wait for all of it.
+    ///
+    /// Only where the kernel has FUSE_DIRECT_IO_ALLOW_MMAP (6.6 on): the same kernels
+    /// drop cached pages of a file before a direct write to it, and let MAP_SHARED
+    /// map a direct-I/O handle.
     pub direct_io: bool,
 }
 
@@ -179,6 +184,8 @@ pub struct Core {
     pub engine: Arc<LazyPool>,
     /// Bytes of backing space that cache writes leave free (see `FsOptions::reserve`).
     reserve: u64,
+    /// Whether handles may do direct I/O (see [`Opened::direct_io`]); set at FUSE init.
+    pub direct_io_ok: std::sync::atomic::AtomicBool,
     state: Mutex<State>,
     /// Wakes the compressor (new due work, flush, shutdown).
     pub(crate) wake: Condvar,
@@ -212,6 +219,7 @@ impl Core {
             store,
             opts,
             reserve,
+            direct_io_ok: Default::default(),
             engine,
             state: Mutex::new(State {
                 live: HashMap::new(),
@@ -703,7 +711,10 @@ impl Core {
         let inode = self.get(ino)?;
         let mode = flags & libc::O_ACCMODE;
         let write = mode != libc::O_RDONLY;
-        let stream = inode.kind == Kind::File && mode == libc::O_RDONLY && !inode.cached;
+        let direct_ok = self.direct_io_ok.load(std::sync::atomic::Ordering::Relaxed);
+        let cold_reader =
+            direct_ok && inode.kind == Kind::File && mode == libc::O_RDONLY && !inode.cached;
+        let stream = cold_reader && self.opts.stream_reads;
         let mut st = self.lock();
         let fh = st.next_fh;
         st.next_fh += 1;
@@ -723,7 +734,7 @@ impl Core {
         drop(st);
         Ok(Opened {
             fh,
-            direct_io: stream || mode == libc::O_WRONLY,
+            direct_io: cold_reader || (direct_ok && mode == libc::O_WRONLY),
         })
     }
 
@@ -955,8 +966,8 @@ impl Core {
                 let Some(p) = st.partial.get(&ino).filter(|p| Some(p.blob) == inode.blob) else {
                     return Err(libc::ESTALE);
                 };
-                if short && offset < p.size {
-                    size = size.min(p.decoded_until(offset) - offset);
+                if short && offset < p.size && size > 0 {
+                    size = p.decoded_until(offset, offset.saturating_add(size)) - offset;
                     if size == 0 {
                         return Err(libc::ESTALE);
                     }

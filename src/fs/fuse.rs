@@ -110,9 +110,16 @@ impl Filesystem for NacrithFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         // Larger writes: fewer round trips on the plaintext path.
         let _ = config.set_max_write(1 << 20);
-        // Lets MAP_SHARED work on direct-I/O handles (see `Opened::direct_io`); without
-        // it such a mapping fails with ENODEV. Kernels before 6.6 lack it.
-        let _ = config.add_capabilities(InitFlags::FUSE_DIRECT_IO_ALLOW_MMAP);
+        // Direct I/O only with it (see `Opened::direct_io`); kernels before 6.6 lack it.
+        let granted = config
+            .add_capabilities(InitFlags::FUSE_DIRECT_IO_ALLOW_MMAP)
+            .is_ok();
+        if !granted {
+            log::info!("this kernel lacks FUSE_DIRECT_IO_ALLOW_MMAP: every handle uses the page cache (slower writes; no stream_reads)");
+        }
+        self.core
+            .direct_io_ok
+            .store(granted, std::sync::atomic::Ordering::Relaxed);
         Ok(())
     }
 

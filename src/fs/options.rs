@@ -26,6 +26,11 @@ pub struct FsOptions {
     pub read_only: bool,
     /// Decode every new blob and compare before it replaces the plaintext.
     pub verify: bool,
+    /// Answer a read(2) of a compressed file with the bytes decoded so far (a short
+    /// read), so `cat` prints a file's head while the rest decodes. Off by default: some
+    /// programs take a short read of a regular file for its end (GNU tar pads the
+    /// archive with zeros, bash's `source` runs part of the script).
+    pub stream_reads: bool,
     /// The backing directory when the mount source is only a tag.
     pub backing: Option<PathBuf>,
     /// Everything passed through to the kernel unchanged (noatime, nosuid, ...).
@@ -47,6 +52,7 @@ impl Default for FsOptions {
             allow_root: false,
             read_only: false,
             verify: true,
+            stream_reads: false,
             backing: None,
             kernel: Vec::new(),
         }
@@ -150,6 +156,7 @@ impl FsOptions {
                 "allow_other" => self.allow_other = true,
                 "allow_root" => self.allow_root = true,
                 "ro" => self.read_only = true,
+                "stream_reads" => self.stream_reads = true,
                 k if IGNORED.contains(&k) => {}
                 k if k.starts_with("x-") || k == "comment" || k == "fsname" || k == "subtype" => {}
                 k if KERNEL.contains(&k) => self.kernel.push(k.to_string()),
@@ -184,5 +191,8 @@ mod tests {
         assert_eq!((o.head_chunk, o.chunk_size), (8192, 32768));
         o.apply("head_chunk=0").unwrap();
         assert_eq!(o.head_chunk, 0);
+        assert!(!o.stream_reads);
+        o.apply("stream_reads").unwrap();
+        assert!(o.stream_reads);
     }
 }

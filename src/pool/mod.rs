@@ -153,7 +153,11 @@ impl Shared {
         let mut best: Option<(usize, u8)> = None;
         for (i, s) in q.jobs.iter().enumerate() {
             let p = s.priority.load(Ordering::Relaxed);
-            if (p > BACKGROUND || background_ok) && best.is_none_or(|(_, bp)| p > bp) {
+            // (One cancelled since the sweep above waits for the next.)
+            if p != CANCELLED
+                && (p > BACKGROUND || background_ok)
+                && best.is_none_or(|(_, bp)| p > bp)
+            {
                 best = Some((i, p));
             }
         }
