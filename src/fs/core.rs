@@ -74,8 +74,9 @@ impl Partial {
     fn decoded_until(&self, from: u64, limit: u64) -> u64 {
         let limit = limit.min(self.size);
         let first = self.regions.partition_point(|r| r.end <= from);
+        let done = self.done.get(first..).unwrap_or_default();
         let mut end = from;
-        for (r, done) in self.regions[first..].iter().zip(&self.done[first..]) {
+        for (r, &done) in self.regions[first..].iter().zip(done) {
             if !done || end >= limit {
                 break;
             }
@@ -87,12 +88,7 @@ impl Partial {
     /// Whether bytes `range` (clamped to the file) are all decoded.
     fn covers(&self, range: &Range<u64>) -> bool {
         let (start, end) = (range.start.min(self.size), range.end.min(self.size));
-        if start >= end {
-            return true;
-        }
-        let first = self.regions.partition_point(|r| r.end <= start);
-        let last = self.regions.partition_point(|r| r.start < end);
-        (first..last).all(|i| self.done.get(i).copied().unwrap_or(false))
+        start >= end || self.decoded_until(start, end) >= end
     }
 }
 
