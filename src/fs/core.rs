@@ -1290,14 +1290,19 @@ impl Core {
         })
     }
 
-    /// Make every closed dirty file due now (files still open for writing are left).
+    /// Make every closed dirty file due now. A file still open for writing is left,
+    /// unless it is queued: queued means closed since its last write (FUSE FLUSH, which
+    /// close(2) waits for, queues it; a write dequeues it). The RELEASE of a handle just
+    /// closed is asynchronous and may still be on its way, so `writers` alone would skip
+    /// a file that `write; close; nacrithfs flush` has every right to see compressed.
     pub fn request_flush(&self) -> FsResult<()> {
         let st = self.lock();
         let now = unix_ms(SystemTime::now());
         let mut txn = Txn::default();
         for r in self.store.inodes() {
             let (ino, inode) = r.map_err(store_err)?;
-            let writing = st.live.get(&ino).is_some_and(|l| l.writers > 0);
+            let writing = st.live.get(&ino).is_some_and(|l| l.writers > 0)
+                && self.store.queue_due(ino).map_err(store_err)?.is_none();
             if inode.kind == Kind::File && inode.dirty && !writing {
                 txn.enqueue(ino, now);
             }
@@ -1688,8 +1693,6 @@ impl Core {
     }
 }
 
-/// Bytes the file occupies in the backing store: the blob once compressed, else the
-/// plaintext.
 /// (total, available to unprivileged users) bytes of the filesystem holding `path`.
 fn backing_space(path: &std::path::Path) -> std::io::Result<(u64, u64)> {
     let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
@@ -1703,6 +1706,8 @@ fn backing_space(path: &std::path::Path) -> std::io::Result<(u64, u64)> {
     Ok((s.f_blocks as u64 * frsize, s.f_bavail as u64 * frsize))
 }
 
+/// Bytes the file occupies in the backing store: the blob once compressed, else the
+/// plaintext.
 pub fn stored_size(inode: &Inode) -> u64 {
     match (inode.dirty, inode.blob) {
         (false, Some(b)) => b.stored_size,
@@ -1716,5 +1721,57 @@ fn check_xattr_namespace(name: &[u8]) -> FsResult<()> {
         Ok(())
     } else {
         Err(libc::EOPNOTSUPP)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A core over a fresh store; no background worker, and the model is never loaded.
+    fn core(dir: &std::path::Path) -> Arc<Core> {
+        let store = Store::open(dir).expect("store");
+        let engine = Arc::new(LazyPool::new(dir.join("no-model.gguf"), Some(1), 1));
+        Core::new(store, engine, FsOptions::default())
+            .expect("core")
+            .0
+    }
+
+    fn state(core: &Core, ino: u64) -> &'static str {
+        let inode = core.get(ino).expect("inode");
+        core.file_state(ino, &inode).expect("state")
+    }
+
+    /// `write; close; nacrithfs flush` compresses the file even when the RELEASE of the
+    /// closed handle (asynchronous in the kernel) reaches the daemon after the flush
+    /// request; a file written since its last close is left to its writer.
+    #[test]
+    fn flush_takes_a_closed_file_whose_release_is_still_on_its_way() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let core = core(dir.path());
+        let ino = core
+            .mknod(ROOT_INO, b"f", libc::S_IFREG | 0o644, 0, 0, 0, 0, None)
+            .expect("create")
+            .ino;
+        let fh = core.open(ino, libc::O_WRONLY).expect("open").fh;
+        core.write(ino, fh, 0, b"hello").expect("write");
+        core.request_flush().expect("flush");
+        assert_eq!(
+            state(&core, ino),
+            "dirty",
+            "a file being written was flushed"
+        );
+
+        core.closed(ino).expect("close (FUSE FLUSH)");
+        core.request_flush().expect("flush");
+        assert_eq!(state(&core, ino), "queued", "closed, RELEASE not yet in");
+
+        // Written again through a handle that stays open: the writer has it back.
+        core.write(ino, fh, 5, b" again").expect("write");
+        core.request_flush().expect("flush");
+        assert_eq!(state(&core, ino), "dirty");
+        core.release(fh, true).expect("release");
+        core.request_flush().expect("flush");
+        assert_eq!(state(&core, ino), "queued");
     }
 }
