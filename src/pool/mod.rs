@@ -559,35 +559,43 @@ impl Engine for LocalPool {
         }
         // Only the workers hold senders now: if they all drop theirs, recv says so.
         drop(tx);
-        let mut out: Vec<Option<ChunkOutput>> = (0..n).map(|_| None).collect();
-        let mut reported = 0;
-        let mut received = 0;
-        let collected = (|| {
-            while received < n {
-                match rx.recv_timeout(Duration::from_millis(200)) {
-                    Ok(Done { tag, result }) => {
-                        let slot = out.get_mut(tag as usize).ok_or_else(lost)?;
-                        *slot = Some(result?);
-                        received += 1;
-                    }
-                    Err(RecvTimeoutError::Timeout) => {}
-                    Err(RecvTimeoutError::Disconnected) => return Err(lost()),
-                }
-                let now = coded.load(Ordering::Relaxed);
-                if now > reported {
-                    progress(now - reported);
-                    reported = now;
-                }
-            }
-            Ok(())
-        })();
-        if let Err(e) = collected {
+        let answers = collect(&rx, n, &coded, progress);
+        if answers.is_err() {
             // One chunk failed, so the file fails: its other chunks stop taking lanes.
             priority.store(CANCELLED, Ordering::Relaxed);
-            return Err(e);
         }
-        out.into_iter().map(|r| r.ok_or_else(lost)).collect()
+        answers
     }
+}
+
+/// The answers to jobs tagged `0..n`, in tag order, reporting symbols coded as they go;
+/// the first failure ends the wait.
+fn collect(
+    rx: &crossbeam_channel::Receiver<Done>,
+    n: usize,
+    coded: &AtomicUsize,
+    progress: &(dyn Fn(usize) + Sync),
+) -> Result<Vec<ChunkOutput>, ModelError> {
+    let mut out: Vec<Option<ChunkOutput>> = (0..n).map(|_| None).collect();
+    let mut reported = 0;
+    let mut received = 0;
+    while received < n {
+        match rx.recv_timeout(Duration::from_millis(200)) {
+            Ok(Done { tag, result }) => {
+                let slot = out.get_mut(tag as usize).ok_or_else(lost)?;
+                *slot = Some(result?);
+                received += 1;
+            }
+            Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => return Err(lost()),
+        }
+        let now = coded.load(Ordering::Relaxed);
+        if now > reported {
+            progress(now - reported);
+            reported = now;
+        }
+    }
+    out.into_iter().map(|r| r.ok_or_else(lost)).collect()
 }
 
 /// A pool whose model is loaded on first use, not at mount: a volume whose model file is
