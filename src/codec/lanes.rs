@@ -113,13 +113,8 @@ pub fn run_lanes(
     let mut steps = 0u64;
     loop {
         for lane in lanes.iter_mut() {
-            if lane
-                .as_ref()
-                .is_some_and(|l| l.priority.load(Ordering::Relaxed) == CANCELLED)
-            {
-                if let Some(l) = lane.take() {
-                    source.cancelled(l.id);
-                }
+            if let Some(l) = lane.take_if(|l| l.priority.load(Ordering::Relaxed) == CANCELLED) {
+                source.cancelled(l.id);
             }
         }
         // Take at most one new job per step while lanes are busy: workers sharing a queue

@@ -571,7 +571,7 @@ impl Engine for LocalPool {
 /// The answers to jobs tagged `0..n`, in tag order, reporting symbols coded as they go;
 /// the first failure ends the wait.
 fn collect(
-    rx: &crossbeam_channel::Receiver<Done>,
+    rx: &Receiver<Done>,
     n: usize,
     coded: &AtomicUsize,
     progress: &(dyn Fn(usize) + Sync),
