@@ -1,0 +1,145 @@
+//! The clean-copy cache: eviction, the cache cap, and installing decoded plaintext.
+
+use super::*;
+
+impl Core {
+    /// Drop every clean plaintext copy that no operation is using. Returns bytes freed.
+    pub fn evict_all(&self) -> FsResult<u64> {
+        let mut st = self.lock();
+        let inos: Vec<u64> = st.clean.keys().copied().collect();
+        let mut freed = 0;
+        for ino in inos {
+            freed += self.evict_locked(&mut st, ino)?;
+        }
+        Ok(freed)
+    }
+
+    pub(super) fn evict_locked(&self, st: &mut State, ino: u64) -> FsResult<u64> {
+        // Open files may go too: their next read or write waits for the decompressor
+        // like any other (the kernel's page cache usually answers first).
+        if st.live.get(&ino).is_some_and(|l| l.pins > 0) || st.compressing.contains(&ino) {
+            return Ok(0);
+        }
+        let mut inode = self.get(ino)?;
+        if inode.kind != Kind::File || !inode.cached || inode.dirty || inode.blob.is_none() {
+            st.clean.remove(&ino);
+            return Ok(0);
+        }
+        inode.cached = false;
+        self.put(ino, &inode)?;
+        st.clean.remove(&ino);
+        if let Some(l) = st.live.get_mut(&ino) {
+            l.file = None;
+        }
+        let _ = std::fs::remove_file(self.store.cache_path(ino));
+        Ok(inode.size)
+    }
+
+    /// Evict least recently used clean copies until the cache is under its cap.
+    pub(crate) fn enforce_cache_cap(&self) {
+        let mut st = self.lock();
+        let mut total: u64 = st.clean.values().sum();
+        if total <= self.opts.cache_size {
+            return;
+        }
+        let mut by_age: Vec<(Option<Instant>, u64)> = st
+            .clean
+            .keys()
+            .map(|&ino| (st.live.get(&ino).and_then(|l| l.last_used), ino))
+            .collect();
+        by_age.sort();
+        for (_, ino) in by_age {
+            if total <= self.opts.cache_size {
+                break;
+            }
+            match self.evict_locked(&mut st, ino) {
+                Ok(n) => total = total.saturating_sub(n),
+                Err(e) => log::warn!("evicting inode {ino}: errno {e}"),
+            }
+        }
+    }
+
+    /// What the decompressor needs: the blob to read and the expected size, or None if
+    /// the plaintext is already there.
+    pub(crate) fn blob_of(&self, ino: u64) -> FsResult<Option<(std::path::PathBuf, u64, BlobRef)>> {
+        let _st = self.lock();
+        let inode = self.get(ino)?;
+        if inode.cached {
+            return Ok(None);
+        }
+        let b = inode.blob.ok_or_else(|| {
+            log::error!("inode {ino} has neither plaintext nor blob; run `nacrithfs fsck`");
+            libc::EIO
+        })?;
+        Ok(Some((self.store.blob_path(ino, b.seq), inode.size, b)))
+    }
+
+    /// The decompressor wrote the plaintext to the temp path (or found it already there,
+    /// `blob` None): install it if the file is still as it was, and hand the result to
+    /// everyone waiting.
+    pub(crate) fn materialized(&self, ino: u64, blob: Option<BlobRef>, result: FsResult<()>) {
+        let mut st = self.lock();
+        let mut result = result;
+        if let (Err(_), Some(blob)) = (result, blob) {
+            // A failure on a blob the file no longer uses (truncated or rewritten while it
+            // was decoding) is no failure: serve what is there now.
+            if let Ok(inode) = self.get(ino) {
+                if inode.cached {
+                    result = Ok(());
+                } else if inode.blob != Some(blob) {
+                    result = Err(libc::EAGAIN);
+                }
+            }
+        }
+        if let (Ok(()), Some(blob)) = (result, blob) {
+            result = (|| {
+                let mut inode = self.get(ino)?;
+                if inode.cached {
+                    let _ = std::fs::remove_file(self.store.cache_tmp_path(ino));
+                    return Ok(());
+                }
+                if inode.blob != Some(blob) {
+                    return Err(libc::EAGAIN);
+                }
+                std::fs::rename(self.store.cache_tmp_path(ino), self.store.cache_path(ino))
+                    .map_err(io_err)?;
+                inode.cached = true;
+                self.put(ino, &inode)?;
+                st.clean.insert(ino, inode.size);
+                st.stats.decompressions += 1;
+                Ok(())
+            })();
+        } else if result.is_err() {
+            st.stats.decompress_failures += 1;
+        }
+        if let Some(blob) = blob {
+            if st.partial.get(&ino).is_some_and(|p| p.blob == blob) {
+                st.partial.remove(&ino);
+            }
+        }
+        if result == Err(libc::EAGAIN) {
+            // The file changed under us: try again with its new blob.
+            let _ = std::fs::remove_file(self.store.cache_tmp_path(ino));
+            if self.materialize_tx.send(Need { ino, range: None }).is_ok() {
+                return;
+            }
+            result = Err(libc::EIO);
+        }
+        let waiters = st.waiters.remove(&ino).unwrap_or_default();
+        drop(st);
+        for (_, w) in waiters {
+            w(result);
+        }
+        self.enforce_cache_cap();
+    }
+
+    /// True the first time decoding this blob fails in this mount (so it is logged once),
+    /// and only while the file still depends on it.
+    pub(crate) fn first_failure_of(&self, ino: u64, blob: BlobRef) -> bool {
+        let mut st = self.lock();
+        let current = self
+            .get(ino)
+            .is_ok_and(|i| !i.cached && i.blob == Some(blob));
+        current && st.reported.insert((ino, blob.seq))
+    }
+}

@@ -1,0 +1,191 @@
+//! xattrs, the control channel on the root (`flush`, `evict`, `status`), log paths and
+//! shutdown.
+
+use super::*;
+
+impl Core {
+    pub fn getxattr(&self, ino: u64, name: &[u8]) -> FsResult<Vec<u8>> {
+        let inode = self.get(ino)?;
+        if name == XATTR_STATE && inode.kind == Kind::File {
+            return Ok(self.file_state(ino, &inode)?.as_bytes().to_vec());
+        }
+        if name == XATTR_STORED && inode.kind == Kind::File {
+            return Ok(stored_size(&inode).to_string().into_bytes());
+        }
+        if name == XATTR_STATUS && ino == ROOT_INO {
+            return Ok(self.status()?.into_bytes());
+        }
+        check_xattr_namespace(name)?;
+        self.store
+            .xattr_get(ino, name)
+            .map_err(store_err)?
+            .ok_or(libc::ENODATA)
+    }
+
+    pub fn setxattr(&self, ino: u64, name: &[u8], value: &[u8], flags: i32) -> FsResult<()> {
+        if ino == ROOT_INO && name == XATTR_CONTROL {
+            return match value {
+                b"flush" => self.request_flush(),
+                b"evict" => self.evict_all().map(|_| ()),
+                _ => Err(libc::EINVAL),
+            };
+        }
+        if name.starts_with(RESERVED_PREFIX) {
+            return Err(libc::EPERM);
+        }
+        check_xattr_namespace(name)?;
+        if name.len() > 255 {
+            return Err(libc::ERANGE);
+        }
+        if value.len() > 65536 {
+            return Err(libc::E2BIG);
+        }
+        let _st = self.lock();
+        let mut inode = self.get(ino)?;
+        let exists = self
+            .store
+            .xattr_get(ino, name)
+            .map_err(store_err)?
+            .is_some();
+        if flags & libc::XATTR_CREATE != 0 && exists {
+            return Err(libc::EEXIST);
+        }
+        if flags & libc::XATTR_REPLACE != 0 && !exists {
+            return Err(libc::ENODATA);
+        }
+        inode.ctime = SystemTime::now();
+        let mut txn = Txn::default();
+        txn.put_xattr(ino, name, value);
+        txn.put_inode(ino, &inode);
+        self.store.commit(txn, false).map_err(store_err)
+    }
+
+    pub fn listxattr(&self, ino: u64) -> FsResult<Vec<u8>> {
+        self.get(ino)?;
+        let mut out = Vec::new();
+        for n in self.store.xattr_names(ino).map_err(store_err)? {
+            out.extend_from_slice(&n);
+            out.push(0);
+        }
+        Ok(out)
+    }
+
+    pub fn removexattr(&self, ino: u64, name: &[u8]) -> FsResult<()> {
+        if name.starts_with(RESERVED_PREFIX) {
+            return Err(libc::EPERM);
+        }
+        check_xattr_namespace(name)?;
+        let _st = self.lock();
+        let mut inode = self.get(ino)?;
+        if self
+            .store
+            .xattr_get(ino, name)
+            .map_err(store_err)?
+            .is_none()
+        {
+            return Err(libc::ENODATA);
+        }
+        inode.ctime = SystemTime::now();
+        let mut txn = Txn::default();
+        txn.del_xattr(ino, name);
+        txn.put_inode(ino, &inode);
+        self.store.commit(txn, false).map_err(store_err)
+    }
+
+    /// Queue length, byte totals and worker throughput, as `key=value` lines.
+    pub fn status(&self) -> FsResult<String> {
+        let now = unix_ms(SystemTime::now());
+        let (compressing, stats) = {
+            let st = self.lock();
+            let mut stats = st.stats.clone();
+            if let Some(t) = st.busy_since {
+                stats.busy += t.elapsed();
+            }
+            (st.compressing.len(), stats)
+        };
+        let chunk_jobs = self.engine.loaded().map_or(0, |p| p.queued());
+        let queue = self.store.queue().map_err(store_err)?;
+        let due = queue.iter().filter(|(_, d)| *d <= now).count();
+        let (mut files, mut compressed, mut dirty, mut logical, mut stored, mut cache) =
+            (0u64, 0u64, 0u64, 0u64, 0u64, 0u64);
+        for r in self.store.inodes() {
+            let (_, i) = r.map_err(store_err)?;
+            if i.kind != Kind::File {
+                continue;
+            }
+            files += 1;
+            logical += i.size;
+            stored += stored_size(&i);
+            if i.dirty {
+                dirty += 1;
+            } else {
+                compressed += 1;
+            }
+            if i.cached {
+                cache += i.size;
+            }
+        }
+        let secs = stats.busy.as_secs_f64();
+        Ok(format!(
+            "files={files}\ncompressed={compressed}\ndirty={dirty}\nqueued={}\ndue={due}\ncompressing={compressing}\n\
+             logical_bytes={logical}\nstored_bytes={stored}\ncache_bytes={cache}\n\
+             compressed_since_mount={}\nbytes_in={}\nbytes_out={}\nbusy_seconds={secs:.1}\n\
+             failures={}\nsuperseded={}\nverify_failures={}\ndecompressions={}\ndecompress_failures={}\n\
+             symbols_coded={}\nregions_decoded={}\nchunk_jobs_queued={chunk_jobs}\n",
+            queue.len(),
+            stats.compressed_files,
+            stats.bytes_in,
+            stats.bytes_out,
+            stats.failures,
+            stats.superseded,
+            stats.verify_failures,
+            stats.decompressions,
+            stats.decompress_failures,
+            stats.symbols_coded,
+            stats.regions_decoded,
+        ))
+    }
+
+    /// One path of `ino` (for log lines), or `inode N` if it has none.
+    pub fn describe(&self, ino: u64) -> String {
+        let mut parts = Vec::new();
+        let mut cur = ino;
+        'up: while cur != ROOT_INO && parts.len() < 64 {
+            for r in self.store.dirents().flatten() {
+                let (parent, name, child) = r;
+                if child == cur {
+                    parts.push(String::from_utf8_lossy(&name).into_owned());
+                    cur = parent;
+                    continue 'up;
+                }
+            }
+            return format!("inode {ino}");
+        }
+        parts.reverse();
+        format!("/{}", parts.join("/"))
+    }
+
+    pub fn shutdown(&self) {
+        self.lock().shutting_down = true;
+        self.wake.notify_all();
+        if let Err(e) = self.store.flush() {
+            log::error!("final index flush: {e}");
+        }
+    }
+
+    pub(crate) fn wait_for_work(&self, wait: Duration) -> bool {
+        let st = self.lock();
+        if st.shutting_down {
+            return false;
+        }
+        let (st, _) = self
+            .wake
+            .wait_timeout(st, wait)
+            .unwrap_or_else(|p| p.into_inner());
+        !st.shutting_down
+    }
+
+    pub(crate) fn is_shutting_down(&self) -> bool {
+        self.lock().shutting_down
+    }
+}

@@ -1,0 +1,487 @@
+//! File I/O: handles, reads (from the cache or a partial decode), writes, truncation,
+//! fallocate, fsync and the free-space reserve.
+
+use super::*;
+
+impl Core {
+    /// Open a handle. Nothing is decoded here: an open for writing is often an
+    /// `O_TRUNC` (the kernel truncates with a SETATTR after the open), and a write that
+    /// needs the old bytes decodes them then.
+    pub fn open(&self, ino: u64, flags: i32) -> FsResult<Opened> {
+        let inode = self.get(ino)?;
+        let mode = flags & libc::O_ACCMODE;
+        let write = mode != libc::O_RDONLY;
+        let direct_ok = self.direct_io_ok.load(std::sync::atomic::Ordering::Relaxed);
+        let cold_reader =
+            direct_ok && inode.kind == Kind::File && mode == libc::O_RDONLY && !inode.cached;
+        let stream = cold_reader && self.opts.stream_reads;
+        let mut st = self.lock();
+        let fh = st.next_fh;
+        st.next_fh += 1;
+        st.handles.insert(
+            fh,
+            Handle {
+                ino,
+                append: flags & libc::O_APPEND != 0,
+                stream,
+            },
+        );
+        let live = st.live.entry(ino).or_default();
+        live.open += 1;
+        if write {
+            live.writers += 1;
+        }
+        drop(st);
+        Ok(Opened {
+            fh,
+            direct_io: cold_reader || (direct_ok && mode == libc::O_WRONLY),
+        })
+    }
+
+    /// Whether reads of handle `fh` may be answered with part of what they asked for.
+    pub fn streams(&self, fh: u64) -> bool {
+        self.lock().handles.get(&fh).is_some_and(|h| h.stream)
+    }
+
+    /// Close a handle; the last close of a dirty file queues it after `idle`.
+    pub fn release(&self, fh: u64, writer: bool) -> FsResult<()> {
+        let mut st = self.lock();
+        let Some(h) = st.handles.remove(&fh) else {
+            return Err(libc::EBADF);
+        };
+        let ino = h.ino;
+        let live = st.live.entry(ino).or_default();
+        live.open = live.open.saturating_sub(1);
+        if writer {
+            live.writers = live.writers.saturating_sub(1);
+        }
+        if live.open > 0 {
+            return Ok(());
+        }
+        live.file = None;
+        let inode = match self.get(ino) {
+            Ok(i) => i,
+            Err(libc::ENOENT) => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        if inode.nlink == 0 {
+            let mut txn = Txn::default();
+            self.store.delete_inode(&mut txn, ino).map_err(store_err)?;
+            self.store.commit(txn, false).map_err(store_err)?;
+            self.remove_files(&mut st, ino, &inode);
+            return Ok(());
+        }
+        if inode.kind == Kind::File && inode.dirty {
+            self.enqueue_locked(ino, self.opts.idle)?;
+        }
+        Ok(())
+    }
+
+    /// A close(2) of some handle (FUSE FLUSH). The kernel sends RELEASE later and
+    /// asynchronously, often after the next open, and an mmap keeps its handle until
+    /// munmap, so a file that is reopened at once may never reach "no handles": queue
+    /// it on every close; the next write takes it off the queue again.
+    pub fn closed(&self, ino: u64) -> FsResult<()> {
+        let _st = self.lock();
+        let inode = self.get(ino)?;
+        if inode.kind == Kind::File && inode.dirty {
+            self.enqueue_locked(ino, self.opts.idle)?;
+        }
+        Ok(())
+    }
+
+    /// The open cache file of a cached regular file.
+    pub(super) fn cache_file(&self, st: &mut State, ino: u64) -> FsResult<Arc<File>> {
+        let live = st.live.entry(ino).or_default();
+        live.last_used = Some(Instant::now());
+        if let Some(f) = &live.file {
+            return Ok(f.clone());
+        }
+        let f = Arc::new(
+            OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(self.store.cache_path(ino))
+                .map_err(|e| {
+                    log::error!("inode {ino}: cannot open its plaintext: {e}");
+                    io_err(e)
+                })?,
+        );
+        if live.open > 0 {
+            live.file = Some(f.clone());
+        }
+        Ok(f)
+    }
+
+    /// Run `then` once the file's plaintext is in the cache: at once (on this thread) if
+    /// it is, else from the decoder when it arrives. The file is not evicted while
+    /// `then` waits or runs.
+    pub fn with_plain(self: &Arc<Self>, ino: u64, then: Waiter) {
+        self.with_range(ino, None, then)
+    }
+
+    /// Run `then` once bytes `range` of the file can be read (see [`Core::read`]): a
+    /// compressed file is decoded only as far as the range and a read-ahead need.
+    pub fn with_range(self: &Arc<Self>, ino: u64, range: Option<Range<u64>>, then: Waiter) {
+        let mut st = self.lock();
+        let inode = match self.get(ino) {
+            Ok(i) => i,
+            Err(e) => {
+                drop(st);
+                return then(Err(e));
+            }
+        };
+        if inode.kind != Kind::File {
+            drop(st);
+            return then(Err(libc::EINVAL));
+        }
+        st.live.entry(ino).or_default().pins += 1;
+        let ready = inode.cached
+            || range.as_ref().is_some_and(|r| {
+                st.partial
+                    .get(&ino)
+                    .is_some_and(|p| Some(p.blob) == inode.blob && p.covers(r))
+            });
+        if ready {
+            drop(st);
+            if !inode.cached {
+                // Served from the partial decode; let the decoder keep reading ahead.
+                let _ = self.materialize_tx.send(Need { ino, range });
+            }
+            then(Ok(()));
+            self.unpin(ino);
+            return;
+        }
+        let core = self.clone();
+        st.waiters.entry(ino).or_default().push((
+            range.clone(),
+            Box::new(move |r| {
+                then(r);
+                core.unpin(ino);
+            }),
+        ));
+        if self.materialize_tx.send(Need { ino, range }).is_err() {
+            let waiters = st.waiters.remove(&ino).unwrap_or_default();
+            drop(st);
+            for (_, w) in waiters {
+                w(Err(libc::EIO));
+            }
+        }
+    }
+
+    /// The byte ranges operations on `ino` are waiting for (None: the whole file).
+    pub(crate) fn waiting_ranges(&self, ino: u64) -> Vec<Option<Range<u64>>> {
+        let st = self.lock();
+        st.waiters
+            .get(&ino)
+            .map(|l| l.iter().map(|(r, _)| r.clone()).collect())
+            .unwrap_or_default()
+    }
+
+    /// The decoder started decoding `ino`'s blob into `file` (its cache temp file).
+    pub(crate) fn partial_started(
+        &self,
+        ino: u64,
+        blob: BlobRef,
+        file: Arc<File>,
+        regions: Arc<Vec<Range<u64>>>,
+        size: u64,
+    ) {
+        let n = regions.len();
+        self.lock().partial.insert(
+            ino,
+            Partial {
+                blob,
+                file,
+                regions,
+                done: vec![false; n],
+                size,
+            },
+        );
+    }
+
+    /// Regions of `ino` were decoded: answer the reads they complete.
+    pub(crate) fn partial_progress(&self, ino: u64, blob: BlobRef, done: &[bool]) {
+        let mut st = self.lock();
+        let State {
+            partial, waiters, ..
+        } = &mut *st;
+        let Some(p) = partial.get_mut(&ino).filter(|p| p.blob == blob) else {
+            return;
+        };
+        p.done.clear();
+        p.done.extend_from_slice(done);
+        let mut ready = Vec::new();
+        if let Some(list) = waiters.get_mut(&ino) {
+            let mut i = 0;
+            while i < list.len() {
+                if list[i].0.as_ref().is_some_and(|r| p.covers(r)) {
+                    ready.push(list.swap_remove(i).1);
+                } else {
+                    i += 1;
+                }
+            }
+        }
+        drop(st);
+        for w in ready {
+            w(Ok(()));
+        }
+    }
+
+    /// The decoder gave up on (or finished with) a partial decode of `ino`.
+    pub(crate) fn partial_dropped(&self, ino: u64, blob: BlobRef) {
+        let mut st = self.lock();
+        if st.partial.get(&ino).is_some_and(|p| p.blob == blob) {
+            st.partial.remove(&ino);
+        }
+    }
+
+    pub(super) fn unpin(&self, ino: u64) {
+        let mut st = self.lock();
+        if let Some(l) = st.live.get_mut(&ino) {
+            l.pins = l.pins.saturating_sub(1);
+        }
+    }
+
+    /// Read from a cached file, or from the decoded part of one being decoded (call
+    /// inside [`Core::with_range`]). With `short`, a partly decoded range gives its
+    /// decoded start. ESTALE: the bytes are not there (any more).
+    pub fn read(&self, ino: u64, offset: u64, size: u32, short: bool) -> FsResult<Vec<u8>> {
+        let mut size = size as u64;
+        let file = {
+            let mut st = self.lock();
+            let inode = self.get(ino)?;
+            if inode.cached {
+                self.cache_file(&mut st, ino)?
+            } else {
+                // The temp file has the file's length; what is read of it is decoded.
+                let Some(p) = st.partial.get(&ino).filter(|p| Some(p.blob) == inode.blob) else {
+                    return Err(libc::ESTALE);
+                };
+                if short && offset < p.size && size > 0 {
+                    size = p.decoded_until(offset, offset.saturating_add(size)) - offset;
+                    if size == 0 {
+                        return Err(libc::ESTALE);
+                    }
+                } else if !p.covers(&(offset..offset.saturating_add(size))) {
+                    return Err(libc::ESTALE);
+                }
+                p.file.clone()
+            }
+        };
+        let mut buf = vec![0u8; size as usize];
+        let mut got = 0;
+        while got < buf.len() {
+            match file.read_at(&mut buf[got..], offset + got as u64) {
+                Ok(0) => break,
+                Ok(n) => got += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(io_err(e)),
+            }
+        }
+        buf.truncate(got);
+        Ok(buf)
+    }
+
+    /// Mark a file's content changed: dirty, blob dropped, version bumped, and queued
+    /// again if nothing has it open (a late mmap write-back).
+    pub(super) fn touch_content(&self, st: &mut State, ino: u64, inode: &mut Inode, txn: &mut Txn) {
+        let now = SystemTime::now();
+        inode.mtime = now;
+        inode.ctime = now;
+        // The index stops pointing at the blob in this batch; the caller deletes its
+        // file after the commit.
+        inode.blob = None;
+        inode.dirty = true;
+        st.clean.remove(&ino);
+        let live = st.live.entry(ino).or_default();
+        live.version += 1;
+        if live.open == 0 {
+            txn.enqueue(ino, unix_ms(now + self.opts.idle));
+        } else {
+            txn.dequeue(ino);
+        }
+    }
+
+    pub(super) fn commit_content(
+        &self,
+        ino: u64,
+        old_blob: Option<BlobRef>,
+        txn: Txn,
+    ) -> FsResult<()> {
+        self.store.commit(txn, false).map_err(store_err)?;
+        if let Some(b) = old_blob {
+            // Deleting before the index update is durable is safe: recovery treats a
+            // missing blob of a cached, dirty file as what it is.
+            let _ = std::fs::remove_file(self.store.blob_path(ino, b.seq));
+        }
+        Ok(())
+    }
+
+    /// Write to a cached file (call inside [`Core::with_plain`]).
+    pub fn write(&self, ino: u64, fh: u64, offset: u64, data: &[u8]) -> FsResult<u32> {
+        let mut st = self.lock();
+        let mut inode = self.get(ino)?;
+        if !inode.cached {
+            return Err(libc::ESTALE);
+        }
+        self.check_space(data.len() as u64)?;
+        let append = st.handles.get(&fh).is_some_and(|h| h.append);
+        let offset = if append { inode.size } else { offset };
+        let file = self.cache_file(&mut st, ino)?;
+        file.write_all_at(data, offset).map_err(io_err)?;
+        let old_blob = inode.blob;
+        let mut txn = Txn::default();
+        inode.size = inode.size.max(offset + data.len() as u64);
+        self.touch_content(&mut st, ino, &mut inode, &mut txn);
+        txn.put_inode(ino, &inode);
+        self.commit_content(ino, old_blob, txn)?;
+        drop(st);
+        Ok(data.len() as u32)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub fn setattr(
+        &self,
+        ino: u64,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        atime: Option<Option<SystemTime>>,
+        mtime: Option<Option<SystemTime>>,
+        ctime: Option<SystemTime>,
+    ) -> FsResult<Attr> {
+        let mut st = self.lock();
+        let mut inode = self.get(ino)?;
+        let now = SystemTime::now();
+        let mut txn = Txn::default();
+        let mut old_blob = None;
+        if let Some(size) = size {
+            if inode.kind == Kind::Dir {
+                return Err(libc::EISDIR);
+            }
+            if inode.kind != Kind::File {
+                return Err(libc::EINVAL);
+            }
+            if !inode.cached {
+                if size != 0 {
+                    return Err(libc::ESTALE);
+                }
+                // Truncation to zero needs no decompression.
+                File::create(self.store.cache_path(ino)).map_err(io_err)?;
+                inode.cached = true;
+            }
+            let file = self.cache_file(&mut st, ino)?;
+            file.set_len(size).map_err(io_err)?;
+            inode.size = size;
+            old_blob = inode.blob;
+            self.touch_content(&mut st, ino, &mut inode, &mut txn);
+        }
+        if let Some(m) = mode {
+            inode.perm = (m & 0o7777) as u16;
+        }
+        if let Some(u) = uid {
+            inode.uid = u;
+        }
+        if let Some(g) = gid {
+            inode.gid = g;
+        }
+        if let Some(a) = atime {
+            inode.atime = a.unwrap_or(now);
+        }
+        if let Some(m) = mtime {
+            inode.mtime = m.unwrap_or(now);
+        }
+        inode.ctime = ctime.unwrap_or(now);
+        txn.put_inode(ino, &inode);
+        self.commit_content(ino, old_blob, txn)?;
+        drop(st);
+        Ok(Attr { ino, inode })
+    }
+
+    /// fallocate on a cached file: forwarded to the cache file, so holes, punching and
+    /// KEEP_SIZE behave as the backing filesystem does.
+    pub fn fallocate(&self, ino: u64, offset: u64, length: u64, mode: i32) -> FsResult<()> {
+        use std::os::fd::AsRawFd;
+        let mut st = self.lock();
+        let mut inode = self.get(ino)?;
+        if !inode.cached {
+            return Err(libc::ESTALE);
+        }
+        if mode & libc::FALLOC_FL_PUNCH_HOLE == 0 {
+            self.check_space(length)?;
+        }
+        let file = self.cache_file(&mut st, ino)?;
+        // SAFETY: a valid open fd; plain integer arguments.
+        let r = unsafe {
+            libc::fallocate(
+                file.as_raw_fd(),
+                mode,
+                offset as libc::off_t,
+                length as libc::off_t,
+            )
+        };
+        if r != 0 {
+            return Err(io_err(std::io::Error::last_os_error()));
+        }
+        let len = file.metadata().map_err(io_err)?.len();
+        let old_blob = inode.blob;
+        let mut txn = Txn::default();
+        inode.size = len;
+        self.touch_content(&mut st, ino, &mut inode, &mut txn);
+        txn.put_inode(ino, &inode);
+        self.commit_content(ino, old_blob, txn)?;
+        drop(st);
+        Ok(())
+    }
+
+    /// fsync: the plaintext (if any) and the index reach the disk.
+    pub fn fsync(&self, ino: u64, datasync: bool) -> FsResult<()> {
+        let file = {
+            let mut st = self.lock();
+            let inode = self.get(ino)?;
+            if inode.kind == Kind::File && inode.cached {
+                Some(self.cache_file(&mut st, ino)?)
+            } else {
+                None
+            }
+        };
+        if let Some(f) = file {
+            if datasync {
+                f.sync_data().map_err(io_err)?;
+            } else {
+                f.sync_all().map_err(io_err)?;
+            }
+        }
+        self.store.flush().map_err(store_err)
+    }
+
+    pub fn fsyncdir(&self) -> FsResult<()> {
+        self.store.flush().map_err(store_err)
+    }
+
+    /// ENOSPC unless `extra` more bytes leave the reserve free on the backing disk.
+    pub(super) fn check_space(&self, extra: u64) -> FsResult<()> {
+        if self.reserve == 0 {
+            return Ok(());
+        }
+        let (_, free) = backing_space(self.store.backing()).map_err(io_err)?;
+        if free < self.reserve.saturating_add(extra) {
+            return Err(libc::ENOSPC);
+        }
+        Ok(())
+    }
+
+    /// Total and free space of the backing filesystem, plus our inode count.
+    pub fn statfs(&self) -> FsResult<libc::statvfs> {
+        let path = std::ffi::CString::new(self.store.backing().as_os_str().as_encoded_bytes())
+            .map_err(|_| libc::EINVAL)?;
+        // SAFETY: zeroed statvfs is a valid out-parameter; path is NUL-terminated.
+        let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
+        if unsafe { libc::statvfs(path.as_ptr(), &mut s) } != 0 {
+            return Err(io_err(std::io::Error::last_os_error()));
+        }
+        Ok(s)
+    }
+}

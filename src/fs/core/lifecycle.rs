@@ -1,0 +1,190 @@
+//! The compression lifecycle: the queue, claiming a file, committing its blob.
+
+use super::*;
+
+impl Core {
+    pub(super) fn enqueue_locked(&self, ino: u64, delay: Duration) -> FsResult<()> {
+        let mut txn = Txn::default();
+        txn.enqueue(ino, unix_ms(SystemTime::now() + delay));
+        self.store.commit(txn, false).map_err(store_err)?;
+        self.wake.notify_all();
+        Ok(())
+    }
+
+    pub fn file_state(&self, ino: u64, inode: &Inode) -> FsResult<&'static str> {
+        if self.lock().compressing.contains(&ino) {
+            return Ok("compressing");
+        }
+        if !inode.dirty {
+            return Ok("compressed");
+        }
+        let due = self.store.queue_due(ino).map_err(store_err)?;
+        Ok(match due {
+            Some(d) if d <= unix_ms(SystemTime::now()) => "queued",
+            _ => "dirty",
+        })
+    }
+
+    /// Make every closed dirty file due now. A file still open for writing is left,
+    /// unless it is queued: queued means closed since its last write (FUSE FLUSH, which
+    /// close(2) waits for, queues it; a write dequeues it). The RELEASE of a handle just
+    /// closed is asynchronous and may still be on its way, so `writers` alone would skip
+    /// a file that `write; close; nacrithfs flush` has every right to see compressed.
+    pub fn request_flush(&self) -> FsResult<()> {
+        let st = self.lock();
+        let now = unix_ms(SystemTime::now());
+        let mut txn = Txn::default();
+        for r in self.store.inodes() {
+            let (ino, inode) = r.map_err(store_err)?;
+            let writing = st.live.get(&ino).is_some_and(|l| l.writers > 0)
+                && self.store.queue_due(ino).map_err(store_err)?.is_none();
+            if inode.kind == Kind::File && inode.dirty && !writing {
+                txn.enqueue(ino, now);
+            }
+        }
+        self.store.commit(txn, false).map_err(store_err)?;
+        drop(st);
+        self.wake.notify_all();
+        Ok(())
+    }
+
+    /// The next due queue entry, or how long to wait for one.
+    pub(crate) fn next_due(&self) -> FsResult<Result<(u64, u64), Duration>> {
+        let st = self.lock();
+        let now = unix_ms(SystemTime::now());
+        let mut queue = self.store.queue().map_err(store_err)?;
+        queue.sort_by_key(|&(ino, due)| (due, ino));
+        let mut wait = Duration::from_secs(5);
+        for (ino, due) in queue {
+            // A file open for writing is still compressed if it has not been written
+            // since it was queued (a write takes it off the queue); the version check
+            // at commit catches a write that races the compression.
+            if st.compressing.contains(&ino) {
+                continue;
+            }
+            if due > now {
+                wait = wait.min(Duration::from_millis(due - now));
+                break;
+            }
+            let version = st.live.get(&ino).map_or(0, |l| l.version);
+            return Ok(Ok((ino, version)));
+        }
+        Ok(Err(wait))
+    }
+
+    /// Claim `ino` for compression. Returns its plaintext path and size, or None if it
+    /// no longer needs compressing (then its queue entry is dropped).
+    pub(crate) fn claim(&self, ino: u64) -> FsResult<Option<std::path::PathBuf>> {
+        let mut st = self.lock();
+        if st.compressing.contains(&ino) {
+            // Another compressor took it between next_due and now.
+            return Ok(None);
+        }
+        let inode = match self.get(ino) {
+            Ok(i) => Some(i),
+            Err(libc::ENOENT) => None,
+            Err(e) => return Err(e),
+        };
+        match inode {
+            Some(i) if i.kind == Kind::File && i.dirty && i.cached => {
+                if st.compressing.is_empty() {
+                    st.busy_since = Some(Instant::now());
+                }
+                st.compressing.push(ino);
+                Ok(Some(self.store.cache_path(ino)))
+            }
+            _ => {
+                let mut txn = Txn::default();
+                txn.dequeue(ino);
+                self.store.commit(txn, false).map_err(store_err)?;
+                Ok(None)
+            }
+        }
+    }
+
+    /// Switch `ino` to the blob just written durably at `seq`, unless the file changed
+    /// since `version`. Returns whether it committed (if not, the caller deletes the blob).
+    pub(crate) fn commit_blob(
+        &self,
+        ino: u64,
+        version: u64,
+        seq: u64,
+        stored_size: u64,
+        original: u64,
+    ) -> FsResult<bool> {
+        let mut st = self.lock();
+        Self::compression_ended(&mut st, ino);
+        let mut inode = match self.get(ino) {
+            Ok(i) => i,
+            Err(libc::ENOENT) => return Ok(false),
+            Err(e) => return Err(e),
+        };
+        let current = st.live.get(&ino).map_or(0, |l| l.version);
+        if current != version || !inode.dirty || !inode.cached || inode.size != original {
+            st.stats.superseded += 1;
+            return Ok(false);
+        }
+        let old = inode.blob;
+        inode.dirty = false;
+        inode.blob = Some(BlobRef { seq, stored_size });
+        let mut txn = Txn::default();
+        txn.put_inode(ino, &inode);
+        txn.dequeue(ino);
+        self.store.commit(txn, true).map_err(store_err)?;
+        if let Some(b) = old {
+            let _ = std::fs::remove_file(self.store.blob_path(ino, b.seq));
+        }
+        st.clean.insert(ino, inode.size);
+        st.stats.compressed_files += 1;
+        st.stats.bytes_in += original;
+        st.stats.bytes_out += stored_size;
+        Ok(true)
+    }
+
+    /// A compression failed: keep the plaintext, retry later.
+    pub(crate) fn compression_failed(&self, ino: u64) {
+        let mut st = self.lock();
+        Self::compression_ended(&mut st, ino);
+        st.stats.failures += 1;
+        let mut txn = Txn::default();
+        txn.enqueue(ino, unix_ms(SystemTime::now() + RETRY_AFTER));
+        if let Err(e) = self.store.commit(txn, false) {
+            log::error!("requeue of inode {ino}: {e}");
+        }
+    }
+
+    /// Busy time is wall time with at least one compression running (they overlap).
+    pub(super) fn compression_ended(st: &mut State, ino: u64) {
+        st.compressing.retain(|&i| i != ino);
+        if st.compressing.is_empty() {
+            if let Some(t) = st.busy_since.take() {
+                st.stats.busy += t.elapsed();
+            }
+        }
+    }
+
+    /// Whether `ino` is still a dirty regular file with its plaintext in the cache.
+    pub(crate) fn still_needs_compression(&self, ino: u64) -> bool {
+        let _st = self.lock();
+        self.get(ino)
+            .is_ok_and(|i| i.kind == Kind::File && i.dirty && i.cached)
+    }
+
+    /// A claimed compression that is no longer needed: no failure, no retry.
+    pub(crate) fn compression_abandoned(&self, ino: u64) {
+        let mut st = self.lock();
+        Self::compression_ended(&mut st, ino);
+    }
+
+    pub(crate) fn count_symbols(&self, n: u64) {
+        self.lock().stats.symbols_coded += n;
+    }
+
+    pub(crate) fn count_regions(&self, n: u64) {
+        self.lock().stats.regions_decoded += n;
+    }
+
+    pub(crate) fn count_verify_failure(&self) {
+        self.lock().stats.verify_failures += 1;
+    }
+}

@@ -1,0 +1,361 @@
+//! The filesystem engine: POSIX operations over the [`Store`], the plaintext write-back
+//! cache and the compression lifecycle. Errors are raw errno values; the FUSE adapter
+//! only translates. Every index change is one atomic batch.
+//!
+//! Lifecycle of a regular file (persisted in its inode record and the queue):
+//! `dirty` (plaintext in the cache, no valid blob) → last close + idle → `queued` →
+//! a worker compresses a snapshot → `compressed` (blob committed; the plaintext stays as
+//! a clean copy until evicted). Any change makes it dirty again and drops the blob.
+
+use std::collections::HashMap;
+use std::fs::{File, OpenOptions};
+use std::ops::Range;
+use std::os::unix::fs::FileExt;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime};
+
+use crossbeam_channel::Sender;
+
+use super::options::FsOptions;
+use crate::pool::LazyPool;
+use crate::store::{unix_ms, BlobRef, Inode, Kind, Store, StoreError, Txn, ROOT_INO};
+
+mod cache;
+mod control;
+mod io;
+mod lifecycle;
+mod namespace;
+mod recovery;
+
+pub type Errno = i32;
+pub type FsResult<T> = Result<T, Errno>;
+
+pub const NAME_MAX: usize = 255;
+/// Virtual xattrs: read-only views of the lifecycle, never stored, never listed.
+pub const XATTR_STATE: &[u8] = b"user.nacrith.state";
+pub const XATTR_STORED: &[u8] = b"user.nacrith.stored_size";
+/// On the root only: the admin channel used by `nacrithfs flush|evict|status`.
+pub const XATTR_STATUS: &[u8] = b"user.nacrith.status";
+pub const XATTR_CONTROL: &[u8] = b"user.nacrith.control";
+const RESERVED_PREFIX: &[u8] = b"user.nacrith.";
+/// A failed compression is retried after this long (the file stays plaintext).
+const RETRY_AFTER: Duration = Duration::from_secs(60);
+
+fn store_err(e: StoreError) -> Errno {
+    log::error!("index: {e}");
+    e.errno()
+}
+
+fn io_err(e: std::io::Error) -> Errno {
+    e.raw_os_error().unwrap_or(libc::EIO)
+}
+
+/// What the caller wants to happen once a file's plaintext is in the cache.
+pub type Waiter = Box<dyn FnOnce(FsResult<()>) + Send>;
+
+/// A waiting operation and the bytes it needs (None: the whole file).
+type RangeWaiter = (Option<Range<u64>>, Waiter);
+
+/// A request to the decoder: the plaintext of `ino` is wanted; `range` (the bytes a
+/// reader asked for) steers read-ahead, None means the whole file.
+#[derive(Debug, Clone)]
+pub struct Need {
+    pub ino: u64,
+    pub range: Option<Range<u64>>,
+}
+
+/// A compressed file being decoded region by region into its cache temp file. Reads of
+/// decoded regions are served from it before the whole file is there.
+pub(crate) struct Partial {
+    pub(crate) blob: BlobRef,
+    pub(crate) file: Arc<File>,
+    /// Each region's byte range in the file, in order, and whether it is decoded.
+    pub(crate) regions: Arc<Vec<Range<u64>>>,
+    pub(crate) done: Vec<bool>,
+    pub(crate) size: u64,
+}
+
+impl Partial {
+    /// Where the decoded bytes that start at `from` end, looking no further than
+    /// `limit`: `from` itself when the region under it is not decoded yet.
+    fn decoded_until(&self, from: u64, limit: u64) -> u64 {
+        let limit = limit.min(self.size);
+        let first = self.regions.partition_point(|r| r.end <= from);
+        let done = self.done.get(first..).unwrap_or_default();
+        let mut end = from;
+        for (r, &done) in self.regions[first..].iter().zip(done) {
+            if !done || end >= limit {
+                break;
+            }
+            end = r.end;
+        }
+        end.min(limit)
+    }
+
+    /// Whether bytes `range` (clamped to the file) are all decoded.
+    fn covers(&self, range: &Range<u64>) -> bool {
+        let (start, end) = (range.start.min(self.size), range.end.min(self.size));
+        start >= end || self.decoded_until(start, end) >= end
+    }
+}
+
+#[derive(Default)]
+struct Live {
+    /// Open handles, and how many of them can write.
+    open: u32,
+    writers: u32,
+    /// Bumped by every change to the content; a compression commits only if unchanged.
+    version: u64,
+    /// Operations waiting on this file's plaintext; eviction leaves it alone meanwhile.
+    pins: u32,
+    file: Option<Arc<File>>,
+    last_used: Option<Instant>,
+}
+
+#[derive(Default, Debug, Clone)]
+pub struct Stats {
+    pub compressed_files: u64,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    pub busy: Duration,
+    pub failures: u64,
+    /// Compressions dropped because the file changed meanwhile.
+    pub superseded: u64,
+    pub verify_failures: u64,
+    pub decompressions: u64,
+    pub decompress_failures: u64,
+    /// Symbols the model coded for compression (encode and verifying decode).
+    pub symbols_coded: u64,
+    /// Regions (chunks, zstd and stored segments) decoded for reads.
+    pub regions_decoded: u64,
+}
+
+struct Handle {
+    ino: u64,
+    append: bool,
+    /// A read-only handle of a compressed file: its reads are answered with what is
+    /// decoded so far (see [`Opened::direct_io`]).
+    stream: bool,
+}
+
+/// A new handle, and how the kernel should do its I/O.
+pub struct Opened {
+    pub fh: u64,
+    /// I/O goes straight to this daemon instead of through the kernel's page cache:
+    /// - write-only handles: through the page cache every write would be copied into the
+    ///   mount's pages as well as the cache file's (sequential writes ran at 44% of the
+    ///   backing disk's speed); a write-only handle cannot be read or mapped, so it
+    ///   loses nothing;
+    /// - read-only handles of compressed files: a read asks for what the reader asked
+    ///   for, no more. Through the page cache the kernel's read-ahead window comes with
+    ///   it (16 KiB for a 4 KiB read at the start), and a cold read would wait for every
+    ///   chunk under that window, not just the one under the page. With `stream_reads`
+    ///   (`stream`) a read(2) is even answered with the bytes decoded so far, so `cat`
+    ///   prints the head chunk while the rest is decoding, where its first 128 KiB read
+    ///   would otherwise wait for all of it.
+    ///
+    /// Only where the kernel has FUSE_DIRECT_IO_ALLOW_MMAP (6.6 on): the same kernels
+    /// drop cached pages of a file before a direct write to it, and let MAP_SHARED
+    /// map a direct-I/O handle.
+    pub direct_io: bool,
+}
+
+pub(crate) struct State {
+    live: HashMap<u64, Live>,
+    handles: HashMap<u64, Handle>,
+    next_fh: u64,
+    /// Operations waiting on plaintext: the byte range they need (None: the whole file).
+    waiters: HashMap<u64, Vec<RangeWaiter>>,
+    /// Files being decoded, for reads that can be served before the whole file is.
+    pub(crate) partial: HashMap<u64, Partial>,
+    /// Inodes a worker is compressing now.
+    pub(crate) compressing: Vec<u64>,
+    /// Clean cached copies: ino → size, for the cache cap.
+    clean: HashMap<u64, u64>,
+    pub(crate) stats: Stats,
+    pub(crate) shutting_down: bool,
+    /// Since when at least one compression has been running (for busy time).
+    busy_since: Option<Instant>,
+    /// Blobs whose decoding failed and was logged in this mount: (ino, blob seq).
+    reported: std::collections::HashSet<(u64, u64)>,
+}
+
+pub struct Core {
+    pub store: Store,
+    pub opts: FsOptions,
+    /// The coder's model, loaded on first use.
+    pub engine: Arc<LazyPool>,
+    /// Bytes of backing space that cache writes leave free (see `FsOptions::reserve`).
+    reserve: u64,
+    /// Whether handles may do direct I/O (see [`Opened::direct_io`]); set at FUSE init.
+    pub direct_io_ok: std::sync::atomic::AtomicBool,
+    state: Mutex<State>,
+    /// Wakes the compressor (new due work, flush, shutdown).
+    pub(crate) wake: Condvar,
+    materialize_tx: Sender<Need>,
+}
+
+/// A readdir entry: (offset of the next entry, inode, kind, name).
+pub type DirEntry = (u64, u64, Kind, Vec<u8>);
+
+pub struct Attr {
+    pub ino: u64,
+    pub inode: Inode,
+}
+
+impl Core {
+    /// Open the store, recover from any crash, and return the core plus the receiving end
+    /// of the decompression channel for [`super::background::start`].
+    pub fn new(
+        store: Store,
+        engine: Arc<LazyPool>,
+        opts: FsOptions,
+    ) -> Result<(Arc<Core>, crossbeam_channel::Receiver<Need>), StoreError> {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let reserve = match opts.reserve {
+            Some(r) => r,
+            None => {
+                backing_space(store.backing()).map_or(0, |(total, _)| (total / 100).min(256 << 20))
+            }
+        };
+        let core = Arc::new(Core {
+            store,
+            opts,
+            reserve,
+            direct_io_ok: Default::default(),
+            engine,
+            state: Mutex::new(State {
+                live: HashMap::new(),
+                handles: HashMap::new(),
+                next_fh: 1,
+                waiters: HashMap::new(),
+                partial: HashMap::new(),
+                compressing: Vec::new(),
+                clean: HashMap::new(),
+                stats: Stats::default(),
+                shutting_down: false,
+                busy_since: None,
+                reported: Default::default(),
+            }),
+            wake: Condvar::new(),
+            materialize_tx: tx,
+        });
+        core.recover()?;
+        Ok((core, rx))
+    }
+
+    pub(crate) fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn get(&self, ino: u64) -> FsResult<Inode> {
+        self.store.get(ino).map_err(store_err)?.ok_or(libc::ENOENT)
+    }
+
+    fn put(&self, ino: u64, inode: &Inode) -> FsResult<()> {
+        let mut txn = Txn::default();
+        txn.put_inode(ino, inode);
+        self.store.commit(txn, false).map_err(store_err)
+    }
+
+    fn check_name(name: &[u8]) -> FsResult<()> {
+        if name.len() > NAME_MAX {
+            return Err(libc::ENAMETOOLONG);
+        }
+        if name.is_empty() || name.contains(&b'/') || name == b"." || name == b".." {
+            return Err(libc::EINVAL);
+        }
+        Ok(())
+    }
+
+    fn dir(&self, ino: u64) -> FsResult<Inode> {
+        let d = self.get(ino)?;
+        if d.kind != Kind::Dir {
+            return Err(libc::ENOTDIR);
+        }
+        Ok(d)
+    }
+}
+
+/// (total, available to unprivileged users) bytes of the filesystem holding `path`.
+fn backing_space(path: &std::path::Path) -> std::io::Result<(u64, u64)> {
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
+    // SAFETY: zeroed statvfs is a valid out-parameter; c is NUL-terminated.
+    let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statvfs(c.as_ptr(), &mut s) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let frsize = s.f_frsize as u64;
+    Ok((s.f_blocks as u64 * frsize, s.f_bavail as u64 * frsize))
+}
+
+/// Bytes the file occupies in the backing store: the blob once compressed, else the
+/// plaintext.
+pub fn stored_size(inode: &Inode) -> u64 {
+    match (inode.dirty, inode.blob) {
+        (false, Some(b)) => b.stored_size,
+        _ => inode.size,
+    }
+}
+
+fn check_xattr_namespace(name: &[u8]) -> FsResult<()> {
+    if name.starts_with(b"user.") || name.starts_with(b"trusted.") || name.starts_with(b"security.")
+    {
+        Ok(())
+    } else {
+        Err(libc::EOPNOTSUPP)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A core over a fresh store; no background worker, and the model is never loaded.
+    fn core(dir: &std::path::Path) -> Arc<Core> {
+        let store = Store::open(dir).expect("store");
+        let engine = Arc::new(LazyPool::new(dir.join("no-model.gguf"), Some(1), 1));
+        Core::new(store, engine, FsOptions::default())
+            .expect("core")
+            .0
+    }
+
+    fn state(core: &Core, ino: u64) -> &'static str {
+        let inode = core.get(ino).expect("inode");
+        core.file_state(ino, &inode).expect("state")
+    }
+
+    /// `write; close; nacrithfs flush` compresses the file even when the RELEASE of the
+    /// closed handle (asynchronous in the kernel) reaches the daemon after the flush
+    /// request; a file written since its last close is left to its writer.
+    #[test]
+    fn flush_takes_a_closed_file_whose_release_is_still_on_its_way() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let core = core(dir.path());
+        let ino = core
+            .mknod(ROOT_INO, b"f", libc::S_IFREG | 0o644, 0, 0, 0, 0, None)
+            .expect("create")
+            .ino;
+        let fh = core.open(ino, libc::O_WRONLY).expect("open").fh;
+        core.write(ino, fh, 0, b"hello").expect("write");
+        core.request_flush().expect("flush");
+        assert_eq!(
+            state(&core, ino),
+            "dirty",
+            "a file being written was flushed"
+        );
+
+        core.closed(ino).expect("close (FUSE FLUSH)");
+        core.request_flush().expect("flush");
+        assert_eq!(state(&core, ino), "queued", "closed, RELEASE not yet in");
+
+        // Written again through a handle that stays open: the writer has it back.
+        core.write(ino, fh, 5, b" again").expect("write");
+        core.request_flush().expect("flush");
+        assert_eq!(state(&core, ino), "dirty");
+        core.release(fh, true).expect("release");
+        core.request_flush().expect("flush");
+        assert_eq!(state(&core, ino), "queued");
+    }
+}
