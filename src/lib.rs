@@ -6,8 +6,10 @@
 //! * [`pool`]: workers, one single-threaded model context each, many lanes per context
 //! * [`store`]: the backing directory: sled index, blob files, plaintext cache
 //! * [`fs`]: the filesystem engine and its FUSE adapter
+//! * [`crash`]: named crash points for the crash-consistency harness
 
 pub mod codec;
+pub mod crash;
 pub mod fs;
 pub mod model;
 pub mod pool;

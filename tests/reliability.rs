@@ -176,9 +176,11 @@ fn fsck_finds_and_repairs_every_planted_defect() {
         assert_eq!(lookup(&["empty"]), 11);
         // dangling dirent: a name for an inode that does not exist
         let mut txn = Txn::default();
-        txn.put_dirent(1, b"ghost", 500, nacrithfs::store::Kind::File);
+        store
+            .put_name(&mut txn, 1, b"ghost", 500, nacrithfs::store::Kind::File)
+            .expect("plant");
         // orphan inode: /empty loses its only name
-        txn.del_dirent(1, b"empty");
+        store.del_name(&mut txn, 1, b"empty").expect("plant");
         // wrong link count
         let mut random = store.get(9).expect("get").expect("inode 9");
         random.nlink = 5;

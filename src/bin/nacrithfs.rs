@@ -453,7 +453,12 @@ fn serve(
     // SAFETY: a valid, initialized signal set.
     unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &sigs, std::ptr::null_mut()) };
 
-    let store = Store::open(backing).map_err(|e| e.to_string())?;
+    let store = if m.opts.read_only {
+        Store::open_read_only(backing)
+    } else {
+        Store::open(backing)
+    }
+    .map_err(|e| e.to_string())?;
     // The model is loaded on first use; a file that is missing or not a usable GGUF now
     // is a mistake worth refusing the mount for (later it only delays compression).
     let model_path = find_model(m.opts.model.as_deref()).map_err(|e| e.to_string())?;

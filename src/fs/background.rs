@@ -18,7 +18,7 @@ use crate::codec::lanes::{ChunkOutput, CANCELLED, READ_AHEAD, URGENT};
 use crate::codec::params::CoderParams;
 use crate::codec::{self, CompressOptions, DecompressOptions, Engine, Plan, RegionKind};
 use crate::pool::{Done, LocalPool, Submit};
-use crate::store::{write_durably, BlobRef};
+use crate::store::{sync_dir, BlobRef};
 
 pub fn start(core: Arc<Core>, need_rx: Receiver<Need>) -> std::io::Result<Vec<JoinHandle<()>>> {
     let mut threads = Vec::new();
@@ -40,12 +40,30 @@ pub fn start(core: Arc<Core>, need_rx: Receiver<Need>) -> std::io::Result<Vec<Jo
             );
         }
     }
+    if !core.opts.read_only {
+        let c = core.clone();
+        threads.push(
+            std::thread::Builder::new()
+                .name("nacrith-reaper".into())
+                .spawn(move || reaper(&c))?,
+        );
+    }
     threads.push(
         std::thread::Builder::new()
             .name("nacrith-decode".into())
             .spawn(move || decoder(&core, need_rx))?,
     );
     Ok(threads)
+}
+
+/// Deletes the files in the graveyard once the index that stopped needing them is
+/// durable: woken by deletions and superseded blobs, at most every REAP_EVERY.
+fn reaper(core: &Core) {
+    const REAP_EVERY: Duration = Duration::from_millis(500);
+    while core.wait_for_reap(Duration::from_secs(5)) {
+        core.reap();
+        std::thread::sleep(REAP_EVERY);
+    }
 }
 
 const MAX_COMPRESSORS: usize = 64;
@@ -204,10 +222,24 @@ fn compress_data(
         Err(e) => return fail(e.to_string()),
     };
     let blob_path = core.store.blob_path(ino, seq);
-    if let Err(e) = write_durably(&blob_path, &blob) {
+    if let Err(e) = write_blob(core, &blob_path, &blob) {
         let _ = std::fs::remove_file(&blob_path);
         return fail(format!("writing {}: {e}", blob_path.display()));
     }
+    // The plaintext becomes the clean copy: it must be on disk before the index says
+    // so (a write after this point changes the version, and the commit is refused).
+    let plain = core.store.cache_path(ino);
+    let synced = std::fs::File::open(&plain)
+        .and_then(|f| f.sync_all())
+        .and_then(|()| sync_dir(&core.store.cache_dir()));
+    if let Err(e) = synced {
+        let _ = std::fs::remove_file(&blob_path);
+        if !core.still_needs_compression(ino) {
+            return core.compression_abandoned(ino);
+        }
+        return fail(format!("syncing {}: {e}", plain.display()));
+    }
+    crate::crash::point("compress.after_plain_sync");
     pause_before_commit(&blob_path);
     let took = start.elapsed();
     match core.commit_blob(ino, version, seq, blob.len() as u64, data.len() as u64) {
@@ -228,6 +260,29 @@ fn compress_data(
         }
     }
     core.enforce_cache_cap();
+}
+
+/// A new blob, durably: temp file, fsync, rename, fsync of blobs/ (each step a crash
+/// point). Until the index commits it, recovery deletes it as a blob nothing refers to
+/// of a live inode.
+fn write_blob(core: &Core, path: &std::path::Path, blob: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let tmp = path.with_extension("tmp");
+    let result = (|| {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(blob)?;
+        f.sync_all()?;
+        crate::crash::point("compress.after_blob_tmp");
+        std::fs::rename(&tmp, path)?;
+        crate::crash::point("compress.after_blob_rename");
+        sync_dir(&core.store.blob_dir())?;
+        crate::crash::point("compress.after_blob_dir_sync");
+        Ok(())
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
 }
 
 /// Fault injection for the crash test: with NACRITHFS_FAULT_PAUSE_BEFORE_COMMIT_MS set,

@@ -85,31 +85,9 @@ impl Checker<'_> {
         });
     }
 
-    fn lost_found_dir(&self) -> Result<PathBuf> {
-        let d = self.store.backing().join(LOST_FOUND);
-        std::fs::create_dir_all(&d)?;
-        Ok(d)
-    }
-
     /// Move an unreferenced file out of the store's way (repair only).
     fn rescue(&self, path: &Path) -> Result<String> {
-        let name = path
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        let dir = self.lost_found_dir()?;
-        let parent = path
-            .parent()
-            .and_then(|p| p.file_name())
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        let mut target = dir.join(format!("{parent}-{name}"));
-        let mut n = 1;
-        while target.exists() {
-            target = dir.join(format!("{parent}-{name}.{n}"));
-            n += 1;
-        }
-        std::fs::rename(path, &target)?;
+        let target = super::rescue(self.store.backing(), path)?;
         Ok(format!("moved to {}", target.display()))
     }
 }
@@ -225,7 +203,8 @@ fn check_dirents(c: &mut Checker, inodes: &HashMap<u64, Inode>) -> Result<Names>
                 ),
                 Some("rewrote the entry's kind".into()),
             );
-            c.txn.put_dirent(parent, &name, child, target.kind);
+            c.store
+                .put_name(&mut c.txn, parent, &name, child, target.kind)?;
         }
         names.entry(child).or_default().push((parent, name));
     }
@@ -277,8 +256,13 @@ fn check_links(c: &mut Checker, inodes: &HashMap<u64, Inode>, names: &Names) -> 
                     1
                 };
                 c.txn.put_inode(ino, &fixed);
-                c.txn
-                    .put_dirent(lf, format!("#{ino}").as_bytes(), ino, inode.kind);
+                c.store.put_name(
+                    &mut c.txn,
+                    lf,
+                    format!("#{ino}").as_bytes(),
+                    ino,
+                    inode.kind,
+                )?;
                 if inode.kind == Kind::Dir {
                     *subdirs.entry(lf).or_default() += 1;
                 }
@@ -323,7 +307,8 @@ fn lost_found_inode(c: &mut Checker, inodes: &HashMap<u64, Inode>) -> Result<u64
     let ino = c.store.alloc_ino(&mut txn);
     let dir = Inode::new(Kind::Dir, 0o700, 0, 0, SystemTime::now());
     txn.put_inode(ino, &dir);
-    txn.put_dirent(ROOT_INO, LOST_FOUND.as_bytes(), ino, Kind::Dir);
+    c.store
+        .put_name(&mut txn, ROOT_INO, LOST_FOUND.as_bytes(), ino, Kind::Dir)?;
     if let Some(mut root) = inodes.get(&ROOT_INO).cloned() {
         root.nlink += 1;
         txn.put_inode(ROOT_INO, &root);
@@ -556,7 +541,7 @@ fn check_counters(c: &mut Checker, inodes: &HashMap<u64, Inode>) -> Result<()> {
     }
     let mut max_seq = 0;
     for e in std::fs::read_dir(c.store.blob_dir())?.flatten() {
-        if let Some((_, seq)) = parse_blob_name(&e.file_name().to_string_lossy()) {
+        if let Some((_, seq)) = super::parse_blob_name(&e.file_name().to_string_lossy()) {
             max_seq = max_seq.max(seq);
         }
     }
@@ -577,12 +562,6 @@ fn check_counters(c: &mut Checker, inodes: &HashMap<u64, Inode>) -> Result<()> {
             .insert(NEXT_BLOB_KEY, &(max_seq + 1).to_le_bytes());
     }
     Ok(())
-}
-
-fn parse_blob_name(name: &str) -> Option<(u64, u64)> {
-    let stem = name.strip_suffix(".nc06")?;
-    let (ino, seq) = stem.split_once('-')?;
-    Some((ino.parse().ok()?, seq.parse().ok()?))
 }
 
 /// Files in blobs/ and cache/ that the index does not refer to.

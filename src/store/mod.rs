@@ -6,10 +6,14 @@
 //! BACKING/index/             sled database, one tree, keys by prefix (docs/FORMAT.md)
 //! BACKING/blobs/<ino>-<seq>.nc06
 //! BACKING/cache/<ino>        plaintext of a regular file (dirty, or a clean copy)
+//! BACKING/lost+found/        files recovery or fsck could not account for (never deleted)
 //! ```
 //!
 //! Multi-key changes go through one `sled::Batch`, so each is atomic across a crash;
-//! `commit(.., durable=true)` also flushes sled (its own flush is lazy, every 500 ms).
+//! `commit(.., durable=true)` also flushes sled (its own flush is lazy, every 500 ms, and
+//! a batch may reach the disk at any moment after it is applied). Files that no index
+//! state needs any more are listed in the graveyard (`g` keys) in the batch that stops
+//! needing them, and deleted only after a flush (docs/DURABILITY.md).
 
 pub mod fsck;
 pub mod record;
@@ -88,8 +92,35 @@ fn queue_key(ino: u64) -> [u8; 9] {
     k
 }
 
+/// A directory entry's readdir cookie → its name: readdir walks these in cookie order,
+/// so an offset stays valid whatever is created or removed between two calls.
+fn cookie_key(parent: u64, cookie: u64) -> [u8; 17] {
+    let mut k = [b'c'; 17];
+    k[1..9].copy_from_slice(&parent.to_be_bytes());
+    k[9..].copy_from_slice(&cookie.to_be_bytes());
+    k
+}
+
+/// A file to delete once the index that no longer needs it is durable: the plaintext
+/// cache file of a deleted inode (`tag` 0) or blob `<ino>-<tag>`.
+fn grave_key(ino: u64, tag: u64) -> [u8; 17] {
+    let mut k = [b'g'; 17];
+    k[1..9].copy_from_slice(&ino.to_be_bytes());
+    k[9..].copy_from_slice(&tag.to_be_bytes());
+    k
+}
+
+/// Graveyard tag of an inode's cache file (blob sequence numbers start at 1).
+pub const GRAVE_CACHE: u64 = 0;
+
 const NEXT_INO_KEY: &[u8] = b"mnext_ino";
 const NEXT_BLOB_KEY: &[u8] = b"mnext_blob";
+const NEXT_COOKIE_KEY: &[u8] = b"mnext_cookie";
+/// Index layout: absent = 1 (no readdir cookies); 2 = every entry has a cookie.
+const LAYOUT_KEY: &[u8] = b"mlayout";
+const LAYOUT: u64 = 2;
+/// Cookies 1 and 2 are `.` and `..`.
+const FIRST_COOKIE: u64 = 3;
 
 fn ino_from(key: &[u8]) -> Option<u64> {
     Some(u64::from_be_bytes(key.get(1..9)?.try_into().ok()?))
@@ -105,6 +136,30 @@ pub struct Store {
     backing: PathBuf,
     next_ino: AtomicU64,
     next_blob: AtomicU64,
+    next_cookie: AtomicU64,
+    /// Every directory entry has a readdir cookie (layout 2). False only for an old
+    /// volume opened read-only, which cannot be migrated.
+    cookies: bool,
+    /// Read-only: decoded temp files go to this private directory outside the backing
+    /// directory (removed when the store is dropped), so a read-only mount writes
+    /// nothing there.
+    ro_tmp: Option<PathBuf>,
+}
+
+impl Drop for Store {
+    fn drop(&mut self) {
+        if let Some(d) = &self.ro_tmp {
+            let _ = std::fs::remove_dir_all(d);
+        }
+    }
+}
+
+/// One directory entry as readdir returns it.
+pub struct ListedEntry {
+    pub cookie: u64,
+    pub name: Vec<u8>,
+    pub ino: u64,
+    pub kind: Kind,
 }
 
 /// One atomic change to the index.
@@ -120,14 +175,30 @@ impl Txn {
     pub fn del_inode(&mut self, ino: u64) {
         self.batch.remove(&inode_key(ino));
     }
-    pub fn put_dirent(&mut self, parent: u64, name: &[u8], ino: u64, kind: Kind) {
+    /// An entry with its readdir cookie (see [`Store::put_name`], which picks it).
+    pub fn put_dirent(&mut self, parent: u64, name: &[u8], ino: u64, kind: Kind, cookie: u64) {
         self.batch.insert(
             dirent_key(parent, name),
-            &record::encode_dirent(ino, kind)[..],
+            &record::encode_dirent(ino, kind, cookie)[..],
         );
+        self.batch.insert(&cookie_key(parent, cookie), name);
     }
-    pub fn del_dirent(&mut self, parent: u64, name: &[u8]) {
+    pub fn del_dirent(&mut self, parent: u64, name: &[u8], cookie: Option<u64>) {
         self.batch.remove(dirent_key(parent, name));
+        if let Some(c) = cookie {
+            self.batch.remove(&cookie_key(parent, c));
+        }
+    }
+    /// Blob `<ino>-<seq>` is to be deleted once this batch is durable.
+    pub fn bury_blob(&mut self, ino: u64, seq: u64) {
+        self.batch.insert(&grave_key(ino, seq), &[][..]);
+    }
+    /// The cache file of deleted inode `ino` is to be deleted once this batch is durable.
+    pub fn bury_cache(&mut self, ino: u64) {
+        self.batch.insert(&grave_key(ino, GRAVE_CACHE), &[][..]);
+    }
+    pub fn unbury(&mut self, ino: u64, tag: u64) {
+        self.batch.remove(&grave_key(ino, tag));
     }
     pub fn put_xattr(&mut self, ino: u64, name: &[u8], value: &[u8]) {
         self.batch.insert(xattr_key(ino, name), value);
@@ -184,6 +255,16 @@ fn open_index(backing: &Path) -> Result<sled::Db> {
 impl Store {
     /// Open (initializing an empty directory) the backing directory.
     pub fn open(backing: &Path) -> Result<Store> {
+        Store::open_mode(backing, false)
+    }
+
+    /// Open for a read-only mount: nothing is migrated (an old volume lists its
+    /// directories by position, as it always did).
+    pub fn open_read_only(backing: &Path) -> Result<Store> {
+        Store::open_mode(backing, true)
+    }
+
+    fn open_mode(backing: &Path, read_only: bool) -> Result<Store> {
         let meta = std::fs::metadata(backing).map_err(|e| {
             StoreError::Setup(format!("backing directory {}: {e}", backing.display()))
         })?;
@@ -201,6 +282,12 @@ impl Store {
                     "{} says {:?}: this version reads format \"nacrithfs 1\"",
                     marker.display(),
                     s.trim()
+                )))
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound && read_only => {
+                return Err(StoreError::Setup(format!(
+                    "{} is not a nacrithfs backing directory (no {FORMAT_MARKER}); a read-only mount cannot create one",
+                    backing.display()
                 )))
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
@@ -231,12 +318,41 @@ impl Store {
                 None => default,
             })
         };
-        let store = Store {
+        let layout = if fresh {
+            LAYOUT
+        } else {
+            read_counter(LAYOUT_KEY, 1)?
+        };
+        let mut store = Store {
             next_ino: AtomicU64::new(read_counter(NEXT_INO_KEY, ROOT_INO + 1)?),
             next_blob: AtomicU64::new(read_counter(NEXT_BLOB_KEY, 1)?),
+            next_cookie: AtomicU64::new(read_counter(NEXT_COOKIE_KEY, FIRST_COOKIE)?),
+            cookies: layout >= LAYOUT,
+            ro_tmp: None,
             db,
             backing: backing.to_path_buf(),
         };
+        if layout > LAYOUT {
+            return Err(StoreError::Setup(format!(
+                "the index of {} has layout {layout}; this version reads up to {LAYOUT}",
+                backing.display()
+            )));
+        }
+        if read_only {
+            use std::os::unix::fs::DirBuilderExt;
+            let dir = std::env::temp_dir().join(format!(
+                "nacrithfs-ro-{}-{}",
+                std::process::id(),
+                unix_ms(SystemTime::now())
+            ));
+            std::fs::DirBuilder::new().mode(0o700).create(&dir)?;
+            store.ro_tmp = Some(dir);
+        }
+        if fresh {
+            store.db.insert(LAYOUT_KEY, &LAYOUT.to_le_bytes())?;
+        } else if !store.cookies && !read_only {
+            store.migrate_cookies()?;
+        }
         if store.get(ROOT_INO)?.is_none() {
             // SAFETY: getuid/getgid cannot fail.
             let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
@@ -264,7 +380,10 @@ impl Store {
     }
 
     pub fn cache_tmp_path(&self, ino: u64) -> PathBuf {
-        self.backing.join("cache").join(format!("{ino}.tmp"))
+        match &self.ro_tmp {
+            Some(d) => d.join(format!("{ino}.tmp")),
+            None => self.backing.join("cache").join(format!("{ino}.tmp")),
+        }
     }
 
     pub fn blob_path(&self, ino: u64, seq: u64) -> PathBuf {
@@ -284,6 +403,155 @@ impl Store {
         let ino = self.next_ino.fetch_add(1, Ordering::SeqCst);
         txn.batch.insert(NEXT_INO_KEY, &(ino + 1).to_le_bytes());
         ino
+    }
+
+    /// Allocate a readdir cookie; `txn` persists the counter with the entry.
+    pub fn alloc_cookie(&self, txn: &mut Txn) -> u64 {
+        let c = self.next_cookie.fetch_add(1, Ordering::SeqCst);
+        txn.batch.insert(NEXT_COOKIE_KEY, &(c + 1).to_le_bytes());
+        c
+    }
+
+    /// The readdir cookie of an existing entry.
+    pub fn dirent_cookie(&self, parent: u64, name: &[u8]) -> Result<Option<u64>> {
+        Ok(self
+            .db
+            .get(dirent_key(parent, name))?
+            .and_then(|v| record::decode_dirent_full(&v))
+            .and_then(|(_, _, c)| c))
+    }
+
+    /// Point `parent/name` at `ino`. A name that exists keeps its cookie (it stays in
+    /// its place for a listing in progress); a new name gets the next cookie.
+    pub fn put_name(
+        &self,
+        txn: &mut Txn,
+        parent: u64,
+        name: &[u8],
+        ino: u64,
+        kind: Kind,
+    ) -> Result<()> {
+        let cookie = match self.dirent_cookie(parent, name)? {
+            Some(c) => c,
+            None => self.alloc_cookie(txn),
+        };
+        txn.put_dirent(parent, name, ino, kind, cookie);
+        Ok(())
+    }
+
+    /// Remove `parent/name` and its cookie.
+    pub fn del_name(&self, txn: &mut Txn, parent: u64, name: &[u8]) -> Result<()> {
+        let cookie = self.dirent_cookie(parent, name)?;
+        txn.del_dirent(parent, name, cookie);
+        Ok(())
+    }
+
+    /// Give every entry of an old (layout 1) index a cookie, in name order, once.
+    fn migrate_cookies(&mut self) -> Result<()> {
+        let mut txn = Txn::default();
+        let mut n = 0u64;
+        for r in self.db.scan_prefix(b"d") {
+            let (k, v) = r?;
+            let (Some(parent), Some((ino, kind, cookie))) =
+                (ino_from(&k), record::decode_dirent_full(&v))
+            else {
+                continue; // fsck reports it
+            };
+            if cookie.is_none() {
+                let c = self.alloc_cookie(&mut txn);
+                txn.put_dirent(parent, &k[9..], ino, kind, c);
+                n += 1;
+            }
+        }
+        txn.batch.insert(LAYOUT_KEY, &LAYOUT.to_le_bytes());
+        self.commit(txn, true)?;
+        self.cookies = true;
+        log::info!("index: {n} directory entries given readdir cookies (layout {LAYOUT})");
+        Ok(())
+    }
+
+    /// Up to `max` entries of a directory whose cookie is above `after`, in cookie
+    /// order. An old volume opened read-only has no cookies: its entries are numbered
+    /// by position in name order, as before.
+    pub fn list_after(&self, parent: u64, after: u64, max: usize) -> Result<Vec<ListedEntry>> {
+        let mut out = Vec::new();
+        if !self.cookies {
+            let skip = after.saturating_sub(FIRST_COOKIE - 1) as usize;
+            for (i, (name, ino, kind)) in self.list_dir(parent, skip + max)?.into_iter().enumerate()
+            {
+                if i >= skip {
+                    let cookie = FIRST_COOKIE + i as u64;
+                    out.push(ListedEntry {
+                        cookie,
+                        name,
+                        ino,
+                        kind,
+                    });
+                }
+            }
+            return Ok(out);
+        }
+        let from = cookie_key(parent, after.saturating_add(1).max(FIRST_COOKIE));
+        let to = cookie_key(parent, u64::MAX);
+        for r in self.db.range(from..=to) {
+            let (k, name) = r?;
+            let Some(cookie) = k
+                .get(9..17)
+                .and_then(|b| b.try_into().ok())
+                .map(u64::from_be_bytes)
+            else {
+                continue;
+            };
+            // The entry itself is the truth; a cookie whose entry is gone or moved on is
+            // skipped (fsck reports it).
+            let Some((ino, kind, Some(c))) = self
+                .db
+                .get(dirent_key(parent, &name))?
+                .and_then(|v| record::decode_dirent_full(&v))
+            else {
+                continue;
+            };
+            if c != cookie {
+                continue;
+            }
+            out.push(ListedEntry {
+                cookie,
+                name: name.to_vec(),
+                ino,
+                kind,
+            });
+            if out.len() >= max {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Every graveyard entry: (inode, tag), tag [`GRAVE_CACHE`] or a blob sequence.
+    pub fn graveyard(&self) -> Result<Vec<(u64, u64)>> {
+        let mut out = Vec::new();
+        for r in self.db.scan_prefix(b"g") {
+            let (k, _) = r?;
+            let (Some(ino), Some(tag)) = (
+                ino_from(&k),
+                k.get(9..17)
+                    .and_then(|b| b.try_into().ok())
+                    .map(u64::from_be_bytes),
+            ) else {
+                continue;
+            };
+            out.push((ino, tag));
+        }
+        Ok(out)
+    }
+
+    /// The path a graveyard entry names.
+    pub fn grave_path(&self, ino: u64, tag: u64) -> PathBuf {
+        if tag == GRAVE_CACHE {
+            self.cache_path(ino)
+        } else {
+            self.blob_path(ino, tag)
+        }
     }
 
     /// Allocate a blob sequence number, persisted at once so a crash never reuses it.
@@ -374,10 +642,17 @@ impl Store {
             .collect()
     }
 
-    /// Everything keyed by one inode besides its dirents: record, xattrs, queue entry.
-    pub fn delete_inode(&self, txn: &mut Txn, ino: u64) -> Result<()> {
+    /// Everything keyed by one inode besides its dirents: record, xattrs, queue entry;
+    /// its files go to the graveyard (deleted once this batch is durable).
+    pub fn delete_inode(&self, txn: &mut Txn, ino: u64, inode: &Inode) -> Result<()> {
         txn.del_inode(ino);
         txn.dequeue(ino);
+        if inode.kind == Kind::File {
+            txn.bury_cache(ino);
+            if let Some(b) = inode.blob {
+                txn.bury_blob(ino, b.seq);
+            }
+        }
         for name in self.xattr_names(ino)? {
             txn.del_xattr(ino, &name);
         }
@@ -435,6 +710,38 @@ impl Store {
             Ok((parent, k.get(9..).unwrap_or(&[]).to_vec(), child))
         })
     }
+}
+
+/// `<ino>-<seq>.nc06` → (ino, seq).
+pub fn parse_blob_name(name: &str) -> Option<(u64, u64)> {
+    let stem = name.strip_suffix(".nc06")?;
+    let (ino, seq) = stem.split_once('-')?;
+    Some((ino.parse().ok()?, seq.parse().ok()?))
+}
+
+/// Move a file nothing accounts for into `BACKING/lost+found/` as `<dir>-<name>`
+/// (numbered if taken), durably. Returns where it went.
+pub fn rescue(backing: &Path, path: &Path) -> io::Result<PathBuf> {
+    let dir = backing.join(fsck::LOST_FOUND);
+    std::fs::create_dir_all(&dir)?;
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let parent = path
+        .parent()
+        .and_then(|p| p.file_name())
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let mut target = dir.join(format!("{parent}-{name}"));
+    let mut n = 1;
+    while target.exists() {
+        target = dir.join(format!("{parent}-{name}.{n}"));
+        n += 1;
+    }
+    std::fs::rename(path, &target)?;
+    sync_dir(&dir)?;
+    Ok(target)
 }
 
 /// fsync a directory, so a rename or create inside it is durable.

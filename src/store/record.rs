@@ -246,20 +246,32 @@ impl<'a> Reader<'a> {
     }
 }
 
-/// Directory entry value: child inode and kind.
-pub fn encode_dirent(ino: u64, kind: Kind) -> [u8; 9] {
-    let mut v = [0u8; 9];
+/// Directory entry value: child inode, kind and readdir cookie (17 bytes). Layout-1
+/// volumes wrote 9 bytes (no cookie); those still decode.
+pub fn encode_dirent(ino: u64, kind: Kind, cookie: u64) -> [u8; 17] {
+    let mut v = [0u8; 17];
     v[..8].copy_from_slice(&ino.to_le_bytes());
     v[8] = kind.code();
+    v[9..].copy_from_slice(&cookie.to_le_bytes());
     v
 }
 
 pub fn decode_dirent(v: &[u8]) -> Option<(u64, Kind)> {
-    if v.len() != 9 {
+    decode_dirent_full(v).map(|(ino, kind, _)| (ino, kind))
+}
+
+/// (child, kind, cookie if the entry has one).
+pub fn decode_dirent_full(v: &[u8]) -> Option<(u64, Kind, Option<u64>)> {
+    if v.len() != 9 && v.len() != 17 {
         return None;
     }
-    let ino = u64::from_le_bytes(v[..8].try_into().ok()?);
-    Some((ino, Kind::from_code(v[8])?))
+    let ino = u64::from_le_bytes(v.get(..8)?.try_into().ok()?);
+    let kind = Kind::from_code(*v.get(8)?)?;
+    let cookie = match v.get(9..17) {
+        Some(c) => Some(u64::from_le_bytes(c.try_into().ok()?)),
+        None => None,
+    };
+    Some((ino, kind, cookie))
 }
 
 #[cfg(test)]

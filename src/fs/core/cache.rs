@@ -7,32 +7,48 @@ impl Core {
     pub fn evict_all(&self) -> FsResult<u64> {
         let mut st = self.lock();
         let inos: Vec<u64> = st.clean.keys().copied().collect();
-        let mut freed = 0;
-        for ino in inos {
-            freed += self.evict_locked(&mut st, ino)?;
-        }
-        Ok(freed)
+        self.evict_locked(&mut st, &inos)
     }
 
-    pub(super) fn evict_locked(&self, st: &mut State, ino: u64) -> FsResult<u64> {
-        // Open files may go too: their next read or write waits for the decompressor
-        // like any other (the kernel's page cache usually answers first).
-        if st.live.get(&ino).is_some_and(|l| l.pins > 0) || st.compressing.contains(&ino) {
+    /// Evict these clean copies (those no operation is using): one durable index update
+    /// says they are gone, then the files go. A crash between the two leaves cache files
+    /// of evicted inodes, which recovery deletes (their blobs are the data).
+    pub(super) fn evict_locked(&self, st: &mut State, inos: &[u64]) -> FsResult<u64> {
+        let mut txn = Txn::default();
+        let mut gone = Vec::new();
+        for &ino in inos {
+            // Open files may go too: their next read or write waits for the decompressor
+            // like any other (the kernel's page cache usually answers first).
+            if st.live.get(&ino).is_some_and(|l| l.pins > 0) || st.compressing.contains(&ino) {
+                continue;
+            }
+            let mut inode = self.get(ino)?;
+            if inode.kind != Kind::File || !inode.cached || inode.dirty || inode.blob.is_none() {
+                st.clean.remove(&ino);
+                continue;
+            }
+            inode.cached = false;
+            txn.put_inode(ino, &inode);
+            gone.push((ino, inode.size));
+        }
+        if gone.is_empty() {
             return Ok(0);
         }
-        let mut inode = self.get(ino)?;
-        if inode.kind != Kind::File || !inode.cached || inode.dirty || inode.blob.is_none() {
+        self.store.commit(txn, true).map_err(store_err)?;
+        crate::crash::point("evict.after_index");
+        let mut freed = 0;
+        for (ino, size) in gone {
             st.clean.remove(&ino);
-            return Ok(0);
+            if let Some(l) = st.live.get_mut(&ino) {
+                l.file = None;
+            }
+            if let Err(e) = std::fs::remove_file(self.store.cache_path(ino)) {
+                log::warn!("evicting inode {ino}: {e}; recovery removes it");
+            }
+            freed += size;
         }
-        inode.cached = false;
-        self.put(ino, &inode)?;
-        st.clean.remove(&ino);
-        if let Some(l) = st.live.get_mut(&ino) {
-            l.file = None;
-        }
-        let _ = std::fs::remove_file(self.store.cache_path(ino));
-        Ok(inode.size)
+        crate::crash::point("evict.after_delete");
+        Ok(freed)
     }
 
     /// Evict least recently used clean copies until the cache is under its cap.
@@ -48,14 +64,16 @@ impl Core {
             .map(|&ino| (st.live.get(&ino).and_then(|l| l.last_used), ino))
             .collect();
         by_age.sort();
+        let mut chosen = Vec::new();
         for (_, ino) in by_age {
             if total <= self.opts.cache_size {
                 break;
             }
-            match self.evict_locked(&mut st, ino) {
-                Ok(n) => total = total.saturating_sub(n),
-                Err(e) => log::warn!("evicting inode {ino}: errno {e}"),
-            }
+            total = total.saturating_sub(st.clean.get(&ino).copied().unwrap_or(0));
+            chosen.push(ino);
+        }
+        if let Err(e) = self.evict_locked(&mut st, &chosen) {
+            log::warn!("evicting clean copies for the cache cap: errno {e}");
         }
     }
 
@@ -101,10 +119,27 @@ impl Core {
                 if inode.blob != Some(blob) {
                     return Err(libc::EAGAIN);
                 }
+                if self.opts.read_only {
+                    // Nothing changes on disk: the decoded temp file (outside the backing
+                    // directory) stays a complete partial decode until unmount.
+                    if let Some(p) = st.partial.get_mut(&ino).filter(|p| p.blob == blob) {
+                        p.done.iter_mut().for_each(|d| *d = true);
+                        st.stats.decompressions += 1;
+                        return Ok(());
+                    }
+                    return Err(libc::EAGAIN);
+                }
+                // The temp file was fsynced and checked against the blob's BLAKE3; the
+                // rename is made durable before the index may say "cached", so a clean
+                // copy the index names is always whole.
                 std::fs::rename(self.store.cache_tmp_path(ino), self.store.cache_path(ino))
                     .map_err(io_err)?;
+                crate::crash::point("decode.after_rename");
+                crate::store::sync_dir(&self.store.cache_dir()).map_err(io_err)?;
+                crate::crash::point("decode.after_dir_sync");
                 inode.cached = true;
                 self.put(ino, &inode)?;
+                crate::crash::point("decode.after_index");
                 st.clean.insert(ino, inode.size);
                 st.stats.decompressions += 1;
                 Ok(())
@@ -112,7 +147,7 @@ impl Core {
         } else if result.is_err() {
             st.stats.decompress_failures += 1;
         }
-        if let Some(blob) = blob {
+        if let Some(blob) = blob.filter(|_| !(self.opts.read_only && result.is_ok())) {
             if st.partial.get(&ino).is_some_and(|p| p.blob == blob) {
                 st.partial.remove(&ino);
             }

@@ -168,9 +168,14 @@ impl Core {
     pub fn shutdown(&self) {
         self.lock().shutting_down = true;
         self.wake.notify_all();
+        self.reap_wake.notify_all();
+        if self.opts.read_only {
+            return;
+        }
         if let Err(e) = self.store.flush() {
             log::error!("final index flush: {e}");
         }
+        self.reap();
     }
 
     pub(crate) fn wait_for_work(&self, wait: Duration) -> bool {

@@ -18,14 +18,7 @@ impl Core {
         let mut st = self.lock();
         let fh = st.next_fh;
         st.next_fh += 1;
-        st.handles.insert(
-            fh,
-            Handle {
-                ino,
-                append: flags & libc::O_APPEND != 0,
-                stream,
-            },
-        );
+        st.handles.insert(fh, Handle { ino, stream });
         let live = st.live.entry(ino).or_default();
         live.open += 1;
         if write {
@@ -66,9 +59,12 @@ impl Core {
         };
         if inode.nlink == 0 {
             let mut txn = Txn::default();
-            self.store.delete_inode(&mut txn, ino).map_err(store_err)?;
+            self.store
+                .delete_inode(&mut txn, ino, &inode)
+                .map_err(store_err)?;
             self.store.commit(txn, false).map_err(store_err)?;
-            self.remove_files(&mut st, ino, &inode);
+            crate::crash::point("release.after_index");
+            self.forget(&mut st, ino);
             return Ok(());
         }
         if inode.kind == Kind::File && inode.dirty {
@@ -283,15 +279,15 @@ impl Core {
         Ok(buf)
     }
 
-    /// Mark a file's content changed: dirty, blob dropped, version bumped, and queued
-    /// again if nothing has it open (a late mmap write-back).
+    /// Mark a file's content changed: dirty, blob dropped (to the graveyard), version
+    /// bumped, and queued again if nothing has it open (a late mmap write-back).
     pub(super) fn touch_content(&self, st: &mut State, ino: u64, inode: &mut Inode, txn: &mut Txn) {
         let now = SystemTime::now();
         inode.mtime = now;
         inode.ctime = now;
-        // The index stops pointing at the blob in this batch; the caller deletes its
-        // file after the commit.
-        inode.blob = None;
+        if let Some(b) = inode.blob.take() {
+            txn.bury_blob(ino, b.seq);
+        }
         inode.dirty = true;
         st.clean.remove(&ino);
         let live = st.live.entry(ino).or_default();
@@ -303,39 +299,55 @@ impl Core {
         }
     }
 
-    pub(super) fn commit_content(
+    /// Before the cache file of a file that is not dirty changes (a clean copy, or none
+    /// after eviction), the index says durably that it is dirty. Otherwise a crash
+    /// could bring back "clean, blob X" over a cache file that no longer matches X
+    /// (docs/DURABILITY.md, "write to a clean copy").
+    pub(super) fn mark_dirty_first(
         &self,
+        st: &mut State,
         ino: u64,
-        old_blob: Option<BlobRef>,
-        txn: Txn,
+        inode: &mut Inode,
+        point: &'static str,
     ) -> FsResult<()> {
-        self.store.commit(txn, false).map_err(store_err)?;
-        if let Some(b) = old_blob {
-            // Deleting before the index update is durable is safe: recovery treats a
-            // missing blob of a cached, dirty file as what it is.
-            let _ = std::fs::remove_file(self.store.blob_path(ino, b.seq));
+        if inode.dirty {
+            return Ok(());
         }
+        let mut txn = Txn::default();
+        self.touch_content(st, ino, inode, &mut txn);
+        txn.put_inode(ino, inode);
+        self.store.commit(txn, true).map_err(store_err)?;
+        crate::crash::point(point);
+        self.reap_soon();
         Ok(())
     }
 
+    pub(super) fn commit_content(&self, txn: Txn) -> FsResult<()> {
+        self.store.commit(txn, false).map_err(store_err)
+    }
+
     /// Write to a cached file (call inside [`Core::with_plain`]).
-    pub fn write(&self, ino: u64, fh: u64, offset: u64, data: &[u8]) -> FsResult<u32> {
+    ///
+    /// The offset is the kernel's: for `O_APPEND` handles the kernel has already put it
+    /// at the end of the file (under the inode lock), and a write-back of mmap'ed pages
+    /// through such a handle must land where the pages are, not at the end.
+    pub fn write(&self, ino: u64, _fh: u64, offset: u64, data: &[u8]) -> FsResult<u32> {
         let mut st = self.lock();
         let mut inode = self.get(ino)?;
         if !inode.cached {
             return Err(libc::ESTALE);
         }
         self.check_space(data.len() as u64)?;
-        let append = st.handles.get(&fh).is_some_and(|h| h.append);
-        let offset = if append { inode.size } else { offset };
+        let end = offset.checked_add(data.len() as u64).ok_or(libc::EFBIG)?;
+        self.mark_dirty_first(&mut st, ino, &mut inode, "write.after_dirty_mark")?;
         let file = self.cache_file(&mut st, ino)?;
         file.write_all_at(data, offset).map_err(io_err)?;
-        let old_blob = inode.blob;
+        crate::crash::point("write.after_data");
         let mut txn = Txn::default();
-        inode.size = inode.size.max(offset + data.len() as u64);
+        inode.size = inode.size.max(end);
         self.touch_content(&mut st, ino, &mut inode, &mut txn);
         txn.put_inode(ino, &inode);
-        self.commit_content(ino, old_blob, txn)?;
+        self.commit_content(txn)?;
         drop(st);
         Ok(data.len() as u32)
     }
@@ -356,7 +368,6 @@ impl Core {
         let mut inode = self.get(ino)?;
         let now = SystemTime::now();
         let mut txn = Txn::default();
-        let mut old_blob = None;
         if let Some(size) = size {
             if inode.kind == Kind::Dir {
                 return Err(libc::EISDIR);
@@ -368,14 +379,18 @@ impl Core {
                 if size != 0 {
                     return Err(libc::ESTALE);
                 }
-                // Truncation to zero needs no decompression.
-                File::create(self.store.cache_path(ino)).map_err(io_err)?;
+                // Truncation to zero needs no decompression. The index first says
+                // (durably) dirty with a cache file; a missing one reads as empty.
                 inode.cached = true;
+                self.mark_dirty_first(&mut st, ino, &mut inode, "truncate.after_dirty_mark")?;
+                File::create(self.store.cache_path(ino)).map_err(io_err)?;
+            } else {
+                self.mark_dirty_first(&mut st, ino, &mut inode, "truncate.after_dirty_mark")?;
             }
             let file = self.cache_file(&mut st, ino)?;
             file.set_len(size).map_err(io_err)?;
+            crate::crash::point("truncate.after_data");
             inode.size = size;
-            old_blob = inode.blob;
             self.touch_content(&mut st, ino, &mut inode, &mut txn);
         }
         if let Some(m) = mode {
@@ -395,7 +410,7 @@ impl Core {
         }
         inode.ctime = ctime.unwrap_or(now);
         txn.put_inode(ino, &inode);
-        self.commit_content(ino, old_blob, txn)?;
+        self.commit_content(txn)?;
         drop(st);
         Ok(Attr { ino, inode })
     }
@@ -412,6 +427,7 @@ impl Core {
         if mode & libc::FALLOC_FL_PUNCH_HOLE == 0 {
             self.check_space(length)?;
         }
+        self.mark_dirty_first(&mut st, ino, &mut inode, "fallocate.after_dirty_mark")?;
         let file = self.cache_file(&mut st, ino)?;
         // SAFETY: a valid open fd; plain integer arguments.
         let r = unsafe {
@@ -426,12 +442,11 @@ impl Core {
             return Err(io_err(std::io::Error::last_os_error()));
         }
         let len = file.metadata().map_err(io_err)?.len();
-        let old_blob = inode.blob;
         let mut txn = Txn::default();
         inode.size = len;
         self.touch_content(&mut st, ino, &mut inode, &mut txn);
         txn.put_inode(ino, &inode);
-        self.commit_content(ino, old_blob, txn)?;
+        self.commit_content(txn)?;
         drop(st);
         Ok(())
     }
@@ -453,6 +468,8 @@ impl Core {
             } else {
                 f.sync_all().map_err(io_err)?;
             }
+            // The cache file's own name, created unsynced with the file.
+            crate::store::sync_dir(&self.store.cache_dir()).map_err(io_err)?;
         }
         self.store.flush().map_err(store_err)
     }

@@ -103,7 +103,8 @@ impl Core {
     }
 
     /// Switch `ino` to the blob just written durably at `seq`, unless the file changed
-    /// since `version`. Returns whether it committed (if not, the caller deletes the blob).
+    /// since `version`. The caller has fsynced the plaintext of that version (it becomes
+    /// the clean copy). Returns whether it committed (if not, the caller deletes the blob).
     pub(crate) fn commit_blob(
         &self,
         ino: u64,
@@ -124,16 +125,17 @@ impl Core {
             st.stats.superseded += 1;
             return Ok(false);
         }
-        let old = inode.blob;
+        let mut txn = Txn::default();
+        if let Some(old) = inode.blob {
+            txn.bury_blob(ino, old.seq);
+        }
         inode.dirty = false;
         inode.blob = Some(BlobRef { seq, stored_size });
-        let mut txn = Txn::default();
         txn.put_inode(ino, &inode);
         txn.dequeue(ino);
         self.store.commit(txn, true).map_err(store_err)?;
-        if let Some(b) = old {
-            let _ = std::fs::remove_file(self.store.blob_path(ino, b.seq));
-        }
+        crate::crash::point("compress.after_commit");
+        self.reap_soon();
         st.clean.insert(ino, inode.size);
         st.stats.compressed_files += 1;
         st.stats.bytes_in += original;

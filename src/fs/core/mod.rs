@@ -22,6 +22,7 @@ use crate::store::{unix_ms, BlobRef, Inode, Kind, Store, StoreError, Txn, ROOT_I
 
 mod cache;
 mod control;
+mod graveyard;
 mod io;
 mod lifecycle;
 mod namespace;
@@ -132,7 +133,6 @@ pub struct Stats {
 
 struct Handle {
     ino: u64,
-    append: bool,
     /// A read-only handle of a compressed file: its reads are answered with what is
     /// decoded so far (see [`Opened::direct_io`]).
     stream: bool,
@@ -192,6 +192,10 @@ pub struct Core {
     state: Mutex<State>,
     /// Wakes the compressor (new due work, flush, shutdown).
     pub(crate) wake: Condvar,
+    /// The graveyard has new entries (see `graveyard.rs`); its own lock, so it can be
+    /// set with the state lock held.
+    reap_wanted: Mutex<bool>,
+    reap_wake: Condvar,
     materialize_tx: Sender<Need>,
 }
 
@@ -238,6 +242,8 @@ impl Core {
                 reported: Default::default(),
             }),
             wake: Condvar::new(),
+            reap_wanted: Mutex::new(false),
+            reap_wake: Condvar::new(),
             materialize_tx: tx,
         });
         core.recover()?;

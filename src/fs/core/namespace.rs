@@ -88,10 +88,15 @@ impl Core {
         let mut txn = Txn::default();
         let ino = self.store.alloc_ino(&mut txn);
         if kind == Kind::File {
+            // Not synced: until the file is fsynced, a missing cache file of a dirty
+            // inode reads as empty (docs/DURABILITY.md, "create").
             File::create(self.store.cache_path(ino)).map_err(io_err)?;
+            crate::crash::point("create.after_cache_file");
         }
         txn.put_inode(ino, &inode);
-        txn.put_dirent(parent, name, ino, kind);
+        self.store
+            .put_name(&mut txn, parent, name, ino, kind)
+            .map_err(store_err)?;
         if kind == Kind::Dir {
             pdir.nlink += 1;
         }
@@ -99,6 +104,7 @@ impl Core {
         pdir.ctime = now;
         txn.put_inode(parent, &pdir);
         self.store.commit(txn, false).map_err(store_err)?;
+        crate::crash::point("create.after_index");
         Ok(Attr { ino, inode })
     }
 
@@ -137,8 +143,11 @@ impl Core {
         let mut txn = Txn::default();
         txn.put_inode(ino, &inode);
         txn.put_inode(newparent, &pdir);
-        txn.put_dirent(newparent, newname, ino, inode.kind);
+        self.store
+            .put_name(&mut txn, newparent, newname, ino, inode.kind)
+            .map_err(store_err)?;
         self.store.commit(txn, false).map_err(store_err)?;
+        crate::crash::point("link.after_index");
         Ok(Attr { ino, inode })
     }
 
@@ -165,7 +174,9 @@ impl Core {
         }
         let now = SystemTime::now();
         let mut txn = Txn::default();
-        txn.del_dirent(parent, name);
+        self.store
+            .del_name(&mut txn, parent, name)
+            .map_err(store_err)?;
         if dir {
             pdir.nlink = pdir.nlink.saturating_sub(1);
             inode.nlink = 0;
@@ -178,14 +189,15 @@ impl Core {
         txn.put_inode(parent, &pdir);
         let purge = self.drop_link(&mut st, &mut txn, ino, &inode)?;
         self.store.commit(txn, false).map_err(store_err)?;
+        crate::crash::point("unlink.after_index");
         if purge {
-            self.remove_files(&mut st, ino, &inode);
+            self.forget(&mut st, ino);
         }
         Ok(())
     }
 
-    /// Record `inode` after it lost a link; delete it when nothing refers to it any more.
-    /// Returns whether its files must be removed once `txn` commits.
+    /// Record `inode` after it lost a link; delete it when nothing refers to it any more
+    /// (its files go to the graveyard in `txn`). Returns whether it was deleted.
     pub(super) fn drop_link(
         &self,
         st: &mut State,
@@ -195,7 +207,9 @@ impl Core {
     ) -> FsResult<bool> {
         let open = st.live.get(&ino).is_some_and(|l| l.open > 0);
         if inode.nlink == 0 && !open {
-            self.store.delete_inode(txn, ino).map_err(store_err)?;
+            self.store
+                .delete_inode(txn, ino, inode)
+                .map_err(store_err)?;
             Ok(true)
         } else {
             txn.put_inode(ino, inode);
@@ -203,16 +217,12 @@ impl Core {
         }
     }
 
-    pub(super) fn remove_files(&self, st: &mut State, ino: u64, inode: &Inode) {
+    /// A deleted inode leaves memory; its files are the reaper's (they are in the
+    /// graveyard, deleted once the deletion is durable).
+    pub(super) fn forget(&self, st: &mut State, ino: u64) {
         st.live.remove(&ino);
         st.clean.remove(&ino);
-        if inode.kind != Kind::File {
-            return;
-        }
-        let _ = std::fs::remove_file(self.store.cache_path(ino));
-        if let Some(b) = inode.blob {
-            let _ = std::fs::remove_file(self.store.blob_path(ino, b.seq));
-        }
+        self.reap_soon();
     }
 
     pub fn rename(
@@ -248,8 +258,13 @@ impl Core {
             if parent == newparent && name == newname {
                 return Ok(());
             }
-            txn.put_dirent(parent, name, dst, dst_kind);
-            txn.put_dirent(newparent, newname, src, src_kind);
+            // Both names exist throughout: each keeps its cookie.
+            self.store
+                .put_name(&mut txn, parent, name, dst, dst_kind)
+                .map_err(store_err)?;
+            self.store
+                .put_name(&mut txn, newparent, newname, src, src_kind)
+                .map_err(store_err)?;
             if parent != newparent && (src_kind == Kind::Dir) != (dst_kind == Kind::Dir) {
                 let (gain, lose) = if src_kind == Kind::Dir {
                     (newparent, parent)
@@ -296,11 +311,16 @@ impl Core {
                 }
                 d.ctime = now;
                 if self.drop_link(&mut st, &mut txn, dst, &d)? {
-                    purge = Some((dst, d));
+                    purge = Some(dst);
                 }
             }
-            txn.del_dirent(parent, name);
-            txn.put_dirent(newparent, newname, src, src_kind);
+            self.store
+                .del_name(&mut txn, parent, name)
+                .map_err(store_err)?;
+            // A replaced name keeps its cookie; a new one gets the next.
+            self.store
+                .put_name(&mut txn, newparent, newname, src, src_kind)
+                .map_err(store_err)?;
             if src_kind == Kind::Dir && parent != newparent {
                 if let Some(p) = dirs.get_mut(&parent) {
                     p.nlink = p.nlink.saturating_sub(1);
@@ -319,31 +339,33 @@ impl Core {
             txn.put_inode(ino, &d);
         }
         self.store.commit(txn, false).map_err(store_err)?;
-        if let Some((ino, inode)) = purge {
-            self.remove_files(&mut st, ino, &inode);
+        crate::crash::point("rename.after_index");
+        if let Some(ino) = purge {
+            self.forget(&mut st, ino);
         }
         Ok(())
     }
 
-    /// Directory listing after `offset` entries: (offset of next, ino, kind, name).
+    /// Directory listing after the entry whose offset is `offset`: (offset of the entry,
+    /// ino, kind, name). An offset is the entry's cookie, fixed for the entry's life, so
+    /// creates and unlinks between two calls neither skip nor repeat other entries.
     pub fn readdir(&self, ino: u64, offset: u64, max: usize) -> FsResult<Vec<DirEntry>> {
         self.dir(ino)?;
         let mut out = Vec::new();
-        let mut n = 0u64;
         // The kernel resolves ".." itself; its inode number here is not used.
-        for (name, child) in [(&b"."[..], ino), (&b".."[..], ino)] {
-            n += 1;
-            if n > offset {
-                out.push((n, child, Kind::Dir, name.to_vec()));
+        for (n, name) in [(1u64, &b"."[..]), (2, &b".."[..])] {
+            if n > offset && out.len() < max {
+                out.push((n, ino, Kind::Dir, name.to_vec()));
             }
         }
-        // Offsets are positions in name order; skip the first ones without decoding.
-        let skip = offset.saturating_sub(2) as usize;
-        let entries = self.store.list_dir(ino, skip + max).map_err(store_err)?;
-        for (i, (name, child, kind)) in entries.into_iter().enumerate().skip(skip) {
-            out.push((3 + i as u64, child, kind, name));
-            if out.len() >= max {
-                break;
+        let want = max.saturating_sub(out.len());
+        if want > 0 {
+            for e in self
+                .store
+                .list_after(ino, offset.max(2), want)
+                .map_err(store_err)?
+            {
+                out.push((e.cookie, e.ino, e.kind, e.name));
             }
         }
         Ok(out)

@@ -1,18 +1,52 @@
 //! Mount-time recovery: bring the index and the backing files back in line after an
-//! unclean stop (docs/DURABILITY.md, "Recovery").
+//! unclean stop (docs/DURABILITY.md, "Recovery"). It deletes only what the index
+//! accounts for as unneeded; anything else it cannot place goes to `lost+found/`.
+
+use std::collections::{HashMap, HashSet};
 
 use super::*;
 
+/// What recovery does with a file in blobs/ or cache/.
+enum Verdict {
+    Keep,
+    /// Accounted for and unneeded: a temp file, a blob or decoded copy the index does
+    /// not use of an inode whose data is elsewhere, an empty file.
+    Remove,
+    /// Not accounted for: moved to `lost+found/`, never deleted.
+    Rescue,
+}
+
 impl Core {
-    /// Bring index and files back in line after an unclean stop: the cache file is the
-    /// truth for dirty sizes; half-written temp files and unreferenced blobs go; dirty
-    /// files are queued again; orphans (unlinked while open) are removed.
+    /// After an unclean stop: the cache file is the truth for dirty sizes (a dirty file
+    /// whose never-synced cache file is gone is empty); dirty files are queued again;
+    /// orphans (unlinked while open) are deleted; the graveyard is emptied; temp files
+    /// and files the index has stopped needing go. A read-only mount changes nothing.
     pub(super) fn recover(&self) -> Result<(), StoreError> {
+        let mut inodes: HashMap<u64, Inode> = HashMap::new();
+        let mut unreadable = 0usize;
+        for r in self.store.inodes() {
+            match r {
+                Ok((ino, inode)) => {
+                    inodes.insert(ino, inode);
+                }
+                Err(e) => {
+                    log::error!("recovery: {e}; run `nacrithfs fsck`");
+                    unreadable += 1;
+                }
+            }
+        }
+        if self.opts.read_only {
+            let mut st = self.lock();
+            for (&ino, i) in &inodes {
+                if i.kind == Kind::File && i.cached && !i.dirty {
+                    st.clean.insert(ino, i.size);
+                }
+            }
+            return Ok(());
+        }
         let now_ms = unix_ms(SystemTime::now());
         let queue = self.store.queue()?;
-        let queued: std::collections::HashSet<u64> = queue.iter().map(|&(i, _)| i).collect();
-        let mut blobs = std::collections::HashSet::new();
-        let mut cached = std::collections::HashSet::new();
+        let queued: HashSet<u64> = queue.iter().map(|&(i, _)| i).collect();
         let mut txn = Txn::default();
         // The idle time of this mount applies to what an earlier mount queued.
         let latest = now_ms + self.opts.idle.as_millis() as u64;
@@ -21,39 +55,48 @@ impl Core {
                 txn.enqueue(ino, latest);
             }
         }
+        let (mut requeued, mut emptied) = (0, 0);
+        let mut deleted = Vec::new();
         let mut st = self.lock();
-        let mut requeued = 0;
-        for r in self.store.inodes() {
-            let (ino, mut inode) = match r {
-                Ok(x) => x,
-                Err(e) => {
-                    log::error!("recovery: {e}; run `nacrithfs fsck`");
-                    continue;
-                }
-            };
+        for (&ino, inode) in inodes.iter_mut() {
             if inode.nlink == 0 && ino != ROOT_INO {
-                self.store.delete_inode(&mut txn, ino)?;
+                self.store.delete_inode(&mut txn, ino, inode)?;
+                deleted.push(ino);
                 continue;
             }
             if inode.kind != Kind::File {
                 continue;
             }
             let before = inode.clone();
-            if let Some(b) = inode.blob {
-                blobs.insert(self.store.blob_path(ino, b.seq));
-            }
             if inode.cached {
-                match std::fs::metadata(self.store.cache_path(ino)) {
+                let cache = self.store.cache_path(ino);
+                match std::fs::metadata(&cache) {
                     Ok(m) => {
-                        cached.insert(self.store.cache_path(ino));
                         if inode.dirty {
                             inode.size = m.len();
                         }
                     }
-                    Err(_) if !inode.dirty && inode.blob.is_some() => inode.cached = false,
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound && !inode.dirty => {
+                        if inode.blob.is_some() {
+                            // Evicted, and the crash came before the index said so.
+                            inode.cached = false;
+                        } else {
+                            log::error!("recovery: inode {ino} has neither plaintext nor blob; run `nacrithfs fsck`");
+                        }
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                        // A dirty file whose cache file never reached the disk (created
+                        // and not fsynced before a power cut): its content is empty.
+                        std::fs::File::create(&cache)?;
+                        inode.size = 0;
+                        emptied += 1;
+                        log::warn!(
+                            "recovery: inode {ino}: its plaintext was never synced and did not survive; it is empty now"
+                        );
+                    }
                     Err(e) => log::error!(
-                        "recovery: inode {ino} is dirty but its plaintext {} is missing ({e}); run `nacrithfs fsck`",
-                        self.store.cache_path(ino).display()
+                        "recovery: inode {ino}: cannot stat its plaintext {}: {e}; run `nacrithfs fsck`",
+                        cache.display()
                     ),
                 }
             }
@@ -64,34 +107,112 @@ impl Core {
             if inode.cached && !inode.dirty {
                 st.clean.insert(ino, inode.size);
             }
-            if inode != before {
-                txn.put_inode(ino, &inode);
+            if *inode != before {
+                txn.put_inode(ino, inode);
             }
         }
         drop(st);
-        self.store.commit(txn, true)?;
-        // Sweep files the index does not reference (temp files, uncommitted blobs,
-        // copies whose eviction or deletion was interrupted).
-        let mut swept = 0;
-        for (dir, keep) in [
-            (self.store.blob_dir(), &blobs),
-            (self.store.cache_dir(), &cached),
-        ] {
-            for e in std::fs::read_dir(&dir)?.flatten() {
-                if !keep.contains(&e.path()) {
-                    if let Err(err) = std::fs::remove_file(e.path()) {
-                        log::warn!("recovery: cannot remove {}: {err}", e.path().display());
-                    } else {
-                        swept += 1;
-                    }
-                }
-            }
+        for ino in &deleted {
+            inodes.remove(ino);
         }
-        if requeued + swept > 0 {
+        if emptied > 0 {
+            crate::store::sync_dir(&self.store.cache_dir())?;
+        }
+        self.store.commit(txn, true)?;
+        crate::crash::point("recover.after_commit");
+        self.reap();
+        if unreadable > 0 {
+            log::error!(
+                "recovery: {unreadable} index records could not be read, so nothing in blobs/ or cache/ is swept; run `nacrithfs fsck`"
+            );
+            return Ok(());
+        }
+        let (removed, rescued) = self.sweep(&inodes)?;
+        crate::crash::point("recover.after_sweep");
+        if requeued + emptied + removed + rescued + deleted.len() > 0 {
             log::info!(
-                "recovery: {requeued} dirty files queued again, {swept} stray files removed"
+                "recovery: {requeued} dirty files queued again, {} orphans deleted, {removed} leftover files removed, {rescued} unaccounted files moved to lost+found/",
+                deleted.len()
             );
         }
         Ok(())
+    }
+
+    /// Files in blobs/ and cache/ that the index does not use: removed when accounted
+    /// for, rescued to `lost+found/` when not. Returns (removed, rescued).
+    fn sweep(&self, inodes: &HashMap<u64, Inode>) -> Result<(usize, usize), StoreError> {
+        let (mut removed, mut rescued) = (0, 0);
+        for (dir, is_blob) in [
+            (self.store.blob_dir(), true),
+            (self.store.cache_dir(), false),
+        ] {
+            let mut changed = false;
+            for e in std::fs::read_dir(&dir)? {
+                let e = e?;
+                let name = e.file_name().to_string_lossy().into_owned();
+                let verdict = if name.ends_with(".tmp") {
+                    Verdict::Remove
+                } else if is_blob {
+                    blob_verdict(&name, inodes)
+                } else {
+                    let empty = e.metadata().is_ok_and(|m| m.len() == 0);
+                    cache_verdict(&name, inodes, empty)
+                };
+                match verdict {
+                    Verdict::Keep => {}
+                    Verdict::Remove => match std::fs::remove_file(e.path()) {
+                        Ok(()) => {
+                            removed += 1;
+                            changed = true;
+                        }
+                        Err(err) => {
+                            log::warn!("recovery: cannot remove {}: {err}", e.path().display())
+                        }
+                    },
+                    Verdict::Rescue => {
+                        let to = crate::store::rescue(self.store.backing(), &e.path())?;
+                        log::warn!(
+                            "recovery: {} is not accounted for by the index; moved to {}",
+                            e.path().display(),
+                            to.display()
+                        );
+                        rescued += 1;
+                        changed = true;
+                    }
+                }
+            }
+            if changed {
+                crate::store::sync_dir(&dir)?;
+            }
+        }
+        Ok((removed, rescued))
+    }
+}
+
+fn blob_verdict(name: &str, inodes: &HashMap<u64, Inode>) -> Verdict {
+    let Some((ino, seq)) = crate::store::parse_blob_name(name) else {
+        return Verdict::Rescue;
+    };
+    match inodes.get(&ino) {
+        Some(i) if i.blob.is_some_and(|b| b.seq == seq) => Verdict::Keep,
+        // A blob of a live file that the index does not use: written but never committed,
+        // or superseded; the file's content is its plaintext or its other blob.
+        Some(i) if i.kind == Kind::File && (i.cached || i.blob.is_some()) => Verdict::Remove,
+        _ => Verdict::Rescue,
+    }
+}
+
+fn cache_verdict(name: &str, inodes: &HashMap<u64, Inode>, empty: bool) -> Verdict {
+    let Ok(ino) = name.parse::<u64>() else {
+        return Verdict::Rescue;
+    };
+    match inodes.get(&ino) {
+        Some(i) if i.kind == Kind::File && i.cached => Verdict::Keep,
+        // A decoded copy the index never took, or a clean copy whose eviction was
+        // committed: the durable blob is the data. (A clean file's cache file changes
+        // only after the index durably says dirty and cached.)
+        Some(i) if i.kind == Kind::File && !i.dirty && i.blob.is_some() => Verdict::Remove,
+        None if empty => Verdict::Remove,
+        _ => Verdict::Rescue,
     }
 }

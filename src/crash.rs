@@ -1,0 +1,48 @@
+//! Crash points: named places in every multi-step operation where the crash-consistency
+//! harness (tests/crash.rs, scripts/crash-test) can make the daemon die at once.
+//!
+//! `NACRITHFS_CRASH_AT=NAME[:N]` arms one point: the N-th time (default 1) the process
+//! passes it, it writes one line to stderr and sends itself SIGKILL: no unwinding, no
+//! destructors, no flush, like `kill -9` at that instant. Unset, a point costs one
+//! atomic load. The steps each point sits between are listed in docs/DURABILITY.md.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::OnceLock;
+
+struct Armed {
+    name: String,
+    left: AtomicU64,
+}
+
+fn armed() -> Option<&'static Armed> {
+    static ARMED: OnceLock<Option<Armed>> = OnceLock::new();
+    ARMED
+        .get_or_init(|| {
+            let spec = std::env::var("NACRITHFS_CRASH_AT").ok()?;
+            let (name, n) = match spec.rsplit_once(':') {
+                Some((name, n)) => (name.to_string(), n.parse().unwrap_or(1)),
+                None => (spec, 1),
+            };
+            Some(Armed {
+                name,
+                left: AtomicU64::new(n.max(1)),
+            })
+        })
+        .as_ref()
+}
+
+/// Die here (SIGKILL to ourselves) if this is the armed point and its count is reached.
+pub fn point(name: &'static str) {
+    let Some(a) = armed() else {
+        return;
+    };
+    if a.name == name && a.left.fetch_sub(1, Ordering::SeqCst) == 1 {
+        eprintln!("nacrithfs: crash point {name} reached: SIGKILL");
+        // SAFETY: signalling our own process; SIGKILL cannot be caught.
+        unsafe {
+            libc::kill(libc::getpid(), libc::SIGKILL);
+        }
+        // SIGKILL to ourselves is delivered before kill returns; never go on.
+        std::process::abort();
+    }
+}

@@ -1,0 +1,574 @@
+//! The crash-point harness (docs/DURABILITY.md): for every multi-step operation and each
+//! of its crash points, the daemon dies at that point (SIGKILL to itself, armed by
+//! NACRITHFS_CRASH_AT), the volume is mounted again, and every file must read back as its
+//! old or its new content (byte-exact, again through the decompressor after `evict`),
+//! nothing gives EIO, and `nacrithfs fsck` finds a clean volume. Every crash point in
+//! src/ must have a case here (checked).
+//!
+//! Each case starts from a copy of one template volume made with the real model: files
+//! dirty, compressed with a clean copy, compressed and evicted, hard-linked, in a
+//! subdirectory.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::fs::{self, File, OpenOptions};
+use std::io::{ErrorKind, Write};
+use std::os::unix::fs::MetadataExt;
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use common::mount::*;
+
+const OPTS: &str = "idle=3600";
+
+/// The template's files and their content.
+fn contents() -> &'static BTreeMap<&'static str, Vec<u8>> {
+    static C: OnceLock<BTreeMap<&'static str, Vec<u8>>> = OnceLock::new();
+    C.get_or_init(|| {
+        let text = common::english(4000);
+        let mut m = BTreeMap::new();
+        m.insert("clean.txt", text[0..300].to_vec());
+        // Long enough for the LLM coder to beat zstd (the others are stored or zstd):
+        // reading it back after a crash runs the model.
+        m.insert("evicted.txt", text[300..1300].to_vec());
+        m.insert("linked_a.txt", text[1300..1600].to_vec());
+        m.insert("dir/linked_b.txt", text[1300..1600].to_vec());
+        m.insert("dir/inner.txt", text[1600..1900].to_vec());
+        m.insert("dirty.txt", text[1900..2200].to_vec());
+        m
+    })
+}
+
+fn new_text() -> Vec<u8> {
+    common::english(4000)[2200..2500].to_vec()
+}
+
+/// The template volume (made once per run): everything compressed by the real model,
+/// evicted, `clean.txt` read back (a clean copy again), then `dirty.txt` written.
+fn template() -> &'static Path {
+    static T: OnceLock<PathBuf> = OnceLock::new();
+    T.get_or_init(|| {
+        let dir =
+            std::env::temp_dir().join(format!("nacrith-crash-template-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).expect("template dir");
+        let (backing, mnt) = new_volume(&dir);
+        let d = Daemon::start(&backing, &mnt, OPTS);
+        let c = contents();
+        fs::create_dir(mnt.join("dir")).expect("mkdir");
+        for name in ["clean.txt", "evicted.txt", "linked_a.txt", "dir/inner.txt"] {
+            fs::write(mnt.join(name), &c[name]).expect("write");
+        }
+        fs::hard_link(mnt.join("linked_a.txt"), mnt.join("dir/linked_b.txt")).expect("link");
+        admin("flush", &mnt);
+        assert!(
+            status_field(&mnt, "symbols_coded") > 0,
+            "the model coded nothing in the template"
+        );
+        for name in ["clean.txt", "evicted.txt", "linked_a.txt", "dir/inner.txt"] {
+            assert_eq!(
+                xattr(&mnt.join(name), "user.nacrith.state"),
+                "compressed",
+                "{name}"
+            );
+        }
+        admin("evict", &mnt);
+        assert_eq!(
+            fs::read(mnt.join("clean.txt")).expect("decode"),
+            c["clean.txt"]
+        );
+        fs::write(mnt.join("dirty.txt"), &c["dirty.txt"]).expect("write");
+        d.unmount();
+        let (code, text) = fsck(&backing);
+        assert_eq!(code, 0, "the template is not clean:\n{text}");
+        backing
+    })
+}
+
+fn fsck(backing: &Path) -> (i32, String) {
+    let out = Command::new(BIN)
+        .arg("fsck")
+        .arg(backing)
+        .output()
+        .expect("run nacrithfs fsck");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.code().unwrap_or(-1), text)
+}
+
+/// What a path may hold after the crash: any of these (None: absent).
+type Allowed = BTreeMap<String, Vec<Option<Vec<u8>>>>;
+
+/// Every template file as it was, and nothing else.
+fn unchanged() -> Allowed {
+    contents()
+        .iter()
+        .map(|(k, v)| (k.to_string(), vec![Some(v.clone())]))
+        .collect()
+}
+
+fn allow(a: &mut Allowed, path: &str, options: Vec<Option<Vec<u8>>>) {
+    a.insert(path.to_string(), options);
+}
+
+fn old(path: &str) -> Option<Vec<u8>> {
+    Some(contents()[path].clone())
+}
+
+struct Case {
+    op: &'static str,
+    point: &'static str,
+    /// Runs against the mount; errors (the daemon dies under it) are expected.
+    run: fn(&Path),
+    allowed: fn() -> Allowed,
+    /// Crash during the mount itself (recovery points): prepared by `run` on a normal
+    /// mount killed with -9.
+    at_mount: bool,
+}
+
+fn append_new(mnt: &Path, name: &str) {
+    if let Ok(mut f) = OpenOptions::new().append(true).open(mnt.join(name)) {
+        let _ = f.write_all(&new_text());
+    }
+}
+
+fn cases() -> Vec<Case> {
+    fn appended(path: &str) -> Option<Vec<u8>> {
+        let mut v = contents()[path].clone();
+        v.extend_from_slice(&new_text());
+        Some(v)
+    }
+    fn created() -> Allowed {
+        let mut a = unchanged();
+        allow(
+            &mut a,
+            "new.txt",
+            vec![None, Some(vec![]), Some(new_text())],
+        );
+        a
+    }
+    fn appended_clean() -> Allowed {
+        let mut a = unchanged();
+        allow(
+            &mut a,
+            "clean.txt",
+            vec![old("clean.txt"), appended("clean.txt")],
+        );
+        a
+    }
+    fn rewritten_evicted() -> Allowed {
+        let mut a = unchanged();
+        allow(
+            &mut a,
+            "evicted.txt",
+            vec![old("evicted.txt"), Some(vec![]), Some(new_text())],
+        );
+        a
+    }
+    fn fallocated() -> Allowed {
+        let mut a = unchanged();
+        let mut grown = contents()["clean.txt"].clone();
+        grown.resize(grown.len() + 4096, 0);
+        allow(&mut a, "clean.txt", vec![old("clean.txt"), Some(grown)]);
+        a
+    }
+    fn linked() -> Allowed {
+        let mut a = unchanged();
+        allow(&mut a, "new_link.txt", vec![None, old("clean.txt")]);
+        a
+    }
+    fn unlinked() -> Allowed {
+        let mut a = unchanged();
+        allow(&mut a, "evicted.txt", vec![None, old("evicted.txt")]);
+        a
+    }
+    fn renamed() -> Allowed {
+        // Either the rename happened or it did not; never half.
+        let mut a = unchanged();
+        allow(&mut a, "dirty.txt", vec![None, old("dirty.txt")]);
+        allow(
+            &mut a,
+            "clean.txt",
+            vec![old("dirty.txt"), old("clean.txt")],
+        );
+        a
+    }
+    fn released() -> Allowed {
+        let mut a = unchanged();
+        allow(&mut a, "dir/inner.txt", vec![None, old("dir/inner.txt")]);
+        a
+    }
+    fn recovering() -> Allowed {
+        let mut a = unchanged();
+        allow(&mut a, "dir/inner.txt", vec![None, old("dir/inner.txt")]);
+        allow(
+            &mut a,
+            "clean.txt",
+            vec![old("clean.txt"), appended("clean.txt")],
+        );
+        a
+    }
+
+    fn create(mnt: &Path) {
+        let _ = fs::write(mnt.join("new.txt"), new_text());
+    }
+    fn write_clean(mnt: &Path) {
+        append_new(mnt, "clean.txt");
+    }
+    fn rewrite_evicted(mnt: &Path) {
+        let _ = fs::write(mnt.join("evicted.txt"), new_text());
+    }
+    fn fallocate(mnt: &Path) {
+        if let Ok(f) = OpenOptions::new().write(true).open(mnt.join("clean.txt")) {
+            use std::os::fd::AsRawFd;
+            let len = contents()["clean.txt"].len() as i64;
+            // SAFETY: a valid fd.
+            unsafe { libc::fallocate(f.as_raw_fd(), 0, len, 4096) };
+        }
+    }
+    fn link(mnt: &Path) {
+        let _ = fs::hard_link(mnt.join("clean.txt"), mnt.join("new_link.txt"));
+    }
+    fn unlink(mnt: &Path) {
+        let _ = fs::remove_file(mnt.join("evicted.txt"));
+        // The reaper runs within a second of an unlink.
+        std::thread::sleep(Duration::from_secs(3));
+    }
+    fn rename(mnt: &Path) {
+        let _ = fs::rename(mnt.join("dirty.txt"), mnt.join("clean.txt"));
+    }
+    fn release(mnt: &Path) {
+        let f = File::open(mnt.join("dir/inner.txt"));
+        let _ = fs::remove_file(mnt.join("dir/inner.txt"));
+        drop(f);
+        std::thread::sleep(Duration::from_secs(3));
+    }
+    fn evict(mnt: &Path) {
+        let _ = admin_raw("evict", mnt);
+    }
+    fn read_evicted(mnt: &Path) {
+        let _ = fs::read(mnt.join("evicted.txt"));
+    }
+    fn flush(mnt: &Path) {
+        let _ = admin_raw("flush", mnt);
+    }
+    /// Leaves work for recovery: an orphan (unlinked while open), an appended clean
+    /// copy, then kill -9.
+    fn needs_recovery(mnt: &Path) {
+        let f = File::open(mnt.join("dir/inner.txt")).expect("open");
+        fs::remove_file(mnt.join("dir/inner.txt")).expect("unlink");
+        append_new(mnt, "clean.txt");
+        std::mem::forget(f);
+    }
+
+    let c = |op, point, run: fn(&Path), allowed: fn() -> Allowed| Case {
+        op,
+        point,
+        run,
+        allowed,
+        at_mount: false,
+    };
+    vec![
+        c("create", "create.after_cache_file", create, created),
+        c("create", "create.after_index", create, created),
+        c(
+            "write to a clean copy",
+            "write.after_dirty_mark",
+            write_clean,
+            appended_clean,
+        ),
+        c(
+            "write to a clean copy",
+            "write.after_data",
+            write_clean,
+            appended_clean,
+        ),
+        c(
+            "O_TRUNC of an evicted file",
+            "truncate.after_dirty_mark",
+            rewrite_evicted,
+            rewritten_evicted,
+        ),
+        c(
+            "O_TRUNC of an evicted file",
+            "truncate.after_data",
+            rewrite_evicted,
+            rewritten_evicted,
+        ),
+        c(
+            "fallocate a clean copy",
+            "fallocate.after_dirty_mark",
+            fallocate,
+            fallocated,
+        ),
+        c("link", "link.after_index", link, linked),
+        c("unlink", "unlink.after_index", unlink, unlinked),
+        c("unlink", "reap.after_flush", unlink, unlinked),
+        c("unlink", "reap.after_delete", unlink, unlinked),
+        c("rename over", "rename.after_index", rename, renamed),
+        c(
+            "close of an unlinked file",
+            "release.after_index",
+            release,
+            released,
+        ),
+        c("evict", "evict.after_index", evict, unchanged),
+        c("evict", "evict.after_delete", evict, unchanged),
+        c("decompress", "decode.after_rename", read_evicted, unchanged),
+        c(
+            "decompress",
+            "decode.after_dir_sync",
+            read_evicted,
+            unchanged,
+        ),
+        c("decompress", "decode.after_index", read_evicted, unchanged),
+        c("compress", "compress.after_blob_tmp", flush, unchanged),
+        c("compress", "compress.after_blob_rename", flush, unchanged),
+        c("compress", "compress.after_blob_dir_sync", flush, unchanged),
+        c("compress", "compress.after_plain_sync", flush, unchanged),
+        c("compress", "compress.after_commit", flush, unchanged),
+        Case {
+            op: "recovery",
+            point: "recover.after_commit",
+            run: needs_recovery,
+            allowed: recovering,
+            at_mount: true,
+        },
+        Case {
+            op: "recovery",
+            point: "recover.after_sweep",
+            run: needs_recovery,
+            allowed: recovering,
+            at_mount: true,
+        },
+    ]
+}
+
+/// Mount with the crash point armed; expect the daemon to die of it.
+fn run_to_crash(backing: &Path, mnt: &Path, case: &Case) {
+    let env = [("NACRITHFS_CRASH_AT", case.point)];
+    let log = backing.with_extension("daemon.log");
+    let mut raw = None;
+    let mut daemon = None;
+    if case.at_mount {
+        // Prepare the mess on a normal mount, kill -9, then mount with the point armed:
+        // the daemon dies during recovery, before it mounts.
+        let d = Daemon::start(backing, mnt, OPTS);
+        (case.run)(mnt);
+        d.kill9();
+        raw = Some(
+            Command::new(BIN)
+                .arg(backing)
+                .arg(mnt)
+                .arg("-f")
+                .args(["-o", OPTS])
+                .envs(env)
+                .stderr(File::create(&log).expect("log"))
+                .spawn()
+                .expect("start nacrithfs"),
+        );
+    } else {
+        let d = Daemon::start_env(backing, mnt, OPTS, &env);
+        (case.run)(mnt);
+        daemon = Some(d);
+    }
+    let start = Instant::now();
+    let status = loop {
+        let child = match (&mut raw, &mut daemon) {
+            (Some(c), _) => c,
+            (None, Some(d)) => &mut d.child,
+            (None, None) => unreachable!("one of the two is set"),
+        };
+        if let Some(s) = child.try_wait().expect("wait") {
+            break s;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "{}: the daemon did not reach crash point {} within 120 s:\n{}",
+            case.op,
+            case.point,
+            fs::read_to_string(&log).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    drop(daemon);
+    let text = fs::read_to_string(&log).unwrap_or_default();
+    assert_eq!(
+        status.signal(),
+        Some(libc::SIGKILL),
+        "{}: the daemon ended with {status}, not at crash point {}:\n{text}",
+        case.op,
+        case.point
+    );
+    assert!(
+        text.contains(&format!("crash point {} reached", case.point)),
+        "{}: killed, but not by crash point {}:\n{text}",
+        case.op,
+        case.point
+    );
+    if is_mounted(mnt) {
+        let _ = Command::new("umount").arg("-l").arg(mnt).status();
+    }
+}
+
+/// Every path reads back as one of its allowed contents, and nothing gives an error.
+fn check(mnt: &Path, allowed: &Allowed, when: &str, case: &Case) {
+    for (path, options) in allowed {
+        let got = match fs::read(mnt.join(path)) {
+            Ok(d) => Some(d),
+            Err(e) if e.kind() == ErrorKind::NotFound => None,
+            Err(e) => panic!("{} / {}: {path} gives {e} {when}", case.op, case.point),
+        };
+        assert!(
+            options.contains(&got),
+            "{} / {}: {path} {when} holds {:?} ({} bytes), which is neither its old nor its new content",
+            case.op,
+            case.point,
+            got.as_ref().map(|g| String::from_utf8_lossy(&g[..g.len().min(60)]).into_owned()),
+            got.as_ref().map_or(0, |g| g.len())
+        );
+    }
+}
+
+/// Hard links agree: linked_a.txt and dir/linked_b.txt are one inode.
+fn check_links(mnt: &Path) {
+    let a = fs::metadata(mnt.join("linked_a.txt")).expect("linked_a");
+    let b = fs::metadata(mnt.join("dir/linked_b.txt")).expect("linked_b");
+    assert_eq!(a.ino(), b.ino());
+    assert_eq!(a.nlink(), 2);
+}
+
+fn run_case(case: &Case, dir: &Path) {
+    let backing = dir.join("backing");
+    copy_tree(template(), &backing);
+    let mnt = dir.join("mnt");
+    fs::create_dir_all(&mnt).expect("mnt");
+    run_to_crash(&backing, &mnt, case);
+
+    let allowed = (case.allowed)();
+    let d = Daemon::start(&backing, &mnt, OPTS);
+    check(&mnt, &allowed, "after the crash", case);
+    check_links(&mnt);
+    admin("evict", &mnt);
+    let mut log = d.log_text();
+    d.unmount();
+    // A fresh mount, so that no page of the kernel's cache answers: every compressed
+    // file is read through the decompressor.
+    let d = Daemon::start(&backing, &mnt, OPTS);
+    let mut compressed: Vec<u64> = allowed
+        .keys()
+        .filter_map(|p| fs::metadata(mnt.join(p)).ok().map(|m| (p, m.ino())))
+        .filter(|(p, _)| xattr(&mnt.join(p), "user.nacrith.state") == "compressed")
+        .map(|(_, ino)| ino)
+        .collect();
+    compressed.sort();
+    compressed.dedup();
+    check(
+        &mnt,
+        &allowed,
+        "after evict (through the decompressor)",
+        case,
+    );
+    let decoded = status_field(&mnt, "regions_decoded");
+    assert!(
+        decoded >= compressed.len() as u64 && compressed.len() >= 2,
+        "{} / {}: {} compressed files, {decoded} regions decoded:\n{}",
+        case.op,
+        case.point,
+        compressed.len(),
+        xattr(&mnt, "user.nacrith.status")
+    );
+    log.push_str(&d.log_text());
+    d.unmount();
+    assert!(
+        !log.contains("ERROR"),
+        "{} / {}: the remount logged errors:\n{log}",
+        case.op,
+        case.point
+    );
+    let (code, text) = fsck(&backing);
+    assert_eq!(
+        code, 0,
+        "{} / {}: fsck after the crash is not clean:\n{text}",
+        case.op, case.point
+    );
+}
+
+/// Every crash point named in src/: string literals of the form `step.after_what`
+/// (passed to `crash::point` directly or through `mark_dirty_first`).
+fn points_in_source() -> Vec<String> {
+    let mut found = Vec::new();
+    let mut stack = vec![PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/src"))];
+    while let Some(p) = stack.pop() {
+        for e in fs::read_dir(&p).expect("read src").flatten() {
+            let path = e.path();
+            if path.is_dir() {
+                stack.push(path);
+            } else if path.extension().is_some_and(|x| x == "rs") {
+                let text = fs::read_to_string(&path).expect("read source");
+                for lit in text.split('"').skip(1).step_by(2) {
+                    let is_point = lit.split_once(".after_").is_some_and(|(a, b)| {
+                        !a.is_empty()
+                            && !b.is_empty()
+                            && lit
+                                .chars()
+                                .all(|c| c.is_ascii_lowercase() || c == '_' || c == '.')
+                    });
+                    if is_point {
+                        found.push(lit.to_string());
+                    }
+                }
+            }
+        }
+    }
+    found.sort();
+    found.dedup();
+    found
+}
+
+#[test]
+fn every_crash_point_of_every_operation_keeps_old_or_new_content() {
+    let _llm = common::llm_lock();
+    let cases = cases();
+    let covered: Vec<&str> = cases.iter().map(|c| c.point).collect();
+    let in_source = points_in_source();
+    assert!(in_source.len() >= 20, "found only {in_source:?} in src/");
+    let missing: Vec<&String> = in_source
+        .iter()
+        .filter(|p| !covered.contains(&p.as_str()))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "crash points without a case: {missing:?}"
+    );
+
+    template();
+    let root = tempfile::tempdir().expect("tempdir");
+    let mut rows = Vec::new();
+    for (i, case) in cases.iter().enumerate() {
+        let dir = root.path().join(format!("case{i}"));
+        fs::create_dir_all(&dir).expect("case dir");
+        let t = Instant::now();
+        run_case(case, &dir);
+        rows.push(format!(
+            "{:<28} {:<30} passed  {:5.1} s",
+            case.op,
+            case.point,
+            t.elapsed().as_secs_f64()
+        ));
+        let _ = fs::remove_dir_all(&dir);
+    }
+    println!("{:<28} {:<30} result", "operation", "crash point");
+    for r in &rows {
+        println!("{r}");
+    }
+    println!("{} crash points, all passed", rows.len());
+    let _ = fs::remove_dir_all(template().parent().expect("template parent"));
+}
