@@ -616,6 +616,23 @@ fn verify_manifest(mnt: &Path, manifest: &BTreeMap<String, Vec<u8>>, when: &str)
     manifest.len()
 }
 
+/// Crash points a random round may arm: those the writer's operations (create, rewrite,
+/// append, fsync) and the compressions and deletions they cause pass through.
+const RANDOM_POINTS: &[&str] = &[
+    "create.after_cache_file",
+    "create.after_index",
+    "write.after_data",
+    "write.after_dirty_mark",
+    "truncate.after_dirty_mark",
+    "truncate.after_data",
+    "compress.after_blob_tmp",
+    "compress.after_blob_rename",
+    "compress.after_plain_sync",
+    "compress.after_commit",
+    "reap.after_flush",
+    "reap.after_delete",
+];
+
 /// kill -9 at random moments (mid-write, queued, mid-compression, between a blob's
 /// durable write and its index commit, right after a commit), remount, verify everything that was fsynced. NACRITHFS_CRASH_ROUNDS sets
 /// the number of rounds (scripts/crash-test runs 20).
@@ -630,14 +647,20 @@ fn crash_consistency_kill9_rounds() {
     let mut manifest: BTreeMap<String, Vec<u8>> = BTreeMap::new();
     let mut pending_total = 0;
     for round in 0..rounds {
-        let mode = round % 4;
-        // Mode 3 holds each blob between its durable write and its index commit.
-        let env: &[(&str, &str)] = if mode == 3 {
-            &[("NACRITHFS_FAULT_PAUSE_BEFORE_COMMIT_MS", "3000")]
-        } else {
-            &[]
+        let mode = round % 5;
+        // Mode 3 holds each blob between its durable write and its index commit; mode 4
+        // arms one crash point of the protocol (docs/DURABILITY.md), the n-th time.
+        let armed = format!(
+            "{}:{}",
+            RANDOM_POINTS[(round as usize / 5) % RANDOM_POINTS.len()],
+            1 + (round * 7) % 5
+        );
+        let env: Vec<(&str, &str)> = match mode {
+            3 => vec![("NACRITHFS_FAULT_PAUSE_BEFORE_COMMIT_MS", "3000")],
+            4 => vec![("NACRITHFS_CRASH_AT", armed.as_str())],
+            _ => vec![],
         };
-        let d = Daemon::start_env(&backing, &mnt, "idle=0", env);
+        let mut d = Daemon::start_env(&backing, &mnt, "idle=0", &env);
         let verified = verify_manifest(&mnt, &manifest, &format!("round {round}"));
         let stop = Arc::new(AtomicBool::new(false));
         let (tx, rx) = std::sync::mpsc::channel();
@@ -647,10 +670,23 @@ fn crash_consistency_kill9_rounds() {
             std::thread::spawn(move || crash_writer(mnt, known, seed, stop, tx))
         };
         let start = Instant::now();
-        let committed_before = status_field(&mnt, "compressed_since_mount");
+        let committed_before = if mode == 4 {
+            0
+        } else {
+            status_field(&mnt, "compressed_since_mount")
+        };
         let delay = Duration::from_millis(300 + (round * 7919) % 2200);
-        // Kill when the moment for this round's mode has come and work is pending.
+        // Kill when the moment for this round's mode has come and work is pending; in
+        // mode 4 the daemon dies by itself at its crash point (or is killed after 20 s if
+        // the writer never got it there).
         let (queued, compressing) = loop {
+            if mode == 4 {
+                if matches!(d.child.try_wait(), Ok(Some(_))) || start.elapsed() > Duration::from_secs(20) {
+                    break (0, 0);
+                }
+                std::thread::sleep(Duration::from_millis(2));
+                continue;
+            }
             let (q, c) = (
                 status_field(&mnt, "queued"),
                 status_field(&mnt, "compressing"),
@@ -697,15 +733,23 @@ fn crash_consistency_kill9_rounds() {
         }
         fs::write(&manifest_path, lines).expect("manifest");
         pending_total += queued + compressing;
-        println!(
-            "round {round}: {verified} files verified after remount; {written} durable writes, \
-             killed ({}) with {queued} queued and {compressing} compressing, {} cut mid-write",
+        let how = if mode == 4 {
+            let hit = fs::read_to_string(backing.with_extension("daemon.log"))
+                .unwrap_or_default()
+                .contains("crash point");
+            format!("crash point {armed}{}", if hit { "" } else { " (not reached: kill -9)" })
+        } else {
             [
                 "random moment",
                 "mid-compression",
                 "right after a blob commit",
                 "mid-commit: blob written, index not yet",
-            ][mode as usize],
+            ][mode as usize]
+                .to_string()
+        };
+        println!(
+            "round {round}: {verified} files verified after remount; {written} durable writes, \
+             killed ({how}) with {queued} queued and {compressing} compressing, {} cut mid-write",
             uncertain.len()
         );
     }

@@ -111,8 +111,11 @@ impl Daemon {
 
     /// kill -9, then clear the dead mount the way an admin would.
     pub fn kill9(mut self) {
-        // SAFETY: signalling our own child.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGKILL) };
+        // A daemon that died at a crash point is already reaped: its pid is not ours.
+        if matches!(self.child.try_wait(), Ok(None)) {
+            // SAFETY: signalling our own child.
+            unsafe { libc::kill(self.child.id() as i32, libc::SIGKILL) };
+        }
         let _ = self.child.wait();
         let out = Command::new("umount")
             .arg("-l")
