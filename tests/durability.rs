@@ -56,7 +56,10 @@ fn readdir_with_concurrent_creates_and_unlinks_returns_each_stable_entry_once() 
         seen.values().all(|&c| c == 1),
         "an entry was returned twice"
     );
-    assert!(removed > 100 && created > 100, "the directory did not change enough");
+    assert!(
+        removed > 100 && created > 100,
+        "the directory did not change enough"
+    );
     d.unmount();
 }
 
@@ -95,7 +98,10 @@ fn a_read_only_mount_changes_nothing_in_the_backing_directory() {
     let d = Daemon::start(&backing, &mnt, "idle=3600");
     fs::create_dir(mnt.join("sub")).expect("mkdir");
     for i in 0..20 {
-        write_synced(&mnt.join(format!("sub/f{i}")), format!("file {i}\n").as_bytes());
+        write_synced(
+            &mnt.join(format!("sub/f{i}")),
+            format!("file {i}\n").as_bytes(),
+        );
     }
     // Work for a recovery: an open, unlinked file and unsynced writes, then kill -9.
     let open = fs::File::open(mnt.join("sub/f0")).expect("open");
@@ -111,7 +117,10 @@ fn a_read_only_mount_changes_nothing_in_the_backing_directory() {
         .collect();
     assert!(names.contains("f2") && !names.contains("f0"), "{names:?}");
     assert_eq!(fs::read(mnt.join("sub/f2")).expect("read"), b"file 2\n");
-    assert!(fs::write(mnt.join("sub/f3"), b"x").is_err(), "a read-only mount took a write");
+    assert!(
+        fs::write(mnt.join("sub/f3"), b"x").is_err(),
+        "a read-only mount took a write"
+    );
     d.unmount();
     let after = snapshot(&backing);
     let changed: Vec<&String> = before
@@ -124,7 +133,10 @@ fn a_read_only_mount_changes_nothing_in_the_backing_directory() {
         // nothing is written through it; what the index holds does not change.
         .filter(|k| !k.starts_with("index/"))
         .collect();
-    assert!(changed.is_empty(), "the read-only mount changed {changed:?}");
+    assert!(
+        changed.is_empty(),
+        "the read-only mount changed {changed:?}"
+    );
     // A read-write mount then recovers as usual.
     let d = Daemon::start(&backing, &mnt, "idle=3600");
     assert!(!mnt.join("sub/f0").exists());
@@ -157,7 +169,12 @@ fn mmap_write_back_through_an_append_handle_lands_in_place() {
             f.as_raw_fd(),
             0,
         );
-        assert_ne!(p, libc::MAP_FAILED, "mmap: {}", std::io::Error::last_os_error());
+        assert_ne!(
+            p,
+            libc::MAP_FAILED,
+            "mmap: {}",
+            std::io::Error::last_os_error()
+        );
         std::ptr::copy_nonoverlapping(b"HEAD".as_ptr(), p as *mut u8, 4);
         assert_eq!(libc::msync(p, 8192, libc::MS_SYNC), 0);
         libc::munmap(p, 8192);

@@ -681,7 +681,9 @@ fn crash_consistency_kill9_rounds() {
         // the writer never got it there).
         let (queued, compressing) = loop {
             if mode == 4 {
-                if matches!(d.child.try_wait(), Ok(Some(_))) || start.elapsed() > Duration::from_secs(20) {
+                if matches!(d.child.try_wait(), Ok(Some(_)))
+                    || start.elapsed() > Duration::from_secs(20)
+                {
                     break (0, 0);
                 }
                 std::thread::sleep(Duration::from_millis(2));
@@ -737,7 +739,10 @@ fn crash_consistency_kill9_rounds() {
             let hit = fs::read_to_string(backing.with_extension("daemon.log"))
                 .unwrap_or_default()
                 .contains("crash point");
-            format!("crash point {armed}{}", if hit { "" } else { " (not reached: kill -9)" })
+            format!(
+                "crash point {armed}{}",
+                if hit { "" } else { " (not reached: kill -9)" }
+            )
         } else {
             [
                 "random moment",
