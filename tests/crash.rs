@@ -83,24 +83,10 @@ fn template() -> &'static Path {
         );
         fs::write(mnt.join("dirty.txt"), &c["dirty.txt"]).expect("write");
         d.unmount();
-        let (code, text) = fsck(&backing);
+        let (code, text) = fsck(&[], &backing);
         assert_eq!(code, 0, "the template is not clean:\n{text}");
         backing
     })
-}
-
-fn fsck(backing: &Path) -> (i32, String) {
-    let out = Command::new(BIN)
-        .arg("fsck")
-        .arg(backing)
-        .output()
-        .expect("run nacrithfs fsck");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.code().unwrap_or(-1), text)
 }
 
 /// What a path may hold after the crash: any of these (None: absent).
@@ -493,7 +479,7 @@ fn run_case(case: &Case, dir: &Path) {
         case.op,
         case.point
     );
-    let (code, text) = fsck(&backing);
+    let (code, text) = fsck(&[], &backing);
     assert_eq!(
         code, 0,
         "{} / {}: fsck after the crash is not clean:\n{text}",

@@ -84,21 +84,6 @@ fn fixture_copy(dir: &Path) -> (PathBuf, PathBuf) {
     (backing, dir.join("mnt"))
 }
 
-fn fsck(args: &[&str], backing: &Path) -> (i32, String) {
-    let out = Command::new(BIN)
-        .arg("fsck")
-        .arg(backing)
-        .args(args)
-        .output()
-        .expect("run nacrithfs fsck");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.code().unwrap_or(-1), text)
-}
-
 fn read_err(path: &Path) -> std::io::Error {
     match fs::read(path) {
         Ok(d) => panic!(

@@ -216,3 +216,19 @@ pub fn copy_tree(from: &Path, to: &Path) {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// `nacrithfs fsck BACKING ARGS...`: (exit code, stdout and stderr).
+pub fn fsck(args: &[&str], backing: &Path) -> (i32, String) {
+    let out = Command::new(BIN)
+        .arg("fsck")
+        .arg(backing)
+        .args(args)
+        .output()
+        .expect("run nacrithfs fsck");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.code().unwrap_or(-1), text)
+}
