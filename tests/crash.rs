@@ -6,8 +6,8 @@
 //! src/ must have a case here (checked).
 //!
 //! Each case starts from a copy of one template volume made with the real model: files
-//! dirty, compressed with a clean copy, compressed and evicted, hard-linked, in a
-//! subdirectory.
+//! dirty (queued), compressed with a clean copy, compressed and evicted, hard-linked, in
+//! a subdirectory; the recovery and fsck cases add one open and unlinked.
 
 mod common;
 
@@ -114,9 +114,18 @@ struct Case {
     /// Runs against the mount; errors (the daemon dies under it) are expected.
     run: fn(&Path),
     allowed: fn() -> Allowed,
-    /// Crash during the mount itself (recovery points): prepared by `run` on a normal
-    /// mount killed with -9.
-    at_mount: bool,
+    when: When,
+}
+
+#[derive(PartialEq)]
+enum When {
+    /// While `run` works on the mount.
+    Running,
+    /// During the mount itself (recovery points): prepared by `run` on a normal mount
+    /// killed with -9.
+    AtMount,
+    /// During `nacrithfs fsck --repair` on the volume `run` left (killed with -9).
+    InFsckRepair,
 }
 
 fn append_new(mnt: &Path, name: &str) {
@@ -259,7 +268,7 @@ fn cases() -> Vec<Case> {
         point,
         run,
         allowed,
-        at_mount: false,
+        when: When::Running,
     };
     vec![
         c("create", "create.after_cache_file", create, created),
@@ -325,14 +334,28 @@ fn cases() -> Vec<Case> {
             point: "recover.after_commit",
             run: needs_recovery,
             allowed: recovering,
-            at_mount: true,
+            when: When::AtMount,
         },
         Case {
             op: "recovery",
             point: "recover.after_sweep",
             run: needs_recovery,
             allowed: recovering,
-            at_mount: true,
+            when: When::AtMount,
+        },
+        Case {
+            op: "fsck --repair",
+            point: "fsck.after_commit",
+            run: needs_recovery,
+            allowed: recovering,
+            when: When::InFsckRepair,
+        },
+        Case {
+            op: "fsck --repair",
+            point: "fsck.after_graves",
+            run: needs_recovery,
+            allowed: recovering,
+            when: When::InFsckRepair,
         },
     ]
 }
@@ -343,7 +366,50 @@ fn run_to_crash(backing: &Path, mnt: &Path, case: &Case) {
     let log = backing.with_extension("daemon.log");
     let mut raw = None;
     let mut daemon = None;
-    if case.at_mount {
+    if case.when == When::InFsckRepair {
+        let d = Daemon::start(backing, mnt, OPTS);
+        (case.run)(mnt);
+        d.kill9();
+        if is_mounted(mnt) {
+            let _ = Command::new("umount").arg("-l").arg(mnt).status();
+        }
+        let out = Command::new(BIN)
+            .arg("fsck")
+            .arg(backing)
+            .arg("--repair")
+            .envs(env)
+            .output()
+            .expect("run nacrithfs fsck");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(
+            out.status.signal(),
+            Some(libc::SIGKILL),
+            "{}: fsck ended with {}, not at crash point {}:\n{text}",
+            case.op,
+            out.status,
+            case.point
+        );
+        assert!(
+            text.contains(&format!("crash point {} reached", case.point)),
+            "{}: killed, but not by crash point {}:\n{text}",
+            case.op,
+            case.point
+        );
+        // Run again to the end: what the crash left is repairable.
+        let (code, text) = fsck(&["--repair"], backing);
+        assert!(
+            code <= 1,
+            "{}: fsck --repair after its own crash at {} left problems:\n{text}",
+            case.op,
+            case.point
+        );
+        return;
+    }
+    if case.when == When::AtMount {
         // Prepare the mess on a normal mount, kill -9, then mount with the point armed:
         // the daemon dies during recovery, before it mounts.
         let d = Daemon::start(backing, mnt, OPTS);
@@ -442,6 +508,9 @@ fn run_case(case: &Case, dir: &Path) {
     let d = Daemon::start(&backing, &mnt, OPTS);
     check(&mnt, &allowed, "after the crash", case);
     check_links(&mnt);
+    // Everything compressed (a crash during a flush leaves files due at once), then
+    // evicted: the fresh mount reads every file through the decompressor.
+    admin("flush", &mnt);
     admin("evict", &mnt);
     let mut log = d.log_text();
     d.unmount();
@@ -450,7 +519,14 @@ fn run_case(case: &Case, dir: &Path) {
     let d = Daemon::start(&backing, &mnt, OPTS);
     let mut compressed: Vec<u64> = allowed
         .keys()
-        .filter_map(|p| fs::metadata(mnt.join(p)).ok().map(|m| (p, m.ino())))
+        // An empty file's blob has no region to decode.
+        .filter_map(|p| {
+            fs::metadata(mnt.join(p))
+                .ok()
+                .map(|m| (p, m.ino(), m.len()))
+        })
+        .filter(|&(_, _, len)| len > 0)
+        .map(|(p, ino, _)| (p, ino))
         .filter(|(p, _)| xattr(&mnt.join(p), "user.nacrith.state") == "compressed")
         .map(|(_, ino)| ino)
         .collect();

@@ -72,6 +72,10 @@ fn check_manifest(mnt: &Path, manifest: &[(String, String)], skip: &[&str]) {
 fn fixture_copy(dir: &Path) -> (PathBuf, PathBuf) {
     let backing = dir.join("backing");
     copy_tree(&fixture_dir(1), &backing);
+    // Private, as a mount makes it (git keeps the fixture's directories 0755).
+    for d in ["", "blobs", "cache", "index"] {
+        fs::set_permissions(backing.join(d), fs::Permissions::from_mode(0o700)).expect("chmod");
+    }
     let store = Store::open_existing(&backing).expect("open the fixture copy");
     let mut txn = Txn::default();
     let queue = store.queue().expect("fixture queue");
@@ -135,6 +139,38 @@ fn format_v1_fixture_mounts_and_reads_byte_exact() {
     d.unmount();
 }
 
+/// Layout 1 did not fsync clean copies: after the upgrade, the first recovery checks
+/// each against its blob (size, BLAKE3) and decodes the blob instead of serving a copy
+/// a power cut left short or zero-filled.
+#[test]
+fn clean_copies_of_an_older_layout_are_checked_against_their_blobs() {
+    let _llm = common::llm_lock();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (backing, mnt) = fixture_copy(dir.path());
+    // Inode 7 is books/en/gpl-tail.txt, compressed with a clean copy: zero-fill it at
+    // its size, as a power cut can.
+    let plain = backing.join("cache/7");
+    let len = fs::metadata(&plain).expect("clean copy").len();
+    fs::write(&plain, vec![0u8; len as usize]).expect("zero-fill");
+    let d = Daemon::start(&backing, &mnt, "idle=3600");
+    let manifest = fixture_manifest(1);
+    check_manifest(&mnt, &manifest, &[]);
+    let log = d.log_text();
+    assert!(
+        log.contains(
+            "inode 7: its clean copy was never synced and does not match the blob's BLAKE3"
+        ),
+        "{log}"
+    );
+    assert!(log.contains("1 distrusted"), "{log}");
+    d.unmount();
+    // Checked once: the next mount trusts what it installed.
+    let d = Daemon::start(&backing, &mnt, "idle=3600");
+    check_manifest(&mnt, &manifest, &[]);
+    assert!(!d.log_text().contains("distrusted"), "{}", d.log_text());
+    d.unmount();
+}
+
 #[test]
 fn fsck_finds_and_repairs_every_planted_defect() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -173,8 +209,28 @@ fn fsck_finds_and_repairs_every_planted_defect() {
         // queue entry and xattr of an inode that does not exist
         txn.enqueue(400, 1);
         txn.put_xattr(400, b"user.stale", b"x");
+        // graveyard entries left by a crash (not problems): a superseded blob of
+        // random.bin and the plaintext of a deleted inode
+        txn.bury_blob(9, 3);
+        txn.bury_cache(300);
         store.commit(txn, true).expect("plant index defects");
+        // an entry whose readdir cookie key is gone (readdir would skip it), and a
+        // cookie key that names no entry
+        let books = store
+            .dirent_cookie(1, b"books")
+            .expect("cookie")
+            .expect("the fixture got cookies when opened read-write");
+        store
+            .raw_remove(&Store::cookie_key(1, books))
+            .expect("plant");
+        store
+            .raw_insert(&Store::cookie_key(1, 1), b"nobody")
+            .expect("plant");
     }
+    fs::copy(blobs.join("9-4.nc06"), blobs.join("9-3.nc06")).expect("superseded blob");
+    fs::write(backing.join("cache/300"), b"deleted plaintext").expect("deleted plaintext");
+    // The plaintext directory open to everyone.
+    fs::set_permissions(backing.join("cache"), fs::Permissions::from_mode(0o755)).expect("chmod");
     // orphan blob (also above the blob counter), orphan cache file, leftover temp file
     fs::copy(blobs.join("9-4.nc06"), blobs.join("99-999.nc06")).expect("orphan blob");
     fs::write(backing.join("cache/77"), b"nobody's plaintext").expect("orphan cache");
@@ -198,6 +254,9 @@ fn fsck_finds_and_repairs_every_planted_defect() {
         "counter",
         "missing-blob",
         "bad-blob",
+        "missing-cookie",
+        "stale-cookie",
+        "loose-mode",
     ];
     let (code, out) = fsck(&[], &backing);
     println!("{out}");
@@ -208,14 +267,35 @@ fn fsck_finds_and_repairs_every_planted_defect() {
             "fsck did not report {code}:\n{out}"
         );
     }
-    assert!(out.contains("11 problems, 0 repaired"), "{out}");
+    // (The dangling entry's cookie key is stale too.)
+    assert!(out.contains("15 problems, 0 repaired"), "{out}");
+    assert!(
+        out.contains("2 deleted or superseded files await removal"),
+        "{out}"
+    );
+    assert!(!out.contains("9-3.nc06 is not referenced"), "{out}");
 
     let (code, out) = fsck(&["--repair"], &backing);
     println!("{out}");
     // The content of zeros.bin is gone (its only copy was the deleted blob): reported,
     // never "repaired" by inventing data.
     assert_eq!(code, 4, "{out}");
-    assert!(out.contains("11 problems, 10 repaired"), "{out}");
+    assert!(out.contains("15 problems, 14 repaired"), "{out}");
+    assert!(
+        out.contains("2 deleted or superseded files were removed"),
+        "{out}"
+    );
+    assert!(!blobs.join("9-3.nc06").exists());
+    assert!(!backing.join("cache/300").exists());
+    assert!(blobs.join("9-4.nc06").is_file(), "the blob in use is kept");
+    assert_eq!(
+        fs::metadata(backing.join("cache"))
+            .expect("stat")
+            .permissions()
+            .mode()
+            & 0o7777,
+        0o700
+    );
     let lf = backing.join("lost+found");
     assert!(lf.join("blobs-99-999.nc06").is_file(), "orphan blob kept");
     assert!(lf.join("blobs-7-2.nc06").is_file(), "bad blob kept");
@@ -245,6 +325,14 @@ fn fsck_finds_and_repairs_every_planted_defect() {
     assert_eq!(rescued, vec!["#11".to_string()]);
     assert_eq!(fs::read(mnt.join("lost+found/#11")).expect("read"), b"");
     assert!(!mnt.join("ghost").exists());
+    let listed: Vec<String> = fs::read_dir(&mnt)
+        .expect("readdir /")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        listed.contains(&"books".to_string()),
+        "readdir lists the entry whose cookie fsck restored: {listed:?}"
+    );
     assert_eq!(
         fs::metadata(mnt.join("data/random.bin"))
             .expect("stat")

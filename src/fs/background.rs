@@ -20,7 +20,43 @@ use crate::codec::{self, CompressOptions, DecompressOptions, Engine, Plan, Regio
 use crate::pool::{Done, LocalPool, Submit};
 use crate::store::{sync_dir, BlobRef};
 
-pub fn start(core: Arc<Core>, need_rx: Receiver<Need>) -> std::io::Result<Vec<JoinHandle<()>>> {
+/// The background threads of one mount.
+pub struct Workers {
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl Workers {
+    /// After [`Core::shutdown`]: wait for the threads to stop, so no decode or reap is
+    /// cut off by the process exit (leaving temp files in the backing directory) and the
+    /// last reference to the core (and its read-only temp directory) goes away. The
+    /// decoder and the reaper stop within a second; a compressor in the middle of a file
+    /// is not waited for longer than `patience` (its uncommitted blob is harmless:
+    /// recovery deletes it at the next mount).
+    pub fn finish(self, patience: Duration) {
+        let deadline = Instant::now() + patience;
+        let mut threads = self.threads;
+        while !threads.is_empty() && Instant::now() < deadline {
+            let (done, running): (Vec<_>, Vec<_>) =
+                threads.into_iter().partition(|t| t.is_finished());
+            for t in done {
+                let name = t.thread().name().unwrap_or("background").to_string();
+                if t.join().is_err() {
+                    log::error!("thread {name} panicked");
+                }
+            }
+            threads = running;
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        for t in &threads {
+            log::info!(
+                "not waiting for {} at unmount",
+                t.thread().name().unwrap_or("a background thread")
+            );
+        }
+    }
+}
+
+pub fn start(core: Arc<Core>, need_rx: Receiver<Need>) -> std::io::Result<Workers> {
     let mut threads = Vec::new();
     // A read-only mount leaves the blobs as they are; queued files wait for a
     // read-write mount.
@@ -53,7 +89,7 @@ pub fn start(core: Arc<Core>, need_rx: Receiver<Need>) -> std::io::Result<Vec<Jo
             .name("nacrith-decode".into())
             .spawn(move || decoder(&core, need_rx))?,
     );
-    Ok(threads)
+    Ok(Workers { threads })
 }
 
 /// Deletes the files in the graveyard once the index that stopped needing them is
@@ -362,10 +398,14 @@ fn decoder(core: &Core, rx: Receiver<Need>) {
         done_tx,
     };
     loop {
+        // Checked every turn: chunk answers can keep the select busy past any timeout.
+        if core.is_shutting_down() {
+            return d.drop_all();
+        }
         crossbeam_channel::select! {
             recv(rx) -> need => match need {
                 Ok(need) => d.guarded(need.ino, |d| d.need(need)),
-                Err(_) => return,
+                Err(_) => return d.drop_all(),
             },
             recv(done_rx) -> done => {
                 if let Ok(done) = done {
@@ -375,9 +415,6 @@ fn decoder(core: &Core, rx: Receiver<Need>) {
                 }
             },
             default(Duration::from_secs(1)) => {
-                if core.is_shutting_down() {
-                    return;
-                }
                 d.expire();
             }
         }
@@ -407,6 +444,14 @@ impl Decoder<'_> {
             }
         }
         self.core.materialized(ino, blob, Err(errno));
+    }
+
+    /// At unmount: no decode outlives the mount, and none leaves its temp file behind.
+    fn drop_all(&mut self) {
+        let inos: Vec<u64> = self.decodings.keys().copied().collect();
+        for ino in inos {
+            self.drop_decoding(ino);
+        }
     }
 
     fn drop_decoding(&mut self, ino: u64) {

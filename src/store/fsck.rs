@@ -36,6 +36,10 @@ pub struct Report {
     pub files: u64,
     pub blobs_checked: u64,
     pub blobs_decoded: u64,
+    /// Files in the graveyard: deleted or superseded, not yet removed because the daemon
+    /// stopped first (a normal state after a crash; the next mount or `--repair` removes
+    /// them). Not problems.
+    pub awaiting_deletion: u64,
 }
 
 impl Report {
@@ -104,20 +108,193 @@ pub fn fsck(backing: &Path, opts: FsckOptions<'_>) -> Result<Report> {
     };
     let inodes = read_inodes(&mut c)?;
     let names = check_dirents(&mut c, &inodes)?;
+    check_cookies(&mut c, &names)?;
     check_links(&mut c, &inodes, &names)?;
-    let referenced = check_files(&mut c, &inodes)?;
+    let mut referenced = check_files(&mut c, &inodes)?;
     check_queue_and_xattrs(&mut c, &inodes)?;
     check_counters(&mut c, &inodes)?;
+    let graves = graveyard(&mut c, &referenced)?;
     let txn = std::mem::take(&mut c.txn);
     if c.opts.repair {
         store.commit(txn, true)?;
+        crate::crash::point("fsck.after_commit");
         for path in std::mem::take(&mut c.rescue_after_commit) {
             c.rescue(&path)?;
         }
+        reap(&c, &graves)?;
     }
-    // Files are moved only after the index no longer needs them.
+    // Files are moved only after the index no longer needs them; graveyard files are
+    // accounted for (and gone after a repair).
+    referenced.extend(graves.into_iter().map(|(_, _, p)| p));
     check_directories(&mut c, &referenced)?;
+    check_modes(&mut c)?;
     Ok(c.report)
+}
+
+/// Nothing in the backing directory is open to other users (store/perms.rs).
+fn check_modes(c: &mut Checker) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    for m in super::perms::loose_modes(c.store.backing())? {
+        c.found(
+            "loose-mode",
+            format!(
+                "{} is mode {:o}: other users can read the archive through it",
+                m.path.display(),
+                m.mode
+            ),
+            Some("chmod 700".into()),
+        );
+        if c.opts.repair {
+            std::fs::set_permissions(
+                &m.path,
+                std::fs::Permissions::from_mode(super::perms::DIR_MODE),
+            )?;
+        }
+    }
+    Ok(())
+}
+
+/// The graveyard's entries: inode, tag, and the path of the file the entry names.
+type Graves = Vec<(u64, u64, PathBuf)>;
+
+fn graveyard(c: &mut Checker, referenced: &HashSet<PathBuf>) -> Result<Graves> {
+    let mut graves = Vec::new();
+    for (ino, tag) in c.store.graveyard()? {
+        let path = c.store.grave_path(ino, tag);
+        if !referenced.contains(&path) && path.exists() {
+            c.report.awaiting_deletion += 1;
+        }
+        graves.push((ino, tag, path));
+    }
+    Ok(graves)
+}
+
+/// Repair's version of the daemon's reaper (the index that stopped needing these
+/// files is durable, since before the crash): delete the files nothing refers to, then
+/// drop the entries, durably.
+fn reap(c: &Checker, graves: &Graves) -> Result<()> {
+    // Inode and blob numbers are never reused: a path no inode refers to now never
+    // will be again. The repaired index is re-read, so a file fsck just gave back to
+    // an inode is kept.
+    let mut txn = Txn::default();
+    for (ino, tag, path) in graves {
+        let in_use = match c.store.get(*ino)? {
+            None => false,
+            Some(i) => *tag == super::GRAVE_CACHE || i.blob.is_some_and(|b| b.seq == *tag),
+        };
+        if !in_use {
+            match std::fs::remove_file(path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        txn.unbury(*ino, *tag);
+    }
+    crate::crash::point("fsck.after_graves");
+    c.store.commit(txn, true)
+}
+
+/// Every entry's readdir cookie has its `c` key (else readdir would never list it),
+/// and every `c` key names an entry that has that cookie.
+fn check_cookies(c: &mut Checker, names: &Names) -> Result<()> {
+    if !c.store.cookies {
+        return Ok(());
+    }
+    let kept: HashSet<(u64, &[u8])> = names
+        .values()
+        .flatten()
+        .map(|(p, n)| (*p, n.as_slice()))
+        .collect();
+    let mut max_cookie = 0;
+    let mut by_cookie: HashMap<(u64, u64), Vec<u8>> = HashMap::new();
+    for r in c.store.db.scan_prefix(b"c") {
+        let (k, v) = r?;
+        match (ino_from(&k), super::second_u64(&k)) {
+            (Some(parent), Some(cookie)) if k.len() == 17 => {
+                by_cookie.insert((parent, cookie), v.to_vec());
+            }
+            _ => {
+                c.found(
+                    "bad-cookie",
+                    format!("readdir cookie key {k:?} cannot be decoded"),
+                    Some("removed".into()),
+                );
+                c.txn.batch.remove(k);
+            }
+        }
+    }
+    let mut sorted: Vec<&(u64, &[u8])> = kept.iter().collect();
+    sorted.sort();
+    let mut expected: HashSet<(u64, u64)> = HashSet::new();
+    for &&(parent, name) in &sorted {
+        let shown = format!("{:?} in directory {parent}", String::from_utf8_lossy(name));
+        let raw = c.store.db.get(dirent_key(parent, name))?;
+        let cookie = raw
+            .as_deref()
+            .and_then(record::decode_dirent_full)
+            .and_then(|(_, _, ck)| ck);
+        match cookie {
+            Some(ck) if by_cookie.get(&(parent, ck)).is_some_and(|n| n == name) => {
+                max_cookie = max_cookie.max(ck);
+                expected.insert((parent, ck));
+            }
+            Some(ck) => {
+                max_cookie = max_cookie.max(ck);
+                expected.insert((parent, ck));
+                c.found(
+                    "missing-cookie",
+                    format!("entry {shown} has readdir cookie {ck} but no cookie key (readdir skips it)"),
+                    Some("added the cookie key".into()),
+                );
+                c.txn.batch.insert(&super::cookie_key(parent, ck), name);
+            }
+            None => {
+                c.found(
+                    "missing-cookie",
+                    format!("entry {shown} has no readdir cookie (readdir skips it)"),
+                    Some("gave it a new cookie".into()),
+                );
+                if let Some((ino, kind, _)) = raw.as_deref().and_then(record::decode_dirent_full) {
+                    let ck = c.store.alloc_cookie(&mut c.txn);
+                    c.txn.put_dirent(parent, name, ino, kind, ck);
+                    expected.insert((parent, ck));
+                }
+            }
+        }
+    }
+    let mut stale: Vec<_> = by_cookie
+        .keys()
+        .filter(|k| !expected.contains(k))
+        .copied()
+        .collect();
+    stale.sort();
+    for (parent, ck) in stale {
+        c.found(
+            "stale-cookie",
+            format!("readdir cookie {ck} in directory {parent} names no entry that has it"),
+            Some("removed".into()),
+        );
+        c.txn.batch.remove(&super::cookie_key(parent, ck));
+    }
+    let next = c
+        .store
+        .next_cookie
+        .load(std::sync::atomic::Ordering::SeqCst);
+    if next <= max_cookie {
+        c.found(
+            "counter",
+            format!("next readdir cookie {next} is already in use (highest {max_cookie})"),
+            Some(format!("set to {}", max_cookie + 1)),
+        );
+        c.txn
+            .batch
+            .insert(super::NEXT_COOKIE_KEY, &(max_cookie + 1).to_le_bytes());
+        c.store
+            .next_cookie
+            .store(max_cookie + 1, std::sync::atomic::Ordering::SeqCst);
+    }
+    Ok(())
 }
 
 fn read_inodes(c: &mut Checker) -> Result<HashMap<u64, Inode>> {
@@ -639,6 +816,11 @@ impl Store {
     #[doc(hidden)]
     pub fn dirent_key(parent: u64, name: &[u8]) -> Vec<u8> {
         dirent_key(parent, name)
+    }
+
+    #[doc(hidden)]
+    pub fn cookie_key(parent: u64, cookie: u64) -> Vec<u8> {
+        super::cookie_key(parent, cookie).to_vec()
     }
 
     #[doc(hidden)]

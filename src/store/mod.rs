@@ -16,6 +16,7 @@
 //! needing them, and deleted only after a flush (docs/DURABILITY.md).
 
 pub mod fsck;
+pub mod perms;
 pub mod record;
 
 use std::fs::File;
@@ -118,12 +119,20 @@ const NEXT_BLOB_KEY: &[u8] = b"mnext_blob";
 const NEXT_COOKIE_KEY: &[u8] = b"mnext_cookie";
 /// Index layout: absent = 1 (no readdir cookies); 2 = every entry has a cookie.
 const LAYOUT_KEY: &[u8] = b"mlayout";
+/// Present while clean copies made by layout 1 (never fsynced) are still to be checked
+/// against their blobs' size and BLAKE3 (by the next read-write recovery).
+const CHECK_CLEAN_KEY: &[u8] = b"mcheck_clean";
 const LAYOUT: u64 = 2;
 /// Cookies 1 and 2 are `.` and `..`.
 const FIRST_COOKIE: u64 = 3;
 
 fn ino_from(key: &[u8]) -> Option<u64> {
     Some(u64::from_be_bytes(key.get(1..9)?.try_into().ok()?))
+}
+
+/// The second number of a `prefix + u64 + u64` key (a cookie, a graveyard tag).
+fn second_u64(key: &[u8]) -> Option<u64> {
+    Some(u64::from_be_bytes(key.get(9..17)?.try_into().ok()?))
 }
 
 pub fn unix_ms(t: SystemTime) -> u64 {
@@ -140,10 +149,12 @@ pub struct Store {
     /// Every directory entry has a readdir cookie (layout 2). False only for an old
     /// volume opened read-only, which cannot be migrated.
     cookies: bool,
-    /// Read-only: decoded temp files go to this private directory outside the backing
-    /// directory (removed when the store is dropped), so a read-only mount writes
-    /// nothing there.
+    /// Read-only: the copy of the index and decoded temp files go to this private
+    /// directory outside the backing directory (removed when the store is dropped), so
+    /// a read-only mount writes nothing there.
     ro_tmp: Option<PathBuf>,
+    /// Read-only: a shared lock on the real index, held for the mount's life.
+    _ro_lock: Option<File>,
 }
 
 impl Drop for Store {
@@ -232,21 +243,79 @@ fn is_lock_refusal(e: &sled::Error) -> bool {
 /// of this process between our close and its `exec` briefly holds a copy of the
 /// descriptor, and with it the lock. A daemon that is really running keeps it,
 /// and after the wait that becomes a clear error.
-fn open_index(backing: &Path) -> Result<sled::Db> {
-    const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
+
+fn in_use(backing: &Path) -> StoreError {
+    StoreError::Setup(format!(
+        "{} is in use by another nacrithfs daemon (its index is locked)",
+        backing.display()
+    ))
+}
+
+/// For a read-only mount: take a shared lock on the index (the one sled takes
+/// exclusively), then copy `index/` into a new private directory. Nothing in the
+/// backing directory is opened for writing, so it may be on read-only media.
+fn copy_index_for_reading(backing: &Path) -> Result<(PathBuf, File)> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::DirBuilderExt;
+    let index = backing.join("index");
+    let lock = File::open(index.join("db"))?;
     let started = std::time::Instant::now();
     loop {
-        match sled::Config::new().path(backing.join("index")).open() {
+        // SAFETY: a valid fd; flock has no memory effects.
+        if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_SH | libc::LOCK_NB) } == 0 {
+            break;
+        }
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EWOULDBLOCK) {
+            return Err(e.into());
+        }
+        if started.elapsed() >= LOCK_WAIT {
+            return Err(in_use(backing));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let dir = std::env::temp_dir().join(format!(
+        "nacrithfs-ro-{}-{}",
+        std::process::id(),
+        unix_ms(SystemTime::now())
+    ));
+    std::fs::DirBuilder::new().mode(0o700).create(&dir)?;
+    let copied = copy_tree(&index, &dir.join("index"));
+    if let Err(e) = copied {
+        let _ = std::fs::remove_dir_all(&dir);
+        return Err(StoreError::Setup(format!(
+            "copying the index {} for a read-only mount into {}: {e}",
+            index.display(),
+            dir.display()
+        )));
+    }
+    Ok((dir, lock))
+}
+
+fn copy_tree(from: &Path, to: &Path) -> io::Result<()> {
+    std::fs::create_dir(to)?;
+    for e in std::fs::read_dir(from)? {
+        let e = e?;
+        let target = to.join(e.file_name());
+        if e.file_type()?.is_dir() {
+            copy_tree(&e.path(), &target)?;
+        } else {
+            std::fs::copy(e.path(), &target)?;
+        }
+    }
+    Ok(())
+}
+
+fn open_index(index: &Path, backing: &Path) -> Result<sled::Db> {
+    let started = std::time::Instant::now();
+    loop {
+        match sled::Config::new().path(index).open() {
             Ok(db) => return Ok(db),
             Err(e) if is_lock_refusal(&e) && started.elapsed() < LOCK_WAIT => {
                 std::thread::sleep(std::time::Duration::from_millis(50));
             }
-            Err(e) if is_lock_refusal(&e) => {
-                return Err(StoreError::Setup(format!(
-                    "{} is in use by another nacrithfs daemon (its index is locked)",
-                    backing.display()
-                )))
-            }
+            Err(e) if is_lock_refusal(&e) => return Err(in_use(backing)),
             Err(e) => return Err(StoreError::Index(e)),
         }
     }
@@ -303,9 +372,25 @@ impl Store {
             }
             Err(e) => return Err(e.into()),
         };
-        std::fs::create_dir_all(backing.join("blobs"))?;
-        std::fs::create_dir_all(backing.join("cache"))?;
-        let db = open_index(backing)?;
+        if !read_only {
+            std::fs::create_dir_all(backing.join("blobs"))?;
+            std::fs::create_dir_all(backing.join("cache"))?;
+        }
+        // A read-only mount opens a private copy of the index (sled rewrites its files
+        // whenever it opens them), under a shared lock that keeps read-write daemons
+        // and fsck out for as long as the mount lasts.
+        let (db, ro_tmp, ro_lock) = if read_only {
+            let (dir, lock) = copy_index_for_reading(backing)?;
+            match open_index(&dir.join("index"), backing) {
+                Ok(db) => (db, Some(dir), Some(lock)),
+                Err(e) => {
+                    let _ = std::fs::remove_dir_all(&dir);
+                    return Err(e);
+                }
+            }
+        } else {
+            (open_index(&backing.join("index"), backing)?, None, None)
+        };
         let read_counter = |key: &[u8], default: u64| -> Result<u64> {
             Ok(match db.get(key)? {
                 Some(v) if v.len() == 8 => u64::from_le_bytes(v[..8].try_into().unwrap_or([0; 8])),
@@ -328,7 +413,8 @@ impl Store {
             next_blob: AtomicU64::new(read_counter(NEXT_BLOB_KEY, 1)?),
             next_cookie: AtomicU64::new(read_counter(NEXT_COOKIE_KEY, FIRST_COOKIE)?),
             cookies: layout >= LAYOUT,
-            ro_tmp: None,
+            ro_tmp,
+            _ro_lock: ro_lock,
             db,
             backing: backing.to_path_buf(),
         };
@@ -337,16 +423,6 @@ impl Store {
                 "the index of {} has layout {layout}; this version reads up to {LAYOUT}",
                 backing.display()
             )));
-        }
-        if read_only {
-            use std::os::unix::fs::DirBuilderExt;
-            let dir = std::env::temp_dir().join(format!(
-                "nacrithfs-ro-{}-{}",
-                std::process::id(),
-                unix_ms(SystemTime::now())
-            ));
-            std::fs::DirBuilder::new().mode(0o700).create(&dir)?;
-            store.ro_tmp = Some(dir);
         }
         if fresh {
             store.db.insert(LAYOUT_KEY, &LAYOUT.to_le_bytes())?;
@@ -446,6 +522,17 @@ impl Store {
         Ok(())
     }
 
+    /// Whether clean copies made before layout 2 still need checking (see
+    /// [`CHECK_CLEAN_KEY`]).
+    pub fn clean_copies_unverified(&self) -> Result<bool> {
+        Ok(self.db.get(CHECK_CLEAN_KEY)?.is_some())
+    }
+
+    /// In the batch that records the check's results.
+    pub fn clean_copies_verified(&self, txn: &mut Txn) {
+        txn.batch.remove(CHECK_CLEAN_KEY);
+    }
+
     /// Give every entry of an old (layout 1) index a cookie, in name order, once.
     fn migrate_cookies(&mut self) -> Result<()> {
         let mut txn = Txn::default();
@@ -464,6 +551,9 @@ impl Store {
             }
         }
         txn.batch.insert(LAYOUT_KEY, &LAYOUT.to_le_bytes());
+        // Layout 1 made plaintext the clean copy without an fsync: after a power cut one
+        // may be short or zero-filled. The next recovery checks each against its blob.
+        txn.batch.insert(CHECK_CLEAN_KEY, &[][..]);
         self.commit(txn, true)?;
         self.cookies = true;
         log::info!("index: {n} directory entries given readdir cookies (layout {LAYOUT})");
@@ -495,11 +585,7 @@ impl Store {
         let to = cookie_key(parent, u64::MAX);
         for r in self.db.range(from..=to) {
             let (k, name) = r?;
-            let Some(cookie) = k
-                .get(9..17)
-                .and_then(|b| b.try_into().ok())
-                .map(u64::from_be_bytes)
-            else {
+            let Some(cookie) = second_u64(&k) else {
                 continue;
             };
             // The entry itself is the truth; a cookie whose entry is gone or moved on is
@@ -532,12 +618,7 @@ impl Store {
         let mut out = Vec::new();
         for r in self.db.scan_prefix(b"g") {
             let (k, _) = r?;
-            let (Some(ino), Some(tag)) = (
-                ino_from(&k),
-                k.get(9..17)
-                    .and_then(|b| b.try_into().ok())
-                    .map(u64::from_be_bytes),
-            ) else {
+            let (Some(ino), Some(tag)) = (ino_from(&k), second_u64(&k)) else {
                 continue;
             };
             out.push((ino, tag));

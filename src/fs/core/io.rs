@@ -96,7 +96,8 @@ impl Core {
         let f = Arc::new(
             OpenOptions::new()
                 .read(true)
-                .write(true)
+                // A read-only mount may be on read-only media.
+                .write(!self.opts.read_only)
                 .open(self.store.cache_path(ino))
                 .map_err(|e| {
                     log::error!("inode {ino}: cannot open its plaintext: {e}");

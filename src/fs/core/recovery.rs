@@ -17,6 +17,28 @@ enum Verdict {
 }
 
 impl Core {
+    /// A clean copy is the blob's content: its size and BLAKE3 are the header's.
+    fn clean_copy_matches(&self, ino: u64, blob: BlobRef, size: u64) -> Result<(), String> {
+        let blob_path = self.store.blob_path(ino, blob.seq);
+        let data = std::fs::read(&blob_path)
+            .map_err(|e| format!("its blob {} cannot be read ({e})", blob_path.display()))?;
+        let (header, _) = crate::codec::container::Header::parse(&data, Some(data.len() as u64))
+            .map_err(|e| format!("its blob's header is bad ({e})"))?;
+        let unreadable = |e: std::io::Error| format!("cannot be read ({e})");
+        let mut plain = File::open(self.store.cache_path(ino)).map_err(unreadable)?;
+        let len = plain.metadata().map_err(unreadable)?.len();
+        if len != header.original_len || header.original_len != size {
+            return Err(format!("has {len} bytes, the blob {}", header.original_len));
+        }
+        // Streamed: a clean copy can be far larger than memory allows.
+        let mut hasher = blake3::Hasher::new();
+        std::io::copy(&mut plain, &mut hasher).map_err(unreadable)?;
+        if hasher.finalize().as_bytes() != &header.checksum {
+            return Err("does not match the blob's BLAKE3".into());
+        }
+        Ok(())
+    }
+
     /// After an unclean stop: the cache file is the truth for dirty sizes (a dirty file
     /// whose never-synced cache file is gone is empty); dirty files are queued again;
     /// orphans (unlinked while open) are deleted; the graveyard is emptied; temp files
@@ -55,7 +77,8 @@ impl Core {
                 txn.enqueue(ino, latest);
             }
         }
-        let (mut requeued, mut emptied) = (0, 0);
+        let (mut requeued, mut emptied, mut distrusted) = (0, 0, 0);
+        let check_clean = self.store.clean_copies_unverified()?;
         let mut deleted = Vec::new();
         let mut st = self.lock();
         for (&ino, inode) in inodes.iter_mut() {
@@ -100,6 +123,18 @@ impl Core {
                     ),
                 }
             }
+            if check_clean && inode.cached && !inode.dirty {
+                if let Some(b) = inode.blob {
+                    if let Err(why) = self.clean_copy_matches(ino, b, inode.size) {
+                        // The blob is the content; the plaintext is only a copy of it.
+                        log::warn!(
+                            "recovery: inode {ino}: its clean copy was never synced and {why}; it is decoded from its blob again"
+                        );
+                        inode.cached = false;
+                        distrusted += 1;
+                    }
+                }
+            }
             if inode.dirty && !queued.contains(&ino) {
                 txn.enqueue(ino, now_ms + self.opts.idle.as_millis() as u64);
                 requeued += 1;
@@ -117,6 +152,12 @@ impl Core {
         }
         if emptied > 0 {
             crate::store::sync_dir(&self.store.cache_dir())?;
+        }
+        if check_clean {
+            self.store.clean_copies_verified(&mut txn);
+            log::info!(
+                "recovery: clean copies of an older layout checked against their blobs: {distrusted} distrusted"
+            );
         }
         self.store.commit(txn, true)?;
         crate::crash::point("recover.after_commit");
