@@ -46,3 +46,14 @@ pub fn point(name: &'static str) {
         std::process::abort();
     }
 }
+
+/// Fault injection for the panic boundary (tests/security.rs): with
+/// `NACRITHFS_PANIC_IN=<request>` (a FUSE operation name such as `mkdir`), every such
+/// request panics inside its handler. Never set in normal use.
+pub fn panic_point(op: &str) {
+    static PANIC_IN: OnceLock<Option<String>> = OnceLock::new();
+    let armed = PANIC_IN.get_or_init(|| std::env::var("NACRITHFS_PANIC_IN").ok());
+    if armed.as_deref() == Some(op) {
+        panic!("fault injection: NACRITHFS_PANIC_IN={op}");
+    }
+}

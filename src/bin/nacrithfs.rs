@@ -11,6 +11,7 @@ use std::ffi::{CString, OsString};
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -58,13 +59,26 @@ fn main() {
             Some(mnt) if args.len() == 2 => admin(cmd, Path::new(mnt)),
             _ => Err(format!("usage: nacrithfs {cmd} MOUNTPOINT")),
         },
-        Some("fsck") => fsck_main(&args[1..]),
-        Some(_) => mount_main(&args),
+        Some("fsck") => {
+            set_private_umask();
+            fsck_main(&args[1..])
+        }
+        Some(_) => {
+            set_private_umask();
+            mount_main(&args)
+        }
     };
     if let Err(e) = result {
         eprintln!("nacrithfs: error: {e}");
         std::process::exit(1);
     }
+}
+
+/// Whatever the daemon and fsck create in the backing directory (plaintext, blobs, the
+/// index, the log, lost+found/) is the owner's only.
+fn set_private_umask() {
+    // SAFETY: umask cannot fail.
+    unsafe { libc::umask(nacrithfs::store::perms::UMASK as libc::mode_t) };
 }
 
 fn fsck_main(args: &[OsString]) -> Result<(), String> {
@@ -127,6 +141,17 @@ fn fsck_main(args: &[OsString]) -> Result<(), String> {
         report.findings.len(),
         report.findings.len() - report.unresolved(),
     );
+    if report.awaiting_deletion > 0 {
+        println!(
+            "{} deleted or superseded files {} (left by a crash; not a problem)",
+            report.awaiting_deletion,
+            if repair {
+                "were removed"
+            } else {
+                "await removal by the next mount or --repair"
+            }
+        );
+    }
     std::process::exit(report.exit_code());
 }
 
@@ -185,10 +210,16 @@ fn control(mnt: &Path, what: &str) -> Result<(), String> {
         )
     };
     if r != 0 {
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::EPERM) {
+            return Err(format!(
+                "{}: {what} refused: only root and the user who mounted it may {what} a nacrithfs volume",
+                mnt.display()
+            ));
+        }
         return Err(format!(
-            "{}: {what} failed: {}; is it a nacrithfs mount?",
-            mnt.display(),
-            std::io::Error::last_os_error()
+            "{}: {what} failed: {e}; is it a nacrithfs mount?",
+            mnt.display()
         ));
     }
     Ok(())
@@ -419,7 +450,14 @@ fn redirect_stdio(log: &Path) {
     let logf = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
-        .open(log);
+        .mode(0o600)
+        .open(log)
+        .and_then(|f| {
+            // A log made by an older version may be 0644: it names every path.
+            use std::os::unix::fs::PermissionsExt;
+            f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+            Ok(f)
+        });
     // SAFETY: dup2 onto the standard descriptors of this (single-threaded) child.
     unsafe {
         if let Ok(n) = &null {
@@ -453,6 +491,11 @@ fn serve(
     // SAFETY: a valid, initialized signal set.
     unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &sigs, std::ptr::null_mut()) };
 
+    match nacrithfs::store::perms::secure_backing(backing, m.opts.read_only)? {
+        Some(done) if m.opts.read_only => log::warn!("{done}"),
+        Some(done) => log::info!("{done}"),
+        None => {}
+    }
     let store = if m.opts.read_only {
         Store::open_read_only(backing)
     } else {
@@ -501,7 +544,7 @@ fn serve(
     let result = session.run();
     sd_notify("STOPPING=1");
     core.shutdown();
-    drop(workers);
+    workers.finish(std::time::Duration::from_secs(3));
     log::info!("unmounted {}", mountpoint.display());
     result.map_err(|e| format!("FUSE session: {e}"))
 }

@@ -106,6 +106,23 @@ fn reply_xattr(reply: ReplyXattr, r: Result<Vec<u8>, i32>, size: u32) {
     }
 }
 
+/// The panic boundary of every request: a panic answers that request with EIO (the
+/// reply's drop sends it), is logged with the inode, and the session goes on serving.
+fn guarded(op: &str, ino: u64, f: impl FnOnce()) {
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        crate::crash::panic_point(op);
+        f()
+    }));
+    if let Err(p) = r {
+        let why = p
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| p.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "no message".into());
+        log::error!("{op} on inode {ino} panicked ({why}); answered EIO, the mount goes on");
+    }
+}
+
 impl Filesystem for NacrithFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         // Larger writes: fewer round trips on the plaintext path.
@@ -128,14 +145,16 @@ impl Filesystem for NacrithFs {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        reply_entry(reply, self.core.lookup(parent.0, name.as_bytes()));
+        guarded("lookup", parent.0, || {
+            reply_entry(reply, self.core.lookup(parent.0, name.as_bytes()));
+        });
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
-        match self.core.getattr(ino.0) {
+        guarded("getattr", ino.0, || match self.core.getattr(ino.0) {
             Ok(a) => reply.attr(&TTL, &file_attr(&a)),
             Err(e) => reply.error(errno(e)),
-        }
+        });
     }
 
     fn setattr(
@@ -156,39 +175,41 @@ impl Filesystem for NacrithFs {
         _flags: Option<fuser::BsdFileFlags>,
         reply: ReplyAttr,
     ) {
-        let core = self.core.clone();
-        let run = move |reply: ReplyAttr| match core.setattr(
-            ino.0,
-            mode,
-            uid,
-            gid,
-            size,
-            atime.map(time),
-            mtime.map(time),
-            ctime,
-        ) {
-            Ok(a) => reply.attr(&TTL, &file_attr(&a)),
-            Err(e) => reply.error(errno(e)),
-        };
-        if size.is_some_and(|s| s > 0) {
-            // Truncating to a non-zero size needs the plaintext.
-            self.core.with_plain(
+        guarded("setattr", ino.0, || {
+            let core = self.core.clone();
+            let run = move |reply: ReplyAttr| match core.setattr(
                 ino.0,
-                Box::new(move |r| match r {
-                    Ok(()) => run(reply),
-                    Err(e) => reply.error(errno(e)),
-                }),
-            );
-        } else {
-            run(reply);
-        }
+                mode,
+                uid,
+                gid,
+                size,
+                atime.map(time),
+                mtime.map(time),
+                ctime,
+            ) {
+                Ok(a) => reply.attr(&TTL, &file_attr(&a)),
+                Err(e) => reply.error(errno(e)),
+            };
+            if size.is_some_and(|s| s > 0) {
+                // Truncating to a non-zero size needs the plaintext.
+                self.core.with_plain(
+                    ino.0,
+                    Box::new(move |r| match r {
+                        Ok(()) => run(reply),
+                        Err(e) => reply.error(errno(e)),
+                    }),
+                );
+            } else {
+                run(reply);
+            }
+        });
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
-        match self.core.readlink(ino.0) {
+        guarded("readlink", ino.0, || match self.core.readlink(ino.0) {
             Ok(t) => reply.data(&t),
             Err(e) => reply.error(errno(e)),
-        }
+        });
     }
 
     fn mknod(
@@ -201,17 +222,19 @@ impl Filesystem for NacrithFs {
         rdev: u32,
         reply: ReplyEntry,
     ) {
-        let r = self.core.mknod(
-            parent.0,
-            name.as_bytes(),
-            mode,
-            umask,
-            rdev,
-            req.uid(),
-            req.gid(),
-            None,
-        );
-        reply_entry(reply, r);
+        guarded("mknod", parent.0, || {
+            let r = self.core.mknod(
+                parent.0,
+                name.as_bytes(),
+                mode,
+                umask,
+                rdev,
+                req.uid(),
+                req.gid(),
+                None,
+            );
+            reply_entry(reply, r);
+        });
     }
 
     fn mkdir(
@@ -223,25 +246,31 @@ impl Filesystem for NacrithFs {
         umask: u32,
         reply: ReplyEntry,
     ) {
-        let r = self.core.mknod(
-            parent.0,
-            name.as_bytes(),
-            (mode & 0o7777) | libc::S_IFDIR,
-            umask,
-            0,
-            req.uid(),
-            req.gid(),
-            None,
-        );
-        reply_entry(reply, r);
+        guarded("mkdir", parent.0, || {
+            let r = self.core.mknod(
+                parent.0,
+                name.as_bytes(),
+                (mode & 0o7777) | libc::S_IFDIR,
+                umask,
+                0,
+                req.uid(),
+                req.gid(),
+                None,
+            );
+            reply_entry(reply, r);
+        });
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        reply_empty(reply, self.core.remove(parent.0, name.as_bytes(), false));
+        guarded("unlink", parent.0, || {
+            reply_empty(reply, self.core.remove(parent.0, name.as_bytes(), false));
+        });
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        reply_empty(reply, self.core.remove(parent.0, name.as_bytes(), true));
+        guarded("rmdir", parent.0, || {
+            reply_empty(reply, self.core.remove(parent.0, name.as_bytes(), true));
+        });
     }
 
     fn symlink(
@@ -252,17 +281,19 @@ impl Filesystem for NacrithFs {
         target: &Path,
         reply: ReplyEntry,
     ) {
-        let r = self.core.mknod(
-            parent.0,
-            link_name.as_bytes(),
-            libc::S_IFLNK | 0o777,
-            0,
-            0,
-            req.uid(),
-            req.gid(),
-            Some(target.as_os_str().as_bytes()),
-        );
-        reply_entry(reply, r);
+        guarded("symlink", parent.0, || {
+            let r = self.core.mknod(
+                parent.0,
+                link_name.as_bytes(),
+                libc::S_IFLNK | 0o777,
+                0,
+                0,
+                req.uid(),
+                req.gid(),
+                Some(target.as_os_str().as_bytes()),
+            );
+            reply_entry(reply, r);
+        });
     }
 
     fn rename(
@@ -275,14 +306,16 @@ impl Filesystem for NacrithFs {
         flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
-        let r = self.core.rename(
-            parent.0,
-            name.as_bytes(),
-            newparent.0,
-            newname.as_bytes(),
-            flags.bits(),
-        );
-        reply_empty(reply, r);
+        guarded("rename", parent.0, || {
+            let r = self.core.rename(
+                parent.0,
+                name.as_bytes(),
+                newparent.0,
+                newname.as_bytes(),
+                flags.bits(),
+            );
+            reply_empty(reply, r);
+        });
     }
 
     fn link(
@@ -293,17 +326,19 @@ impl Filesystem for NacrithFs {
         newname: &OsStr,
         reply: ReplyEntry,
     ) {
-        reply_entry(
-            reply,
-            self.core.link(ino.0, newparent.0, newname.as_bytes()),
-        );
+        guarded("link", ino.0, || {
+            reply_entry(
+                reply,
+                self.core.link(ino.0, newparent.0, newname.as_bytes()),
+            );
+        });
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        match self.core.open(ino.0, flags.0) {
+        guarded("open", ino.0, || match self.core.open(ino.0, flags.0) {
             Ok(o) => reply.opened(FileHandle(o.fh), fopen_flags(&o)),
             Err(e) => reply.error(errno(e)),
-        }
+        });
     }
 
     fn read(
@@ -317,12 +352,14 @@ impl Filesystem for NacrithFs {
         lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        // A short answer is right only for a read(2) on a streaming handle. The kernel
-        // sends a lock owner with direct reads and never with page-cache reads, which an
-        // mmap of that same handle makes; a short answer to those would mean the file
-        // ends there. (tests/fs.rs maps a streaming handle to hold the kernel to this.)
-        let short = lock_owner.is_some() && self.core.streams(fh.0);
-        read_when_ready(self.core.clone(), ino.0, offset, size, short, reply, 3);
+        guarded("read", ino.0, || {
+            // A short answer is right only for a read(2) on a streaming handle. The kernel
+            // sends a lock owner with direct reads and never with page-cache reads, which an
+            // mmap of that same handle makes; a short answer to those would mean the file
+            // ends there. (tests/fs.rs maps a streaming handle to hold the kernel to this.)
+            let short = lock_owner.is_some() && self.core.streams(fh.0);
+            read_when_ready(self.core.clone(), ino.0, offset, size, short, reply, 3);
+        });
     }
 
     fn write(
@@ -337,24 +374,26 @@ impl Filesystem for NacrithFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        // Fast path: the plaintext is here (the common case), write without copying.
-        match self.core.write(ino.0, fh.0, offset, data) {
-            Ok(n) => return reply.written(n),
-            Err(libc::ESTALE) => {}
-            Err(e) => return reply.error(errno(e)),
-        }
-        let core = self.core.clone();
-        let data = data.to_vec();
-        self.core.with_plain(
-            ino.0,
-            Box::new(
-                move |r| match r.and_then(|()| core.write(ino.0, fh.0, offset, &data)) {
-                    Ok(n) => reply.written(n),
-                    Err(libc::ESTALE) => reply.error(Errno::EIO),
-                    Err(e) => reply.error(errno(e)),
-                },
-            ),
-        );
+        guarded("write", ino.0, || {
+            // Fast path: the plaintext is here (the common case), write without copying.
+            match self.core.write(ino.0, fh.0, offset, data) {
+                Ok(n) => return reply.written(n),
+                Err(libc::ESTALE) => {}
+                Err(e) => return reply.error(errno(e)),
+            }
+            let core = self.core.clone();
+            let data = data.to_vec();
+            self.core.with_plain(
+                ino.0,
+                Box::new(
+                    move |r| match r.and_then(|()| core.write(ino.0, fh.0, offset, &data)) {
+                        Ok(n) => reply.written(n),
+                        Err(libc::ESTALE) => reply.error(Errno::EIO),
+                        Err(e) => reply.error(errno(e)),
+                    },
+                ),
+            );
+        });
     }
 
     fn flush(
@@ -365,7 +404,9 @@ impl Filesystem for NacrithFs {
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
-        reply_empty(reply, self.core.closed(ino.0));
+        guarded("flush", ino.0, || {
+            reply_empty(reply, self.core.closed(ino.0));
+        });
     }
 
     fn release(
@@ -378,8 +419,10 @@ impl Filesystem for NacrithFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        let writer = flags.0 & libc::O_ACCMODE != libc::O_RDONLY;
-        reply_empty(reply, self.core.release(fh.0, writer));
+        guarded("release", 0, || {
+            let writer = flags.0 & libc::O_ACCMODE != libc::O_RDONLY;
+            reply_empty(reply, self.core.release(fh.0, writer));
+        });
     }
 
     fn fsync(
@@ -390,15 +433,17 @@ impl Filesystem for NacrithFs {
         datasync: bool,
         reply: ReplyEmpty,
     ) {
-        reply_empty(reply, self.core.fsync(ino.0, datasync));
+        guarded("fsync", ino.0, || {
+            reply_empty(reply, self.core.fsync(ino.0, datasync));
+        });
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        match self.core.getattr(ino.0) {
+        guarded("opendir", ino.0, || match self.core.getattr(ino.0) {
             Ok(a) if a.inode.kind == Kind::Dir => reply.opened(FileHandle(0), FopenFlags::empty()),
             Ok(_) => reply.error(Errno::ENOTDIR),
             Err(e) => reply.error(errno(e)),
-        }
+        });
     }
 
     fn readdir(
@@ -409,22 +454,24 @@ impl Filesystem for NacrithFs {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
-        match self.core.readdir(ino.0, offset, 512) {
-            Ok(entries) => {
-                for (next, child, kind, name) in entries {
-                    if reply.add(
-                        INodeNo(child),
-                        next,
-                        file_type(kind),
-                        OsStr::from_bytes(&name),
-                    ) {
-                        break;
+        guarded("readdir", ino.0, || {
+            match self.core.readdir(ino.0, offset, 512) {
+                Ok(entries) => {
+                    for (next, child, kind, name) in entries {
+                        if reply.add(
+                            INodeNo(child),
+                            next,
+                            file_type(kind),
+                            OsStr::from_bytes(&name),
+                        ) {
+                            break;
+                        }
                     }
+                    reply.ok();
                 }
-                reply.ok();
+                Err(e) => reply.error(errno(e)),
             }
-            Err(e) => reply.error(errno(e)),
-        }
+        });
     }
 
     fn fsyncdir(
@@ -435,11 +482,13 @@ impl Filesystem for NacrithFs {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        reply_empty(reply, self.core.fsyncdir());
+        guarded("fsyncdir", 0, || {
+            reply_empty(reply, self.core.fsyncdir());
+        });
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
-        match self.core.statfs() {
+        guarded("statfs", 0, || match self.core.statfs() {
             Ok(s) => reply.statfs(
                 s.f_blocks,
                 s.f_bfree,
@@ -451,12 +500,12 @@ impl Filesystem for NacrithFs {
                 s.f_frsize as u32,
             ),
             Err(e) => reply.error(errno(e)),
-        }
+        });
     }
 
     fn setxattr(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         name: &OsStr,
         value: &[u8],
@@ -464,27 +513,38 @@ impl Filesystem for NacrithFs {
         _position: u32,
         reply: ReplyEmpty,
     ) {
-        reply_empty(
-            reply,
-            self.core.setxattr(ino.0, name.as_bytes(), value, flags),
-        );
+        guarded("setxattr", ino.0, || {
+            reply_empty(
+                reply,
+                self.core
+                    .setxattr(ino.0, name.as_bytes(), value, flags, req.uid()),
+            );
+        });
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
-        reply_xattr(reply, self.core.getxattr(ino.0, name.as_bytes()), size);
+        guarded("getxattr", ino.0, || {
+            reply_xattr(reply, self.core.getxattr(ino.0, name.as_bytes()), size);
+        });
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
-        reply_xattr(reply, self.core.listxattr(ino.0), size);
+        guarded("listxattr", ino.0, || {
+            reply_xattr(reply, self.core.listxattr(ino.0), size);
+        });
     }
 
     fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        reply_empty(reply, self.core.removexattr(ino.0, name.as_bytes()));
+        guarded("removexattr", ino.0, || {
+            reply_empty(reply, self.core.removexattr(ino.0, name.as_bytes()));
+        });
     }
 
     fn access(&self, _req: &Request, ino: INodeNo, _mask: AccessFlags, reply: ReplyEmpty) {
-        // Permission checks are the kernel's (default_permissions is always on).
-        reply_empty(reply, self.core.getattr(ino.0).map(|_| ()));
+        guarded("access", ino.0, || {
+            // Permission checks are the kernel's (default_permissions is always on).
+            reply_empty(reply, self.core.getattr(ino.0).map(|_| ()));
+        });
     }
 
     fn create(
@@ -497,30 +557,32 @@ impl Filesystem for NacrithFs {
         flags: i32,
         reply: ReplyCreate,
     ) {
-        let mode = (mode & 0o7777) | libc::S_IFREG;
-        let r = self
-            .core
-            .mknod(
-                parent.0,
-                name.as_bytes(),
-                mode,
-                umask,
-                0,
-                req.uid(),
-                req.gid(),
-                None,
-            )
-            .and_then(|a| Ok((self.core.open(a.ino, flags)?, a)));
-        match r {
-            Ok((o, a)) => reply.created(
-                &TTL,
-                &file_attr(&a),
-                Generation(0),
-                FileHandle(o.fh),
-                fopen_flags(&o),
-            ),
-            Err(e) => reply.error(errno(e)),
-        }
+        guarded("create", parent.0, || {
+            let mode = (mode & 0o7777) | libc::S_IFREG;
+            let r = self
+                .core
+                .mknod(
+                    parent.0,
+                    name.as_bytes(),
+                    mode,
+                    umask,
+                    0,
+                    req.uid(),
+                    req.gid(),
+                    None,
+                )
+                .and_then(|a| Ok((self.core.open(a.ino, flags)?, a)));
+            match r {
+                Ok((o, a)) => reply.created(
+                    &TTL,
+                    &file_attr(&a),
+                    Generation(0),
+                    FileHandle(o.fh),
+                    fopen_flags(&o),
+                ),
+                Err(e) => reply.error(errno(e)),
+            }
+        });
     }
 
     fn fallocate(
@@ -533,16 +595,18 @@ impl Filesystem for NacrithFs {
         mode: i32,
         reply: ReplyEmpty,
     ) {
-        let core = self.core.clone();
-        self.core.with_plain(
-            ino.0,
-            Box::new(move |r| {
-                reply_empty(
-                    reply,
-                    r.and_then(|()| core.fallocate(ino.0, offset, length, mode)),
-                )
-            }),
-        );
+        guarded("fallocate", ino.0, || {
+            let core = self.core.clone();
+            self.core.with_plain(
+                ino.0,
+                Box::new(move |r| {
+                    reply_empty(
+                        reply,
+                        r.and_then(|()| core.fallocate(ino.0, offset, length, mode)),
+                    )
+                }),
+            );
+        });
     }
 }
 

@@ -22,8 +22,24 @@ impl Core {
             .ok_or(libc::ENODATA)
     }
 
-    pub fn setxattr(&self, ino: u64, name: &[u8], value: &[u8], flags: i32) -> FsResult<()> {
+    /// `uid`: the caller's (the control commands are only for root and the user who
+    /// mounted).
+    pub fn setxattr(
+        &self,
+        ino: u64,
+        name: &[u8],
+        value: &[u8],
+        flags: i32,
+        uid: u32,
+    ) -> FsResult<()> {
         if ino == ROOT_INO && name == XATTR_CONTROL {
+            // The kernel checked write permission on the root only: with a 1777 root
+            // that is everyone.
+            // SAFETY: getuid cannot fail.
+            let mounter = unsafe { libc::getuid() };
+            if uid != 0 && uid != mounter {
+                return Err(libc::EPERM);
+            }
             return match value {
                 b"flush" => self.request_flush(),
                 b"evict" => self.evict_all().map(|_| ()),
