@@ -323,6 +323,35 @@ fn posix_behaviour() {
     drop(f);
     assert_eq!(fs::read(p("f")).expect("read"), b"hello");
 
+    // SEEK_DATA / SEEK_HOLE report the plaintext's holes (the backing is ext4 here).
+    {
+        use std::os::fd::AsRawFd;
+        let f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(p("sparse"))
+            .expect("create");
+        f.set_len(1 << 20).expect("extend");
+        std::os::unix::fs::FileExt::write_all_at(&f, b"data", 1 << 19).expect("write");
+        let seek = |off: i64, whence: i32| {
+            // SAFETY: a valid fd.
+            let r = unsafe { libc::lseek(f.as_raw_fd(), off, whence) };
+            (r >= 0)
+                .then_some(r)
+                .ok_or_else(std::io::Error::last_os_error)
+        };
+        assert_eq!(seek(0, libc::SEEK_DATA).expect("SEEK_DATA"), 1 << 19);
+        assert_eq!(seek(0, libc::SEEK_HOLE).expect("SEEK_HOLE"), 0);
+        let hole = seek(1 << 19, libc::SEEK_HOLE).expect("SEEK_HOLE");
+        assert!(hole > 1 << 19 && hole <= 1 << 20, "{hole}");
+        let e = seek(1 << 20, libc::SEEK_DATA).expect_err("past the end");
+        assert_eq!(e.raw_os_error(), Some(libc::ENXIO));
+        drop(f);
+        fs::remove_file(p("sparse")).expect("rm");
+    }
+
     // rename: plain, NOREPLACE, EXCHANGE, over an existing file.
     fs::write(p("g"), b"gee").expect("write");
     let e = renameat2(&p("f"), &p("g"), libc::RENAME_NOREPLACE).expect_err("noreplace");

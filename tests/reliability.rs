@@ -597,6 +597,11 @@ enum Event {
     Done(String, Vec<u8>),
 }
 
+/// Where the writer works: a directory that exists only on the volume, so that once the
+/// dead mount is lazily unmounted, the writer's next create fails instead of landing in
+/// the empty mount point underneath (and being counted as fsynced to the volume).
+const WRITER_DIR: &str = "w";
+
 /// Writes files durably until told to stop or until the mount dies under it.
 fn crash_writer(
     mnt: PathBuf,
@@ -622,7 +627,10 @@ fn crash_writer(
         let (name, content, append) = match r % 4 {
             // new text, and new binary, files
             0 | 1 => {
-                let name = format!("r{seed:x}-{n}.{}", if r % 4 == 0 { "txt" } else { "bin" });
+                let name = format!(
+                    "{WRITER_DIR}/r{seed:x}-{n}.{}",
+                    if r % 4 == 0 { "txt" } else { "bin" }
+                );
                 let data = if r % 4 == 0 {
                     let start = (next() % 25_000) as usize;
                     text[start..start + 200 + (next() % 700) as usize].to_vec()
@@ -659,7 +667,7 @@ fn crash_writer(
             f.write_all(append.as_deref().unwrap_or(&content))?;
             f.sync_all()?;
             drop(f);
-            fsync_dir(&mnt)
+            fsync_dir(&mnt.join(WRITER_DIR))
         })();
         if result.is_err() {
             return; // the daemon is gone: this file stays uncertain
@@ -706,6 +714,28 @@ const RANDOM_POINTS: &[&str] = &[
     "reap.after_delete",
 ];
 
+/// A temporary directory kept (and named on stderr) if the test fails and keeping was
+/// asked for.
+struct KeepOnFailure(Option<tempfile::TempDir>, bool);
+
+impl KeepOnFailure {
+    fn path(&self) -> &Path {
+        self.0
+            .as_ref()
+            .map_or(Path::new("/nonexistent"), |d| d.path())
+    }
+}
+
+impl Drop for KeepOnFailure {
+    fn drop(&mut self) {
+        if self.1 && std::thread::panicking() {
+            if let Some(d) = self.0.take() {
+                eprintln!("kept for a post-mortem: {}", d.keep().display());
+            }
+        }
+    }
+}
+
 /// kill -9 at random moments (mid-write, queued, mid-compression, between a blob's
 /// durable write and its index commit, right after a commit), remount, verify everything that was fsynced. NACRITHFS_CRASH_ROUNDS sets
 /// the number of rounds (scripts/crash-test runs 20).
@@ -714,9 +744,15 @@ fn crash_consistency_kill9_rounds() {
     let _llm = common::llm_lock();
     let rounds = env_number("NACRITHFS_CRASH_ROUNDS", 4);
     let dir = tempfile::tempdir().expect("tempdir");
-    let (backing, mnt) = new_volume(dir.path());
+    // NACRITHFS_CRASH_KEEP=1: the volume and the daemon's logs stay for a post-mortem.
+    let dir = KeepOnFailure(
+        Some(dir),
+        std::env::var_os("NACRITHFS_CRASH_KEEP").is_some(),
+    );
+    let dir = dir.path();
+    let (backing, mnt) = new_volume(dir);
     // Outside the mount: what the writer has fsynced (name, size, hash per line).
-    let manifest_path = dir.path().join("manifest");
+    let manifest_path = dir.join("manifest");
     let mut manifest: BTreeMap<String, Vec<u8>> = BTreeMap::new();
     let mut pending_total = 0;
     for round in 0..rounds {
@@ -735,6 +771,14 @@ fn crash_consistency_kill9_rounds() {
         };
         let mut d = Daemon::start_env(&backing, &mnt, "idle=0", &env);
         let verified = verify_manifest(&mnt, &manifest, &format!("round {round}"));
+        if round == 0 {
+            fs::create_dir(mnt.join(WRITER_DIR)).expect("mkdir on the volume");
+            fsync_dir(&mnt).expect("fsync the root");
+        }
+        assert!(
+            mnt.join(WRITER_DIR).is_dir(),
+            "round {round}: the writer's directory is gone"
+        );
         let stop = Arc::new(AtomicBool::new(false));
         let (tx, rx) = std::sync::mpsc::channel();
         let writer = {

@@ -78,7 +78,10 @@ impl Header {
     }
 
     pub fn stored_payload_len(&self) -> u64 {
-        self.segments.iter().map(|s| s.stored_len).sum()
+        // `parse` refused headers whose sum overflows; a built header is ours.
+        self.segments
+            .iter()
+            .fold(0u64, |a, s| a.saturating_add(s.stored_len))
     }
 
     pub fn to_bytes(&self) -> Vec<u8> {
@@ -182,7 +185,8 @@ impl Header {
             return Err(corrupt("segment count exceeds header size"));
         }
         let mut segments = Vec::with_capacity(n_segments);
-        let mut sum_original = 0u64;
+        // Every sum of untrusted lengths is checked: later code slices by them.
+        let (mut sum_original, mut sum_stored) = (0u64, 0u64);
         for _ in 0..n_segments {
             let kind = match r.u8()? {
                 0 => SegmentKind::Stored,
@@ -211,6 +215,7 @@ impl Header {
                     if c.n_symbols > c.original_len || (c.original_len > 0 && c.n_symbols == 0) {
                         return Err(corrupt("chunk symbol count is impossible"));
                     }
+                    // At most 2^28 chunks of u32 lengths: these sums cannot overflow.
                     so += c.original_len as u64;
                     ss += c.stored_len as u64;
                     chunks.push(c);
@@ -225,6 +230,9 @@ impl Header {
             sum_original = sum_original
                 .checked_add(original_len)
                 .ok_or_else(|| corrupt("segment lengths overflow"))?;
+            sum_stored = sum_stored
+                .checked_add(stored_len)
+                .ok_or_else(|| corrupt("stored lengths overflow"))?;
             segments.push(Segment {
                 kind,
                 original_len,
@@ -247,8 +255,10 @@ impl Header {
             params,
             segments,
         };
+        let expected = (header_len as u64)
+            .checked_add(sum_stored)
+            .ok_or_else(|| corrupt("stored lengths overflow"))?;
         if let Some(len) = blob_len {
-            let expected = header_len as u64 + header.stored_payload_len();
             if len < expected {
                 return Err(FormatError::Truncated(format!(
                     "{len} bytes, the header describes {expected}"
@@ -386,6 +396,28 @@ mod tests {
             Err(FormatError::Truncated(_))
         ));
         assert!(Header::parse(&bytes, Some(n + 17)).is_err());
+    }
+
+    /// Lengths chosen so that a plain sum wraps around to a small, plausible number.
+    #[test]
+    fn lengths_that_overflow_when_summed_are_refused() {
+        let seg = |stored_len| Segment {
+            kind: SegmentKind::Zstd,
+            original_len: 1,
+            stored_len,
+            crc: 0,
+            chunks: vec![],
+        };
+        let h = Header {
+            original_len: 2,
+            segments: vec![seg(u64::MAX), seg(17)],
+            ..sample()
+        };
+        let bytes = h.to_bytes();
+        for blob_len in [None, Some(bytes.len() as u64 + 16)] {
+            let err = Header::parse(&bytes, blob_len).expect_err("wrapping lengths");
+            assert!(err.to_string().contains("overflow"), "{err}");
+        }
     }
 
     #[test]

@@ -3,6 +3,12 @@
 
 use std::fmt;
 
+/// The longest model context a blob may ask for (the model's own is 8192); KV memory
+/// grows with it.
+pub const MAX_CTX_LEN: u32 = 8192;
+/// The context this build codes with (see [`CoderParams::new`]).
+pub const DEFAULT_CTX_LEN: u32 = 2048;
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct CoderParams {
     /// LLM context per stream (tokens); when full, keep the last `ctx_keep` and shift the KV cache.
@@ -37,7 +43,7 @@ impl CoderParams {
     /// skip at 1.5 bits cost +4.5% size for 3% of tokens skipped, so it is off.
     pub fn new(n_vocab: u32, start_token: u32, escape_token: u32) -> CoderParams {
         CoderParams {
-            ctx_len: 2048,
+            ctx_len: DEFAULT_CTX_LEN,
             ctx_keep: 1536,
             cdf_bits: 24,
             n_vocab,
@@ -123,6 +129,8 @@ impl CoderParams {
         Ok(p)
     }
 
+    /// Anything a header or `--param` asks for must lie in these ranges: a blob cannot
+    /// make the decoder allocate more than this build would for its own blobs.
     pub fn validate(&self) -> Result<(), String> {
         let ok = self.cdf_bits == 24
             && self.n_vocab >= 256
@@ -132,7 +140,7 @@ impl CoderParams {
             && (1..=6).contains(&self.ngram_order)
             && self.ctx_keep >= 16
             && self.ctx_keep < self.ctx_len
-            && self.ctx_len <= 1 << 16
+            && self.ctx_len <= MAX_CTX_LEN
             && (1..=64).contains(&self.match_min)
             && [self.bias_lr, self.mixer_lr, self.mixer_llm_init]
                 .iter()
@@ -140,7 +148,9 @@ impl CoderParams {
         if ok {
             Ok(())
         } else {
-            Err(format!("coder parameters out of range: {self}"))
+            Err(format!(
+                "coder parameters out of the ranges this build supports (ctx_len up to {MAX_CTX_LEN}, ngram_order 1-6, match_min 1-64, rates finite and under 100): {self}"
+            ))
         }
     }
 

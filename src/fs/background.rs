@@ -103,6 +103,9 @@ fn reaper(core: &Core) {
 }
 
 const MAX_COMPRESSORS: usize = 64;
+/// The largest file compressed (its plaintext, tokens, blob and verifying decode are in
+/// memory at once, ~4x this): bigger files stay plaintext until compression streams.
+pub const MAX_COMPRESS_BYTES: u64 = 1 << 30;
 /// Plaintext bytes being compressed at once (each costs ~3x in memory: its tokens, its
 /// blob and the verifying decode). A larger file runs alone.
 const COMPRESS_BUDGET: u64 = 256 << 20;
@@ -189,6 +192,14 @@ fn compress_one(core: &Core, budget: &Budget, ino: u64, version: u64) {
         core.compression_failed(ino);
     };
     let size = std::fs::metadata(&path).map_or(0, |m| m.len());
+    if size > MAX_COMPRESS_BYTES {
+        // Compression still holds a whole file (several copies) in memory: a larger one
+        // would take the daemon down (and, restarted, again). It stays plaintext.
+        log::warn!(
+            "{name} is {size} bytes, over the {MAX_COMPRESS_BYTES} a compression may hold in memory: it stays uncompressed"
+        );
+        return core.compression_skipped(ino);
+    }
     let taken = budget.take(size);
     let data = match std::fs::read(&path) {
         Ok(d) => d,

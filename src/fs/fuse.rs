@@ -11,8 +11,8 @@ use std::time::{Duration, SystemTime};
 use fuser::{
     AccessFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation,
     INodeNo, InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate,
-    ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite,
-    ReplyXattr, Request, TimeOrNow, WriteFlags,
+    ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen, ReplyStatfs,
+    ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 
 use super::core::{stored_size, Attr, Core, Opened};
@@ -364,19 +364,21 @@ impl Filesystem for NacrithFs {
 
     fn write(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         data: &[u8],
-        _write_flags: WriteFlags,
+        write_flags: WriteFlags,
         _flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
+        // Root stands for CAP_FSETID (the request does not carry capabilities).
+        let kill = write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID) || req.uid() != 0;
         guarded("write", ino.0, || {
             // Fast path: the plaintext is here (the common case), write without copying.
-            match self.core.write(ino.0, fh.0, offset, data) {
+            match self.core.write(ino.0, fh.0, offset, data, kill) {
                 Ok(n) => return reply.written(n),
                 Err(libc::ESTALE) => {}
                 Err(e) => return reply.error(errno(e)),
@@ -385,13 +387,13 @@ impl Filesystem for NacrithFs {
             let data = data.to_vec();
             self.core.with_plain(
                 ino.0,
-                Box::new(
-                    move |r| match r.and_then(|()| core.write(ino.0, fh.0, offset, &data)) {
+                Box::new(move |r| {
+                    match r.and_then(|()| core.write(ino.0, fh.0, offset, &data, kill)) {
                         Ok(n) => reply.written(n),
                         Err(libc::ESTALE) => reply.error(Errno::EIO),
                         Err(e) => reply.error(errno(e)),
-                    },
-                ),
+                    }
+                }),
             );
         });
     }
@@ -469,6 +471,23 @@ impl Filesystem for NacrithFs {
                     }
                     reply.ok();
                 }
+                Err(e) => reply.error(errno(e)),
+            }
+        });
+    }
+
+    fn lseek(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: i64,
+        whence: i32,
+        reply: ReplyLseek,
+    ) {
+        guarded("lseek", ino.0, || {
+            match self.core.lseek(ino.0, offset, whence) {
+                Ok(o) => reply.offset(o),
                 Err(e) => reply.error(errno(e)),
             }
         });
@@ -587,7 +606,7 @@ impl Filesystem for NacrithFs {
 
     fn fallocate(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         _fh: FileHandle,
         offset: u64,
@@ -595,6 +614,7 @@ impl Filesystem for NacrithFs {
         mode: i32,
         reply: ReplyEmpty,
     ) {
+        let kill = req.uid() != 0;
         guarded("fallocate", ino.0, || {
             let core = self.core.clone();
             self.core.with_plain(
@@ -602,7 +622,7 @@ impl Filesystem for NacrithFs {
                 Box::new(move |r| {
                     reply_empty(
                         reply,
-                        r.and_then(|()| core.fallocate(ino.0, offset, length, mode)),
+                        r.and_then(|()| core.fallocate(ino.0, offset, length, mode, kill)),
                     )
                 }),
             );

@@ -470,7 +470,13 @@ fn run_private(
     }
     drop(tx);
     let workers = workers.clamp(1, n.max(1));
-    let lanes = lanes.min(n.div_ceil(workers)).max(1);
+    // Contexts hold lanes x ctx_len tokens of KV cache: a blob with a longer context
+    // gets fewer lanes, so its memory stays what the default parameters cost.
+    let kv_tokens = DEFAULT_LANES * crate::codec::params::DEFAULT_CTX_LEN as usize;
+    let lanes = lanes
+        .min(n.div_ceil(workers))
+        .min(kv_tokens / params.ctx_len.max(1) as usize)
+        .max(1);
     let results = Mutex::new((0..n).map(|_| None).collect::<Vec<_>>());
     let outcomes: Vec<Result<(), ModelError>> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..workers)

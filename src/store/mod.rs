@@ -18,7 +18,9 @@
 pub mod fsck;
 pub mod perms;
 pub mod record;
+pub mod tally;
 
+use std::collections::HashMap;
 use std::fs::File;
 use std::io;
 use std::path::{Path, PathBuf};
@@ -155,6 +157,8 @@ pub struct Store {
     ro_tmp: Option<PathBuf>,
     /// Read-only: a shared lock on the real index, held for the mount's life.
     _ro_lock: Option<File>,
+    /// Totals and the queue by due time, kept by [`Store::commit`].
+    tally: std::sync::Mutex<tally::Tally>,
 }
 
 impl Drop for Store {
@@ -177,14 +181,24 @@ pub struct ListedEntry {
 #[derive(Default)]
 pub struct Txn {
     batch: sled::Batch,
+    /// The inode and queue changes, in order, for the in-memory tallies.
+    changes: Vec<Change>,
+}
+
+enum Change {
+    Inode(u64, Option<tally::Totals>),
+    Queue(u64, Option<u64>),
 }
 
 impl Txn {
     pub fn put_inode(&mut self, ino: u64, inode: &Inode) {
         self.batch.insert(&inode_key(ino), inode.encode());
+        self.changes
+            .push(Change::Inode(ino, Some(tally::Totals::of(inode))));
     }
     pub fn del_inode(&mut self, ino: u64) {
         self.batch.remove(&inode_key(ino));
+        self.changes.push(Change::Inode(ino, None));
     }
     /// An entry with its readdir cookie (see [`Store::put_name`], which picks it).
     pub fn put_dirent(&mut self, parent: u64, name: &[u8], ino: u64, kind: Kind, cookie: u64) {
@@ -220,9 +234,11 @@ impl Txn {
     /// Persistently queue `ino` for compression at `due_ms` (Unix milliseconds).
     pub fn enqueue(&mut self, ino: u64, due_ms: u64) {
         self.batch.insert(&queue_key(ino), &due_ms.to_le_bytes());
+        self.changes.push(Change::Queue(ino, Some(due_ms)));
     }
     pub fn dequeue(&mut self, ino: u64) {
         self.batch.remove(&queue_key(ino));
+        self.changes.push(Change::Queue(ino, None));
     }
 }
 
@@ -415,6 +431,7 @@ impl Store {
             cookies: layout >= LAYOUT,
             ro_tmp,
             _ro_lock: ro_lock,
+            tally: Default::default(),
             db,
             backing: backing.to_path_buf(),
         };
@@ -429,6 +446,7 @@ impl Store {
         } else if !store.cookies && !read_only {
             store.migrate_cookies()?;
         }
+        store.init_tally()?;
         if store.get(ROOT_INO)?.is_none() {
             // SAFETY: getuid/getgid cannot fail.
             let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
@@ -638,16 +656,85 @@ impl Store {
     /// Allocate a blob sequence number, persisted at once so a crash never reuses it.
     pub fn alloc_blob_seq(&self) -> Result<u64> {
         let seq = self.next_blob.fetch_add(1, Ordering::SeqCst);
-        self.db.insert(NEXT_BLOB_KEY, &(seq + 1).to_le_bytes())?;
+        // Compressors allocate concurrently: the stored counter only ever grows (a
+        // plain insert from a slower thread could set it back, and after a crash a
+        // sequence number would be handed out twice).
+        self.db.fetch_and_update(NEXT_BLOB_KEY, |old| {
+            let old = old
+                .and_then(|v| v.try_into().ok())
+                .map_or(0, u64::from_le_bytes);
+            Some(old.max(seq + 1).to_le_bytes().to_vec())
+        })?;
         Ok(seq)
     }
 
     pub fn commit(&self, txn: Txn, durable: bool) -> Result<()> {
-        self.db.apply_batch(txn.batch)?;
+        {
+            // Under the tally's lock, so that the old values read here are the ones
+            // this batch replaces (commits are serialized; applying is in memory).
+            let mut tally = self.tally.lock().unwrap_or_else(|p| p.into_inner());
+            let mut totals = tally.totals;
+            let mut seen: HashMap<u64, tally::Totals> = HashMap::new();
+            for c in &txn.changes {
+                if let Change::Inode(ino, new) = c {
+                    let old = match seen.get(ino) {
+                        Some(t) => *t,
+                        None => self.totals_of(*ino)?,
+                    };
+                    let new = new.unwrap_or_default();
+                    totals.replace(&old, &new);
+                    seen.insert(*ino, new);
+                }
+            }
+            self.db.apply_batch(txn.batch)?;
+            tally.totals = totals;
+            for c in txn.changes {
+                if let Change::Queue(ino, due) = c {
+                    tally.set_due(ino, due);
+                }
+            }
+        }
         if durable {
             self.db.flush()?;
         }
         Ok(())
+    }
+
+    /// What inode `ino` adds to the totals now (nothing if absent or unreadable).
+    fn totals_of(&self, ino: u64) -> Result<tally::Totals> {
+        Ok(self
+            .db
+            .get(inode_key(ino))?
+            .and_then(|v| Inode::decode(&v).ok())
+            .map(|i| tally::Totals::of(&i))
+            .unwrap_or_default())
+    }
+
+    /// Count everything once (at open).
+    fn init_tally(&self) -> Result<()> {
+        let mut t = tally::Tally::default();
+        for r in self.db.scan_prefix(b"i") {
+            let (_, v) = r?;
+            if let Ok(i) = Inode::decode(&v) {
+                let new = tally::Totals::of(&i);
+                t.totals.replace(&tally::Totals::default(), &new);
+            }
+        }
+        for (ino, due) in self.queue()? {
+            t.set_due(ino, Some(due));
+        }
+        *self.tally.lock().unwrap_or_else(|p| p.into_inner()) = t;
+        Ok(())
+    }
+
+    /// The volume's totals, as of the last commit.
+    pub fn totals(&self) -> tally::Totals {
+        self.tally.lock().unwrap_or_else(|p| p.into_inner()).totals
+    }
+
+    /// Read the in-memory queue index: `f` gets it under its lock.
+    pub fn with_queue<T>(&self, f: impl FnOnce(&tally::Tally) -> T) -> T {
+        f(&self.tally.lock().unwrap_or_else(|p| p.into_inner()))
     }
 
     pub fn flush(&self) -> Result<()> {
@@ -865,5 +952,65 @@ mod tests {
         assert!(err.contains("in use by another nacrithfs daemon"), "{err}");
         drop(first);
         Store::open(dir.path()).expect("open again once the first is closed");
+    }
+
+    /// The totals and the queue index that every commit keeps equal what a fresh count
+    /// of the index finds, through creates, rewrites, compression, deletion, requeues,
+    /// and an inode changed twice in one batch.
+    #[test]
+    fn commit_keeps_the_tallies_equal_to_a_recount() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path()).expect("open");
+        let file = |size: u64, dirty: bool, cached: bool, blob: Option<u64>| {
+            let mut i = Inode::new(Kind::File, 0o644, 0, 0, SystemTime::now());
+            i.size = size;
+            i.dirty = dirty;
+            i.cached = cached;
+            i.blob = blob.map(|stored_size| BlobRef {
+                seq: 1,
+                stored_size,
+            });
+            i
+        };
+        let mut t = Txn::default();
+        for ino in 10..20 {
+            t.put_inode(ino, &file(1000 + ino, true, true, None));
+            t.enqueue(ino, 5_000 + ino);
+        }
+        let dir_inode = Inode::new(Kind::Dir, 0o755, 0, 0, SystemTime::now());
+        t.put_inode(30, &dir_inode);
+        store.commit(t, false).expect("commit");
+        let mut t = Txn::default();
+        // 12 compressed and evicted, 13 compressed with a clean copy, 14 deleted,
+        // 15 changed twice in one batch, 16 requeued earlier.
+        t.put_inode(12, &file(1012, false, false, Some(100)));
+        t.dequeue(12);
+        t.put_inode(13, &file(1013, false, true, Some(90)));
+        t.dequeue(13);
+        t.del_inode(14);
+        t.dequeue(14);
+        t.put_inode(15, &file(1, true, true, None));
+        t.put_inode(15, &file(7, true, true, None));
+        t.enqueue(16, 10);
+        store.commit(t, true).expect("commit");
+        let kept = store.totals();
+        let (queued, due, first) =
+            store.with_queue(|q| (q.queued(), q.due(5_012), q.in_due_order().next()));
+        assert_eq!((queued, first), (7, Some((16, 10))));
+        assert_eq!(due, 3, "16 (10), 10 (5010), 11 (5011)");
+        drop(store);
+        let store = Store::open(dir.path()).expect("reopen: counts from a scan");
+        assert_eq!(store.totals(), kept);
+        assert_eq!(
+            kept,
+            tally::Totals {
+                files: 9,
+                dirty: 7,
+                logical: (1010..1020).sum::<u64>() - 1014 - 1015 + 7,
+                stored: (1010..1020).sum::<u64>() - 1014 - 1015 + 7 - 1012 - 1013 + 100 + 90,
+                cached: (1010..1020).sum::<u64>() - 1014 - 1015 + 7 - 1012,
+            }
+        );
+        assert_eq!(store.with_queue(|q| q.queued()), 7);
     }
 }

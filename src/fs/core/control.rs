@@ -120,27 +120,12 @@ impl Core {
             (st.compressing.len(), stats)
         };
         let chunk_jobs = self.engine.loaded().map_or(0, |p| p.queued());
-        let queue = self.store.queue().map_err(store_err)?;
-        let due = queue.iter().filter(|(_, d)| *d <= now).count();
-        let (mut files, mut compressed, mut dirty, mut logical, mut stored, mut cache) =
-            (0u64, 0u64, 0u64, 0u64, 0u64, 0u64);
-        for r in self.store.inodes() {
-            let (_, i) = r.map_err(store_err)?;
-            if i.kind != Kind::File {
-                continue;
-            }
-            files += 1;
-            logical += i.size;
-            stored += stored_size(&i);
-            if i.dirty {
-                dirty += 1;
-            } else {
-                compressed += 1;
-            }
-            if i.cached {
-                cache += i.size;
-            }
-        }
+        // Kept by every commit: no scan of the index per read.
+        let (queued, due) = self.store.with_queue(|q| (q.queued(), q.due(now)));
+        let t = self.store.totals();
+        let (files, dirty, logical, stored, cache) =
+            (t.files, t.dirty, t.logical, t.stored, t.cached);
+        let compressed = files.saturating_sub(dirty);
         let secs = stats.busy.as_secs_f64();
         Ok(format!(
             "files={files}\ncompressed={compressed}\ndirty={dirty}\nqueued={}\ndue={due}\ncompressing={compressing}\n\
@@ -148,7 +133,7 @@ impl Core {
              compressed_since_mount={}\nbytes_in={}\nbytes_out={}\nbusy_seconds={secs:.1}\n\
              failures={}\nsuperseded={}\nverify_failures={}\ndecompressions={}\ndecompress_failures={}\n\
              symbols_coded={}\nregions_decoded={}\nchunk_jobs_queued={chunk_jobs}\n",
-            queue.len(),
+            queued,
             stats.compressed_files,
             stats.bytes_in,
             stats.bytes_out,
@@ -184,7 +169,7 @@ impl Core {
     pub fn shutdown(&self) {
         self.lock().shutting_down = true;
         self.wake.notify_all();
-        self.reap_wake.notify_all();
+        self.reap_soon();
         if self.opts.read_only {
             return;
         }

@@ -14,9 +14,15 @@ impl Core {
     }
 
     /// The reaper's wait: true when it should reap, false at shutdown.
+    ///
+    /// Lock order: the state lock is never taken while `reap_wanted` is held (callers
+    /// of `reap_soon` hold the state lock and then take `reap_wanted`; the reverse
+    /// deadlocked a commit against the reaper). Shutdown sets `reap_wanted` too, so a
+    /// flag read before the wait cannot miss it.
     pub(crate) fn wait_for_reap(&self, timeout: Duration) -> bool {
+        let shutting_down = self.is_shutting_down();
         let mut wanted = self.reap_wanted.lock().unwrap_or_else(|p| p.into_inner());
-        if !*wanted && !self.is_shutting_down() {
+        if !*wanted && !shutting_down {
             wanted = self
                 .reap_wake
                 .wait_timeout(wanted, timeout)

@@ -332,7 +332,15 @@ impl Core {
     /// The offset is the kernel's: for `O_APPEND` handles the kernel has already put it
     /// at the end of the file (under the inode lock), and a write-back of mmap'ed pages
     /// through such a handle must land where the pages are, not at the end.
-    pub fn write(&self, ino: u64, _fh: u64, offset: u64, data: &[u8]) -> FsResult<u32> {
+    /// `kill_privs`: the writer may not keep setuid/setgid (see [`Core::kill_privs`]).
+    pub fn write(
+        &self,
+        ino: u64,
+        _fh: u64,
+        offset: u64,
+        data: &[u8],
+        kill_privs: bool,
+    ) -> FsResult<u32> {
         let mut st = self.lock();
         let mut inode = self.get(ino)?;
         if !inode.cached {
@@ -347,10 +355,43 @@ impl Core {
         let mut txn = Txn::default();
         inode.size = inode.size.max(end);
         self.touch_content(&mut st, ino, &mut inode, &mut txn);
+        if kill_privs {
+            self.kill_privs(ino, &mut inode, &mut txn)?;
+        }
         txn.put_inode(ino, &inode);
         self.commit_content(txn)?;
         drop(st);
         Ok(data.len() as u32)
+    }
+
+    /// The kernel's rule for a change of content by a caller without CAP_FSETID: the
+    /// setuid bit goes, the setgid bit too if the group may execute, and so does
+    /// `security.capability`. The kernel does this itself only for writes through its
+    /// page cache; direct-I/O writes and fallocate are left to the daemon.
+    pub(super) fn kill_privs(&self, ino: u64, inode: &mut Inode, txn: &mut Txn) -> FsResult<()> {
+        if inode.kind != Kind::File {
+            return Ok(());
+        }
+        let mut perm = inode.perm as u32;
+        perm &= !libc::S_ISUID;
+        if perm & libc::S_IXGRP != 0 {
+            perm &= !libc::S_ISGID;
+        }
+        if perm != inode.perm as u32 {
+            inode.perm = perm as u16;
+            inode.ctime = SystemTime::now();
+        }
+        const CAPS: &[u8] = b"security.capability";
+        if self
+            .store
+            .xattr_get(ino, CAPS)
+            .map_err(store_err)?
+            .is_some()
+        {
+            txn.del_xattr(ino, CAPS);
+            inode.ctime = SystemTime::now();
+        }
+        Ok(())
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -418,7 +459,14 @@ impl Core {
 
     /// fallocate on a cached file: forwarded to the cache file, so holes, punching and
     /// KEEP_SIZE behave as the backing filesystem does.
-    pub fn fallocate(&self, ino: u64, offset: u64, length: u64, mode: i32) -> FsResult<()> {
+    pub fn fallocate(
+        &self,
+        ino: u64,
+        offset: u64,
+        length: u64,
+        mode: i32,
+        kill_privs: bool,
+    ) -> FsResult<()> {
         use std::os::fd::AsRawFd;
         let mut st = self.lock();
         let mut inode = self.get(ino)?;
@@ -446,6 +494,9 @@ impl Core {
         let mut txn = Txn::default();
         inode.size = len;
         self.touch_content(&mut st, ino, &mut inode, &mut txn);
+        if kill_privs {
+            self.kill_privs(ino, &mut inode, &mut txn)?;
+        }
         txn.put_inode(ino, &inode);
         self.commit_content(txn)?;
         drop(st);
@@ -473,6 +524,40 @@ impl Core {
             crate::store::sync_dir(&self.store.cache_dir()).map_err(io_err)?;
         }
         self.store.flush().map_err(store_err)
+    }
+
+    /// SEEK_DATA / SEEK_HOLE: the holes of the plaintext when it is cached (as the
+    /// backing filesystem reports them); a compressed file without its plaintext is all
+    /// data (its blob does not record holes). Other whences are the kernel's.
+    pub fn lseek(&self, ino: u64, offset: i64, whence: i32) -> FsResult<i64> {
+        use std::os::fd::AsRawFd;
+        let mut st = self.lock();
+        let inode = self.get(ino)?;
+        if inode.kind != Kind::File {
+            return Err(libc::EINVAL);
+        }
+        if whence != libc::SEEK_DATA && whence != libc::SEEK_HOLE {
+            return Err(libc::EINVAL);
+        }
+        let size = inode.size as i64;
+        if offset < 0 || offset >= size {
+            return Err(libc::ENXIO);
+        }
+        if !inode.cached {
+            return Ok(if whence == libc::SEEK_DATA {
+                offset
+            } else {
+                size
+            });
+        }
+        let file = self.cache_file(&mut st, ino)?;
+        drop(st);
+        // SAFETY: a valid open fd; plain integer arguments.
+        let r = unsafe { libc::lseek(file.as_raw_fd(), offset, whence) };
+        if r < 0 {
+            return Err(io_err(std::io::Error::last_os_error()));
+        }
+        Ok(r)
     }
 
     pub fn fsyncdir(&self) -> FsResult<()> {

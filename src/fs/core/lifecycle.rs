@@ -52,24 +52,26 @@ impl Core {
     pub(crate) fn next_due(&self) -> FsResult<Result<(u64, u64), Duration>> {
         let st = self.lock();
         let now = unix_ms(SystemTime::now());
-        let mut queue = self.store.queue().map_err(store_err)?;
-        queue.sort_by_key(|&(ino, due)| (due, ino));
-        let mut wait = Duration::from_secs(5);
-        for (ino, due) in queue {
-            // A file open for writing is still compressed if it has not been written
-            // since it was queued (a write takes it off the queue); the version check
-            // at commit catches a write that races the compression.
-            if st.compressing.contains(&ino) {
-                continue;
+        // The in-memory queue index, in due order: this skips at most the files being
+        // compressed, never scans the queue.
+        Ok(self.store.with_queue(|q| {
+            let mut wait = Duration::from_secs(5);
+            for (ino, due) in q.in_due_order() {
+                // A file open for writing is still compressed if it has not been
+                // written since it was queued (a write takes it off the queue); the
+                // version check at commit catches a write that races the compression.
+                if st.compressing.contains(&ino) {
+                    continue;
+                }
+                if due > now {
+                    wait = wait.min(Duration::from_millis(due - now));
+                    break;
+                }
+                let version = st.live.get(&ino).map_or(0, |l| l.version);
+                return Ok((ino, version));
             }
-            if due > now {
-                wait = wait.min(Duration::from_millis(due - now));
-                break;
-            }
-            let version = st.live.get(&ino).map_or(0, |l| l.version);
-            return Ok(Ok((ino, version)));
-        }
-        Ok(Err(wait))
+            Err(wait)
+        }))
     }
 
     /// Claim `ino` for compression. Returns its plaintext path and size, or None if it
@@ -170,6 +172,18 @@ impl Core {
         let _st = self.lock();
         self.get(ino)
             .is_ok_and(|i| i.kind == Kind::File && i.dirty && i.cached)
+    }
+
+    /// A file that will not be compressed (too large): off the queue until it is
+    /// written and closed again (or the next mount requeues it and it is skipped again).
+    pub(crate) fn compression_skipped(&self, ino: u64) {
+        let mut st = self.lock();
+        Self::compression_ended(&mut st, ino);
+        let mut txn = Txn::default();
+        txn.dequeue(ino);
+        if let Err(e) = self.store.commit(txn, false) {
+            log::error!("dequeue of inode {ino}: {e}");
+        }
     }
 
     /// A claimed compression that is no longer needed: no failure, no retry.

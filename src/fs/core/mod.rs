@@ -298,12 +298,7 @@ fn backing_space(path: &std::path::Path) -> std::io::Result<(u64, u64)> {
 
 /// Bytes the file occupies in the backing store: the blob once compressed, else the
 /// plaintext.
-pub fn stored_size(inode: &Inode) -> u64 {
-    match (inode.dirty, inode.blob) {
-        (false, Some(b)) => b.stored_size,
-        _ => inode.size,
-    }
-}
+pub use crate::store::tally::stored_size;
 
 fn check_xattr_namespace(name: &[u8]) -> FsResult<()> {
     if name.starts_with(b"user.") || name.starts_with(b"trusted.") || name.starts_with(b"security.")
@@ -344,7 +339,7 @@ mod tests {
             .expect("create")
             .ino;
         let fh = core.open(ino, libc::O_WRONLY).expect("open").fh;
-        core.write(ino, fh, 0, b"hello").expect("write");
+        core.write(ino, fh, 0, b"hello", false).expect("write");
         core.request_flush().expect("flush");
         assert_eq!(
             state(&core, ino),
@@ -357,7 +352,7 @@ mod tests {
         assert_eq!(state(&core, ino), "queued", "closed, RELEASE not yet in");
 
         // Written again through a handle that stays open: the writer has it back.
-        core.write(ino, fh, 5, b" again").expect("write");
+        core.write(ino, fh, 5, b" again", false).expect("write");
         core.request_flush().expect("flush");
         assert_eq!(state(&core, ino), "dirty");
         core.release(fh, true).expect("release");

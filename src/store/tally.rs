@@ -1,0 +1,120 @@
+//! What the status and the compressor ask about the whole volume, kept in memory and
+//! brought up to date by every commit (counted once when the store opens): totals over
+//! the files, and the compression queue ordered by due time. A status read or a
+//! "what is due next" is then O(1) or O(log n), never a scan of the index.
+
+use std::collections::{BTreeSet, HashMap};
+
+use super::record::{Inode, Kind};
+
+/// Totals over every regular file.
+#[derive(Default, Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Totals {
+    pub files: u64,
+    pub dirty: u64,
+    /// Sum of file sizes.
+    pub logical: u64,
+    /// Bytes in the backing directory: blobs of compressed files, plaintext of dirty ones.
+    pub stored: u64,
+    /// Plaintext held in cache/ (dirty files and clean copies).
+    pub cached: u64,
+}
+
+/// What `du` and the status count for one inode: its blob once compressed.
+pub fn stored_size(inode: &Inode) -> u64 {
+    match (inode.dirty, inode.blob) {
+        (false, Some(b)) => b.stored_size,
+        _ => inode.size,
+    }
+}
+
+impl Totals {
+    pub fn of(i: &Inode) -> Totals {
+        if i.kind != Kind::File {
+            return Totals::default();
+        }
+        Totals {
+            files: 1,
+            dirty: u64::from(i.dirty),
+            logical: i.size,
+            stored: stored_size(i),
+            cached: if i.cached { i.size } else { 0 },
+        }
+    }
+
+    fn add(&mut self, o: &Totals) {
+        self.files += o.files;
+        self.dirty += o.dirty;
+        self.logical += o.logical;
+        self.stored += o.stored;
+        self.cached += o.cached;
+    }
+
+    fn sub(&mut self, o: &Totals) {
+        self.files = self.files.saturating_sub(o.files);
+        self.dirty = self.dirty.saturating_sub(o.dirty);
+        self.logical = self.logical.saturating_sub(o.logical);
+        self.stored = self.stored.saturating_sub(o.stored);
+        self.cached = self.cached.saturating_sub(o.cached);
+    }
+
+    /// Replace `old`'s contribution with `new`'s.
+    pub fn replace(&mut self, old: &Totals, new: &Totals) {
+        self.sub(old);
+        self.add(new);
+    }
+}
+
+/// The in-memory tallies of one open store.
+#[derive(Default)]
+pub struct Tally {
+    pub totals: Totals,
+    by_due: BTreeSet<(u64, u64)>,
+    due_of: HashMap<u64, u64>,
+}
+
+impl Tally {
+    /// Queue `ino` at `due` (None: off the queue).
+    pub fn set_due(&mut self, ino: u64, due: Option<u64>) {
+        if let Some(old) = self.due_of.remove(&ino) {
+            self.by_due.remove(&(old, ino));
+        }
+        if let Some(d) = due {
+            self.due_of.insert(ino, d);
+            self.by_due.insert((d, ino));
+        }
+    }
+
+    pub fn queued(&self) -> usize {
+        self.due_of.len()
+    }
+
+    /// Entries due at `now_ms` or before (walks only those).
+    pub fn due(&self, now_ms: u64) -> usize {
+        self.by_due.range(..=(now_ms, u64::MAX)).count()
+    }
+
+    /// The queue in due order, from the earliest.
+    pub fn in_due_order(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
+        self.by_due.iter().map(|&(due, ino)| (ino, due))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_queue_index_follows_every_change() {
+        let mut t = Tally::default();
+        t.set_due(5, Some(100));
+        t.set_due(6, Some(50));
+        t.set_due(5, Some(10));
+        assert_eq!(t.queued(), 2);
+        assert_eq!(t.in_due_order().collect::<Vec<_>>(), vec![(5, 10), (6, 50)]);
+        assert_eq!(t.due(49), 1);
+        t.set_due(5, None);
+        assert_eq!(t.in_due_order().collect::<Vec<_>>(), vec![(6, 50)]);
+        assert_eq!(t.due(1000), 1);
+    }
+}
