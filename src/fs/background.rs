@@ -425,7 +425,8 @@ fn decoder(core: &Core, rx: Receiver<Need>) {
                     }
                 }
             },
-            default(Duration::from_secs(1)) => {
+            // Short: the unmount waits for this thread to see the shutdown.
+            default(Duration::from_millis(100)) => {
                 d.expire();
             }
         }
