@@ -373,24 +373,12 @@ fn run_to_crash(backing: &Path, mnt: &Path, case: &Case) {
         if is_mounted(mnt) {
             let _ = Command::new("umount").arg("-l").arg(mnt).status();
         }
-        let out = Command::new(BIN)
-            .arg("fsck")
-            .arg(backing)
-            .arg("--repair")
-            .envs(env)
-            .output()
-            .expect("run nacrithfs fsck");
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let (status, text) = fsck_env(&["--repair"], backing, &env);
         assert_eq!(
-            out.status.signal(),
+            status.signal(),
             Some(libc::SIGKILL),
-            "{}: fsck ended with {}, not at crash point {}:\n{text}",
+            "{}: fsck ended with {status}, not at crash point {}:\n{text}",
             case.op,
-            out.status,
             case.point
         );
         assert!(

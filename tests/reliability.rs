@@ -72,10 +72,7 @@ fn check_manifest(mnt: &Path, manifest: &[(String, String)], skip: &[&str]) {
 fn fixture_copy(dir: &Path) -> (PathBuf, PathBuf) {
     let backing = dir.join("backing");
     copy_tree(&fixture_dir(1), &backing);
-    // Private, as a mount makes it (git keeps the fixture's directories 0755).
-    for d in ["", "blobs", "cache", "index"] {
-        fs::set_permissions(backing.join(d), fs::Permissions::from_mode(0o700)).expect("chmod");
-    }
+    make_private(&backing);
     let store = Store::open_existing(&backing).expect("open the fixture copy");
     let mut txn = Txn::default();
     let queue = store.queue().expect("fixture queue");

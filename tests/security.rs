@@ -50,6 +50,14 @@ fn a_panic_in_a_request_handler_fails_that_request_only() {
     d.unmount();
 }
 
+/// A fresh volume whose parent (a 0700 temp directory) other users may traverse, so
+/// that `nobody` can reach the mount point.
+fn volume_other_users_can_reach(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf) {
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(dir, fs::Permissions::from_mode(0o755)).expect("chmod");
+    new_volume(dir)
+}
+
 /// Run `args` as the unprivileged user `nobody`; (exit code, stdout+stderr).
 fn as_nobody(args: &[&str]) -> (i32, String) {
     let out = std::process::Command::new("setpriv")
@@ -74,8 +82,7 @@ fn only_root_and_the_mounter_control_the_daemon() {
     use std::os::unix::fs::PermissionsExt;
     let _llm = common::llm_lock();
     let dir = tempfile::tempdir().expect("tempdir");
-    fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).expect("chmod");
-    let (backing, mnt) = new_volume(dir.path());
+    let (backing, mnt) = volume_other_users_can_reach(dir.path());
     let d = Daemon::start(&backing, &mnt, "idle=3600,allow_other");
     fs::set_permissions(&mnt, fs::Permissions::from_mode(0o1777)).expect("chmod 1777");
     fs::write(mnt.join("f.txt"), b"some text\n").expect("write");
@@ -115,8 +122,7 @@ fn mode_of(p: &std::path::Path) -> u32 {
 fn the_backing_directory_is_private_and_checked() {
     use std::os::unix::fs::PermissionsExt;
     let dir = tempfile::tempdir().expect("tempdir");
-    fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).expect("chmod");
-    let (backing, mnt) = new_volume(dir.path());
+    let (backing, mnt) = volume_other_users_can_reach(dir.path());
     assert_eq!(mode_of(&backing), 0o755);
     fs::create_dir(&mnt).expect("mkdir mnt");
     // Daemonized (no -f): its log goes to the backing directory.
@@ -217,8 +223,7 @@ fn the_backing_directory_is_private_and_checked() {
 fn writes_by_other_users_drop_setuid_and_setgid() {
     use std::os::unix::fs::PermissionsExt;
     let dir = tempfile::tempdir().expect("tempdir");
-    fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).expect("chmod");
-    let (backing, mnt) = new_volume(dir.path());
+    let (backing, mnt) = volume_other_users_can_reach(dir.path());
     let d = Daemon::start(&backing, &mnt, "idle=3600,allow_other,suid");
     let setid = |name: &str| {
         let p = mnt.join(name);
@@ -307,12 +312,7 @@ fn mutated_headers_give_clear_errors_never_panics() {
     let dir = tempfile::tempdir().expect("tempdir");
     let backing = dir.path().join("backing");
     copy_tree(fixture, &backing);
-    {
-        use std::os::unix::fs::PermissionsExt;
-        for d in ["", "blobs", "cache", "index"] {
-            fs::set_permissions(backing.join(d), fs::Permissions::from_mode(0o700)).expect("chmod");
-        }
-    }
+    make_private(&backing);
     let mut rng = 0x2545_f491_4f6c_dd1du64;
     let mut next = move || {
         rng ^= rng << 13;
@@ -415,8 +415,7 @@ fn status_readers_do_not_stall_the_mount() {
     use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
     use std::sync::Arc;
     let dir = tempfile::tempdir().expect("tempdir");
-    fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).expect("chmod");
-    let (backing, mnt) = new_volume(dir.path());
+    let (backing, mnt) = volume_other_users_can_reach(dir.path());
     let d = Daemon::start(&backing, &mnt, "idle=3600,allow_other");
     fs::set_permissions(&mnt, fs::Permissions::from_mode(0o1777)).expect("chmod");
     for i in 0..2000 {

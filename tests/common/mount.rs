@@ -217,12 +217,33 @@ pub fn copy_tree(from: &Path, to: &Path) {
     );
 }
 
+/// The backing directory and its directories 0700, as a mount makes them (git keeps the
+/// committed fixture's directories 0755).
+pub fn make_private(backing: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    for d in ["", "blobs", "cache", "index"] {
+        fs::set_permissions(backing.join(d), fs::Permissions::from_mode(0o700)).expect("chmod");
+    }
+}
+
 /// `nacrithfs fsck BACKING ARGS...`: (exit code, stdout and stderr).
 pub fn fsck(args: &[&str], backing: &Path) -> (i32, String) {
+    let (status, text) = fsck_env(args, backing, &[]);
+    (status.code().unwrap_or(-1), text)
+}
+
+/// The same with extra environment (fault injection); the whole exit status, so a
+/// death by signal shows.
+pub fn fsck_env(
+    args: &[&str],
+    backing: &Path,
+    env: &[(&str, &str)],
+) -> (std::process::ExitStatus, String) {
     let out = Command::new(BIN)
         .arg("fsck")
         .arg(backing)
         .args(args)
+        .envs(env.iter().copied())
         .output()
         .expect("run nacrithfs fsck");
     let text = format!(
@@ -230,5 +251,5 @@ pub fn fsck(args: &[&str], backing: &Path) -> (i32, String) {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    (out.status.code().unwrap_or(-1), text)
+    (out.status, text)
 }
