@@ -266,6 +266,7 @@ fn blob_from_another_model_or_backend_says_so() {
         Some(engine()),
         &DecompressOptions {
             force_backend: true,
+            ..DecompressOptions::default()
         },
         &|_| {},
     )
@@ -301,4 +302,48 @@ fn tokenizer_matches_llama_cpp_on_real_text() {
         }
         assert_eq!(back, s.as_bytes());
     }
+}
+
+/// A file longer than one window is coded window by window (here 4 KiB windows, so the
+/// streaming path runs on a small text): text in every window goes through the model,
+/// the zero run between is a zero segment, and it decodes into memory and, streamed,
+/// into a file with a hole, byte-exact.
+#[test]
+fn text_across_windows_and_a_hole_streams_through_the_model() {
+    let _g = llm_lock();
+    let text = english(8_000);
+    let mut data = text[..4_000].to_vec();
+    data.resize(4_000 + 80_000, 0);
+    data.extend_from_slice(&text[4_000..]);
+    let opts = CompressOptions {
+        window: 4096,
+        chunk_size: 2048,
+        head_chunk: 0,
+        ..CompressOptions::default()
+    };
+    let blob = codec::compress(&data, Some(engine()), &opts, &|_| {}).expect("compress");
+    let (header, _) = Header::parse(&blob, Some(blob.len() as u64)).expect("header");
+    let k = kinds(&header);
+    let llm = k.iter().filter(|&&k| k == SegmentKind::Llm).count();
+    assert!(llm >= 3, "text in several windows goes to the model: {k:?}");
+    assert_eq!(
+        k.iter().filter(|&&k| k == SegmentKind::Zero).count(),
+        1,
+        "one zero segment across windows: {k:?}"
+    );
+    assert!(blob.len() < text.len() * 2 / 8, "{} bytes", blob.len());
+    assert!(decompress(&blob).expect("decompress") == data);
+    let f = tempfile::tempfile().expect("tempfile");
+    let mut sink = codec::FileSink::new(&f);
+    let opts = DecompressOptions::default();
+    codec::decode_to(&&blob[..], Some(engine()), &opts, &|_| {}, &mut sink).expect("decode_to");
+    sink.finish().expect("finish");
+    let mut back = vec![0u8; data.len()];
+    std::os::unix::fs::FileExt::read_exact_at(&f, &mut back, 0).expect("read");
+    assert!(back == data);
+    let blocks = std::os::unix::fs::MetadataExt::blocks(&f.metadata().expect("stat"));
+    assert!(
+        blocks * 512 < 60_000,
+        "the zero run is a hole: {blocks} blocks"
+    );
 }

@@ -276,7 +276,7 @@ fn shared_pool_lanes_join_leave_and_pause_without_changing_any_stream() {
             &params,
             Submit {
                 tag,
-                job: chunk_job(&blob, &plan.regions[region]),
+                job: chunk_job(&blob, &plan.regions[region]).expect("chunk job"),
                 priority,
                 progress,
                 reply: tx.clone(),

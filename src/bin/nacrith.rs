@@ -10,7 +10,8 @@ use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use nacrithfs::codec::container::{Header, SegmentKind};
-use nacrithfs::codec::{self, CompressOptions, DecompressOptions, Engine};
+use nacrithfs::codec::source::{FileSource, Source};
+use nacrithfs::codec::{self, CompressOptions, DecompressOptions, Engine, FileSink, WriteSink};
 use nacrithfs::model::find_model;
 use nacrithfs::pool::{LocalPool, DEFAULT_LANES};
 
@@ -102,6 +103,16 @@ fn write_output(path: &Path, data: &[u8]) -> Result<()> {
         out.write_all(data).context("writing stdout")?;
         return out.flush().context("writing stdout");
     }
+    write_atomically(path, |f| {
+        let mut f = f;
+        f.write_all(data)?;
+        Ok(())
+    })
+}
+
+/// Fill a temporary file beside `path` with `fill`, fsync it and rename it over `path`:
+/// a failure (a bad blob found late) never leaves half a file or replaces a good one.
+fn write_atomically(path: &Path, fill: impl FnOnce(&std::fs::File) -> Result<()>) -> Result<()> {
     let dir = path
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
@@ -113,10 +124,9 @@ fn write_output(path: &Path, data: &[u8]) -> Result<()> {
         std::process::id()
     ));
     let result = (|| -> Result<()> {
-        let mut f =
+        let f =
             std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-        f.write_all(data)
-            .with_context(|| format!("writing {}", tmp.display()))?;
+        fill(&f).with_context(|| format!("writing {}", tmp.display()))?;
         f.sync_all()
             .with_context(|| format!("syncing {}", tmp.display()))?;
         std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))?;
@@ -209,8 +219,15 @@ fn compress(
 }
 
 fn decompress(input: &Path, output: &Path, args: &ModelArgs, force_backend: bool) -> Result<()> {
-    let blob = read_input(input)?;
-    let (header, _) = Header::parse(&blob, Some(blob.len() as u64))?;
+    // A file is read a region at a time; only standard input is read whole.
+    let blob: Box<dyn Source> = if input == Path::new("-") {
+        Box::new(read_input(input)?)
+    } else {
+        Box::new(
+            FileSource::open(input).with_context(|| format!("cannot read {}", input.display()))?,
+        )
+    };
+    let (header, _) = Header::read_from(&*blob)?;
     let pool = if header.has_llm_segments() {
         Some(load_pool(args)?)
     } else {
@@ -228,12 +245,28 @@ fn decompress(input: &Path, output: &Path, args: &ModelArgs, force_backend: bool
             b.inc(n as u64)
         }
     };
-    let opts = DecompressOptions { force_backend };
-    let data = codec::decompress(&blob, pool.as_ref().map(|p| p as &dyn Engine), &opts, &tick)?;
+    let opts = DecompressOptions {
+        force_backend,
+        ..DecompressOptions::default()
+    };
+    let engine = pool.as_ref().map(|p| p as &dyn Engine);
+    if output == Path::new("-") {
+        // Streamed as it decodes (like gzip -d): a failed check still exits non-zero.
+        let mut sink = WriteSink(std::io::BufWriter::new(std::io::stdout().lock()));
+        codec::decode_to(&*blob, engine, &opts, &tick, &mut sink)?;
+        sink.0.flush()?;
+    } else {
+        // Renamed over the output only once every check passed; zero runs stay holes.
+        write_atomically(output, |file| {
+            let mut sink = FileSink::new(file);
+            codec::decode_to(&*blob, engine, &opts, &tick, &mut sink)?;
+            Ok(sink.finish()?)
+        })?;
+    }
     if let Some(b) = &bar {
         b.finish_and_clear();
     }
-    write_output(output, &data)
+    Ok(())
 }
 
 fn info(input: &Path, show_chunks: bool) -> Result<()> {

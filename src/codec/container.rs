@@ -2,17 +2,27 @@
 //! documents it byte by byte; keep the two in step.
 
 use super::params::CoderParams;
+use super::source::Source;
 
 pub const MAGIC: &[u8; 4] = b"NC06";
 pub const VERSION: u16 = 1;
 /// Bytes before the backend tag.
 const FIXED: usize = 4 + 2 + 2 + 4 + 8 + 32 + 32;
+/// The largest LLM chunk this build decodes (the encoder's chunk size is capped at it): a
+/// chunk is decoded in memory, so this bounds what one hostile chunk entry can cost.
+pub const MAX_CHUNK: u32 = 1 << 24;
+/// The largest header this build reads: 16 bytes per chunk of at least 1 KiB, so room
+/// for the chunk table of a file of over 16 TiB, and a bound on what a hostile header
+/// length makes a reader allocate.
+pub const MAX_HEADER: u64 = 256 << 20;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SegmentKind {
     Stored = 0,
     Zstd = 1,
     Llm = 2,
+    /// A run of zero bytes: no payload at all (the file's holes, and long zero runs).
+    Zero = 3,
 }
 
 impl SegmentKind {
@@ -21,6 +31,7 @@ impl SegmentKind {
             SegmentKind::Stored => "stored",
             SegmentKind::Zstd => "zstd",
             SegmentKind::Llm => "llm",
+            SegmentKind::Zero => "zero",
         }
     }
 }
@@ -77,6 +88,20 @@ impl Header {
         CoderParams::from_pairs(&self.params).map_err(FormatError::Corrupt)
     }
 
+    /// lseek's SEEK_DATA (`data`) or SEEK_HOLE from `offset` of the original: zero
+    /// segments are its holes (and its end is one). None: no data at or after `offset`.
+    pub fn seek(&self, offset: u64, data: bool) -> Option<u64> {
+        let mut start = 0u64;
+        for s in &self.segments {
+            let end = start.saturating_add(s.original_len);
+            if end > offset && (s.kind == SegmentKind::Zero) != data {
+                return Some(start.max(offset));
+            }
+            start = end;
+        }
+        (!data).then_some(self.original_len.max(offset))
+    }
+
     pub fn stored_payload_len(&self) -> u64 {
         // `parse` refused headers whose sum overflows; a built header is ours.
         self.segments
@@ -122,6 +147,30 @@ impl Header {
         let crc = crc32fast::hash(&b);
         b.extend_from_slice(&crc.to_le_bytes());
         b
+    }
+
+    /// Read and parse the header of the blob in `src` (checked against its length),
+    /// reading only the header's bytes.
+    pub fn read_from(src: &dyn Source) -> Result<(Header, usize), FormatError> {
+        let io = |e: std::io::Error| FormatError::Truncated(format!("reading the header: {e}"));
+        let mut start = [0u8; 12];
+        let n = src.len().min(12) as usize;
+        src.read_exact_at(&mut start[..n], 0).map_err(io)?;
+        if n < 12 {
+            // Too short for a header: let the parser say what it is.
+            return Header::parse(&start[..n], Some(src.len()));
+        }
+        let header_len = u32::from_le_bytes([start[8], start[9], start[10], start[11]]) as u64;
+        if header_len > MAX_HEADER && &start[..4] == MAGIC {
+            return Err(corrupt(format!(
+                "header length {header_len} is over the {MAX_HEADER} this build reads"
+            )));
+        }
+        // A length past the end is reported by the parser as truncation.
+        let want = header_len.clamp(12, src.len());
+        let mut data = vec![0u8; want as usize];
+        src.read_exact_at(&mut data, 0).map_err(io)?;
+        Header::parse(&data, Some(src.len()))
     }
 
     /// Parse and validate a header. `blob_len` is the whole blob's length, when known, to
@@ -192,6 +241,7 @@ impl Header {
                 0 => SegmentKind::Stored,
                 1 => SegmentKind::Zstd,
                 2 => SegmentKind::Llm,
+                3 => SegmentKind::Zero,
                 k => return Err(corrupt(format!("unknown segment kind {k}"))),
             };
             let original_len = r.u64()?;
@@ -211,6 +261,12 @@ impl Header {
                         stored_len: r.u32()?,
                         crc: r.u32()?,
                     };
+                    if c.original_len > MAX_CHUNK {
+                        return Err(corrupt(format!(
+                            "a chunk of {} bytes, over the {MAX_CHUNK} this build decodes",
+                            c.original_len
+                        )));
+                    }
                     // Every symbol yields at least one byte.
                     if c.n_symbols > c.original_len || (c.original_len > 0 && c.n_symbols == 0) {
                         return Err(corrupt("chunk symbol count is impossible"));
@@ -226,6 +282,9 @@ impl Header {
             }
             if kind == SegmentKind::Stored && stored_len != original_len {
                 return Err(corrupt("stored segment with differing lengths"));
+            }
+            if kind == SegmentKind::Zero && (stored_len != 0 || crc != 0) {
+                return Err(corrupt("zero segment with a payload or checksum"));
             }
             sum_original = sum_original
                 .checked_add(original_len)

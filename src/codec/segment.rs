@@ -10,7 +10,18 @@ use std::ops::Range;
 pub enum RunKind {
     Text,
     Binary,
+    /// Zero bytes, stored as nothing (a hole in a sparse file, or a long zero run).
+    Zero,
 }
+
+/// Zero runs at least this long (after trimming to whole blocks) are stored as nothing;
+/// shorter ones cost zstd a few bytes.
+pub const ZERO_MIN: usize = 64 * 1024;
+/// Zero runs are trimmed to this alignment of their file offsets, so that a decoded copy
+/// leaves them as holes of whole filesystem blocks (SEEK_HOLE then finds them).
+const ZERO_ALIGN: u64 = 4096;
+/// A window is cut after its last newline when one is this near its end.
+const WINDOW_NEWLINE_SLACK: usize = 4096;
 
 const BLOCK: usize = 256;
 /// A block with more "bad" bytes than this is binary.
@@ -80,11 +91,100 @@ pub fn segment(data: &[u8]) -> Vec<(RunKind, Range<usize>)> {
     runs
 }
 
+/// Runs of `data`, which starts at file offset `base`: zero runs of at least
+/// [`ZERO_MIN`] bytes (block-aligned in the file), and text and binary runs between them.
+pub fn segment_at(data: &[u8], base: u64) -> Vec<(RunKind, Range<usize>)> {
+    let mut runs = Vec::new();
+    let mut at = 0;
+    for z in zero_runs(data, base) {
+        runs.extend(
+            segment(&data[at..z.start])
+                .into_iter()
+                .map(|(k, r)| (k, r.start + at..r.end + at)),
+        );
+        runs.push((RunKind::Zero, z.clone()));
+        at = z.end;
+    }
+    runs.extend(
+        segment(&data[at..])
+            .into_iter()
+            .map(|(k, r)| (k, r.start + at..r.end + at)),
+    );
+    runs
+}
+
+/// The zero runs of `data` (at file offset `base`) worth a segment of their own: whole
+/// aligned blocks, at least [`ZERO_MIN`] bytes, or any length at either edge of `data`
+/// (where the window's neighbour may continue the run: the coder joins them).
+fn zero_runs(data: &[u8], base: u64) -> Vec<Range<usize>> {
+    let align = ZERO_ALIGN as usize;
+    // Offsets in `data` where file blocks start.
+    let first = ((ZERO_ALIGN - base % ZERO_ALIGN) % ZERO_ALIGN) as usize;
+    let keep = |r: &Range<usize>| r.len() >= ZERO_MIN || r.start == 0 || r.end == data.len();
+    let mut out = Vec::new();
+    let mut run: Option<usize> = None;
+    let mut at = first;
+    while at + align <= data.len() {
+        let zero = data[at..at + align].iter().all(|&b| b == 0);
+        match (zero, run) {
+            (true, None) => run = Some(at),
+            (false, Some(s)) => {
+                if keep(&(s..at)) {
+                    out.push(s..at);
+                }
+                run = None;
+            }
+            _ => {}
+        }
+        at += align;
+    }
+    if let Some(s) = run.filter(|&s| keep(&(s..at))) {
+        out.push(s..at);
+    }
+    out
+}
+
+/// Where to end a window of a longer input that starts at file offset `base`: in a zero
+/// run, at a block boundary (so the run continues, aligned, in the next window);
+/// otherwise after a newline near the end, else not in the middle of a UTF-8 character
+/// (so text is not cut mid-character between windows).
+pub fn window_cut(data: &[u8], base: u64) -> usize {
+    if data.last() == Some(&0) {
+        let end = base + data.len() as u64;
+        let aligned = (end - end % ZERO_ALIGN).saturating_sub(base) as usize;
+        if aligned >= data.len() / 2 {
+            return aligned;
+        }
+    }
+    let tail = data.len().saturating_sub(WINDOW_NEWLINE_SLACK);
+    if let Some(p) = data[tail..].iter().rposition(|&b| b == b'\n') {
+        return tail + p + 1;
+    }
+    // The last lead byte in the final three: cut before it if its character runs past
+    // the end.
+    for back in 1..=3.min(data.len()) {
+        let i = data.len() - back;
+        let need = match data[i] {
+            0xC0..=0xDF => 2,
+            0xE0..=0xEF => 3,
+            0xF0..=0xF7 => 4,
+            _ => continue,
+        };
+        return if i + need > data.len() && i > 0 {
+            i
+        } else {
+            data.len()
+        };
+    }
+    data.len()
+}
+
 /// Flip runs of `kind` no longer than `max_len` blocks to the other kind.
 fn smooth(kinds: &mut [RunKind], kind: RunKind, max_len: usize) {
     let other = match kind {
         RunKind::Text => RunKind::Binary,
         RunKind::Binary => RunKind::Text,
+        RunKind::Zero => return,
     };
     // Only islands: a run at either end of the file is kept unless the file is all one run.
     let mut i = 0;
@@ -173,6 +273,48 @@ mod tests {
         covers(&runs, data.len());
         let kinds: Vec<_> = runs.iter().map(|r| r.0).collect();
         assert_eq!(kinds, vec![RunKind::Text, RunKind::Binary, RunKind::Text]);
+    }
+
+    #[test]
+    fn long_zero_runs_are_their_own_aligned_runs() {
+        let mut data = b"text before the hole\n".repeat(300);
+        let hole_at = data.len();
+        data.resize(hole_at + 200_000, 0);
+        data.extend_from_slice(&b"and text after it\n".repeat(300));
+        // A short zero run stays inside its neighbour.
+        data.extend_from_slice(&[0u8; 5000]);
+        data.extend_from_slice(b"end\n");
+        let base = 1000;
+        let runs = segment_at(&data, base);
+        covers(&runs, data.len());
+        let zeros: Vec<_> = runs.iter().filter(|r| r.0 == RunKind::Zero).collect();
+        assert_eq!(zeros.len(), 1, "{runs:?}");
+        let z = &zeros[0].1;
+        assert!(data[z.clone()].iter().all(|&b| b == 0));
+        assert_eq!((base + z.start as u64) % ZERO_ALIGN, 0);
+        assert_eq!((base + z.end as u64) % ZERO_ALIGN, 0);
+        assert!(z.start >= hole_at && z.start - hole_at < 4096);
+        assert!(hole_at + 200_000 - z.end < 4096);
+        // Everything zero: one run (no file-block offset is lost at an aligned base).
+        let runs = segment_at(&vec![0u8; 1 << 20], 0);
+        assert_eq!(runs, vec![(RunKind::Zero, 0..1 << 20)]);
+    }
+
+    #[test]
+    fn windows_end_at_a_newline_or_a_character_boundary() {
+        let mut data = "line\n".repeat(10).into_bytes();
+        data.extend_from_slice(&[b'x'; 3000]);
+        assert_eq!(window_cut(&data, 0), 50);
+        // No newline near the end: cut at the end.
+        data.extend_from_slice(&[b'x'; 2000]);
+        assert_eq!(window_cut(&data, 0), data.len());
+        let mut data = vec![b'a'; 5000];
+        data.extend_from_slice("é".as_bytes());
+        data.extend_from_slice(&"漢".as_bytes()[..2]);
+        assert_eq!(window_cut(&data, 0), 5002);
+        // Ending in zeros: at a file block boundary.
+        assert_eq!(window_cut(&vec![0u8; 8192], 0), 8192);
+        assert_eq!(window_cut(&vec![0u8; 8192], 100), 8192 - 100);
     }
 
     #[test]

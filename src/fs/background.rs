@@ -16,7 +16,10 @@ use crossbeam_channel::{Receiver, Sender};
 use super::core::{Core, Need};
 use crate::codec::lanes::{ChunkOutput, CANCELLED, READ_AHEAD, URGENT};
 use crate::codec::params::CoderParams;
-use crate::codec::{self, CompressOptions, DecompressOptions, Engine, Plan, RegionKind};
+use crate::codec::source::{FileSource, Source};
+use crate::codec::{
+    self, CodecError, CompressOptions, DecompressOptions, Engine, Plan, RegionKind,
+};
 use crate::pool::{Done, LocalPool, Submit};
 use crate::store::{sync_dir, BlobRef};
 
@@ -103,12 +106,10 @@ fn reaper(core: &Core) {
 }
 
 const MAX_COMPRESSORS: usize = 64;
-/// The largest file compressed (its plaintext, tokens, blob and verifying decode are in
-/// memory at once, ~4x this): bigger files stay plaintext until compression streams.
-pub const MAX_COMPRESS_BYTES: u64 = 1 << 30;
-/// Plaintext bytes being compressed at once (each costs ~3x in memory: its tokens, its
-/// blob and the verifying decode). A larger file runs alone.
-const COMPRESS_BUDGET: u64 = 256 << 20;
+/// Bytes of plaintext windows being compressed at once (each costs a few times this in
+/// tokens, coded bytes and its verifying decode, plus a zstd context). A compression
+/// takes at most one window of it, whatever the file's size.
+const COMPRESS_BUDGET: u64 = 4 * codec::WINDOW as u64;
 
 /// A byte budget shared by the compressors.
 struct Budget {
@@ -188,48 +189,191 @@ fn compress_one(core: &Core, budget: &Budget, ino: u64, version: u64) {
     let start = Instant::now();
     let name = core.describe(ino);
     let fail = |why: String| {
+        if !core.still_needs_compression(ino) {
+            // Deleted, truncated or rewritten since it was claimed: whatever went wrong
+            // reading it, there is nothing to retry.
+            return core.compression_abandoned(ino);
+        }
         log::error!("compressing {name}: {why}; it stays uncompressed and will be retried");
         core.compression_failed(ino);
     };
-    let size = std::fs::metadata(&path).map_or(0, |m| m.len());
-    if size > MAX_COMPRESS_BYTES {
-        // Compression still holds a whole file (several copies) in memory: a larger one
-        // would take the daemon down (and, restarted, again). It stays plaintext.
+    // The length is fixed here: bytes appended meanwhile change the version, and the
+    // commit is refused; a shrunk file fails the read.
+    let src = match FileSource::open(&path) {
+        Ok(s) => s,
+        Err(e) => return fail(format!("reading its plaintext: {e}")),
+    };
+    let size = src.len();
+    if size > core.opts.compress_max {
         log::warn!(
-            "{name} is {size} bytes, over the {MAX_COMPRESS_BYTES} a compression may hold in memory: it stays uncompressed"
+            "{name} is {size} bytes, over compress_max ({}): it stays uncompressed",
+            core.opts.compress_max
         );
         return core.compression_skipped(ino);
     }
-    let taken = budget.take(size);
-    let data = match std::fs::read(&path) {
-        Ok(d) => d,
-        Err(e) => {
-            budget.give(taken);
-            if !core.still_needs_compression(ino) {
-                // Deleted, truncated to nothing or rewritten since it was claimed.
-                return core.compression_abandoned(ino);
-            }
-            return fail(format!("reading its plaintext: {e}"));
-        }
-    };
-    compress_data(core, ino, version, &name, data, start, &fail);
+    let taken = budget.take(size.min(codec::WINDOW as u64));
+    compress_file(core, ino, version, &name, &src, start, &fail);
     budget.give(taken);
 }
 
-fn compress_data(
+/// An unnamed file in `dir` for the payload while its header is still unknown: nothing
+/// is left behind by a crash. Where O_TMPFILE is not supported, a `.tmp` name (which
+/// recovery removes) is unlinked at once.
+fn spool_file(dir: &std::path::Path, ino: u64) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let anon = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .mode(0o600)
+        .custom_flags(libc::O_TMPFILE)
+        .open(dir);
+    match anon {
+        Ok(f) => Ok(f),
+        Err(e)
+            if matches!(
+                e.raw_os_error(),
+                Some(libc::EOPNOTSUPP) | Some(libc::EISDIR)
+            ) =>
+        {
+            let path = dir.join(format!("{ino}-spool.tmp"));
+            let f = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&path)?;
+            std::fs::remove_file(&path)?;
+            Ok(f)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Checks decoded bytes against the plaintext they came from, in file order.
+struct CompareSink<'a> {
+    src: &'a dyn Source,
+    at: u64,
+    buf: Vec<u8>,
+}
+
+impl CompareSink<'_> {
+    fn check(
+        &mut self,
+        n: usize,
+        expect: impl Fn(&[u8], &[u8]) -> bool,
+        got: &[u8],
+    ) -> std::io::Result<()> {
+        self.buf.resize(n, 0);
+        self.src.read_exact_at(&mut self.buf, self.at)?;
+        if !expect(&self.buf, got) {
+            return Err(std::io::Error::other(format!(
+                "decodes to other bytes than the plaintext near offset {}",
+                self.at
+            )));
+        }
+        self.at += n as u64;
+        Ok(())
+    }
+}
+
+impl codec::Sink for CompareSink<'_> {
+    fn bytes(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        self.check(bytes.len(), |a, b| a == b, bytes)
+    }
+    fn zeros(&mut self, mut n: u64) -> std::io::Result<()> {
+        while n > 0 {
+            let k = n.min(1 << 20) as usize;
+            self.check(k, |a, _| a.iter().all(|&b| b == 0), &[])?;
+            n -= k as u64;
+        }
+        Ok(())
+    }
+}
+
+/// Code `src` (with the model, or zstd alone) into the new blob's temp file, durably.
+/// Returns the blob's length.
+fn code_into_tmp(
     core: &Core,
     ino: u64,
-    version: u64,
-    name: &str,
-    data: Vec<u8>,
-    start: Instant,
-    fail: &dyn Fn(String),
-) {
+    src: &dyn Source,
+    engine: Option<&dyn Engine>,
+    tmp: &std::path::Path,
+) -> Result<u64, CodecError> {
+    use std::io::{Seek, Write};
     let opts = CompressOptions {
         chunk_size: core.opts.chunk_size,
         head_chunk: core.opts.head_chunk,
         ..CompressOptions::default()
     };
+    // Symbols coded, for the status (tokens/s); counted as they go, failures included.
+    let count = |n: usize| core.count_symbols(n as u64);
+    let mut spool = spool_file(&core.store.blob_dir(), ino)?;
+    let header = {
+        let mut w = std::io::BufWriter::new(&mut spool);
+        let h = codec::compress_to(src, engine, &opts, &count, &mut w)?;
+        w.flush()?;
+        h
+    };
+    let payload_len = spool.stream_position()?;
+    let mut out = std::io::BufWriter::new(std::fs::File::create(tmp)?);
+    let len = match codec::whole_zstd_if_smaller(src, &header, payload_len, &opts)? {
+        Some((whole, payload)) => {
+            let h = whole.to_bytes();
+            out.write_all(&h)?;
+            out.write_all(&payload)?;
+            (h.len() + payload.len()) as u64
+        }
+        None => {
+            let h = header.to_bytes();
+            out.write_all(&h)?;
+            spool.rewind()?;
+            std::io::copy(&mut spool, &mut out)?;
+            h.len() as u64 + payload_len
+        }
+    };
+    out.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+    crate::crash::point("compress.after_blob_tmp");
+    Ok(len)
+}
+
+/// Decode the blob in `tmp` and compare it with `src` byte for byte.
+fn verify_tmp(
+    tmp: &std::path::Path,
+    src: &dyn Source,
+    engine: Option<&dyn Engine>,
+    count: &(dyn Fn(usize) + Sync),
+) -> Result<(), CodecError> {
+    let blob = FileSource::open(tmp)?;
+    let mut sink = CompareSink {
+        src,
+        at: 0,
+        buf: Vec::new(),
+    };
+    codec::decode_to(
+        &blob,
+        engine,
+        &DecompressOptions::default(),
+        count,
+        &mut sink,
+    )?;
+    if sink.at != src.len() {
+        return Err(CodecError::Corrupt(
+            "decodes to fewer bytes than the plaintext".into(),
+        ));
+    }
+    Ok(())
+}
+
+fn compress_file(
+    core: &Core,
+    ino: u64,
+    version: u64,
+    name: &str,
+    src: &FileSource,
+    start: Instant,
+    fail: &dyn Fn(String),
+) {
     // Without the model nothing is compressed (not even with zstd): a text file stored
     // with zstd now would stay that way, so it waits as plaintext for the model.
     let pool = match core.engine.get() {
@@ -237,64 +381,63 @@ fn compress_data(
         Err(e) => return fail(format!("the model is unavailable: {e}")),
     };
     let engine: &dyn Engine = &*pool;
-    // Symbols coded, for the status (tokens/s); counted as they go, failures included.
     let count = |n: usize| core.count_symbols(n as u64);
-    let mut blob = match codec::compress(&data, Some(engine), &opts, &count) {
-        Ok(b) => b,
-        Err(e) => return fail(e.to_string()),
-    };
-    if core.opts.verify {
-        let ok = matches!(
-            codec::decompress(&blob, Some(engine), &DecompressOptions::default(), &count),
-            Ok(ref back) if *back == data
-        );
-        if !ok {
-            // Invariant: never replace plaintext with a blob that did not decode back.
-            log::error!(
-                "compressing {name}: the new blob did not decode to the same bytes; storing it with zstd instead"
-            );
-            core.count_verify_failure();
-            blob = match codec::compress(&data, None, &opts, &|_| {}) {
-                Ok(b) => b,
-                Err(e) => return fail(e.to_string()),
-            };
-            match codec::decompress(&blob, None, &DecompressOptions::default(), &|_| {}) {
-                Ok(back) if back == data => {}
-                _ => return fail("the zstd fallback did not verify either".into()),
-            }
-        }
-    }
     let seq = match core.store.alloc_blob_seq() {
         Ok(s) => s,
         Err(e) => return fail(e.to_string()),
     };
     let blob_path = core.store.blob_path(ino, seq);
-    if let Err(e) = write_blob(core, &blob_path, &blob) {
+    let tmp = blob_path.with_extension("tmp");
+    let fail = |why: String| {
+        let _ = std::fs::remove_file(&tmp);
+        fail(why)
+    };
+    let mut blob_len = match code_into_tmp(core, ino, src, Some(engine), &tmp) {
+        Ok(n) => n,
+        Err(e) => return fail(e.to_string()),
+    };
+    if core.opts.verify {
+        if let Err(e) = verify_tmp(&tmp, src, Some(engine), &count) {
+            if !core.still_needs_compression(ino) {
+                return fail(e.to_string());
+            }
+            // Invariant: never replace plaintext with a blob that did not decode back.
+            log::error!(
+                "compressing {name}: the new blob did not decode to the same bytes ({e}); storing it with zstd instead"
+            );
+            core.count_verify_failure();
+            blob_len = match code_into_tmp(core, ino, src, None, &tmp) {
+                Ok(n) => n,
+                Err(e) => return fail(e.to_string()),
+            };
+            if let Err(e) = verify_tmp(&tmp, src, None, &|_| {}) {
+                return fail(format!("the zstd fallback did not verify either: {e}"));
+            }
+        }
+    }
+    if let Err(e) = publish_blob(core, &tmp, &blob_path) {
         let _ = std::fs::remove_file(&blob_path);
         return fail(format!("writing {}: {e}", blob_path.display()));
     }
     // The plaintext becomes the clean copy: it must be on disk before the index says
     // so (a write after this point changes the version, and the commit is refused).
     let plain = core.store.cache_path(ino);
-    let synced = std::fs::File::open(&plain)
-        .and_then(|f| f.sync_all())
+    let synced = src
+        .file()
+        .sync_all()
         .and_then(|()| sync_dir(&core.store.cache_dir()));
     if let Err(e) = synced {
         let _ = std::fs::remove_file(&blob_path);
-        if !core.still_needs_compression(ino) {
-            return core.compression_abandoned(ino);
-        }
         return fail(format!("syncing {}: {e}", plain.display()));
     }
     crate::crash::point("compress.after_plain_sync");
     pause_before_commit(&blob_path);
     let took = start.elapsed();
-    match core.commit_blob(ino, version, seq, blob.len() as u64, data.len() as u64) {
+    let size = src.len();
+    match core.commit_blob(ino, version, seq, blob_len, size) {
         Ok(true) => log::info!(
-            "compressed {name}: {} -> {} bytes ({:.3} bits/byte) in {:.1} s",
-            data.len(),
-            blob.len(),
-            codec::bits_per_byte(blob.len() as u64, data.len() as u64),
+            "compressed {name}: {size} -> {blob_len} bytes ({:.3} bits/byte) in {:.1} s",
+            codec::bits_per_byte(blob_len, size),
             took.as_secs_f64()
         ),
         Ok(false) => {
@@ -309,27 +452,15 @@ fn compress_data(
     core.enforce_cache_cap();
 }
 
-/// A new blob, durably: temp file, fsync, rename, fsync of blobs/ (each step a crash
-/// point). Until the index commits it, recovery deletes it as a blob nothing refers to
-/// of a live inode.
-fn write_blob(core: &Core, path: &std::path::Path, blob: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    let tmp = path.with_extension("tmp");
-    let result = (|| {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(blob)?;
-        f.sync_all()?;
-        crate::crash::point("compress.after_blob_tmp");
-        std::fs::rename(&tmp, path)?;
-        crate::crash::point("compress.after_blob_rename");
-        sync_dir(&core.store.blob_dir())?;
-        crate::crash::point("compress.after_blob_dir_sync");
-        Ok(())
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result
+/// A verified blob's temp file takes its name, durably: rename, fsync of blobs/ (each
+/// step a crash point). Until the index commits it, recovery deletes it as a blob
+/// nothing refers to of a live inode.
+fn publish_blob(core: &Core, tmp: &std::path::Path, path: &std::path::Path) -> std::io::Result<()> {
+    std::fs::rename(tmp, path)?;
+    crate::crash::point("compress.after_blob_rename");
+    sync_dir(&core.store.blob_dir())?;
+    crate::crash::point("compress.after_blob_dir_sync");
+    Ok(())
 }
 
 /// Fault injection for the crash test: with NACRITHFS_FAULT_PAUSE_BEFORE_COMMIT_MS set,
@@ -368,7 +499,8 @@ enum RegionState {
 struct Decoding {
     blob: BlobRef,
     path: PathBuf,
-    data: Arc<Vec<u8>>,
+    /// The blob, read a region at a time (never whole: it can be as large as the file).
+    data: FileSource,
     plan: Plan,
     pool: Option<(Arc<LocalPool>, CoderParams)>,
     file: Arc<std::fs::File>,
@@ -559,8 +691,8 @@ impl Decoder<'_> {
         blob: BlobRef,
     ) -> Result<Decoding, (i32, String)> {
         let fail = |why: String| (libc::EIO, why);
-        let data = std::fs::read(path).map_err(|e| fail(format!("{}: {e}", path.display())))?;
-        let plan = Plan::of(&data).map_err(|e| fail(format!("{}: {e}", path.display())))?;
+        let data = FileSource::open(path).map_err(|e| fail(format!("{}: {e}", path.display())))?;
+        let plan = Plan::read_from(&data).map_err(|e| fail(format!("{}: {e}", path.display())))?;
         if plan.header.original_len != size {
             return Err(fail(format!(
                 "{} holds {} bytes but the index says {size}",
@@ -601,7 +733,7 @@ impl Decoder<'_> {
         Ok(Decoding {
             blob,
             path: path.to_path_buf(),
-            data: Arc::new(data),
+            data,
             plan,
             pool,
             file: Arc::new(file),
@@ -626,9 +758,7 @@ impl Decoder<'_> {
             RegionState::Missing => {
                 let region = &d.plan.regions[i];
                 if !matches!(region.kind, RegionKind::Chunk { .. }) {
-                    let bytes = codec::decode_plain_region(&d.plan.header, &d.data, region)
-                        .map_err(|e| (libc::EIO, format!("{}: {e}", d.path.display())))?;
-                    return Self::write_region(self.core, d, i, &bytes);
+                    return Self::write_plain_region(self.core, d, i);
                 }
                 let Some((pool, params)) = &d.pool else {
                     return Err((libc::EIO, "LLM chunk without a model".into()));
@@ -641,7 +771,8 @@ impl Decoder<'_> {
                     params,
                     Submit {
                         tag,
-                        job: codec::chunk_job(&d.data, region),
+                        job: codec::chunk_job(&d.data, region)
+                            .map_err(|e| (libc::EIO, format!("{}: {e}", d.path.display())))?,
                         priority: p.clone(),
                         progress: None,
                         reply: self.done_tx.clone(),
@@ -651,6 +782,35 @@ impl Decoder<'_> {
                 Ok(())
             }
         }
+    }
+
+    /// Decode a stored, zstd or zero region straight into the temp file, in pieces (a
+    /// zero region is left as the hole the temp file already has there).
+    fn write_plain_region(core: &Core, d: &mut Decoding, i: usize) -> Result<(), (i32, String)> {
+        use std::os::unix::fs::FileExt;
+        let region = &d.plan.regions[i];
+        if region.kind != RegionKind::Zero {
+            let mut at = region.out.start;
+            let file = &d.file;
+            let mut write_err = None;
+            let r = codec::decode_plain_region(&d.plan.header, &d.data, region, &mut |b| {
+                file.write_all_at(b, at).inspect_err(|e| {
+                    write_err = Some(e.raw_os_error().unwrap_or(libc::EIO));
+                })?;
+                at += b.len() as u64;
+                Ok(())
+            });
+            if let Err(e) = r {
+                return Err(match write_err {
+                    Some(errno) => (errno, format!("writing its plaintext: {e}")),
+                    None => (libc::EIO, format!("{}: {e}", d.path.display())),
+                });
+            }
+        }
+        d.state[i] = RegionState::Done;
+        d.remaining -= 1;
+        core.count_regions(1);
+        Ok(())
     }
 
     fn write_region(
@@ -723,9 +883,24 @@ impl Decoder<'_> {
                 )
             })
             .and_then(|()| {
-                let plain = std::fs::read(&tmp)
-                    .map_err(|e| (libc::EIO, format!("reading {}: {e}", tmp.display())))?;
-                codec::verify_assembled(&d.plan.header, &plain)
+                // Streamed: the file can be far larger than memory.
+                use std::os::unix::fs::FileExt;
+                let mut v = codec::Verifier::new(&d.plan.header);
+                let mut buf = vec![0u8; 1 << 20];
+                let mut at = 0u64;
+                loop {
+                    let n = d
+                        .file
+                        .read_at(&mut buf, at)
+                        .map_err(|e| (libc::EIO, format!("reading {}: {e}", tmp.display())))?;
+                    if n == 0 {
+                        break;
+                    }
+                    at += n as u64;
+                    v.update(&buf[..n])
+                        .map_err(|e| (libc::EIO, format!("{}: {e}", d.path.display())))?;
+                }
+                v.finish()
                     .map_err(|e| (libc::EIO, format!("{}: {e}", d.path.display())))
             });
         match check {

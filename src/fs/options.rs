@@ -18,6 +18,10 @@ pub struct FsOptions {
     /// Lanes (chunk streams) per worker context.
     pub batch: usize,
     pub chunk_size: usize,
+    /// Files larger than this stay plaintext. Compression streams (memory does not grow
+    /// with the file) except for the chunk table, ~100 bytes per chunk of text kept while
+    /// a file is coded or decoded: ~100 MiB at the default 16 GiB.
+    pub compress_max: u64,
     /// First chunk's target size (0: `chunk_size`).
     pub head_chunk: usize,
     pub model: Option<PathBuf>,
@@ -46,6 +50,7 @@ impl Default for FsOptions {
             workers: None,
             batch: crate::pool::DEFAULT_LANES,
             chunk_size: crate::codec::DEFAULT_CHUNK_SIZE,
+            compress_max: 16 << 30,
             head_chunk: crate::codec::DEFAULT_HEAD_CHUNK,
             model: None,
             allow_other: false,
@@ -138,6 +143,7 @@ impl FsOptions {
                 "chunk_size" => {
                     self.chunk_size = (parse_size(need(value)?)? as usize).clamp(1024, 1 << 24)
                 }
+                "compress_max" => self.compress_max = parse_size(need(value)?)?,
                 "head_chunk" => {
                     self.head_chunk = match parse_size(need(value)?)? as usize {
                         0 => 0,

@@ -13,6 +13,7 @@ use super::{
     NEXT_BLOB_KEY, NEXT_INO_KEY, ROOT_INO,
 };
 use crate::codec::container::Header;
+use crate::codec::source::{FileSource, Source};
 use crate::codec::{self, DecompressOptions, Engine};
 
 /// Where repair puts files nothing refers to, inside the backing directory.
@@ -638,14 +639,15 @@ fn check_blob(
     stored: u64,
 ) -> Option<(&'static str, String)> {
     c.report.blobs_checked += 1;
-    let data = match std::fs::read(path) {
-        Ok(d) => d,
+    // Read a region at a time: a blob can be as large as its file.
+    let blob = match FileSource::open(path) {
+        Ok(b) => b,
         Err(e) => return Some(("missing-blob", format!("cannot be read: {e}"))),
     };
-    let why = if data.len() as u64 != stored {
-        format!("has {} bytes, the index says {stored}", data.len())
+    let why = if blob.len() != stored {
+        format!("has {} bytes, the index says {stored}", blob.len())
     } else {
-        match Header::parse(&data, Some(data.len() as u64)) {
+        match Header::read_from(&blob) {
             Err(e) => e.to_string(),
             Ok((h, _)) if h.original_len != inode.size => format!(
                 "decodes to {} bytes, the file has {}",
@@ -657,7 +659,8 @@ fn check_blob(
                 }
                 c.report.blobs_decoded += 1;
                 let engine = c.opts.engine.filter(|_| h.has_llm_segments());
-                match codec::decompress(&data, engine, &DecompressOptions::default(), &|_| {}) {
+                let opts = DecompressOptions::default();
+                match codec::decode_to(&blob, engine, &opts, &|_| {}, &mut codec::NullSink) {
                     Ok(_) => return None,
                     Err(e) => e.to_string(),
                 }

@@ -527,8 +527,9 @@ impl Core {
     }
 
     /// SEEK_DATA / SEEK_HOLE: the holes of the plaintext when it is cached (as the
-    /// backing filesystem reports them); a compressed file without its plaintext is all
-    /// data (its blob does not record holes). Other whences are the kernel's.
+    /// backing filesystem reports them); of a compressed file without its plaintext, its
+    /// blob's zero segments (block-aligned, so a decoded copy reports the same holes).
+    /// Other whences are the kernel's.
     pub fn lseek(&self, ino: u64, offset: i64, whence: i32) -> FsResult<i64> {
         use std::os::fd::AsRawFd;
         let mut st = self.lock();
@@ -544,11 +545,8 @@ impl Core {
             return Err(libc::ENXIO);
         }
         if !inode.cached {
-            return Ok(if whence == libc::SEEK_DATA {
-                offset
-            } else {
-                size
-            });
+            drop(st);
+            return self.seek_in_blob(ino, offset as u64, whence == libc::SEEK_DATA);
         }
         let file = self.cache_file(&mut st, ino)?;
         drop(st);
@@ -558,6 +556,32 @@ impl Core {
             return Err(io_err(std::io::Error::last_os_error()));
         }
         Ok(r)
+    }
+
+    /// SEEK_DATA (`data`) or SEEK_HOLE from `offset` in a compressed file, from its
+    /// blob's header (read without the lock). When the blob cannot be read (replaced
+    /// meanwhile), everything is data, which POSIX allows.
+    fn seek_in_blob(&self, ino: u64, offset: u64, data: bool) -> FsResult<i64> {
+        let Some((path, size, _)) = self.blob_of(ino)? else {
+            // Decoded meanwhile: ask again (the plaintext answers now).
+            let whence = if data {
+                libc::SEEK_DATA
+            } else {
+                libc::SEEK_HOLE
+            };
+            return self.lseek(ino, offset as i64, whence);
+        };
+        let header = crate::codec::source::FileSource::open(&path)
+            .ok()
+            .and_then(|b| crate::codec::container::Header::read_from(&b).ok())
+            .map(|(h, _)| h)
+            .filter(|h| h.original_len == size);
+        let found = match header {
+            Some(h) => h.seek(offset, data),
+            None if data => Some(offset),
+            None => Some(size),
+        };
+        found.map(|at| at as i64).ok_or(libc::ENXIO)
     }
 
     pub fn fsyncdir(&self) -> FsResult<()> {

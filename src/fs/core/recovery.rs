@@ -20,9 +20,9 @@ impl Core {
     /// A clean copy is the blob's content: its size and BLAKE3 are the header's.
     fn clean_copy_matches(&self, ino: u64, blob: BlobRef, size: u64) -> Result<(), String> {
         let blob_path = self.store.blob_path(ino, blob.seq);
-        let data = std::fs::read(&blob_path)
+        let blob = crate::codec::source::FileSource::open(&blob_path)
             .map_err(|e| format!("its blob {} cannot be read ({e})", blob_path.display()))?;
-        let (header, _) = crate::codec::container::Header::parse(&data, Some(data.len() as u64))
+        let (header, _) = crate::codec::container::Header::read_from(&blob)
             .map_err(|e| format!("its blob's header is bad ({e})"))?;
         let unreadable = |e: std::io::Error| format!("cannot be read ({e})");
         let mut plain = File::open(self.store.cache_path(ino)).map_err(unreadable)?;
