@@ -11,6 +11,7 @@
 pub mod codec;
 pub mod crash;
 pub mod fs;
+pub mod fuzzing;
 pub mod model;
 pub mod pool;
 pub mod store;

@@ -233,7 +233,7 @@ fn writes_by_other_users_drop_setuid_and_setgid() {
         assert_eq!(mode_of(&p), 0o6777);
         p.to_string_lossy().into_owned()
     };
-    let cases: [(&str, &[&str]); 3] = [
+    let cases: [(&str, &[&str]); 4] = [
         // dd opens O_WRONLY: a direct-I/O handle
         (
             "direct.sh",
@@ -260,6 +260,8 @@ fn writes_by_other_users_drop_setuid_and_setgid() {
             ],
         ),
         ("falloc.sh", &["fallocate", "-l", "65536"]),
+        // truncate(2): the kernel asks for the mode change (no KILLPRIV_V2 here)
+        ("trunc.sh", &["truncate", "-s", "3"]),
     ];
     for (name, cmd) in cases {
         let path = setid(name);
@@ -282,6 +284,14 @@ fn writes_by_other_users_drop_setuid_and_setgid() {
             "{name}: setuid/setgid survived a write by another user"
         );
     }
+    // chown clears them even for root, as on ext4.
+    let p = setid("chown.sh");
+    std::os::unix::fs::chown(&p, Some(65534), None).expect("chown");
+    assert_eq!(
+        mode_of(std::path::Path::new(&p)),
+        0o777,
+        "chown kept setuid/setgid"
+    );
     // setgid without group execute is a mandatory-locking mark, not a privilege: kept.
     let p = mnt.join("nox.sh");
     fs::write(&p, b"x").expect("write");

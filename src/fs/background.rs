@@ -189,10 +189,12 @@ fn compress_one(core: &Core, budget: &Budget, ino: u64, version: u64) {
     let start = Instant::now();
     let name = core.describe(ino);
     let fail = |why: String| {
-        if !core.still_needs_compression(ino) {
-            // Deleted, truncated or rewritten since it was claimed: whatever went wrong
-            // reading it, there is nothing to retry.
-            return core.compression_abandoned(ino);
+        // The file is read while it is coded, not copied first: a write, truncation or
+        // deletion meanwhile makes a short read or a verify mismatch that says nothing
+        // about the coder. Such a compression is superseded, as at commit.
+        if core.changed_since(ino, version) {
+            log::debug!("{name} changed while compressing ({why}); dropped");
+            return core.compression_superseded(ino);
         }
         log::error!("compressing {name}: {why}; it stays uncompressed and will be retried");
         core.compression_failed(ino);
@@ -398,7 +400,7 @@ fn compress_file(
     };
     if core.opts.verify {
         if let Err(e) = verify_tmp(&tmp, src, Some(engine), &count) {
-            if !core.still_needs_compression(ino) {
+            if core.changed_since(ino, version) {
                 return fail(e.to_string());
             }
             // Invariant: never replace plaintext with a blob that did not decode back.

@@ -809,6 +809,17 @@ impl Store {
         Ok(())
     }
 
+    /// Every raw index entry (the fsck fuzz target mutates them).
+    #[doc(hidden)]
+    pub fn raw_entries(&self) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        let mut out = Vec::new();
+        for r in self.db.iter() {
+            let (k, v) = r?;
+            out.push((k.to_vec(), v.to_vec()));
+        }
+        Ok(out)
+    }
+
     #[doc(hidden)]
     pub fn raw_remove(&self, key: &[u8]) -> Result<()> {
         self.db.remove(key)?;

@@ -167,13 +167,6 @@ impl Core {
         }
     }
 
-    /// Whether `ino` is still a dirty regular file with its plaintext in the cache.
-    pub(crate) fn still_needs_compression(&self, ino: u64) -> bool {
-        let _st = self.lock();
-        self.get(ino)
-            .is_ok_and(|i| i.kind == Kind::File && i.dirty && i.cached)
-    }
-
     /// A file that will not be compressed (too large): off the queue until it is
     /// written and closed again (or the next mount requeues it and it is skipped again).
     pub(crate) fn compression_skipped(&self, ino: u64) {
@@ -186,10 +179,22 @@ impl Core {
         }
     }
 
-    /// A claimed compression that is no longer needed: no failure, no retry.
-    pub(crate) fn compression_abandoned(&self, ino: u64) {
+    /// Whether `ino` was written (or truncated, or deleted) since `version` was read for
+    /// its compression: the plaintext being coded is no longer the file's.
+    pub(crate) fn changed_since(&self, ino: u64, version: u64) -> bool {
+        let st = self.lock();
+        st.live.get(&ino).map_or(0, |l| l.version) != version
+            || !self
+                .get(ino)
+                .is_ok_and(|i| i.kind == Kind::File && i.dirty && i.cached)
+    }
+
+    /// A compression overtaken by a change to its file (which queues it again when it is
+    /// closed): not a failure, as when `commit_blob` refuses.
+    pub(crate) fn compression_superseded(&self, ino: u64) {
         let mut st = self.lock();
         Self::compression_ended(&mut st, ino);
+        st.stats.superseded += 1;
     }
 
     pub(crate) fn count_symbols(&self, n: u64) {
