@@ -6,8 +6,10 @@
 //! * [`pool`]: workers, one single-threaded model context each, many lanes per context
 //! * [`store`]: the backing directory: sled index, blob files, plaintext cache
 //! * [`fs`]: the filesystem engine and its FUSE adapter
+//! * [`admin`]: the client side of `nacrithfs flush|evict|status|metrics`
 //! * [`crash`]: named crash points for the crash-consistency harness
 
+pub mod admin;
 pub mod codec;
 pub mod crash;
 pub mod fs;

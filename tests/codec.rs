@@ -304,20 +304,20 @@ fn tokenizer_matches_llama_cpp_on_real_text() {
     }
 }
 
-/// A file longer than one window is coded window by window (here 4 KiB windows, so the
+/// A file longer than one window is coded window by window (here 2 KiB windows, so the
 /// streaming path runs on a small text): text in every window goes through the model,
 /// the zero run between is a zero segment, and it decodes into memory and, streamed,
 /// into a file with a hole, byte-exact.
 #[test]
 fn text_across_windows_and_a_hole_streams_through_the_model() {
     let _g = llm_lock();
-    let text = english(8_000);
-    let mut data = text[..4_000].to_vec();
-    data.resize(4_000 + 80_000, 0);
-    data.extend_from_slice(&text[4_000..]);
+    let text = english(4_000);
+    let mut data = text[..2_000].to_vec();
+    data.resize(2_000 + 80_000, 0);
+    data.extend_from_slice(&text[2_000..]);
     let opts = CompressOptions {
-        window: 4096,
-        chunk_size: 2048,
+        window: 2048,
+        chunk_size: 1024,
         head_chunk: 0,
         ..CompressOptions::default()
     };
@@ -331,7 +331,8 @@ fn text_across_windows_and_a_hole_streams_through_the_model() {
         1,
         "one zero segment across windows: {k:?}"
     );
-    assert!(blob.len() < text.len() * 2 / 8, "{} bytes", blob.len());
+    // Under 3 bits a byte, the headers of every window's segments included.
+    assert!(blob.len() < text.len() * 3 / 8, "{} bytes", blob.len());
     assert!(decompress(&blob).expect("decompress") == data);
     let f = tempfile::tempfile().expect("tempfile");
     let mut sink = codec::FileSink::new(&f);

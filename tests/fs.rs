@@ -55,8 +55,24 @@ fn write_flush_compress_evict_remount_read_back() {
             "{name}"
         );
     }
+    let total: usize = files.iter().map(|(_, d)| d.len()).sum();
+    let json = nacrithfs_out(&["status", &mnt.to_string_lossy(), "--json"]);
+    assert!(
+        json.contains(&format!("\"dirty\": {},", files.len())),
+        "{json}"
+    );
+    assert!(
+        json.contains(&format!("\"dirty_bytes\": {total},")),
+        "{json}"
+    );
     let out = admin("flush", &mnt);
-    println!("{}", String::from_utf8_lossy(&out.stdout));
+    let flushed = String::from_utf8_lossy(&out.stdout);
+    println!("{flushed}");
+    assert!(flushed.contains(&format!(
+        "flushed: {} files compressed, 0 dirty",
+        files.len()
+    )));
+    check_status_json_and_metrics(&mnt, files.len());
     for (name, data) in &files {
         let p = mnt.join(name);
         assert_eq!(xattr(&p, "user.nacrith.state"), "compressed", "{name}");
@@ -119,6 +135,74 @@ fn write_flush_compress_evict_remount_read_back() {
     fs::write(mnt.join("notes/b.txt"), b"short").expect("truncate-write");
     assert_eq!(fs::read(mnt.join("notes/b.txt")).expect("read"), b"short");
     d.unmount();
+}
+
+/// `nacrithfs ARGS`, which must succeed: its stdout.
+fn nacrithfs_out(args: &[&str]) -> String {
+    let out = Command::new(BIN)
+        .args(args)
+        .output()
+        .expect("run nacrithfs");
+    assert!(
+        out.status.success(),
+        "nacrithfs {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("utf-8")
+}
+
+/// `status --json` is JSON (python's parser agrees) with the status's numbers;
+/// `metrics` is Prometheus text with a type per metric; `--textfile` writes the same,
+/// readable by a collector running as another user.
+fn check_status_json_and_metrics(mnt: &Path, files: usize) {
+    let m = mnt.to_string_lossy();
+    let json = nacrithfs_out(&["status", &m, "--json"]);
+    let mut py = Command::new("python3")
+        .args(["-c", "import json,sys; d=json.load(sys.stdin); print(d['compressed'], d['dirty'], d['queued'])"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("python3 (installed by scripts/setup)");
+    py.stdin
+        .take()
+        .expect("stdin")
+        .write_all(json.as_bytes())
+        .expect("feed python");
+    let parsed = py.wait_with_output().expect("python3");
+    assert!(parsed.status.success(), "not JSON:\n{json}");
+    assert_eq!(
+        String::from_utf8_lossy(&parsed.stdout),
+        format!("{files} 0 0\n")
+    );
+    let metrics = nacrithfs_out(&["metrics", &m]);
+    let label = format!("{{mountpoint=\"{m}\"}}");
+    assert!(
+        metrics.contains(&format!("nacrithfs_compressed{label} {files}\n")),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("# TYPE nacrithfs_bytes_in_total counter\n"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("# TYPE nacrithfs_dirty gauge\n"),
+        "{metrics}"
+    );
+    for line in metrics.lines().filter(|l| !l.starts_with('#')) {
+        let (name, value) = line.rsplit_once(' ').expect("name value");
+        assert!(
+            name.starts_with("nacrithfs_") && name.ends_with(&label),
+            "{line}"
+        );
+        value.parse::<f64>().unwrap_or_else(|_| panic!("{line}"));
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let prom = dir.path().join("nacrithfs.prom");
+    nacrithfs_out(&["metrics", &m, "--textfile", &prom.to_string_lossy()]);
+    let written = fs::read_to_string(&prom).expect("textfile");
+    assert_eq!(written.lines().count(), metrics.lines().count());
+    assert!(written.contains(&format!("nacrithfs_compressed{label} {files}\n")));
+    assert_eq!(fs::metadata(&prom).expect("stat").mode() & 0o777, 0o644);
 }
 
 #[test]

@@ -3,20 +3,19 @@
 //! ```text
 //! nacrithfs BACKING MOUNTPOINT [-o opts] [-f]      mount (daemonizes once live)
 //! nacrithfs TAG MOUNTPOINT -o backing=DIR,...      the same, fstab style
-//! nacrithfs flush|evict|status MOUNTPOINT
+//! nacrithfs flush|evict|status|metrics MOUNTPOINT
 //! nacrithfs fsck BACKING [--repair] [--deep] [--model PATH]
 //! ```
 
-use std::ffi::{CString, OsString};
+use std::ffi::OsString;
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
 
-use nacrithfs::fs::core::{XATTR_CONTROL, XATTR_STATUS};
+use nacrithfs::admin;
 use nacrithfs::fs::fuse::NacrithFs;
 use nacrithfs::fs::{background, Core, FsOptions};
 use nacrithfs::model::find_model;
@@ -29,7 +28,12 @@ usage:
   nacrithfs TAG MOUNTPOINT -o backing=DIR[,...]    the same, with the source as a tag
   nacrithfs flush MOUNTPOINT     compress every closed file now; wait until done
   nacrithfs evict MOUNTPOINT     drop clean plaintext copies from the cache
-  nacrithfs status MOUNTPOINT    queue, sizes, ratio, worker throughput
+  nacrithfs status MOUNTPOINT [--json]
+                                 queue, sizes, ratio, worker throughput
+  nacrithfs metrics MOUNTPOINT [--textfile PATH [--interval SECONDS]]
+                                 the status as Prometheus text (for node_exporter's
+                                 textfile collector: written atomically to PATH, once
+                                 or every SECONDS)
   nacrithfs fsck BACKING [--repair] [--deep] [--model PATH]
                                  check an unmounted backing directory; --repair fixes
                                  what can be fixed without losing data, --deep decodes
@@ -38,7 +42,7 @@ usage:
 
 mount options (-o a,b=c): idle=SECONDS (30), cache_size=BYTES (1G),
   workers=N (cores; with GPUs: per GPU, 1), batch=LANES (16), chunk_size=BYTES (16K),
-  head_chunk=BYTES (4K), model=PATH, verify=full|none (full),
+  head_chunk=BYTES (4K), compress_max=BYTES (16G), model=PATH, verify=full|none (full),
   allow_other, allow_root, default_permissions (always on), ro, noatime, nosuid, ...
 -f stays in the foreground (for systemd); logs go to stderr there, else to
 BACKING/nacrithfs.log.";
@@ -55,10 +59,7 @@ fn main() {
             println!("nacrithfs {}", env!("CARGO_PKG_VERSION"));
             Ok(())
         }
-        Some(cmd @ ("flush" | "evict" | "status")) => match args.get(1) {
-            Some(mnt) if args.len() == 2 => admin(cmd, Path::new(mnt)),
-            _ => Err(format!("usage: nacrithfs {cmd} MOUNTPOINT")),
-        },
+        Some(cmd @ ("flush" | "evict" | "status" | "metrics")) => admin_main(cmd, &args[1..]),
         Some("fsck") => {
             set_private_umask();
             fsck_main(&args[1..])
@@ -157,187 +158,42 @@ fn fsck_main(args: &[OsString]) -> Result<(), String> {
 
 // ---- admin commands: talk to the daemon through xattrs on the mount's root ----
 
-fn cpath(p: &Path) -> Result<CString, String> {
-    CString::new(p.as_os_str().as_bytes()).map_err(|_| format!("bad path {}", p.display()))
-}
-
-fn get_status(mnt: &Path) -> Result<Vec<(String, String)>, String> {
-    let path = cpath(mnt)?;
-    let name = CString::new(XATTR_STATUS).map_err(|e| e.to_string())?;
-    let mut buf = vec![0u8; 4096];
-    // SAFETY: valid NUL-terminated strings and a buffer of the stated length.
-    let n = unsafe {
-        libc::getxattr(
-            path.as_ptr(),
-            name.as_ptr(),
-            buf.as_mut_ptr().cast(),
-            buf.len(),
-        )
+/// `flush|evict|status|metrics MOUNTPOINT [options]`.
+fn admin_main(cmd: &str, args: &[OsString]) -> Result<(), String> {
+    let usage = || match cmd {
+        "status" => "usage: nacrithfs status MOUNTPOINT [--json]".to_string(),
+        "metrics" => {
+            "usage: nacrithfs metrics MOUNTPOINT [--textfile PATH [--interval SECONDS]]".into()
+        }
+        _ => format!("usage: nacrithfs {cmd} MOUNTPOINT"),
     };
-    if n < 0 {
-        let e = std::io::Error::last_os_error();
-        return Err(format!(
-            "{}: cannot read status ({e}); is it a nacrithfs mount?",
-            mnt.display()
-        ));
-    }
-    buf.truncate(n as usize);
-    Ok(String::from_utf8_lossy(&buf)
-        .lines()
-        .filter_map(|l| l.split_once('='))
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect())
-}
-
-fn field(s: &[(String, String)], key: &str) -> u64 {
-    s.iter()
-        .find(|(k, _)| k == key)
-        .and_then(|(_, v)| v.parse::<f64>().ok())
-        .map_or(0, |v| v as u64)
-}
-
-fn control(mnt: &Path, what: &str) -> Result<(), String> {
-    let path = cpath(mnt)?;
-    let name = CString::new(XATTR_CONTROL).map_err(|e| e.to_string())?;
-    // SAFETY: valid NUL-terminated strings and a value of the stated length.
-    let r = unsafe {
-        libc::setxattr(
-            path.as_ptr(),
-            name.as_ptr(),
-            what.as_ptr().cast(),
-            what.len(),
-            0,
-        )
-    };
-    if r != 0 {
-        let e = std::io::Error::last_os_error();
-        if e.raw_os_error() == Some(libc::EPERM) {
-            return Err(format!(
-                "{}: {what} refused: only root and the user who mounted it may {what} a nacrithfs volume",
-                mnt.display()
-            ));
-        }
-        return Err(format!(
-            "{}: {what} failed: {e}; is it a nacrithfs mount?",
-            mnt.display()
-        ));
-    }
-    Ok(())
-}
-
-fn human(n: u64) -> String {
-    let n = n as f64;
-    if n >= 1e9 {
-        format!("{:.2} GB", n / 1e9)
-    } else if n >= 1e6 {
-        format!("{:.2} MB", n / 1e6)
-    } else if n >= 1e3 {
-        format!("{:.1} KB", n / 1e3)
-    } else {
-        format!("{n} B")
-    }
-}
-
-fn admin(cmd: &str, mnt: &Path) -> Result<(), String> {
-    match cmd {
-        "status" => {
-            let s = get_status(mnt)?;
-            let logical = field(&s, "logical_bytes");
-            let stored = field(&s, "stored_bytes");
-            let busy: f64 = s
-                .iter()
-                .find(|(k, _)| k == "busy_seconds")
-                .and_then(|(_, v)| v.parse().ok())
-                .unwrap_or(0.0);
-            println!(
-                "files         {} ({} compressed, {} dirty)",
-                field(&s, "files"),
-                field(&s, "compressed"),
-                field(&s, "dirty")
-            );
-            println!(
-                "queue         {} queued, {} due now, {} compressing",
-                field(&s, "queued"),
-                field(&s, "due"),
-                field(&s, "compressing")
-            );
-            println!(
-                "size          {} logical, {} stored, ratio {:.2}",
-                human(logical),
-                human(stored),
-                if stored > 0 {
-                    logical as f64 / stored as f64
-                } else {
-                    1.0
-                }
-            );
-            println!(
-                "cache         {} of plaintext",
-                human(field(&s, "cache_bytes"))
-            );
-            let bytes_in = field(&s, "bytes_in");
-            let per_busy_second = |v: u64| if busy > 0.0 { v as f64 / busy } else { 0.0 };
-            println!(
-                "workers       {} files compressed since mount, {} -> {}, {:.2} KB/s, {:.0} tokens/s while busy ({} chunk jobs waiting)",
-                field(&s, "compressed_since_mount"),
-                human(bytes_in),
-                human(field(&s, "bytes_out")),
-                per_busy_second(bytes_in) / 1e3,
-                per_busy_second(field(&s, "symbols_coded")),
-                field(&s, "chunk_jobs_queued"),
-            );
-            println!(
-                "superseded    {} compressions dropped because the file changed meanwhile",
-                field(&s, "superseded")
-            );
-            println!(
-                "reads         {} files decompressed since mount ({} regions decoded for reads)",
-                field(&s, "decompressions"),
-                field(&s, "regions_decoded")
-            );
-            println!(
-                "errors        {} compression failures, {} verify failures, {} decompression failures",
-                field(&s, "failures"),
-                field(&s, "verify_failures"),
-                field(&s, "decompress_failures")
-            );
-            Ok(())
-        }
-        "evict" => {
-            let before = field(&get_status(mnt)?, "cache_bytes");
-            control(mnt, "evict")?;
-            let after = field(&get_status(mnt)?, "cache_bytes");
-            println!(
-                "evicted {} of clean plaintext ({} remain: dirty or in use)",
-                human(before.saturating_sub(after)),
-                human(after)
-            );
-            Ok(())
-        }
-        _ => {
-            let failures_before = field(&get_status(mnt)?, "failures");
-            control(mnt, "flush")?;
-            loop {
-                let s = get_status(mnt)?;
-                let (due, busy) = (field(&s, "due"), field(&s, "compressing"));
-                if due == 0 && busy == 0 {
-                    let failed = field(&s, "failures").saturating_sub(failures_before);
-                    let dirty = field(&s, "dirty");
-                    println!(
-                        "flushed: {} files compressed, {} dirty (open for writing or failed)",
-                        field(&s, "compressed"),
-                        dirty
-                    );
-                    if failed > 0 {
-                        return Err(format!(
-                            "{failed} compressions failed (the files stay uncompressed; see the daemon's log)"
-                        ));
-                    }
-                    return Ok(());
-                }
-                std::thread::sleep(Duration::from_millis(200));
+    let mut mnt = None;
+    let (mut json, mut textfile, mut interval) = (false, None, None);
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        match a.to_str() {
+            Some("--json") if cmd == "status" => json = true,
+            Some("--textfile") if cmd == "metrics" => {
+                textfile = Some(PathBuf::from(it.next().ok_or_else(usage)?))
             }
+            Some("--interval") if cmd == "metrics" => {
+                let v = it.next().and_then(|v| v.to_str()).ok_or_else(usage)?;
+                interval = Some(v.parse::<u64>().map_err(|_| usage())?);
+            }
+            Some(s) if s.starts_with('-') => return Err(usage()),
+            _ if mnt.is_none() => mnt = Some(PathBuf::from(a)),
+            _ => return Err(usage()),
         }
+    }
+    let mnt = mnt.ok_or_else(usage)?;
+    if interval.is_some() && textfile.is_none() {
+        return Err(usage());
+    }
+    match cmd {
+        "status" => admin::print_status(&mnt, json),
+        "metrics" => admin::metrics(&mnt, textfile.as_deref(), interval),
+        "evict" => admin::evict(&mnt),
+        _ => admin::flush(&mnt),
     }
 }
 

@@ -12,6 +12,8 @@ use super::record::{Inode, Kind};
 pub struct Totals {
     pub files: u64,
     pub dirty: u64,
+    /// Sum of the sizes of dirty files (what a flush has to compress).
+    pub dirty_bytes: u64,
     /// Sum of file sizes.
     pub logical: u64,
     /// Bytes in the backing directory: blobs of compressed files, plaintext of dirty ones.
@@ -36,6 +38,7 @@ impl Totals {
         Totals {
             files: 1,
             dirty: u64::from(i.dirty),
+            dirty_bytes: if i.dirty { i.size } else { 0 },
             logical: i.size,
             stored: stored_size(i),
             cached: if i.cached { i.size } else { 0 },
@@ -45,6 +48,7 @@ impl Totals {
     fn add(&mut self, o: &Totals) {
         self.files += o.files;
         self.dirty += o.dirty;
+        self.dirty_bytes += o.dirty_bytes;
         self.logical += o.logical;
         self.stored += o.stored;
         self.cached += o.cached;
@@ -53,6 +57,7 @@ impl Totals {
     fn sub(&mut self, o: &Totals) {
         self.files = self.files.saturating_sub(o.files);
         self.dirty = self.dirty.saturating_sub(o.dirty);
+        self.dirty_bytes = self.dirty_bytes.saturating_sub(o.dirty_bytes);
         self.logical = self.logical.saturating_sub(o.logical);
         self.stored = self.stored.saturating_sub(o.stored);
         self.cached = self.cached.saturating_sub(o.cached);

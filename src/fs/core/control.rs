@@ -123,12 +123,18 @@ impl Core {
         // Kept by every commit: no scan of the index per read.
         let (queued, due) = self.store.with_queue(|q| (q.queued(), q.due(now)));
         let t = self.store.totals();
-        let (files, dirty, logical, stored, cache) =
-            (t.files, t.dirty, t.logical, t.stored, t.cached);
+        let (files, dirty, dirty_bytes, logical, stored, cache) = (
+            t.files,
+            t.dirty,
+            t.dirty_bytes,
+            t.logical,
+            t.stored,
+            t.cached,
+        );
         let compressed = files.saturating_sub(dirty);
         let secs = stats.busy.as_secs_f64();
         Ok(format!(
-            "files={files}\ncompressed={compressed}\ndirty={dirty}\nqueued={}\ndue={due}\ncompressing={compressing}\n\
+            "files={files}\ncompressed={compressed}\ndirty={dirty}\ndirty_bytes={dirty_bytes}\nqueued={}\ndue={due}\ncompressing={compressing}\n\
              logical_bytes={logical}\nstored_bytes={stored}\ncache_bytes={cache}\n\
              compressed_since_mount={}\nbytes_in={}\nbytes_out={}\nbusy_seconds={secs:.1}\n\
              failures={}\nsuperseded={}\nverify_failures={}\ndecompressions={}\ndecompress_failures={}\n\

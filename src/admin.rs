@@ -1,0 +1,414 @@
+//! The client side of `nacrithfs flush|evict|status|metrics MOUNTPOINT`: everything goes
+//! through two xattrs on the mount's root (`user.nacrith.status`, read; and
+//! `user.nacrith.control`, written), so these commands work on any mount the caller can
+//! reach, and the daemon answers from counters it keeps (no scan per call).
+
+use std::ffi::CString;
+use std::io::{IsTerminal, Write};
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use crate::fs::core::{XATTR_CONTROL, XATTR_STATUS};
+
+/// The daemon's status: `key=value` lines, in its order.
+pub struct Status(Vec<(String, String)>);
+
+/// Counters that only grow while the daemon runs (Prometheus counters); the rest are
+/// gauges of the volume's state.
+const COUNTERS: &[&str] = &[
+    "compressed_since_mount",
+    "bytes_in",
+    "bytes_out",
+    "busy_seconds",
+    "failures",
+    "superseded",
+    "verify_failures",
+    "decompressions",
+    "decompress_failures",
+    "symbols_coded",
+    "regions_decoded",
+];
+
+/// One line of help per field, for the Prometheus exposition.
+fn help(key: &str) -> &'static str {
+    match key {
+        "files" => "Regular files in the volume.",
+        "compressed" => "Files stored as blobs.",
+        "dirty" => "Files whose plaintext is their content (not compressed yet).",
+        "dirty_bytes" => "Bytes of dirty files.",
+        "queued" => "Files in the compression queue.",
+        "due" => "Queued files due for compression now.",
+        "compressing" => "Compressions running.",
+        "logical_bytes" => "Sum of file sizes.",
+        "stored_bytes" => "Bytes the files take in the backing directory (blobs, dirty plaintext).",
+        "cache_bytes" => "Plaintext bytes in the cache (dirty files and clean copies).",
+        "compressed_since_mount" => "Files compressed since mount.",
+        "bytes_in" => "Plaintext bytes compressed since mount.",
+        "bytes_out" => "Blob bytes written since mount.",
+        "busy_seconds" => "Seconds with at least one compression running, since mount.",
+        "failures" => "Compressions that failed (the file stays plaintext and is retried).",
+        "superseded" => "Compressions dropped because their file changed meanwhile.",
+        "verify_failures" => "New blobs that did not decode back (stored with zstd instead).",
+        "decompressions" => "Files decompressed into the cache since mount.",
+        "decompress_failures" => "Decompressions that failed (EIO to the reader).",
+        "symbols_coded" => "Symbols (tokens) coded by the model since mount.",
+        "regions_decoded" => "Blob regions decoded for readers since mount.",
+        "chunk_jobs_queued" => "Chunk jobs waiting for a model lane.",
+        _ => "nacrithfs status field.",
+    }
+}
+
+impl Status {
+    pub fn read(mnt: &Path) -> Result<Status, String> {
+        let path = cpath(mnt)?;
+        let name = CString::new(XATTR_STATUS).map_err(|e| e.to_string())?;
+        let mut buf = vec![0u8; 8192];
+        // SAFETY: valid NUL-terminated strings and a buffer of the stated length.
+        let n = unsafe {
+            libc::getxattr(
+                path.as_ptr(),
+                name.as_ptr(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+            )
+        };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            return Err(format!(
+                "{}: cannot read status ({e}); is it a nacrithfs mount?",
+                mnt.display()
+            ));
+        }
+        buf.truncate(n as usize);
+        Ok(Status(
+            String::from_utf8_lossy(&buf)
+                .lines()
+                .filter_map(|l| l.split_once('='))
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        ))
+    }
+
+    pub fn float(&self, key: &str) -> f64 {
+        self.0
+            .iter()
+            .find(|(k, _)| k == key)
+            .and_then(|(_, v)| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    }
+
+    pub fn get(&self, key: &str) -> u64 {
+        self.float(key) as u64
+    }
+
+    /// Numeric fields only (all of them today), in the daemon's order.
+    fn numbers(&self) -> impl Iterator<Item = (&str, f64)> {
+        self.0
+            .iter()
+            .filter_map(|(k, v)| v.parse::<f64>().ok().map(|n| (k.as_str(), n)))
+    }
+
+    /// One JSON object, every field a number.
+    pub fn to_json(&self) -> String {
+        let fields: Vec<String> = self
+            .numbers()
+            .map(|(k, v)| format!("  \"{k}\": {}", number(v)))
+            .collect();
+        format!("{{\n{}\n}}\n", fields.join(",\n"))
+    }
+
+    /// The Prometheus text exposition format (for node_exporter's textfile collector or
+    /// any scraper), labelled with the mountpoint.
+    pub fn to_prometheus(&self, mnt: &Path) -> String {
+        let label = mnt
+            .display()
+            .to_string()
+            .replace('\\', "\\\\")
+            .replace('"', "\\\"")
+            .replace('\n', "\\n");
+        let mut out = String::new();
+        for (k, v) in self.numbers() {
+            let counter = COUNTERS.contains(&k);
+            let name = if counter {
+                format!("nacrithfs_{k}_total")
+            } else {
+                format!("nacrithfs_{k}")
+            };
+            out.push_str(&format!("# HELP {name} {}\n", help(k)));
+            out.push_str(&format!(
+                "# TYPE {name} {}\n",
+                if counter { "counter" } else { "gauge" }
+            ));
+            out.push_str(&format!("{name}{{mountpoint=\"{label}\"}} {}\n", number(v)));
+        }
+        out
+    }
+}
+
+/// Integers without a fraction, the rest as Rust prints them (valid JSON and
+/// Prometheus numbers either way).
+fn number(v: f64) -> String {
+    if v.fract() == 0.0 && v.abs() < 1e15 {
+        format!("{}", v as i64)
+    } else {
+        format!("{v}")
+    }
+}
+
+fn cpath(p: &Path) -> Result<CString, String> {
+    CString::new(p.as_os_str().as_bytes()).map_err(|_| format!("bad path {}", p.display()))
+}
+
+/// Send a control command (`flush`, `evict`) to the daemon.
+pub fn control(mnt: &Path, what: &str) -> Result<(), String> {
+    let path = cpath(mnt)?;
+    let name = CString::new(XATTR_CONTROL).map_err(|e| e.to_string())?;
+    // SAFETY: valid NUL-terminated strings and a value of the stated length.
+    let r = unsafe {
+        libc::setxattr(
+            path.as_ptr(),
+            name.as_ptr(),
+            what.as_ptr().cast(),
+            what.len(),
+            0,
+        )
+    };
+    if r != 0 {
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::EPERM) {
+            return Err(format!(
+                "{}: {what} refused: only root and the user who mounted it may {what} a nacrithfs volume",
+                mnt.display()
+            ));
+        }
+        return Err(format!(
+            "{}: {what} failed: {e}; is it a nacrithfs mount?",
+            mnt.display()
+        ));
+    }
+    Ok(())
+}
+
+pub fn human(n: u64) -> String {
+    let n = n as f64;
+    if n >= 1e9 {
+        format!("{:.2} GB", n / 1e9)
+    } else if n >= 1e6 {
+        format!("{:.2} MB", n / 1e6)
+    } else if n >= 1e3 {
+        format!("{:.1} KB", n / 1e3)
+    } else {
+        format!("{n} B")
+    }
+}
+
+fn duration(secs: f64) -> String {
+    let s = secs.max(0.0) as u64;
+    match s {
+        0..=59 => format!("{s}s"),
+        60..=3599 => format!("{}m{:02}s", s / 60, s % 60),
+        _ => format!("{}h{:02}m", s / 3600, s % 3600 / 60),
+    }
+}
+
+/// `nacrithfs status [--json]`.
+pub fn print_status(mnt: &Path, json: bool) -> Result<(), String> {
+    let s = Status::read(mnt)?;
+    if json {
+        print!("{}", s.to_json());
+        return Ok(());
+    }
+    let logical = s.get("logical_bytes");
+    let stored = s.get("stored_bytes");
+    let busy = s.float("busy_seconds");
+    println!(
+        "files         {} ({} compressed, {} dirty: {})",
+        s.get("files"),
+        s.get("compressed"),
+        s.get("dirty"),
+        human(s.get("dirty_bytes"))
+    );
+    println!(
+        "queue         {} queued, {} due now, {} compressing",
+        s.get("queued"),
+        s.get("due"),
+        s.get("compressing")
+    );
+    println!(
+        "size          {} logical, {} stored, ratio {:.2}",
+        human(logical),
+        human(stored),
+        if stored > 0 {
+            logical as f64 / stored as f64
+        } else {
+            1.0
+        }
+    );
+    println!("cache         {} of plaintext", human(s.get("cache_bytes")));
+    let bytes_in = s.get("bytes_in");
+    let per_busy_second = |v: u64| if busy > 0.0 { v as f64 / busy } else { 0.0 };
+    println!(
+        "workers       {} files compressed since mount, {} -> {}, {:.2} KB/s, {:.0} tokens/s while busy ({} chunk jobs waiting)",
+        s.get("compressed_since_mount"),
+        human(bytes_in),
+        human(s.get("bytes_out")),
+        per_busy_second(bytes_in) / 1e3,
+        per_busy_second(s.get("symbols_coded")),
+        s.get("chunk_jobs_queued"),
+    );
+    println!(
+        "superseded    {} compressions dropped because the file changed meanwhile",
+        s.get("superseded")
+    );
+    println!(
+        "reads         {} files decompressed since mount ({} regions decoded for reads)",
+        s.get("decompressions"),
+        s.get("regions_decoded")
+    );
+    println!(
+        "errors        {} compression failures, {} verify failures, {} decompression failures",
+        s.get("failures"),
+        s.get("verify_failures"),
+        s.get("decompress_failures")
+    );
+    Ok(())
+}
+
+/// `nacrithfs metrics [--textfile PATH [--interval SECONDS]]`: to stdout, or written
+/// atomically (temp file, rename) to PATH for node_exporter's textfile collector, once
+/// or every SECONDS until killed.
+pub fn metrics(mnt: &Path, textfile: Option<&Path>, interval: Option<u64>) -> Result<(), String> {
+    let Some(path) = textfile else {
+        print!("{}", Status::read(mnt)?.to_prometheus(mnt));
+        return Ok(());
+    };
+    loop {
+        // A read that fails (the mount is gone) ends the loop with the error: a stale
+        // file would say the volume is fine.
+        let text = Status::read(mnt)?.to_prometheus(mnt);
+        let mut tmp = path.as_os_str().to_owned();
+        tmp.push(".tmp");
+        let tmp = std::path::PathBuf::from(tmp);
+        let written = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&tmp)
+            .and_then(|mut f| {
+                // Readable by the collector, whoever runs it.
+                use std::os::unix::fs::PermissionsExt;
+                f.set_permissions(std::fs::Permissions::from_mode(0o644))?;
+                f.write_all(text.as_bytes())
+            })
+            .and_then(|()| std::fs::rename(&tmp, path));
+        if let Err(e) = written {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(format!("writing {}: {e}", path.display()));
+        }
+        match interval {
+            Some(secs) => std::thread::sleep(Duration::from_secs(secs.max(1))),
+            None => return Ok(()),
+        }
+    }
+}
+
+/// `nacrithfs evict`.
+pub fn evict(mnt: &Path) -> Result<(), String> {
+    let before = Status::read(mnt)?.get("cache_bytes");
+    control(mnt, "evict")?;
+    let after = Status::read(mnt)?.get("cache_bytes");
+    println!(
+        "evicted {} of clean plaintext ({} remain: dirty or in use)",
+        human(before.saturating_sub(after)),
+        human(after)
+    );
+    Ok(())
+}
+
+/// Bytes of plaintext per symbol the status counts (English: ~3.6 bytes a token, each
+/// token counted when coded and again when the new blob is verified).
+const BYTES_PER_SYMBOL: f64 = 1.8;
+
+/// How often `flush` prints a progress line when not on a terminal.
+const PLAIN_EVERY: Duration = Duration::from_secs(30);
+
+/// `nacrithfs flush`: queue every closed dirty file now and wait until the queue is
+/// done. Progress (files and bytes done of what was dirty, tokens/s, ETA) as a bar on a
+/// terminal, as a line every 30 s otherwise.
+pub fn flush(mnt: &Path) -> Result<(), String> {
+    let start = Status::read(mnt)?;
+    let (files_total, bytes_total) = (start.get("dirty"), start.get("dirty_bytes"));
+    control(mnt, "flush")?;
+    let t0 = Instant::now();
+    let bar = std::io::stderr().is_terminal().then(|| {
+        let bar = indicatif::ProgressBar::new(bytes_total.max(1));
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "flush [{elapsed_precise}] {wide_bar} {bytes}/{total_bytes} {msg}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        bar
+    });
+    let mut last_line = Instant::now();
+    loop {
+        let s = Status::read(mnt)?;
+        let files = s
+            .get("compressed_since_mount")
+            .saturating_sub(start.get("compressed_since_mount"))
+            + s.get("superseded").saturating_sub(start.get("superseded"));
+        let bytes = s
+            .get("bytes_in")
+            .saturating_sub(start.get("bytes_in"))
+            .min(bytes_total);
+        let secs = t0.elapsed().as_secs_f64().max(1e-3);
+        // Bytes count when a file is done; for the ETA, the tokens coded so far stand for
+        // the bytes of files still in progress (each token is coded, then decoded to
+        // verify: ~1.8 bytes of English per token counted).
+        let symbols = s
+            .get("symbols_coded")
+            .saturating_sub(start.get("symbols_coded"));
+        let tokens = symbols as f64 / secs;
+        let estimate = bytes.max(((symbols as f64 * BYTES_PER_SYMBOL) as u64).min(bytes_total));
+        let eta = if estimate > 0 {
+            duration(secs * (bytes_total - estimate) as f64 / estimate as f64)
+        } else {
+            "?".into()
+        };
+        let msg = format!(
+            "{}/{files_total} files, {tokens:.0} tokens/s, ETA {eta}",
+            files.min(files_total)
+        );
+        let done = s.get("due") == 0 && s.get("compressing") == 0;
+        match &bar {
+            Some(b) => {
+                b.set_position(bytes);
+                b.set_message(msg);
+            }
+            None if last_line.elapsed() >= PLAIN_EVERY && !done => {
+                eprintln!("flush: {} of {}, {msg}", human(bytes), human(bytes_total));
+                last_line = Instant::now();
+            }
+            None => {}
+        }
+        if done {
+            if let Some(b) = &bar {
+                b.finish_and_clear();
+            }
+            let failed = s.get("failures").saturating_sub(start.get("failures"));
+            println!(
+                "flushed: {} files compressed, {} dirty (open for writing or failed)",
+                s.get("compressed"),
+                s.get("dirty")
+            );
+            if failed > 0 {
+                return Err(format!(
+                    "{failed} compressions failed (the files stay uncompressed; see the daemon's log)"
+                ));
+            }
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
