@@ -533,6 +533,19 @@ fn full_backing_disk_gives_enospc_and_loses_nothing() {
     let d = Daemon::start(&backing, &mnt, "idle=3600,reserve=3M");
     let manifest = fixture_manifest(1);
 
+    // statfs says what writes can use: the backing filesystem's free space less the
+    // reserve (a program that fills "free" space gets no early ENOSPC).
+    let avail = |p: &Path| {
+        let s = nix_statvfs(p);
+        s.f_bavail * s.f_frsize
+    };
+    let (through, beside) = (avail(&mnt), avail(&small));
+    // (The two calls are not atomic: a log line or index write may fall between them.)
+    assert!(
+        through.abs_diff(beside.saturating_sub(3 << 20)) <= 64 << 10,
+        "statfs through the mount: {through} bytes available; the disk: {beside}"
+    );
+
     // Writes through the mount stop at the reserve with ENOSPC.
     let (written, e) = fill(&mnt.join("fill"));
     println!("wrote {written} bytes through the mount, then: {e}");
@@ -574,6 +587,20 @@ fn full_backing_disk_gives_enospc_and_loses_nothing() {
     d.unmount();
     let (code, out) = fsck(&[], &backing);
     assert_eq!(code, 0, "{out}");
+}
+
+fn nix_statvfs(p: &Path) -> libc::statvfs {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(p.as_os_str().as_bytes()).expect("path");
+    // SAFETY: zeroed statvfs is a valid out-parameter; the path is NUL-terminated.
+    let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
+    assert_eq!(
+        unsafe { libc::statvfs(c.as_ptr(), &mut s) },
+        0,
+        "statvfs {}",
+        p.display()
+    );
+    s
 }
 
 fn env_number(var: &str, default: u64) -> u64 {

@@ -600,7 +600,8 @@ impl Core {
         Ok(())
     }
 
-    /// Total and free space of the backing filesystem, plus our inode count.
+    /// Total and free space of the backing filesystem, the free space net of the write
+    /// reserve (what writes through the mount can really use before `ENOSPC`).
     pub fn statfs(&self) -> FsResult<libc::statvfs> {
         let path = std::ffi::CString::new(self.store.backing().as_os_str().as_encoded_bytes())
             .map_err(|_| libc::EINVAL)?;
@@ -609,6 +610,10 @@ impl Core {
         if unsafe { libc::statvfs(path.as_ptr(), &mut s) } != 0 {
             return Err(io_err(std::io::Error::last_os_error()));
         }
+        // Block counts are in f_frsize units.
+        let reserved = self.reserve.div_ceil(s.f_frsize.max(1));
+        s.f_bfree = s.f_bfree.saturating_sub(reserved);
+        s.f_bavail = s.f_bavail.saturating_sub(reserved);
         Ok(s)
     }
 }
