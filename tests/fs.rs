@@ -642,3 +642,65 @@ fn a_read_decodes_only_the_chunks_it_covers() {
     assert_eq!(fs::read(&notes).expect("read"), b"rewritten\n");
     d.unmount();
 }
+
+/// copy_file_range(2) answers as the kernel's generic path does on ext4: EBADF for a
+/// read-only or O_APPEND destination and for a write-only source, EINVAL for an
+/// overlapping range in one file, EISDIR for a directory, EFBIG past the largest
+/// offset; a copy from past the end copies nothing; a plain copy copies.
+#[test]
+fn copy_file_range_errors_are_the_kernel_s() {
+    use std::os::fd::AsRawFd;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (backing, mnt) = new_volume(dir.path());
+    let d = Daemon::start(&backing, &mnt, "idle=3600");
+    let (src, dst) = (mnt.join("src"), mnt.join("dst"));
+    fs::write(&src, vec![b'x'; 100_000]).expect("write");
+    fs::write(&dst, b"y").expect("write");
+    let open = |p: &Path, flags: i32| {
+        OpenOptions::new()
+            .read(flags & libc::O_ACCMODE != libc::O_WRONLY)
+            .write(flags & libc::O_ACCMODE != libc::O_RDONLY)
+            .custom_flags(flags & !libc::O_ACCMODE)
+            .open(p)
+            .expect("open")
+    };
+    let copy = |from: &File, from_off: i64, to: &File, to_off: i64, len: usize| {
+        let (mut a, mut b) = (from_off, to_off);
+        // SAFETY: valid descriptors and offset pointers; no buffers are passed.
+        let r = unsafe {
+            libc::copy_file_range(from.as_raw_fd(), &mut a, to.as_raw_fd(), &mut b, len, 0)
+        };
+        if r < 0 {
+            Err(std::io::Error::last_os_error().raw_os_error().unwrap_or(0))
+        } else {
+            Ok(r)
+        }
+    };
+    let s = open(&src, libc::O_RDONLY);
+    assert_eq!(
+        copy(&s, 0, &open(&dst, libc::O_RDONLY), 0, 100),
+        Err(libc::EBADF)
+    );
+    let append = open(&dst, libc::O_WRONLY | libc::O_APPEND);
+    assert_eq!(copy(&s, 0, &append, 0, 100), Err(libc::EBADF));
+    let rw = open(&src, libc::O_RDWR);
+    assert_eq!(copy(&rw, 1000, &rw, 0, 5000), Err(libc::EINVAL));
+    let wo = open(&src, libc::O_WRONLY);
+    assert_eq!(
+        copy(&wo, 0, &open(&dst, libc::O_WRONLY), 0, 100),
+        Err(libc::EBADF)
+    );
+    let d_fd = File::open(&mnt).expect("open dir");
+    assert_eq!(
+        copy(&d_fd, 0, &open(&dst, libc::O_WRONLY), 0, 100),
+        Err(libc::EISDIR)
+    );
+    let w = open(&dst, libc::O_WRONLY);
+    assert_eq!(copy(&s, 0, &w, i64::MAX - 10, 100), Err(libc::EFBIG));
+    assert_eq!(copy(&s, 200_000, &w, 0, 100), Ok(0));
+    assert_eq!(copy(&s, 0, &w, 0, 100), Ok(100));
+    drop(w);
+    assert_eq!(fs::read(&dst).expect("read"), vec![b'x'; 100]);
+    drop((s, append, rw, wo, d_fd));
+    d.unmount();
+}
