@@ -254,6 +254,7 @@ fn fsck_finds_and_repairs_every_planted_defect() {
         "missing-cookie",
         "stale-cookie",
         "loose-mode",
+        "stale-parent",
     ];
     let (code, out) = fsck(&[], &backing);
     println!("{out}");
@@ -264,8 +265,9 @@ fn fsck_finds_and_repairs_every_planted_defect() {
             "fsck did not report {code}:\n{out}"
         );
     }
-    // (The dangling entry's cookie key is stale too.)
-    assert!(out.contains("15 problems, 0 repaired"), "{out}");
+    // (The dangling entry's cookie key is stale too, and so is the parent entry it
+    // planted for the missing inode.)
+    assert!(out.contains("16 problems, 0 repaired"), "{out}");
     assert!(
         out.contains("2 deleted or superseded files await removal"),
         "{out}"
@@ -277,7 +279,7 @@ fn fsck_finds_and_repairs_every_planted_defect() {
     // The content of zeros.bin is gone (its only copy was the deleted blob): reported,
     // never "repaired" by inventing data.
     assert_eq!(code, 4, "{out}");
-    assert!(out.contains("15 problems, 14 repaired"), "{out}");
+    assert!(out.contains("16 problems, 15 repaired"), "{out}");
     assert!(
         out.contains("2 deleted or superseded files were removed"),
         "{out}"

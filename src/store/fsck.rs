@@ -399,13 +399,27 @@ fn check_links(c: &mut Checker, inodes: &HashMap<u64, Inode>, names: &Names) -> 
             }
         }
     }
+    // /lost+found is made (when a repair needs it) before any count is checked, so that
+    // the root's count includes it.
+    let orphan = |ino: u64, i: &Inode| {
+        ino != ROOT_INO && i.nlink != 0 && names.get(&ino).is_none_or(|v| v.is_empty())
+    };
     let mut lost_found: Option<u64> = None;
+    let mut made_lost_found = false;
+    if c.opts.repair && inodes.iter().any(|(&ino, i)| orphan(ino, i)) {
+        let (lf, made) = lost_found_inode(c)?;
+        lost_found = Some(lf);
+        if made {
+            *subdirs.entry(ROOT_INO).or_default() += 1;
+            made_lost_found = true;
+        }
+    }
     let mut sorted: Vec<_> = inodes.iter().collect();
     sorted.sort_by_key(|(ino, _)| **ino);
     for (&ino, inode) in sorted {
         let named = names.get(&ino).map_or(0, |v| v.len() as u32);
         if ino != ROOT_INO && named == 0 {
-            if inode.nlink == 0 {
+            if !orphan(ino, inode) {
                 // Unlinked while open when the daemon stopped: the next mount deletes it.
                 continue;
             }
@@ -418,15 +432,7 @@ fn check_links(c: &mut Checker, inodes: &HashMap<u64, Inode>, names: &Names) -> 
                 ),
                 Some(fix),
             );
-            if c.opts.repair {
-                let lf = match lost_found {
-                    Some(lf) => lf,
-                    None => {
-                        let lf = lost_found_inode(c, inodes)?;
-                        lost_found = Some(lf);
-                        lf
-                    }
-                };
+            if let Some(lf) = lost_found {
                 let mut fixed = inode.clone();
                 fixed.nlink = if inode.kind == Kind::Dir {
                     2 + subdirs.get(&ino).copied().unwrap_or(0)
@@ -452,7 +458,13 @@ fn check_links(c: &mut Checker, inodes: &HashMap<u64, Inode>, names: &Names) -> 
         } else {
             named
         };
-        if inode.nlink != want && Some(ino) != lost_found {
+        // The root's count was right if only the /lost+found made just now is missing.
+        let was_right = ino == ROOT_INO && made_lost_found && inode.nlink + 1 == want;
+        if inode.nlink != want && was_right {
+            let mut fixed = inode.clone();
+            fixed.nlink = want;
+            c.txn.put_inode(ino, &fixed);
+        } else if inode.nlink != want && Some(ino) != lost_found {
             c.found(
                 "link-count",
                 format!(
@@ -476,10 +488,11 @@ fn check_links(c: &mut Checker, inodes: &HashMap<u64, Inode>, names: &Names) -> 
     Ok(())
 }
 
-/// The inode of /lost+found, created (and committed) if needed.
-fn lost_found_inode(c: &mut Checker, inodes: &HashMap<u64, Inode>) -> Result<u64> {
+/// The inode of /lost+found, and whether it was made (committed) just now. The root's
+/// link count is the caller's to fix, with the rest of the repair.
+fn lost_found_inode(c: &mut Checker) -> Result<(u64, bool)> {
     if let Some((ino, Kind::Dir)) = c.store.lookup(ROOT_INO, LOST_FOUND.as_bytes())? {
-        return Ok(ino);
+        return Ok((ino, false));
     }
     let mut txn = Txn::default();
     let ino = c.store.alloc_ino(&mut txn);
@@ -487,12 +500,8 @@ fn lost_found_inode(c: &mut Checker, inodes: &HashMap<u64, Inode>) -> Result<u64
     txn.put_inode(ino, &dir);
     c.store
         .put_name(&mut txn, ROOT_INO, LOST_FOUND.as_bytes(), ino, Kind::Dir)?;
-    if let Some(mut root) = inodes.get(&ROOT_INO).cloned() {
-        root.nlink += 1;
-        txn.put_inode(ROOT_INO, &root);
-    }
     c.store.commit(txn, true)?;
-    Ok(ino)
+    Ok((ino, true))
 }
 
 /// Each regular file has its content somewhere, and what it names is sound.
@@ -671,6 +680,27 @@ fn check_blob(
 }
 
 fn check_queue_and_xattrs(c: &mut Checker, inodes: &HashMap<u64, Inode>) -> Result<()> {
+    // Parent entries are advisory (a path for log lines, checked before use), but one
+    // of an inode that is gone is garbage.
+    let parents: Vec<_> = c
+        .store
+        .db
+        .scan_prefix(b"p")
+        .keys()
+        .collect::<std::result::Result<_, _>>()?;
+    for k in parents {
+        let ino = ino_from(&k).unwrap_or(0);
+        // (An inode this repair made, /lost+found, is in the index but not in `inodes`.)
+        let exists = inodes.contains_key(&ino) || c.store.get(ino).ok().flatten().is_some();
+        if k.len() != 9 || !exists {
+            c.found(
+                "stale-parent",
+                format!("a parent entry names inode {ino}, which does not exist"),
+                Some("removed".into()),
+            );
+            c.txn.batch.remove(&k[..]);
+        }
+    }
     for (ino, _) in c.store.queue()? {
         if !inodes.get(&ino).is_some_and(|i| i.kind == Kind::File) {
             c.found(

@@ -104,6 +104,21 @@ fn cookie_key(parent: u64, cookie: u64) -> [u8; 17] {
     k
 }
 
+/// An inode's parent directory and its name there (the newest name given to it), so a
+/// path is found by walking up: O(depth), not a scan of every entry. Advisory: once
+/// that name is gone (a hard link removed) it is stale, and readers check it.
+fn parent_key(ino: u64) -> [u8; 9] {
+    let mut k = [b'p'; 9];
+    k[1..].copy_from_slice(&ino.to_be_bytes());
+    k
+}
+
+fn encode_parent(parent: u64, name: &[u8]) -> Vec<u8> {
+    let mut v = parent.to_le_bytes().to_vec();
+    v.extend_from_slice(name);
+    v
+}
+
 /// A file to delete once the index that no longer needs it is durable: the plaintext
 /// cache file of a deleted inode (`tag` 0) or blob `<ino>-<tag>`.
 fn grave_key(ino: u64, tag: u64) -> [u8; 17] {
@@ -119,12 +134,15 @@ pub const GRAVE_CACHE: u64 = 0;
 const NEXT_INO_KEY: &[u8] = b"mnext_ino";
 const NEXT_BLOB_KEY: &[u8] = b"mnext_blob";
 const NEXT_COOKIE_KEY: &[u8] = b"mnext_cookie";
-/// Index layout: absent = 1 (no readdir cookies); 2 = every entry has a cookie.
+/// Index layout: absent = 1 (no readdir cookies); 2 = every entry has a cookie;
+/// 3 = every inode with a name has a parent entry ('p').
 const LAYOUT_KEY: &[u8] = b"mlayout";
 /// Present while clean copies made by layout 1 (never fsynced) are still to be checked
 /// against their blobs' size and BLAKE3 (by the next read-write recovery).
 const CHECK_CLEAN_KEY: &[u8] = b"mcheck_clean";
-const LAYOUT: u64 = 2;
+const LAYOUT: u64 = 3;
+/// The first layout with readdir cookies.
+const LAYOUT_COOKIES: u64 = 2;
 /// Cookies 1 and 2 are `.` and `..`.
 const FIRST_COOKIE: u64 = 3;
 
@@ -198,6 +216,7 @@ impl Txn {
     }
     pub fn del_inode(&mut self, ino: u64) {
         self.batch.remove(&inode_key(ino));
+        self.batch.remove(&parent_key(ino));
         self.changes.push(Change::Inode(ino, None));
     }
     /// An entry with its readdir cookie (see [`Store::put_name`], which picks it).
@@ -207,6 +226,8 @@ impl Txn {
             &record::encode_dirent(ino, kind, cookie)[..],
         );
         self.batch.insert(&cookie_key(parent, cookie), name);
+        self.batch
+            .insert(&parent_key(ino), encode_parent(parent, name));
     }
     pub fn del_dirent(&mut self, parent: u64, name: &[u8], cookie: Option<u64>) {
         self.batch.remove(dirent_key(parent, name));
@@ -428,7 +449,7 @@ impl Store {
             next_ino: AtomicU64::new(read_counter(NEXT_INO_KEY, ROOT_INO + 1)?),
             next_blob: AtomicU64::new(read_counter(NEXT_BLOB_KEY, 1)?),
             next_cookie: AtomicU64::new(read_counter(NEXT_COOKIE_KEY, FIRST_COOKIE)?),
-            cookies: layout >= LAYOUT,
+            cookies: layout >= LAYOUT_COOKIES,
             ro_tmp,
             _ro_lock: ro_lock,
             tally: Default::default(),
@@ -443,8 +464,8 @@ impl Store {
         }
         if fresh {
             store.db.insert(LAYOUT_KEY, &LAYOUT.to_le_bytes())?;
-        } else if !store.cookies && !read_only {
-            store.migrate_cookies()?;
+        } else if layout < LAYOUT && !read_only {
+            store.migrate(layout)?;
         }
         store.init_tally()?;
         if store.get(ROOT_INO)?.is_none() {
@@ -552,9 +573,11 @@ impl Store {
     }
 
     /// Give every entry of an old (layout 1) index a cookie, in name order, once.
-    fn migrate_cookies(&mut self) -> Result<()> {
+    /// Bring an older index to this layout, in one batch: readdir cookies for entries
+    /// without one (layout 1), parent entries for every named inode (layout 2).
+    fn migrate(&mut self, from: u64) -> Result<()> {
         let mut txn = Txn::default();
-        let mut n = 0u64;
+        let (mut cookies, mut parents) = (0u64, 0u64);
         for r in self.db.scan_prefix(b"d") {
             let (k, v) = r?;
             let (Some(parent), Some((ino, kind, cookie))) =
@@ -562,20 +585,42 @@ impl Store {
             else {
                 continue; // fsck reports it
             };
-            if cookie.is_none() {
-                let c = self.alloc_cookie(&mut txn);
-                txn.put_dirent(parent, &k[9..], ino, kind, c);
-                n += 1;
+            match cookie {
+                None => {
+                    let c = self.alloc_cookie(&mut txn);
+                    txn.put_dirent(parent, &k[9..], ino, kind, c);
+                    cookies += 1;
+                }
+                Some(_) => {
+                    txn.batch
+                        .insert(&parent_key(ino), encode_parent(parent, &k[9..]));
+                }
             }
+            parents += 1;
         }
         txn.batch.insert(LAYOUT_KEY, &LAYOUT.to_le_bytes());
-        // Layout 1 made plaintext the clean copy without an fsync: after a power cut one
-        // may be short or zero-filled. The next recovery checks each against its blob.
-        txn.batch.insert(CHECK_CLEAN_KEY, &[][..]);
+        if from < LAYOUT_COOKIES {
+            // Layout 1 made plaintext the clean copy without an fsync: after a power cut
+            // one may be short or zero-filled. The next recovery checks each against its
+            // blob.
+            txn.batch.insert(CHECK_CLEAN_KEY, &[][..]);
+        }
         self.commit(txn, true)?;
         self.cookies = true;
-        log::info!("index: {n} directory entries given readdir cookies (layout {LAYOUT})");
+        log::info!(
+            "index: layout {from} -> {LAYOUT}: {cookies} directory entries given readdir cookies, {parents} parent entries"
+        );
         Ok(())
+    }
+
+    /// The directory and name `ino` was last given (None for the root, an inode without
+    /// a name, or an index older than layout 3 opened read-only). Check it before use:
+    /// that name may have been removed since (a hard link).
+    pub fn parent_of(&self, ino: u64) -> Result<Option<(u64, Vec<u8>)>> {
+        Ok(self.db.get(parent_key(ino))?.and_then(|v| {
+            let parent = u64::from_le_bytes(v.get(..8)?.try_into().ok()?);
+            Some((parent, v[8..].to_vec()))
+        }))
     }
 
     /// Up to `max` entries of a directory whose cookie is above `after`, in cookie

@@ -193,20 +193,20 @@ impl Inode {
 }
 
 fn split_time(t: SystemTime) -> (i64, u32) {
-    match t.duration_since(UNIX_EPOCH) {
-        Ok(d) => (d.as_secs() as i64, d.subsec_nanos()),
+    // In i128: the earliest time a record can hold is 2^63 s before 1970, whose
+    // seconds do not negate within i64 (found by fuzzing index_records).
+    let (s, n) = match t.duration_since(UNIX_EPOCH) {
+        Ok(d) => (d.as_secs() as i128, d.subsec_nanos()),
         Err(e) => {
             // Before 1970: floor to whole seconds below, nanoseconds above.
             let d = e.duration();
-            let mut s = -(d.as_secs() as i64);
-            let mut n = d.subsec_nanos();
-            if n > 0 {
-                s -= 1;
-                n = 1_000_000_000 - n;
+            match d.subsec_nanos() {
+                0 => (-(d.as_secs() as i128), 0),
+                n => (-(d.as_secs() as i128) - 1, 1_000_000_000 - n),
             }
-            (s, n)
         }
-    }
+    };
+    (s.clamp(i64::MIN as i128, i64::MAX as i128) as i64, n)
 }
 
 fn join_time(s: i64, n: u32) -> SystemTime {

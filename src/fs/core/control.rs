@@ -153,20 +153,22 @@ impl Core {
         ))
     }
 
-    /// One path of `ino` (for log lines), or `inode N` if it has none.
+    /// One path of `ino` (for log lines), or `inode N` if it has none: walked up through
+    /// the parent entries, each checked against the directory (O(depth), never a scan).
     pub fn describe(&self, ino: u64) -> String {
         let mut parts = Vec::new();
         let mut cur = ino;
-        'up: while cur != ROOT_INO && parts.len() < 64 {
-            for r in self.store.dirents().flatten() {
-                let (parent, name, child) = r;
-                if child == cur {
+        while cur != ROOT_INO && parts.len() < 256 {
+            match self.store.parent_of(cur) {
+                Ok(Some((parent, name))) if matches!(self.store.lookup(parent, &name), Ok(Some((i, _))) if i == cur) =>
+                {
                     parts.push(String::from_utf8_lossy(&name).into_owned());
                     cur = parent;
-                    continue 'up;
                 }
+                // Unnamed (unlinked while open), the recorded link removed, or an old
+                // index read-only.
+                _ => return format!("inode {ino}"),
             }
-            return format!("inode {ino}");
         }
         parts.reverse();
         format!("/{}", parts.join("/"))
