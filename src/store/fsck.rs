@@ -107,6 +107,7 @@ pub fn fsck(backing: &Path, opts: FsckOptions<'_>) -> Result<Report> {
         txn: Txn::default(),
         rescue_after_commit: Vec::new(),
     };
+    check_key_shapes(&mut c)?;
     let inodes = read_inodes(&mut c)?;
     let names = check_dirents(&mut c, &inodes)?;
     check_cookies(&mut c, &names)?;
@@ -298,11 +299,62 @@ fn check_cookies(c: &mut Checker, names: &Names) -> Result<()> {
     Ok(())
 }
 
+/// The counters and markers this index keeps under 'm'.
+const META_KEYS: &[&[u8]] = &[
+    b"mnext_ino",
+    b"mnext_blob",
+    b"mnext_cookie",
+    b"mlayout",
+    b"mcheck_clean",
+];
+
+/// Every key has a shape this index writes: a malformed key of a known kind (a wrong
+/// length, an empty name, an unknown counter, a queue entry without its due time) is
+/// garbage no reader uses, removed by --repair; a key of an unknown kind is reported and
+/// left alone. (Readdir cookie keys are checked with the cookies.)
+fn check_key_shapes(c: &mut Checker) -> Result<()> {
+    let keys: Vec<_> = c
+        .store
+        .db
+        .iter()
+        .collect::<std::result::Result<Vec<_>, _>>()?;
+    for (k, v) in keys {
+        let ok = match k.first() {
+            Some(b'i' | b'p') => k.len() == 9,
+            Some(b'q') => k.len() == 9 && v.len() == 8,
+            Some(b'g') => k.len() == 17,
+            Some(b'd' | b'x') => k.len() > 9,
+            Some(b'c') => continue,
+            Some(b'm') => META_KEYS.contains(&&k[..]),
+            _ => {
+                c.found(
+                    "unknown-key",
+                    format!("index key {k:?} is of no kind this version writes"),
+                    None,
+                );
+                continue;
+            }
+        };
+        if !ok {
+            c.found(
+                "bad-key",
+                format!("index key {k:?} ({} bytes of value) is malformed", v.len()),
+                Some("removed".into()),
+            );
+            c.txn.batch.remove(k);
+        }
+    }
+    Ok(())
+}
+
 fn read_inodes(c: &mut Checker) -> Result<HashMap<u64, Inode>> {
     let mut inodes = HashMap::new();
     let mut bad = Vec::new();
     for r in c.store.db.scan_prefix(b"i") {
         let (k, v) = r?;
+        if k.len() != 9 {
+            continue; // a bad-key
+        }
         match (ino_from(&k), Inode::decode(&v)) {
             (Some(ino), Ok(i)) => {
                 inodes.insert(ino, i);
@@ -688,11 +740,11 @@ fn check_queue_and_xattrs(c: &mut Checker, inodes: &HashMap<u64, Inode>) -> Resu
         .scan_prefix(b"p")
         .keys()
         .collect::<std::result::Result<_, _>>()?;
-    for k in parents {
+    for k in parents.into_iter().filter(|k| k.len() == 9) {
         let ino = ino_from(&k).unwrap_or(0);
         // (An inode this repair made, /lost+found, is in the index but not in `inodes`.)
         let exists = inodes.contains_key(&ino) || c.store.get(ino).ok().flatten().is_some();
-        if k.len() != 9 || !exists {
+        if !exists {
             c.found(
                 "stale-parent",
                 format!("a parent entry names inode {ino}, which does not exist"),

@@ -684,7 +684,9 @@ impl Store {
             let (Some(ino), Some(tag)) = (ino_from(&k), second_u64(&k)) else {
                 continue;
             };
-            out.push((ino, tag));
+            if k.len() == 17 {
+                out.push((ino, tag));
+            }
         }
         Ok(out)
     }
@@ -759,7 +761,10 @@ impl Store {
     fn init_tally(&self) -> Result<()> {
         let mut t = tally::Tally::default();
         for r in self.db.scan_prefix(b"i") {
-            let (_, v) = r?;
+            let (k, v) = r?;
+            if k.len() != 9 {
+                continue;
+            }
             if let Ok(i) = Inode::decode(&v) {
                 let new = tally::Totals::of(&i);
                 t.totals.replace(&tally::Totals::default(), &new);
@@ -885,6 +890,9 @@ impl Store {
         let mut out = Vec::new();
         for r in self.db.scan_prefix(b"q") {
             let (k, v) = r?;
+            if k.len() != 9 {
+                continue; // not a key this index writes: fsck reports it
+            }
             let (Some(ino), Some(due)) = (
                 ino_from(&k),
                 v.get(..8)
@@ -902,10 +910,12 @@ impl Store {
     pub fn inodes(&self) -> impl Iterator<Item = Result<(u64, Inode)>> + '_ {
         self.db.scan_prefix(b"i").map(|r| {
             let (k, v) = r?;
-            let ino = ino_from(&k).ok_or_else(|| StoreError::Corrupt {
-                what: "inode key".into(),
-                why: "short key".into(),
-            })?;
+            let ino = ino_from(&k)
+                .filter(|_| k.len() == 9)
+                .ok_or_else(|| StoreError::Corrupt {
+                    what: "inode key".into(),
+                    why: format!("{} bytes long", k.len()),
+                })?;
             let inode = Inode::decode(&v).map_err(|why| StoreError::Corrupt {
                 what: format!("inode {ino}"),
                 why,
