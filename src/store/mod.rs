@@ -890,8 +890,8 @@ impl Store {
         let mut out = Vec::new();
         for r in self.db.scan_prefix(b"q") {
             let (k, v) = r?;
-            if k.len() != 9 {
-                continue; // not a key this index writes: fsck reports it
+            if k.len() != 9 || v.len() != 8 {
+                continue; // not an entry this index writes: fsck reports it
             }
             let (Some(ino), Some(due)) = (
                 ino_from(&k),
