@@ -304,19 +304,19 @@ fn tokenizer_matches_llama_cpp_on_real_text() {
     }
 }
 
-/// A file longer than one window is coded window by window (here 2 KiB windows, so the
+/// A file longer than one window is coded window by window (here 4 KiB windows, so the
 /// streaming path runs on a small text): text in every window goes through the model,
 /// the zero run between is a zero segment, and it decodes into memory and, streamed,
 /// into a file with a hole, byte-exact.
 #[test]
 fn text_across_windows_and_a_hole_streams_through_the_model() {
     let _g = llm_lock();
-    let text = english(4_000);
-    let mut data = text[..2_000].to_vec();
-    data.resize(2_000 + 80_000, 0);
-    data.extend_from_slice(&text[2_000..]);
+    let text = english(5_000);
+    let mut data = text[..4_500].to_vec();
+    data.resize(4_500 + 80_000, 0);
+    data.extend_from_slice(&text[4_500..]);
     let opts = CompressOptions {
-        window: 2048,
+        window: 4096,
         chunk_size: 1024,
         head_chunk: 0,
         ..CompressOptions::default()
@@ -325,7 +325,10 @@ fn text_across_windows_and_a_hole_streams_through_the_model() {
     let (header, _) = Header::parse(&blob, Some(blob.len() as u64)).expect("header");
     let k = kinds(&header);
     let llm = k.iter().filter(|&&k| k == SegmentKind::Llm).count();
-    assert!(llm >= 3, "text in several windows goes to the model: {k:?}");
+    assert!(
+        llm >= 2,
+        "text across a window boundary goes to the model: {k:?}"
+    );
     assert_eq!(
         k.iter().filter(|&&k| k == SegmentKind::Zero).count(),
         1,
