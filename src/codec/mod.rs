@@ -916,6 +916,16 @@ mod tests {
         data
     }
 
+    /// `blob` decoded (without a model) into a new temp file through a [`FileSink`].
+    fn decode_to_file(blob: &[u8]) -> std::fs::File {
+        let f = tempfile::tempfile().expect("tempfile");
+        let mut sink = FileSink::new(&f);
+        let opts = DecompressOptions::default();
+        decode_to(&blob, None, &opts, &|_| {}, &mut sink).expect("decode_to");
+        sink.finish().expect("finish");
+        f
+    }
+
     fn first_hole(f: &std::fs::File) -> i64 {
         // SAFETY: lseek on a descriptor we own; no memory is passed.
         unsafe { libc::lseek(f.as_raw_fd(), 0, libc::SEEK_HOLE) }
@@ -952,17 +962,7 @@ mod tests {
         assert!(back.expect("decompress") == data);
 
         // Streamed into a file: the same bytes, with the zero runs left as holes.
-        let f = tempfile::tempfile().expect("tempfile");
-        let mut sink = FileSink::new(&f);
-        decode_to(
-            &&blob[..],
-            None,
-            &DecompressOptions::default(),
-            &|_| {},
-            &mut sink,
-        )
-        .expect("decode_to");
-        sink.finish().expect("finish");
+        let f = decode_to_file(&blob);
         let mut back = vec![0u8; data.len()];
         std::os::unix::fs::FileExt::read_exact_at(&f, &mut back, 0).expect("read");
         assert!(back == data);
@@ -998,17 +998,7 @@ mod tests {
         blob.extend_from_slice(&payload);
         assert!(blob.len() < 16 << 10, "{} bytes", blob.len());
         // Decoded to a file: three islands, holes between.
-        let out = tempfile::tempfile().expect("tempfile");
-        let mut sink = FileSink::new(&out);
-        decode_to(
-            &&blob[..],
-            None,
-            &DecompressOptions::default(),
-            &|_| {},
-            &mut sink,
-        )
-        .expect("decode");
-        sink.finish().expect("finish");
+        let out = decode_to_file(&blob);
         assert_eq!(out.metadata().expect("stat").len(), len);
         let blocks = std::os::unix::fs::MetadataExt::blocks(&out.metadata().expect("stat"));
         assert!(blocks < 1024, "{blocks} blocks allocated");
