@@ -681,13 +681,6 @@ impl<'h> Verifier<'h> {
     }
 }
 
-/// The checks on a fully assembled original in memory.
-pub fn verify_assembled(header: &Header, plain: &[u8]) -> Result<(), CodecError> {
-    let mut v = Verifier::new(header);
-    v.update(plain)?;
-    v.finish()
-}
-
 /// Where a streaming decode puts the original, in file order.
 pub trait Sink {
     fn bytes(&mut self, bytes: &[u8]) -> io::Result<()>;

@@ -10,7 +10,7 @@ use std::time::SystemTime;
 use super::record::{self, Inode, Kind};
 use super::{
     dirent_key, ino_from, inode_key, queue_key, unix_ms, xattr_key, Result, Store, StoreError, Txn,
-    NEXT_BLOB_KEY, NEXT_INO_KEY, ROOT_INO,
+    META_KEYS, NEXT_BLOB_KEY, NEXT_INO_KEY, ROOT_INO,
 };
 use crate::codec::container::Header;
 use crate::codec::source::{FileSource, Source};
@@ -299,26 +299,15 @@ fn check_cookies(c: &mut Checker, names: &Names) -> Result<()> {
     Ok(())
 }
 
-/// The counters and markers this index keeps under 'm'.
-const META_KEYS: &[&[u8]] = &[
-    b"mnext_ino",
-    b"mnext_blob",
-    b"mnext_cookie",
-    b"mlayout",
-    b"mcheck_clean",
-];
-
 /// Every key has a shape this index writes: a malformed key of a known kind (a wrong
 /// length, an empty name, an unknown counter, a queue entry without its due time) is
 /// garbage no reader uses, removed by --repair; a key of an unknown kind is reported and
 /// left alone. (Readdir cookie keys are checked with the cookies.)
 fn check_key_shapes(c: &mut Checker) -> Result<()> {
-    let keys: Vec<_> = c
-        .store
-        .db
-        .iter()
-        .collect::<std::result::Result<Vec<_>, _>>()?;
-    for (k, v) in keys {
+    // One pass over the index, holding only the bad keys' findings.
+    let store = c.store;
+    for r in store.db.iter() {
+        let (k, v) = r?;
         let ok = match k.first() {
             Some(b'i' | b'p') => k.len() == 9,
             Some(b'q') => k.len() == 9 && v.len() == 8,

@@ -140,6 +140,14 @@ const LAYOUT_KEY: &[u8] = b"mlayout";
 /// Present while clean copies made by layout 1 (never fsynced) are still to be checked
 /// against their blobs' size and BLAKE3 (by the next read-write recovery).
 const CHECK_CLEAN_KEY: &[u8] = b"mcheck_clean";
+/// Every key this index keeps under 'm' (fsck reports any other as malformed).
+const META_KEYS: &[&[u8]] = &[
+    NEXT_INO_KEY,
+    NEXT_BLOB_KEY,
+    NEXT_COOKIE_KEY,
+    LAYOUT_KEY,
+    CHECK_CLEAN_KEY,
+];
 const LAYOUT: u64 = 3;
 /// The first layout with readdir cookies.
 const LAYOUT_COOKIES: u64 = 2;
