@@ -28,6 +28,7 @@ const COUNTERS: &[&str] = &[
     "decompress_failures",
     "symbols_coded",
     "regions_decoded",
+    "index_commits",
 ];
 
 /// One line of help per field, for the Prometheus exposition.
@@ -55,6 +56,7 @@ fn help(key: &str) -> &'static str {
         "symbols_coded" => "Symbols (tokens) coded by the model since mount.",
         "regions_decoded" => "Blob regions decoded for readers since mount.",
         "chunk_jobs_queued" => "Chunk jobs waiting for a model lane.",
+        "index_commits" => "Index batches committed since mount.",
         _ => "nacrithfs status field.",
     }
 }

@@ -167,6 +167,18 @@ fn cases() -> Vec<Case> {
         );
         a
     }
+    fn appended_dirty() -> Allowed {
+        let mut a = unchanged();
+        allow(&mut a, "dirty.txt", vec![appended("dirty.txt")]);
+        a
+    }
+    fn half_appended_dirty() -> Allowed {
+        let mut a = unchanged();
+        let mut v = contents()["dirty.txt"].clone();
+        v.extend_from_slice(&new_text()[..new_text().len() / 2]);
+        allow(&mut a, "dirty.txt", vec![Some(v)]);
+        a
+    }
     fn fallocated() -> Allowed {
         let mut a = unchanged();
         let mut grown = contents()["clean.txt"].clone();
@@ -216,6 +228,18 @@ fn cases() -> Vec<Case> {
     }
     fn write_clean(mnt: &Path) {
         append_new(mnt, "clean.txt");
+    }
+    /// Two writes to a dirty file through one handle, a group commit apart: the second
+    /// write commits nothing (its size waits in memory), and the crash loses neither.
+    fn write_dirty(mnt: &Path) {
+        if let Ok(mut f) = OpenOptions::new().append(true).open(mnt.join("dirty.txt")) {
+            let text = new_text();
+            let (a, b) = text.split_at(text.len() / 2);
+            let _ = f.write_all(a);
+            std::thread::sleep(Duration::from_millis(2500));
+            let _ = f.write_all(b);
+            std::thread::sleep(Duration::from_millis(2500));
+        }
     }
     fn rewrite_evicted(mnt: &Path) {
         let _ = fs::write(mnt.join("evicted.txt"), new_text());
@@ -284,6 +308,18 @@ fn cases() -> Vec<Case> {
             "write.after_data",
             write_clean,
             appended_clean,
+        ),
+        c(
+            "write to a dirty file (no index write)",
+            "write.after_data:2",
+            write_dirty,
+            appended_dirty,
+        ),
+        c(
+            "write to a dirty file (no index write)",
+            "group_commit.after_index",
+            write_dirty,
+            half_appended_dirty,
         ),
         c(
             "O_TRUNC of an evicted file",
@@ -447,8 +483,10 @@ fn run_to_crash(backing: &Path, mnt: &Path, case: &Case) {
         case.op,
         case.point
     );
+    // `name:N` arms the N-th pass of point `name`.
+    let name = case.point.split(':').next().unwrap_or(case.point);
     assert!(
-        text.contains(&format!("crash point {} reached", case.point)),
+        text.contains(&format!("crash point {name} reached")),
         "{}: killed, but not by crash point {}:\n{text}",
         case.op,
         case.point

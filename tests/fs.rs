@@ -97,7 +97,7 @@ fn write_flush_compress_evict_remount_read_back() {
         }
     }
     // The blobs were coded by the LLM (the backing directory holds one per file).
-    let blobs = fs::read_dir(backing.join("blobs")).expect("blobs").count();
+    let blobs = files_under(&backing, "blobs").len();
     assert_eq!(blobs, files.len());
     let status = String::from_utf8_lossy(&admin("status", &mnt).stdout).into_owned();
     println!("{status}");
@@ -111,7 +111,7 @@ fn write_flush_compress_evict_remount_read_back() {
     );
 
     admin("evict", &mnt);
-    let cached = fs::read_dir(backing.join("cache")).expect("cache").count();
+    let cached = files_under(&backing, "cache").len();
     assert_eq!(cached, 0, "evict left plaintext copies");
     d.unmount();
 

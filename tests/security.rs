@@ -149,7 +149,7 @@ fn the_backing_directory_is_private_and_checked() {
         use std::os::unix::fs::MetadataExt;
         fs::metadata(mnt.join("secret.txt")).expect("stat").ino()
     };
-    let plain = backing.join(format!("cache/{ino}"));
+    let plain = cache_file(&backing, ino);
     assert_eq!(mode_of(&plain), 0o600);
     // The mount says everyone may read the file; the backing directory says no one else.
     let (code, text) = as_nobody(&["cat", &mnt.join("secret.txt").to_string_lossy()]);
@@ -577,9 +577,7 @@ fn huge_files_compress_in_bounded_memory_and_holes_stay_holes() {
     }
     drop(records);
     // The decoded copy of the sparse file is sparse too: same holes, few blocks.
-    let copy = backing
-        .join("cache")
-        .join(sparse.metadata().expect("stat").ino().to_string());
+    let copy = cache_file(&backing, sparse.metadata().expect("stat").ino());
     let blocks = fs::metadata(&copy).expect("the decoded copy").blocks();
     assert!(
         blocks < 1024,

@@ -17,6 +17,7 @@ use std::sync::Arc;
 
 use nacrithfs::admin;
 use nacrithfs::fs::fuse::NacrithFs;
+use nacrithfs::fs::options::EXIT_INDEX_HUNG;
 use nacrithfs::fs::{background, Core, FsOptions};
 use nacrithfs::model::find_model;
 use nacrithfs::pool::LazyPool;
@@ -367,6 +368,16 @@ fn serve(
     let pool = Arc::new(LazyPool::new(model_path, m.opts.workers, m.opts.batch));
     let (core, rx) = Core::new(store, pool, m.opts.clone()).map_err(|e| e.to_string())?;
     let workers = background::start(core.clone(), rx).map_err(|e| e.to_string())?;
+    {
+        // A weak reference: the core (and with it a read-only mount's private
+        // directory) goes away at unmount as before.
+        let core = Arc::downgrade(&core);
+        let limit = m.opts.index_timeout;
+        std::thread::Builder::new()
+            .name("nacrith-watchdog".into())
+            .spawn(move || watchdog(&core, limit))
+            .map_err(|e| e.to_string())?;
+    }
 
     let fsname = m.source.to_string_lossy().into_owned();
     let session = nacrithfs::fs::mount::mount(
@@ -400,9 +411,44 @@ fn serve(
     let result = session.run();
     sd_notify("STOPPING=1");
     core.shutdown();
-    workers.finish(std::time::Duration::from_secs(3));
+    if workers.finish(std::time::Duration::from_secs(3)) && !m.opts.read_only {
+        // Nothing runs any more and everything is committed: the next mount may skip
+        // its scan of the backing files.
+        match core.store.mark_clean_stop() {
+            Ok(()) => log::info!("clean stop recorded"),
+            Err(e) => log::warn!("recording the clean stop: {e} (the next mount scans)"),
+        }
+    }
     log::info!("unmounted {}", mountpoint.display());
     result.map_err(|e| format!("FUSE session: {e}"))
+}
+
+/// Every second: if an index call has been in flight for `limit`, the index is hung
+/// (see `store::watchdog`): log it and exit non-zero, for systemd to restart a daemon
+/// whose recovery starts from the last durable commit. Otherwise tell systemd's own
+/// watchdog (`WatchdogSec=` in the unit) that this process is alive.
+fn watchdog(core: &std::sync::Weak<Core>, limit: std::time::Duration) {
+    let ping = std::env::var_os("WATCHDOG_USEC").is_some();
+    loop {
+        std::thread::sleep(std::time::Duration::from_secs(1));
+        let Some(core) = core.upgrade() else {
+            return;
+        };
+        let oldest = core.store.watch().oldest();
+        drop(core);
+        match oldest {
+            Some((op, age)) if !limit.is_zero() && age >= limit => {
+                log::error!(
+                    "fatal: an index call ({op}) has not returned for {} s: the index is hung; exiting with status {EXIT_INDEX_HUNG} so that systemd restarts the daemon (the volume recovers from its last durable state)",
+                    age.as_secs()
+                );
+                log::logger().flush();
+                std::process::exit(EXIT_INDEX_HUNG);
+            }
+            _ if ping => sd_notify("WATCHDOG=1"),
+            _ => {}
+        }
+    }
 }
 
 fn signal_set() -> libc::sigset_t {

@@ -35,7 +35,8 @@ impl Workers {
     /// decoder and the reaper stop within a second; a compressor in the middle of a file
     /// is not waited for longer than `patience` (its uncommitted blob is harmless:
     /// recovery deletes it at the next mount).
-    pub fn finish(self, patience: Duration) {
+    /// Returns whether every thread stopped.
+    pub fn finish(self, patience: Duration) -> bool {
         let deadline = Instant::now() + patience;
         let mut threads = self.threads;
         while !threads.is_empty() && Instant::now() < deadline {
@@ -56,6 +57,7 @@ impl Workers {
                 t.thread().name().unwrap_or("a background thread")
             );
         }
+        threads.is_empty()
     }
 }
 
@@ -99,7 +101,11 @@ pub fn start(core: Arc<Core>, need_rx: Receiver<Need>) -> std::io::Result<Worker
 /// durable: woken by deletions and superseded blobs, at most every REAP_EVERY.
 fn reaper(core: &Core) {
     const REAP_EVERY: Duration = Duration::from_millis(500);
-    while core.wait_for_reap(Duration::from_secs(5)) {
+    while core.wait_for_reap(crate::fs::core::GROUP_COMMIT) {
+        // The group commit of sizes and times of files being written.
+        if let Err(e) = core.sync_metadata() {
+            log::error!("committing the sizes of files being written: errno {e}");
+        }
         core.reap();
         std::thread::sleep(REAP_EVERY);
     }
@@ -310,7 +316,7 @@ fn code_into_tmp(
     };
     // Symbols coded, for the status (tokens/s); counted as they go, failures included.
     let count = |n: usize| core.count_symbols(n as u64);
-    let mut spool = spool_file(&core.store.blob_dir(), ino)?;
+    let mut spool = spool_file(&core.store.blob_dir_of(ino), ino)?;
     let header = {
         let mut w = std::io::BufWriter::new(&mut spool);
         let h = codec::compress_to(src, engine, &opts, &count, &mut w)?;
@@ -417,7 +423,7 @@ fn compress_file(
             }
         }
     }
-    if let Err(e) = publish_blob(core, &tmp, &blob_path) {
+    if let Err(e) = publish_blob(&tmp, &blob_path) {
         let _ = std::fs::remove_file(&blob_path);
         return fail(format!("writing {}: {e}", blob_path.display()));
     }
@@ -427,7 +433,7 @@ fn compress_file(
     let synced = src
         .file()
         .sync_all()
-        .and_then(|()| sync_dir(&core.store.cache_dir()));
+        .and_then(|()| sync_dir(&core.store.cache_dir_of(ino)));
     if let Err(e) = synced {
         let _ = std::fs::remove_file(&blob_path);
         return fail(format!("syncing {}: {e}", plain.display()));
@@ -457,10 +463,10 @@ fn compress_file(
 /// A verified blob's temp file takes its name, durably: rename, fsync of blobs/ (each
 /// step a crash point). Until the index commits it, recovery deletes it as a blob
 /// nothing refers to of a live inode.
-fn publish_blob(core: &Core, tmp: &std::path::Path, path: &std::path::Path) -> std::io::Result<()> {
+fn publish_blob(tmp: &std::path::Path, path: &std::path::Path) -> std::io::Result<()> {
     std::fs::rename(tmp, path)?;
     crate::crash::point("compress.after_blob_rename");
-    sync_dir(&core.store.blob_dir())?;
+    sync_dir(path.parent().unwrap_or(path))?;
     crate::crash::point("compress.after_blob_dir_sync");
     Ok(())
 }

@@ -35,6 +35,9 @@ pub struct FsOptions {
     /// programs take a short read of a regular file for its end (GNU tar pads the
     /// archive with zeros, bash's `source` runs part of the script).
     pub stream_reads: bool,
+    /// An index call that has not returned after this long is a hung index: the daemon
+    /// logs it and exits with [`EXIT_INDEX_HUNG`] for systemd to restart it (zero: never).
+    pub index_timeout: Duration,
     /// The backing directory when the mount source is only a tag.
     pub backing: Option<PathBuf>,
     /// Everything passed through to the kernel unchanged (noatime, nosuid, ...).
@@ -58,11 +61,15 @@ impl Default for FsOptions {
             read_only: false,
             verify: true,
             stream_reads: false,
+            index_timeout: Duration::from_secs(30),
             backing: None,
             kernel: Vec::new(),
         }
     }
 }
+
+/// The daemon's exit status when its watchdog finds the index hung.
+pub const EXIT_INDEX_HUNG: i32 = 70;
 
 /// Options that mount(8) and mount.fuse3 hand to every helper and that mean nothing here.
 const IGNORED: &[&str] = &[
@@ -143,6 +150,7 @@ impl FsOptions {
                 "chunk_size" => {
                     self.chunk_size = (parse_size(need(value)?)? as usize).clamp(1024, 1 << 24)
                 }
+                "index_timeout" => self.index_timeout = Duration::from_secs(number(value)?),
                 "compress_max" => self.compress_max = parse_size(need(value)?)?,
                 "head_chunk" => {
                     self.head_chunk = match parse_size(need(value)?)? as usize {
@@ -200,5 +208,8 @@ mod tests {
         assert!(!o.stream_reads);
         o.apply("stream_reads").unwrap();
         assert!(o.stream_reads);
+        assert_eq!(o.index_timeout, Duration::from_secs(30));
+        o.apply("index_timeout=0").unwrap();
+        assert_eq!(o.index_timeout, Duration::ZERO);
     }
 }

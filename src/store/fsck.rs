@@ -791,9 +791,14 @@ fn check_counters(c: &mut Checker, inodes: &HashMap<u64, Inode>) -> Result<()> {
             .insert(NEXT_INO_KEY, &(max_ino + 1).to_le_bytes());
     }
     let mut max_seq = 0;
-    for e in std::fs::read_dir(c.store.blob_dir())?.flatten() {
-        if let Some((_, seq)) = super::parse_blob_name(&e.file_name().to_string_lossy()) {
-            max_seq = max_seq.max(seq);
+    for dir in c.store.file_dirs(true) {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            if let Some((_, seq)) = super::parse_blob_name(&e.file_name().to_string_lossy()) {
+                max_seq = max_seq.max(seq);
+            }
         }
     }
     for i in inodes.values() {
@@ -817,15 +822,30 @@ fn check_counters(c: &mut Checker, inodes: &HashMap<u64, Inode>) -> Result<()> {
 
 /// Files in blobs/ and cache/ that the index does not refer to.
 fn check_directories(c: &mut Checker, referenced: &HashSet<PathBuf>) -> Result<()> {
-    for (dir, code) in [
-        (c.store.blob_dir(), "orphan-blob"),
-        (c.store.cache_dir(), "orphan-cache"),
-    ] {
-        let mut entries: Vec<PathBuf> = std::fs::read_dir(&dir)?
-            .map(|e| e.map(|e| e.path()))
-            .collect::<std::io::Result<_>>()?;
+    let dirs = c
+        .store
+        .file_dirs(true)
+        .into_iter()
+        .map(|d| (d, "orphan-blob"))
+        .chain(
+            c.store
+                .file_dirs(false)
+                .into_iter()
+                .map(|d| (d, "orphan-cache")),
+        );
+    for (dir, code) in dirs.collect::<Vec<_>>() {
+        let mut entries: Vec<PathBuf> = match std::fs::read_dir(&dir) {
+            Ok(d) => d
+                .map(|e| e.map(|e| e.path()))
+                .collect::<std::io::Result<_>>()?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e.into()),
+        };
         entries.sort();
         for path in entries {
+            if path.is_dir() && c.store.is_shard_dir(&path) {
+                continue;
+            }
             if referenced.contains(&path) {
                 continue;
             }

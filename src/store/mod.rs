@@ -2,10 +2,12 @@
 //! xattrs, the compression queue), the NC06 blob files and the plaintext cache files.
 //!
 //! ```text
-//! BACKING/nacrithfs.format   "nacrithfs 1": marks an initialized backing directory
+//! BACKING/nacrithfs.format   "nacrithfs 2" (or 1): marks an initialized backing directory
 //! BACKING/index/             sled database, one tree, keys by prefix (docs/FORMAT.md)
-//! BACKING/blobs/<ino>-<seq>.nc06
-//! BACKING/cache/<ino>        plaintext of a regular file (dirty, or a clean copy)
+//! BACKING/blobs/<xx>/<ino>-<seq>.nc06
+//! BACKING/cache/<xx>/<ino>   plaintext of a regular file (dirty, or a clean copy)
+//!                            <xx>: the inode number's low byte, two hex digits; a
+//!                            format-1 volume keeps both flat (no <xx>/)
 //! BACKING/lost+found/        files recovery or fsck could not account for (never deleted)
 //! ```
 //!
@@ -19,6 +21,7 @@ pub mod fsck;
 pub mod perms;
 pub mod record;
 pub mod tally;
+pub mod watchdog;
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -31,7 +34,14 @@ pub use record::{BlobRef, Inode, Kind};
 
 pub const ROOT_INO: u64 = 1;
 const FORMAT_MARKER: &str = "nacrithfs.format";
-const FORMAT_LINE: &str = "nacrithfs 1\n";
+/// Format 2: blob and cache files in 256 subdirectories each (`<xx>/`, the inode
+/// number's low byte), so no directory of the backing filesystem holds more than a
+/// 256th of the files.
+const FORMAT_LINE: &str = "nacrithfs 2\n";
+/// Format 1: the same, flat. Still mounted and served as it is.
+const FORMAT_LINE_FLAT: &str = "nacrithfs 1\n";
+/// Subdirectories of blobs/ and cache/ in format 2.
+const FANOUT: u64 = 256;
 /// Where a daemonized nacrithfs logs.
 pub const LOG_FILE: &str = "nacrithfs.log";
 
@@ -140,6 +150,10 @@ const LAYOUT_KEY: &[u8] = b"mlayout";
 /// Present while clean copies made by layout 1 (never fsynced) are still to be checked
 /// against their blobs' size and BLAKE3 (by the next read-write recovery).
 const CHECK_CLEAN_KEY: &[u8] = b"mcheck_clean";
+/// Present from a clean stop (every thread done, everything committed and flushed) until
+/// the next read-write mount, which removes it durably before anything else and then
+/// skips the scan of the backing files (see `Core::recover`).
+const CLEAN_STOP_KEY: &[u8] = b"mclean_stop";
 /// Every key this index keeps under 'm' (fsck reports any other as malformed).
 const META_KEYS: &[&[u8]] = &[
     NEXT_INO_KEY,
@@ -147,6 +161,7 @@ const META_KEYS: &[&[u8]] = &[
     NEXT_COOKIE_KEY,
     LAYOUT_KEY,
     CHECK_CLEAN_KEY,
+    CLEAN_STOP_KEY,
 ];
 const LAYOUT: u64 = 3;
 /// The first layout with readdir cookies.
@@ -174,6 +189,8 @@ pub struct Store {
     next_ino: AtomicU64,
     next_blob: AtomicU64,
     next_cookie: AtomicU64,
+    /// Blob and cache files in subdirectories (format 2).
+    fanout: bool,
     /// Every directory entry has a readdir cookie (layout 2). False only for an old
     /// volume opened read-only, which cannot be migrated.
     cookies: bool,
@@ -185,6 +202,10 @@ pub struct Store {
     _ro_lock: Option<File>,
     /// Totals and the queue by due time, kept by [`Store::commit`].
     tally: std::sync::Mutex<tally::Tally>,
+    /// Index calls in flight, for the daemon's watchdog.
+    watch: watchdog::Watch,
+    /// Batches committed since the store was opened.
+    commits: AtomicU64,
 }
 
 impl Drop for Store {
@@ -207,6 +228,8 @@ pub struct ListedEntry {
 #[derive(Default)]
 pub struct Txn {
     batch: sled::Batch,
+    /// How many changes the batch holds (sled's batch cannot say).
+    ops: usize,
     /// The inode and queue changes, in order, for the in-memory tallies.
     changes: Vec<Change>,
 }
@@ -217,18 +240,48 @@ enum Change {
 }
 
 impl Txn {
+    /// The inodes whose records this batch writes or deletes.
+    pub fn inodes(&self) -> Vec<u64> {
+        self.changes
+            .iter()
+            .filter_map(|c| match c {
+                Change::Inode(ino, _) => Some(*ino),
+                Change::Queue(..) => None,
+            })
+            .collect()
+    }
+
+    /// The inodes whose queue entries this batch sets or removes.
+    pub fn queue_changes(&self) -> Vec<u64> {
+        self.changes
+            .iter()
+            .filter_map(|c| match c {
+                Change::Queue(ino, _) => Some(*ino),
+                Change::Inode(..) => None,
+            })
+            .collect()
+    }
+
+    /// Whether the batch changes nothing.
+    pub fn is_empty(&self) -> bool {
+        self.ops == 0
+    }
+
     pub fn put_inode(&mut self, ino: u64, inode: &Inode) {
+        self.ops += 1;
         self.batch.insert(&inode_key(ino), inode.encode());
         self.changes
             .push(Change::Inode(ino, Some(tally::Totals::of(inode))));
     }
     pub fn del_inode(&mut self, ino: u64) {
+        self.ops += 1;
         self.batch.remove(&inode_key(ino));
         self.batch.remove(&parent_key(ino));
         self.changes.push(Change::Inode(ino, None));
     }
     /// An entry with its readdir cookie (see [`Store::put_name`], which picks it).
     pub fn put_dirent(&mut self, parent: u64, name: &[u8], ino: u64, kind: Kind, cookie: u64) {
+        self.ops += 1;
         self.batch.insert(
             dirent_key(parent, name),
             &record::encode_dirent(ino, kind, cookie)[..],
@@ -238,6 +291,7 @@ impl Txn {
             .insert(&parent_key(ino), encode_parent(parent, name));
     }
     pub fn del_dirent(&mut self, parent: u64, name: &[u8], cookie: Option<u64>) {
+        self.ops += 1;
         self.batch.remove(dirent_key(parent, name));
         if let Some(c) = cookie {
             self.batch.remove(&cookie_key(parent, c));
@@ -245,27 +299,34 @@ impl Txn {
     }
     /// Blob `<ino>-<seq>` is to be deleted once this batch is durable.
     pub fn bury_blob(&mut self, ino: u64, seq: u64) {
+        self.ops += 1;
         self.batch.insert(&grave_key(ino, seq), &[][..]);
     }
     /// The cache file of deleted inode `ino` is to be deleted once this batch is durable.
     pub fn bury_cache(&mut self, ino: u64) {
+        self.ops += 1;
         self.batch.insert(&grave_key(ino, GRAVE_CACHE), &[][..]);
     }
     pub fn unbury(&mut self, ino: u64, tag: u64) {
+        self.ops += 1;
         self.batch.remove(&grave_key(ino, tag));
     }
     pub fn put_xattr(&mut self, ino: u64, name: &[u8], value: &[u8]) {
+        self.ops += 1;
         self.batch.insert(xattr_key(ino, name), value);
     }
     pub fn del_xattr(&mut self, ino: u64, name: &[u8]) {
+        self.ops += 1;
         self.batch.remove(xattr_key(ino, name));
     }
     /// Persistently queue `ino` for compression at `due_ms` (Unix milliseconds).
     pub fn enqueue(&mut self, ino: u64, due_ms: u64) {
+        self.ops += 1;
         self.batch.insert(&queue_key(ino), &due_ms.to_le_bytes());
         self.changes.push(Change::Queue(ino, Some(due_ms)));
     }
     pub fn dequeue(&mut self, ino: u64) {
+        self.ops += 1;
         self.batch.remove(&queue_key(ino));
         self.changes.push(Change::Queue(ino, None));
     }
@@ -389,11 +450,13 @@ impl Store {
             )));
         }
         let marker = backing.join(FORMAT_MARKER);
+        let marker_text = std::fs::read_to_string(&marker).unwrap_or_default();
         let fresh = match std::fs::read_to_string(&marker) {
             Ok(s) if s == FORMAT_LINE => false,
+            Ok(s) if s == FORMAT_LINE_FLAT => false,
             Ok(s) => {
                 return Err(StoreError::Setup(format!(
-                    "{} says {:?}: this version reads format \"nacrithfs 1\"",
+                    "{} says {:?}: this version reads formats \"nacrithfs 1\" and \"nacrithfs 2\"",
                     marker.display(),
                     s.trim()
                 )))
@@ -417,9 +480,19 @@ impl Store {
             }
             Err(e) => return Err(e.into()),
         };
+        let fanout = fresh || marker_text == FORMAT_LINE;
         if !read_only {
-            std::fs::create_dir_all(backing.join("blobs"))?;
-            std::fs::create_dir_all(backing.join("cache"))?;
+            use std::os::unix::fs::DirBuilderExt;
+            let mut mkdir = std::fs::DirBuilder::new();
+            mkdir.recursive(true).mode(0o700);
+            for top in ["blobs", "cache"] {
+                mkdir.create(backing.join(top))?;
+                if fanout {
+                    for i in 0..FANOUT {
+                        mkdir.create(backing.join(top).join(shard_name(i)))?;
+                    }
+                }
+            }
         }
         // A read-only mount opens a private copy of the index (sled rewrites its files
         // whenever it opens them), under a shared lock that keeps read-write daemons
@@ -458,9 +531,12 @@ impl Store {
             next_blob: AtomicU64::new(read_counter(NEXT_BLOB_KEY, 1)?),
             next_cookie: AtomicU64::new(read_counter(NEXT_COOKIE_KEY, FIRST_COOKIE)?),
             cookies: layout >= LAYOUT_COOKIES,
+            fanout,
             ro_tmp,
             _ro_lock: ro_lock,
             tally: Default::default(),
+            watch: Default::default(),
+            commits: AtomicU64::new(0),
             db,
             backing: backing.to_path_buf(),
         };
@@ -494,31 +570,77 @@ impl Store {
         Ok(store)
     }
 
+    /// Batches committed since the store was opened.
+    pub fn commits(&self) -> u64 {
+        self.commits.load(Ordering::Relaxed)
+    }
+
+    /// Index calls in flight (see [`watchdog`]).
+    pub fn watch(&self) -> &watchdog::Watch {
+        &self.watch
+    }
+
     pub fn backing(&self) -> &Path {
         &self.backing
     }
 
+    /// The directory of blobs/ or cache/ (`top`) that holds inode `ino`'s files.
+    fn shard(&self, top: &str, ino: u64) -> PathBuf {
+        let dir = self.backing.join(top);
+        if self.fanout {
+            dir.join(shard_name(ino % FANOUT))
+        } else {
+            dir
+        }
+    }
+
+    /// Whether blob and cache files are in subdirectories (format 2).
+    pub fn fanout(&self) -> bool {
+        self.fanout
+    }
+
     pub fn cache_path(&self, ino: u64) -> PathBuf {
-        self.backing.join("cache").join(ino.to_string())
+        self.cache_dir_of(ino).join(ino.to_string())
     }
 
     pub fn cache_tmp_path(&self, ino: u64) -> PathBuf {
         match &self.ro_tmp {
             Some(d) => d.join(format!("{ino}.tmp")),
-            None => self.backing.join("cache").join(format!("{ino}.tmp")),
+            None => self.cache_dir_of(ino).join(format!("{ino}.tmp")),
         }
     }
 
     pub fn blob_path(&self, ino: u64, seq: u64) -> PathBuf {
-        self.backing.join("blobs").join(format!("{ino}-{seq}.nc06"))
+        self.blob_dir_of(ino).join(format!("{ino}-{seq}.nc06"))
     }
 
-    pub fn blob_dir(&self) -> PathBuf {
-        self.backing.join("blobs")
+    /// The directory of inode `ino`'s blobs (fsync it after a rename there).
+    pub fn blob_dir_of(&self, ino: u64) -> PathBuf {
+        self.shard("blobs", ino)
     }
 
-    pub fn cache_dir(&self) -> PathBuf {
-        self.backing.join("cache")
+    /// The directory of inode `ino`'s cache file.
+    pub fn cache_dir_of(&self, ino: u64) -> PathBuf {
+        self.shard("cache", ino)
+    }
+
+    /// Every directory that can hold files of blobs/ (`blobs`) or cache/: the top one
+    /// (where a format-2 volume keeps none) and its subdirectories.
+    pub fn file_dirs(&self, blobs: bool) -> Vec<PathBuf> {
+        let top = self.backing.join(if blobs { "blobs" } else { "cache" });
+        let mut dirs = vec![top.clone()];
+        if self.fanout {
+            dirs.extend((0..FANOUT).map(|i| top.join(shard_name(i))));
+        }
+        dirs
+    }
+
+    /// Whether `path` is one of the subdirectories [`Store::file_dirs`] lists.
+    pub fn is_shard_dir(&self, path: &Path) -> bool {
+        self.fanout
+            && path.file_name().and_then(|n| n.to_str()).is_some_and(|n| {
+                n.len() == 2 && u64::from_str_radix(n, 16).is_ok_and(|i| i < FANOUT)
+            })
     }
 
     /// Allocate an inode number; `txn` persists the counter with the new inode.
@@ -537,6 +659,7 @@ impl Store {
 
     /// The readdir cookie of an existing entry.
     pub fn dirent_cookie(&self, parent: u64, name: &[u8]) -> Result<Option<u64>> {
+        let _w = self.watch.enter("lookup");
         Ok(self
             .db
             .get(dirent_key(parent, name))?
@@ -567,6 +690,23 @@ impl Store {
         let cookie = self.dirent_cookie(parent, name)?;
         txn.del_dirent(parent, name, cookie);
         Ok(())
+    }
+
+    /// Record a clean stop, durably (the daemon's last index write).
+    pub fn mark_clean_stop(&self) -> Result<()> {
+        self.db.insert(CLEAN_STOP_KEY, &[][..])?;
+        self.flush()
+    }
+
+    /// Whether the last stop was clean; the record is removed durably either way, so a
+    /// crash of this mount is never taken for a clean stop.
+    pub fn take_clean_stop(&self) -> Result<bool> {
+        let _w = self.watch.enter("commit");
+        if self.db.remove(CLEAN_STOP_KEY)?.is_none() {
+            return Ok(false);
+        }
+        self.db.flush()?;
+        Ok(true)
     }
 
     /// Whether clean copies made before layout 2 still need checking (see
@@ -625,6 +765,7 @@ impl Store {
     /// a name, or an index older than layout 3 opened read-only). Check it before use:
     /// that name may have been removed since (a hard link).
     pub fn parent_of(&self, ino: u64) -> Result<Option<(u64, Vec<u8>)>> {
+        let _w = self.watch.enter("get");
         Ok(self.db.get(parent_key(ino))?.and_then(|v| {
             let parent = u64::from_le_bytes(v.get(..8)?.try_into().ok()?);
             Some((parent, v[8..].to_vec()))
@@ -635,6 +776,7 @@ impl Store {
     /// order. An old volume opened read-only has no cookies: its entries are numbered
     /// by position in name order, as before.
     pub fn list_after(&self, parent: u64, after: u64, max: usize) -> Result<Vec<ListedEntry>> {
+        let _w = self.watch.enter("readdir");
         let mut out = Vec::new();
         if !self.cookies {
             let skip = after.saturating_sub(FIRST_COOKIE - 1) as usize;
@@ -686,6 +828,7 @@ impl Store {
 
     /// Every graveyard entry: (inode, tag), tag [`GRAVE_CACHE`] or a blob sequence.
     pub fn graveyard(&self) -> Result<Vec<(u64, u64)>> {
+        let _w = self.watch.enter("graveyard");
         let mut out = Vec::new();
         for r in self.db.scan_prefix(b"g") {
             let (k, _) = r?;
@@ -710,6 +853,7 @@ impl Store {
 
     /// Allocate a blob sequence number, persisted at once so a crash never reuses it.
     pub fn alloc_blob_seq(&self) -> Result<u64> {
+        let _w = self.watch.enter("alloc");
         let seq = self.next_blob.fetch_add(1, Ordering::SeqCst);
         // Compressors allocate concurrently: the stored counter only ever grows (a
         // plain insert from a slower thread could set it back, and after a crash a
@@ -724,6 +868,7 @@ impl Store {
     }
 
     pub fn commit(&self, txn: Txn, durable: bool) -> Result<()> {
+        let _w = self.watch.enter("commit");
         {
             // Under the tally's lock, so that the old values read here are the ones
             // this batch replaces (commits are serialized; applying is in memory).
@@ -742,10 +887,12 @@ impl Store {
                 }
             }
             self.db.apply_batch(txn.batch)?;
+            self.commits.fetch_add(1, Ordering::Relaxed);
             tally.totals = totals;
             for c in txn.changes {
-                if let Change::Queue(ino, due) = c {
-                    tally.set_due(ino, due);
+                match c {
+                    Change::Queue(ino, due) => tally.set_due(ino, due),
+                    Change::Inode(ino, now) => tally.set_inode(ino, now.as_ref()),
                 }
             }
         }
@@ -773,9 +920,10 @@ impl Store {
             if k.len() != 9 {
                 continue;
             }
-            if let Ok(i) = Inode::decode(&v) {
+            if let (Some(ino), Ok(i)) = (ino_from(&k), Inode::decode(&v)) {
                 let new = tally::Totals::of(&i);
                 t.totals.replace(&tally::Totals::default(), &new);
+                t.set_inode(ino, Some(&new));
             }
         }
         for (ino, due) in self.queue()? {
@@ -796,11 +944,13 @@ impl Store {
     }
 
     pub fn flush(&self) -> Result<()> {
+        let _w = self.watch.enter("flush");
         self.db.flush()?;
         Ok(())
     }
 
     pub fn get(&self, ino: u64) -> Result<Option<Inode>> {
+        let _w = self.watch.enter("get");
         match self.db.get(inode_key(ino))? {
             Some(v) => Inode::decode(&v)
                 .map(Some)
@@ -813,6 +963,7 @@ impl Store {
     }
 
     pub fn lookup(&self, parent: u64, name: &[u8]) -> Result<Option<(u64, Kind)>> {
+        let _w = self.watch.enter("lookup");
         match self.db.get(dirent_key(parent, name))? {
             Some(v) => record::decode_dirent(&v)
                 .map(Some)
@@ -829,6 +980,7 @@ impl Store {
 
     /// The first `limit` entries of a directory, in name order.
     pub fn list_dir(&self, parent: u64, limit: usize) -> Result<Vec<(Vec<u8>, u64, Kind)>> {
+        let _w = self.watch.enter("readdir");
         let mut out = Vec::new();
         for r in self.db.scan_prefix(dirent_prefix(parent)) {
             let (k, v) = r?;
@@ -849,6 +1001,7 @@ impl Store {
     }
 
     pub fn dir_is_empty(&self, ino: u64) -> Result<bool> {
+        let _w = self.watch.enter("readdir");
         Ok(self
             .db
             .scan_prefix(dirent_prefix(ino))
@@ -858,10 +1011,12 @@ impl Store {
     }
 
     pub fn xattr_get(&self, ino: u64, name: &[u8]) -> Result<Option<Vec<u8>>> {
+        let _w = self.watch.enter("xattr");
         Ok(self.db.get(xattr_key(ino, name))?.map(|v| v.to_vec()))
     }
 
     pub fn xattr_names(&self, ino: u64) -> Result<Vec<Vec<u8>>> {
+        let _w = self.watch.enter("xattr");
         self.db
             .scan_prefix(xattr_prefix(ino))
             .map(|r| r.map(|(k, _)| k[9..].to_vec()).map_err(Into::into))
@@ -885,12 +1040,24 @@ impl Store {
         Ok(())
     }
 
+    /// When `ino` is due for compression (None: not queued), from the in-memory queue
+    /// index that every commit keeps equal to the index's.
     pub fn queue_due(&self, ino: u64) -> Result<Option<u64>> {
-        Ok(self.db.get(queue_key(ino))?.and_then(|v| {
-            v.get(..8)
-                .and_then(|b| b.try_into().ok())
-                .map(u64::from_le_bytes)
-        }))
+        Ok(self.with_queue(|q| q.due_of(ino)))
+    }
+
+    /// Change the in-memory queue index only: the caller commits the same change later
+    /// (a group commit) or accepts losing it in a crash (recovery requeues dirty files).
+    pub fn set_due_in_memory(&self, ino: u64, due: Option<u64>) {
+        self.tally
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .set_due(ino, due);
+    }
+
+    /// The dirty regular files, from the in-memory tally.
+    pub fn dirty_files(&self) -> Vec<u64> {
+        self.with_queue(|q| q.dirty_files().collect())
     }
 
     /// Every queued inode with its due time.
@@ -941,6 +1108,11 @@ impl Store {
             Ok((parent, k.get(9..).unwrap_or(&[]).to_vec(), child))
         })
     }
+}
+
+/// A format-2 subdirectory's name: two lowercase hex digits.
+fn shard_name(i: u64) -> String {
+    format!("{i:02x}")
 }
 
 /// `<ino>-<seq>.nc06` → (ino, seq).

@@ -76,6 +76,8 @@ pub struct Tally {
     pub totals: Totals,
     by_due: BTreeSet<(u64, u64)>,
     due_of: HashMap<u64, u64>,
+    /// Dirty regular files (what a flush queues), so a flush walks them, not the index.
+    dirty: BTreeSet<u64>,
 }
 
 impl Tally {
@@ -88,6 +90,25 @@ impl Tally {
             self.due_of.insert(ino, d);
             self.by_due.insert((d, ino));
         }
+    }
+
+    /// Record what `ino` counts as now (None: deleted).
+    pub fn set_inode(&mut self, ino: u64, now: Option<&Totals>) {
+        if now.is_some_and(|t| t.dirty > 0) {
+            self.dirty.insert(ino);
+        } else {
+            self.dirty.remove(&ino);
+        }
+    }
+
+    /// The dirty regular files, in inode order.
+    pub fn dirty_files(&self) -> impl Iterator<Item = u64> + '_ {
+        self.dirty.iter().copied()
+    }
+
+    /// When `ino` is due (None: not queued).
+    pub fn due_of(&self, ino: u64) -> Option<u64> {
+        self.due_of.get(&ino).copied()
     }
 
     pub fn queued(&self) -> usize {

@@ -253,3 +253,32 @@ pub fn fsck_env(
     );
     (out.status, text)
 }
+
+/// Where the daemon keeps inode `ino`'s plaintext: `cache/<xx>/<ino>` (format 2, `<xx>`
+/// the low byte in hex), or `cache/<ino>` (format 1).
+pub fn cache_file(backing: &Path, ino: u64) -> PathBuf {
+    let fanned = backing.join("cache").join(format!("{:02x}", ino % 256));
+    if fanned.is_dir() {
+        fanned.join(ino.to_string())
+    } else {
+        backing.join("cache").join(ino.to_string())
+    }
+}
+
+/// Every file under `blobs/` or `cache/` (`top`), in either layout.
+pub fn files_under(backing: &Path, top: &str) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut dirs = vec![backing.join(top)];
+    while let Some(d) = dirs.pop() {
+        for e in fs::read_dir(&d).unwrap_or_else(|e| panic!("{}: {e}", d.display())) {
+            let p = e.expect("entry").path();
+            if p.is_dir() {
+                dirs.push(p);
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    out.sort();
+    out
+}

@@ -1,12 +1,65 @@
 //! The clean-copy cache: eviction, the cache cap, and installing decoded plaintext.
 
+use std::collections::BTreeSet;
+
 use super::*;
+
+/// The clean plaintext copies (evictable: their blob holds the content), in order of
+/// last use, with their total size: the cache cap is checked in O(1) after each new
+/// copy and the least recently used are found in O(log n), never by sorting them all.
+#[derive(Default)]
+pub(crate) struct CleanCopies {
+    /// ino → (size, tick of last use).
+    of: HashMap<u64, (u64, u64)>,
+    by_use: BTreeSet<(u64, u64)>,
+    total: u64,
+    tick: u64,
+}
+
+impl CleanCopies {
+    pub(crate) fn insert(&mut self, ino: u64, size: u64) {
+        self.remove(ino);
+        self.tick += 1;
+        self.of.insert(ino, (size, self.tick));
+        self.by_use.insert((self.tick, ino));
+        self.total += size;
+    }
+
+    pub(crate) fn remove(&mut self, ino: u64) {
+        if let Some((size, tick)) = self.of.remove(&ino) {
+            self.by_use.remove(&(tick, ino));
+            self.total -= size;
+        }
+    }
+
+    /// `ino` was read or written: it becomes the most recently used.
+    pub(crate) fn touch(&mut self, ino: u64) {
+        if let Some(&(size, _)) = self.of.get(&ino) {
+            self.insert(ino, size);
+        }
+    }
+
+    pub(crate) fn total(&self) -> u64 {
+        self.total
+    }
+
+    pub(crate) fn inos(&self) -> Vec<u64> {
+        self.of.keys().copied().collect()
+    }
+
+    /// From the least recently used: (ino, size).
+    fn oldest(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
+        self.by_use
+            .iter()
+            .map(|&(_, ino)| (ino, self.of.get(&ino).map_or(0, |e| e.0)))
+    }
+}
 
 impl Core {
     /// Drop every clean plaintext copy that no operation is using. Returns bytes freed.
     pub fn evict_all(&self) -> FsResult<u64> {
         let mut st = self.lock();
-        let inos: Vec<u64> = st.clean.keys().copied().collect();
+        let inos = st.clean.inos();
         self.evict_locked(&mut st, &inos)
     }
 
@@ -24,7 +77,7 @@ impl Core {
             }
             let mut inode = self.get(ino)?;
             if inode.kind != Kind::File || !inode.cached || inode.dirty || inode.blob.is_none() {
-                st.clean.remove(&ino);
+                st.clean.remove(ino);
                 continue;
             }
             inode.cached = false;
@@ -34,11 +87,11 @@ impl Core {
         if gone.is_empty() {
             return Ok(0);
         }
-        self.store.commit(txn, true).map_err(store_err)?;
+        self.commit(txn, true)?;
         crate::crash::point("evict.after_index");
         let mut freed = 0;
         for (ino, size) in gone {
-            st.clean.remove(&ino);
+            st.clean.remove(ino);
             if let Some(l) = st.live.get_mut(&ino) {
                 l.file = None;
             }
@@ -54,22 +107,16 @@ impl Core {
     /// Evict least recently used clean copies until the cache is under its cap.
     pub(crate) fn enforce_cache_cap(&self) {
         let mut st = self.lock();
-        let mut total: u64 = st.clean.values().sum();
+        let mut total = st.clean.total();
         if total <= self.opts.cache_size {
             return;
         }
-        let mut by_age: Vec<(Option<Instant>, u64)> = st
-            .clean
-            .keys()
-            .map(|&ino| (st.live.get(&ino).and_then(|l| l.last_used), ino))
-            .collect();
-        by_age.sort();
         let mut chosen = Vec::new();
-        for (_, ino) in by_age {
+        for (ino, size) in st.clean.oldest() {
             if total <= self.opts.cache_size {
                 break;
             }
-            total = total.saturating_sub(st.clean.get(&ino).copied().unwrap_or(0));
+            total = total.saturating_sub(size);
             chosen.push(ino);
         }
         if let Err(e) = self.evict_locked(&mut st, &chosen) {
@@ -135,7 +182,7 @@ impl Core {
                 std::fs::rename(self.store.cache_tmp_path(ino), self.store.cache_path(ino))
                     .map_err(io_err)?;
                 crate::crash::point("decode.after_rename");
-                crate::store::sync_dir(&self.store.cache_dir()).map_err(io_err)?;
+                crate::store::sync_dir(&self.store.cache_dir_of(ino)).map_err(io_err)?;
                 crate::crash::point("decode.after_dir_sync");
                 inode.cached = true;
                 self.put(ino, &inode)?;

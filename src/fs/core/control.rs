@@ -73,7 +73,7 @@ impl Core {
         let mut txn = Txn::default();
         txn.put_xattr(ino, name, value);
         txn.put_inode(ino, &inode);
-        self.store.commit(txn, false).map_err(store_err)
+        self.commit(txn, false)
     }
 
     pub fn listxattr(&self, ino: u64) -> FsResult<Vec<u8>> {
@@ -105,7 +105,7 @@ impl Core {
         let mut txn = Txn::default();
         txn.del_xattr(ino, name);
         txn.put_inode(ino, &inode);
-        self.store.commit(txn, false).map_err(store_err)
+        self.commit(txn, false)
     }
 
     /// Queue length, byte totals and worker throughput, as `key=value` lines.
@@ -138,7 +138,7 @@ impl Core {
              logical_bytes={logical}\nstored_bytes={stored}\ncache_bytes={cache}\n\
              compressed_since_mount={}\nbytes_in={}\nbytes_out={}\nbusy_seconds={secs:.1}\n\
              failures={}\nsuperseded={}\nverify_failures={}\ndecompressions={}\ndecompress_failures={}\n\
-             symbols_coded={}\nregions_decoded={}\nchunk_jobs_queued={chunk_jobs}\n",
+             symbols_coded={}\nregions_decoded={}\nchunk_jobs_queued={chunk_jobs}\nindex_commits={}\n",
             queued,
             stats.compressed_files,
             stats.bytes_in,
@@ -150,6 +150,7 @@ impl Core {
             stats.decompress_failures,
             stats.symbols_coded,
             stats.regions_decoded,
+            self.store.commits(),
         ))
     }
 
@@ -180,6 +181,9 @@ impl Core {
         self.reap_soon();
         if self.opts.read_only {
             return;
+        }
+        if let Err(e) = self.sync_metadata() {
+            log::error!("committing the sizes of files being written: errno {e}");
         }
         if let Err(e) = self.store.flush() {
             log::error!("final index flush: {e}");

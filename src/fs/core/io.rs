@@ -62,13 +62,16 @@ impl Core {
             self.store
                 .delete_inode(&mut txn, ino, &inode)
                 .map_err(store_err)?;
-            self.store.commit(txn, false).map_err(store_err)?;
+            self.commit(txn, false)?;
             crate::crash::point("release.after_index");
             self.forget(&mut st, ino);
             return Ok(());
         }
         if inode.kind == Kind::File && inode.dirty {
-            self.enqueue_locked(ino, self.opts.idle)?;
+            self.enqueue_locked(ino, self.opts.idle);
+            drop(st);
+            // The last close: its size and times go to the index now.
+            self.sync_metadata_of(ino)?;
         }
         Ok(())
     }
@@ -81,15 +84,15 @@ impl Core {
         let _st = self.lock();
         let inode = self.get(ino)?;
         if inode.kind == Kind::File && inode.dirty {
-            self.enqueue_locked(ino, self.opts.idle)?;
+            self.enqueue_locked(ino, self.opts.idle);
         }
         Ok(())
     }
 
     /// The open cache file of a cached regular file.
     pub(super) fn cache_file(&self, st: &mut State, ino: u64) -> FsResult<Arc<File>> {
+        st.clean.touch(ino);
         let live = st.live.entry(ino).or_default();
-        live.last_used = Some(Instant::now());
         if let Some(f) = &live.file {
             return Ok(f.clone());
         }
@@ -290,13 +293,15 @@ impl Core {
             txn.bury_blob(ino, b.seq);
         }
         inode.dirty = true;
-        st.clean.remove(&ino);
+        st.clean.remove(ino);
         let live = st.live.entry(ino).or_default();
         live.version += 1;
         if live.open == 0 {
             txn.enqueue(ino, unix_ms(now + self.opts.idle));
-        } else {
-            txn.dequeue(ino);
+        } else if self.store.queue_due(ino).ok().flatten().is_some() {
+            // Written again after a close: the writer has it back (committed with the
+            // next batch or the group commit).
+            self.defer_queue(ino, None);
         }
     }
 
@@ -317,14 +322,14 @@ impl Core {
         let mut txn = Txn::default();
         self.touch_content(st, ino, inode, &mut txn);
         txn.put_inode(ino, inode);
-        self.store.commit(txn, true).map_err(store_err)?;
+        self.commit(txn, true)?;
         crate::crash::point(point);
         self.reap_soon();
         Ok(())
     }
 
     pub(super) fn commit_content(&self, txn: Txn) -> FsResult<()> {
-        self.store.commit(txn, false).map_err(store_err)
+        self.commit(txn, false)
     }
 
     /// Write to a cached file (call inside [`Core::with_plain`]).
@@ -341,25 +346,46 @@ impl Core {
         data: &[u8],
         kill_privs: bool,
     ) -> FsResult<u32> {
-        let mut st = self.lock();
-        let mut inode = self.get(ino)?;
-        if !inode.cached {
-            return Err(libc::ESTALE);
-        }
-        self.check_space(data.len() as u64)?;
         let end = offset.checked_add(data.len() as u64).ok_or(libc::EFBIG)?;
-        self.mark_dirty_first(&mut st, ino, &mut inode, "write.after_dirty_mark")?;
-        let file = self.cache_file(&mut st, ino)?;
+        // A statvfs of the backing filesystem: outside the lock.
+        self.check_space(data.len() as u64)?;
+        let file = {
+            let mut st = self.lock();
+            let mut inode = self.get(ino)?;
+            if !inode.cached {
+                return Err(libc::ESTALE);
+            }
+            self.mark_dirty_first(&mut st, ino, &mut inode, "write.after_dirty_mark")?;
+            // Bumped before the bytes change, so a compression that read the old bytes
+            // cannot commit (its version check fails) while this write is under way.
+            st.live.entry(ino).or_default().version += 1;
+            self.cache_file(&mut st, ino)?
+        };
+        // The bytes go to the cache file without the lock: a slow disk write stalls
+        // this request only. The kernel orders writes and truncations of one file.
         file.write_all_at(data, offset).map_err(io_err)?;
         crate::crash::point("write.after_data");
+        let mut st = self.lock();
+        let mut inode = match self.get(ino) {
+            Ok(i) => i,
+            // Unlinked and released meanwhile: the bytes went to a deleted file.
+            Err(libc::ENOENT) => return Ok(data.len() as u32),
+            Err(e) => return Err(e),
+        };
         let mut txn = Txn::default();
         inode.size = inode.size.max(end);
         self.touch_content(&mut st, ino, &mut inode, &mut txn);
+        let perm = inode.perm;
         if kill_privs {
             self.kill_privs(ino, &mut inode, &mut txn)?;
         }
-        txn.put_inode(ino, &inode);
-        self.commit_content(txn)?;
+        if txn.is_empty() && inode.perm == perm {
+            // The common case, a file already dirty and off the queue: no index write.
+            self.defer_meta(ino, &inode);
+        } else {
+            txn.put_inode(ino, &inode);
+            self.commit_content(txn)?;
+        }
         drop(st);
         Ok(data.len() as u32)
     }
@@ -505,6 +531,7 @@ impl Core {
 
     /// fsync: the plaintext (if any) and the index reach the disk.
     pub fn fsync(&self, ino: u64, datasync: bool) -> FsResult<()> {
+        self.sync_metadata_of(ino)?;
         let file = {
             let mut st = self.lock();
             let inode = self.get(ino)?;
@@ -521,7 +548,7 @@ impl Core {
                 f.sync_all().map_err(io_err)?;
             }
             // The cache file's own name, created unsynced with the file.
-            crate::store::sync_dir(&self.store.cache_dir()).map_err(io_err)?;
+            crate::store::sync_dir(&self.store.cache_dir_of(ino)).map_err(io_err)?;
         }
         self.store.flush().map_err(store_err)
     }

@@ -3,12 +3,10 @@
 use super::*;
 
 impl Core {
-    pub(super) fn enqueue_locked(&self, ino: u64, delay: Duration) -> FsResult<()> {
-        let mut txn = Txn::default();
-        txn.enqueue(ino, unix_ms(SystemTime::now() + delay));
-        self.store.commit(txn, false).map_err(store_err)?;
-        self.wake.notify_all();
-        Ok(())
+    /// Queue `ino` (a dirty file) to be compressed after `delay`: in memory now, in the
+    /// index at the next group commit (see [`Unsynced`]).
+    pub(super) fn enqueue_locked(&self, ino: u64, delay: Duration) {
+        self.defer_queue(ino, Some(unix_ms(SystemTime::now() + delay)));
     }
 
     pub fn file_state(&self, ino: u64, inode: &Inode) -> FsResult<&'static str> {
@@ -31,18 +29,19 @@ impl Core {
     /// closed is asynchronous and may still be on its way, so `writers` alone would skip
     /// a file that `write; close; nacrithfs flush` has every right to see compressed.
     pub fn request_flush(&self) -> FsResult<()> {
+        self.sync_metadata()?;
         let st = self.lock();
         let now = unix_ms(SystemTime::now());
         let mut txn = Txn::default();
-        for r in self.store.inodes() {
-            let (ino, inode) = r.map_err(store_err)?;
-            let writing = st.live.get(&ino).is_some_and(|l| l.writers > 0)
-                && self.store.queue_due(ino).map_err(store_err)?.is_none();
-            if inode.kind == Kind::File && inode.dirty && !writing {
+        // The dirty files from the in-memory tally: O(dirty), not a scan of the index.
+        for ino in self.store.dirty_files() {
+            let due = self.store.queue_due(ino).map_err(store_err)?;
+            let writing = st.live.get(&ino).is_some_and(|l| l.writers > 0) && due.is_none();
+            if !writing && due.is_none_or(|d| d > now) {
                 txn.enqueue(ino, now);
             }
         }
-        self.store.commit(txn, false).map_err(store_err)?;
+        self.commit(txn, false)?;
         drop(st);
         self.wake.notify_all();
         Ok(())
@@ -98,7 +97,7 @@ impl Core {
             _ => {
                 let mut txn = Txn::default();
                 txn.dequeue(ino);
-                self.store.commit(txn, false).map_err(store_err)?;
+                self.commit(txn, false)?;
                 Ok(None)
             }
         }
@@ -135,7 +134,7 @@ impl Core {
         inode.blob = Some(BlobRef { seq, stored_size });
         txn.put_inode(ino, &inode);
         txn.dequeue(ino);
-        self.store.commit(txn, true).map_err(store_err)?;
+        self.commit(txn, true)?;
         crate::crash::point("compress.after_commit");
         self.reap_soon();
         st.clean.insert(ino, inode.size);

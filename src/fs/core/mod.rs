@@ -110,7 +110,6 @@ struct Live {
     /// Operations waiting on this file's plaintext; eviction leaves it alone meanwhile.
     pins: u32,
     file: Option<Arc<File>>,
-    last_used: Option<Instant>,
 }
 
 #[derive(Default, Debug, Clone)]
@@ -170,8 +169,8 @@ pub(crate) struct State {
     pub(crate) partial: HashMap<u64, Partial>,
     /// Inodes a worker is compressing now.
     pub(crate) compressing: Vec<u64>,
-    /// Clean cached copies: ino → size, for the cache cap.
-    clean: HashMap<u64, u64>,
+    /// Clean cached copies by last use, for the cache cap.
+    clean: cache::CleanCopies,
     pub(crate) stats: Stats,
     pub(crate) shutting_down: bool,
     /// Since when at least one compression has been running (for busy time).
@@ -197,7 +196,39 @@ pub struct Core {
     reap_wanted: Mutex<bool>,
     reap_wake: Condvar,
     materialize_tx: Sender<Need>,
+    /// What writes, closes and reopens changed that the index does not have yet (see
+    /// [`Unsynced`]). Changed only with the state lock held; taken after it.
+    unsynced: Mutex<Unsynced>,
 }
+
+/// What the index does not have yet, kept in memory for the group commit (every
+/// [`GROUP_COMMIT`]), which writes it all in one batch:
+/// - the size and times of dirty files written since their record was committed: a
+///   write to a file that is already dirty commits nothing (the cache file is the
+///   content, the index's size only a hint; docs/DURABILITY.md). They also reach the
+///   index at the file's last close, an fsync, a flush request and unmount; readers see
+///   them through [`Core::get`];
+/// - queue changes made by a close(2) (queued for `idle`) and by the next write to a file
+///   still open (off the queue): a program that appends one line per open and close, or
+///   per `dup2` and close as a shell's `echo >>` does, would otherwise make two commits a
+///   line. They are in the in-memory queue index at once, so the compressor sees them.
+///   A crash loses none of what they stand for: recovery queues every dirty file again.
+#[derive(Default)]
+pub(crate) struct Unsynced {
+    meta: HashMap<u64, Meta>,
+    /// ino → due time (None: off the queue).
+    queue: HashMap<u64, Option<u64>>,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Meta {
+    size: u64,
+    mtime: SystemTime,
+    ctime: SystemTime,
+}
+
+/// How often size and times of files being written reach the index at the latest.
+pub const GROUP_COMMIT: Duration = Duration::from_secs(1);
 
 /// A readdir entry: (offset of the next entry, inode, kind, name).
 pub type DirEntry = (u64, u64, Kind, Vec<u8>);
@@ -235,7 +266,7 @@ impl Core {
                 waiters: HashMap::new(),
                 partial: HashMap::new(),
                 compressing: Vec::new(),
-                clean: HashMap::new(),
+                clean: Default::default(),
                 stats: Stats::default(),
                 shutting_down: false,
                 busy_since: None,
@@ -245,6 +276,7 @@ impl Core {
             reap_wanted: Mutex::new(false),
             reap_wake: Condvar::new(),
             materialize_tx: tx,
+            unsynced: Mutex::new(Unsynced::default()),
         });
         core.recover()?;
         Ok((core, rx))
@@ -254,14 +286,118 @@ impl Core {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// An inode as it is now: its record with what writes changed since (see
+    /// [`Unsynced`]).
     pub fn get(&self, ino: u64) -> FsResult<Inode> {
-        self.store.get(ino).map_err(store_err)?.ok_or(libc::ENOENT)
+        let mut inode = self
+            .store
+            .get(ino)
+            .map_err(store_err)?
+            .ok_or(libc::ENOENT)?;
+        if let Some(u) = self.unsynced().meta.get(&ino) {
+            inode.size = u.size;
+            inode.mtime = u.mtime;
+            inode.ctime = inode.ctime.max(u.ctime);
+        }
+        Ok(inode)
+    }
+
+    fn unsynced(&self) -> MutexGuard<'_, Unsynced> {
+        self.unsynced.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Commit an index change (with the state lock held). The records it writes were
+    /// read through [`Core::get`], so they carry their unsynced size and times, and its
+    /// queue changes are newer than any pending: neither is pending any more.
+    pub(crate) fn commit(&self, txn: Txn, durable: bool) -> FsResult<()> {
+        let (written, queued) = (txn.inodes(), txn.queue_changes());
+        self.store.commit(txn, durable).map_err(store_err)?;
+        if !written.is_empty() || !queued.is_empty() {
+            let mut u = self.unsynced();
+            for ino in written {
+                u.meta.remove(&ino);
+            }
+            for ino in queued {
+                u.queue.remove(&ino);
+            }
+        }
+        Ok(())
+    }
+
+    /// Keep a dirty file's new size and times in memory instead of committing them
+    /// (with the state lock held).
+    pub(crate) fn defer_meta(&self, ino: u64, inode: &Inode) {
+        self.unsynced().meta.insert(
+            ino,
+            Meta {
+                size: inode.size,
+                mtime: inode.mtime,
+                ctime: inode.ctime,
+            },
+        );
+    }
+
+    /// Queue `ino` at `due` (None: off the queue) in memory now and in the index at the
+    /// next group commit (with the state lock held).
+    pub(crate) fn defer_queue(&self, ino: u64, due: Option<u64>) {
+        self.store.set_due_in_memory(ino, due);
+        self.unsynced().queue.insert(ino, due);
+        if due.is_some() {
+            self.wake.notify_all();
+        }
+    }
+
+    /// Commit everything pending in one batch (the group commit; also before a flush
+    /// request and at unmount).
+    pub fn sync_metadata(&self) -> FsResult<()> {
+        let _st = self.lock();
+        let (inos, queue): (Vec<u64>, Vec<(u64, Option<u64>)>) = {
+            let u = self.unsynced();
+            (
+                u.meta.keys().copied().collect(),
+                u.queue.iter().map(|(&i, &d)| (i, d)).collect(),
+            )
+        };
+        if inos.is_empty() && queue.is_empty() {
+            return Ok(());
+        }
+        let mut txn = Txn::default();
+        for ino in inos {
+            match self.get(ino) {
+                Ok(inode) => txn.put_inode(ino, &inode),
+                Err(libc::ENOENT) => {
+                    self.unsynced().meta.remove(&ino);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        for (ino, due) in queue {
+            match due {
+                Some(d) => txn.enqueue(ino, d),
+                None => txn.dequeue(ino),
+            }
+        }
+        self.commit(txn, false)?;
+        crate::crash::point("group_commit.after_index");
+        Ok(())
+    }
+
+    /// Commit one file's pending size and times (at its last close, before an fsync).
+    pub(crate) fn sync_metadata_of(&self, ino: u64) -> FsResult<()> {
+        let _st = self.lock();
+        if !self.unsynced().meta.contains_key(&ino) {
+            return Ok(());
+        }
+        let inode = self.get(ino)?;
+        let mut txn = Txn::default();
+        txn.put_inode(ino, &inode);
+        self.commit(txn, false)
     }
 
     fn put(&self, ino: u64, inode: &Inode) -> FsResult<()> {
         let mut txn = Txn::default();
         txn.put_inode(ino, inode);
-        self.store.commit(txn, false).map_err(store_err)
+        self.commit(txn, false)
     }
 
     fn check_name(name: &[u8]) -> FsResult<()> {

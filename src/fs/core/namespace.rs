@@ -103,7 +103,7 @@ impl Core {
         pdir.mtime = now;
         pdir.ctime = now;
         txn.put_inode(parent, &pdir);
-        self.store.commit(txn, false).map_err(store_err)?;
+        self.commit(txn, false)?;
         crate::crash::point("create.after_index");
         Ok(Attr { ino, inode })
     }
@@ -146,7 +146,7 @@ impl Core {
         self.store
             .put_name(&mut txn, newparent, newname, ino, inode.kind)
             .map_err(store_err)?;
-        self.store.commit(txn, false).map_err(store_err)?;
+        self.commit(txn, false)?;
         crate::crash::point("link.after_index");
         Ok(Attr { ino, inode })
     }
@@ -188,7 +188,7 @@ impl Core {
         pdir.ctime = now;
         txn.put_inode(parent, &pdir);
         let purge = self.drop_link(&mut st, &mut txn, ino, &inode)?;
-        self.store.commit(txn, false).map_err(store_err)?;
+        self.commit(txn, false)?;
         crate::crash::point("unlink.after_index");
         if purge {
             self.forget(&mut st, ino);
@@ -221,7 +221,7 @@ impl Core {
     /// graveyard, deleted once the deletion is durable).
     pub(super) fn forget(&self, st: &mut State, ino: u64) {
         st.live.remove(&ino);
-        st.clean.remove(&ino);
+        st.clean.remove(ino);
         self.reap_soon();
     }
 
@@ -338,7 +338,7 @@ impl Core {
             d.ctime = now;
             txn.put_inode(ino, &d);
         }
-        self.store.commit(txn, false).map_err(store_err)?;
+        self.commit(txn, false)?;
         crate::crash::point("rename.after_index");
         if let Some(ino) = purge {
             self.forget(&mut st, ino);
