@@ -29,6 +29,8 @@ const COUNTERS: &[&str] = &[
     "symbols_coded",
     "regions_decoded",
     "index_commits",
+    "compress_seconds",
+    "coding_seconds",
 ];
 
 /// One line of help per field, for the Prometheus exposition.
@@ -57,6 +59,12 @@ fn help(key: &str) -> &'static str {
         "regions_decoded" => "Blob regions decoded for readers since mount.",
         "chunk_jobs_queued" => "Chunk jobs waiting for a model lane.",
         "index_commits" => "Index batches committed since mount.",
+        "compress_seconds" => {
+            "Compressor seconds per file from claim to end, summed over files, since mount."
+        }
+        "coding_seconds" => {
+            "Of compress_seconds, the time in the coder (encoding and the verifying decode)."
+        }
         _ => "nacrithfs status field.",
     }
 }

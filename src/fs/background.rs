@@ -222,6 +222,7 @@ fn compress_one(core: &Core, budget: &Budget, ino: u64, version: u64) {
     let taken = budget.take(size.min(codec::WINDOW as u64));
     compress_file(core, ino, version, &name, &src, start, &fail);
     budget.give(taken);
+    core.count_compress_time(start.elapsed());
 }
 
 /// An unnamed file in `dir` for the payload while its header is still unknown: nothing
@@ -317,12 +318,14 @@ fn code_into_tmp(
     // Symbols coded, for the status (tokens/s); counted as they go, failures included.
     let count = |n: usize| core.count_symbols(n as u64);
     let mut spool = spool_file(&core.store.blob_dir_of(ino), ino)?;
+    let coding = Instant::now();
     let header = {
         let mut w = std::io::BufWriter::new(&mut spool);
         let h = codec::compress_to(src, engine, &opts, &count, &mut w)?;
         w.flush()?;
         h
     };
+    core.count_coding_time(coding.elapsed());
     let payload_len = spool.stream_position()?;
     let mut out = std::io::BufWriter::new(std::fs::File::create(tmp)?);
     let len = match codec::whole_zstd_if_smaller(src, &header, payload_len, &opts)? {
@@ -347,24 +350,28 @@ fn code_into_tmp(
 
 /// Decode the blob in `tmp` and compare it with `src` byte for byte.
 fn verify_tmp(
+    core: &Core,
     tmp: &std::path::Path,
     src: &dyn Source,
     engine: Option<&dyn Engine>,
     count: &(dyn Fn(usize) + Sync),
 ) -> Result<(), CodecError> {
+    let coding = Instant::now();
     let blob = FileSource::open(tmp)?;
     let mut sink = CompareSink {
         src,
         at: 0,
         buf: Vec::new(),
     };
-    codec::decode_to(
+    let decoded = codec::decode_to(
         &blob,
         engine,
         &DecompressOptions::default(),
         count,
         &mut sink,
-    )?;
+    );
+    core.count_coding_time(coding.elapsed());
+    decoded?;
     if sink.at != src.len() {
         return Err(CodecError::Corrupt(
             "decodes to fewer bytes than the plaintext".into(),
@@ -405,7 +412,7 @@ fn compress_file(
         Err(e) => return fail(e.to_string()),
     };
     if core.opts.verify {
-        if let Err(e) = verify_tmp(&tmp, src, Some(engine), &count) {
+        if let Err(e) = verify_tmp(core, &tmp, src, Some(engine), &count) {
             if core.changed_since(ino, version) {
                 return fail(e.to_string());
             }
@@ -418,7 +425,7 @@ fn compress_file(
                 Ok(n) => n,
                 Err(e) => return fail(e.to_string()),
             };
-            if let Err(e) = verify_tmp(&tmp, src, None, &|_| {}) {
+            if let Err(e) = verify_tmp(core, &tmp, src, None, &|_| {}) {
                 return fail(format!("the zstd fallback did not verify either: {e}"));
             }
         }

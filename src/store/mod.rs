@@ -924,6 +924,12 @@ impl Store {
                 let new = tally::Totals::of(&i);
                 t.totals.replace(&tally::Totals::default(), &new);
                 t.set_inode(ino, Some(&new));
+                if i.kind == Kind::File && i.cached && !i.dirty {
+                    t.clean_at_open.push((ino, i.size));
+                }
+                if i.nlink == 0 && ino != ROOT_INO {
+                    t.unlinked_at_open.push(ino);
+                }
             }
         }
         for (ino, due) in self.queue()? {
@@ -931,6 +937,16 @@ impl Store {
         }
         *self.tally.lock().unwrap_or_else(|p| p.into_inner()) = t;
         Ok(())
+    }
+
+    /// What the count at open found: clean cached copies (ino, size) and inodes with no
+    /// link left (see [`tally::Tally::clean_at_open`]); empty after the first call.
+    pub fn take_open_scan(&self) -> (Vec<(u64, u64)>, Vec<u64>) {
+        let mut t = self.tally.lock().unwrap_or_else(|p| p.into_inner());
+        (
+            std::mem::take(&mut t.clean_at_open),
+            std::mem::take(&mut t.unlinked_at_open),
+        )
     }
 
     /// The volume's totals, as of the last commit.

@@ -78,6 +78,10 @@ pub struct Tally {
     due_of: HashMap<u64, u64>,
     /// Dirty regular files (what a flush queues), so a flush walks them, not the index.
     dirty: BTreeSet<u64>,
+    /// What the count at open found for the mount's recovery, taken once: clean cached
+    /// copies (ino, size) and inodes with no link left.
+    pub clean_at_open: Vec<(u64, u64)>,
+    pub unlinked_at_open: Vec<u64>,
 }
 
 impl Tally {

@@ -138,7 +138,8 @@ impl Core {
              logical_bytes={logical}\nstored_bytes={stored}\ncache_bytes={cache}\n\
              compressed_since_mount={}\nbytes_in={}\nbytes_out={}\nbusy_seconds={secs:.1}\n\
              failures={}\nsuperseded={}\nverify_failures={}\ndecompressions={}\ndecompress_failures={}\n\
-             symbols_coded={}\nregions_decoded={}\nchunk_jobs_queued={chunk_jobs}\nindex_commits={}\n",
+             symbols_coded={}\nregions_decoded={}\nchunk_jobs_queued={chunk_jobs}\nindex_commits={}\n\
+             compress_seconds={:.3}\ncoding_seconds={:.3}\n",
             queued,
             stats.compressed_files,
             stats.bytes_in,
@@ -151,6 +152,8 @@ impl Core {
             stats.symbols_coded,
             stats.regions_decoded,
             self.store.commits(),
+            stats.compress_time.as_secs_f64(),
+            stats.coding_time.as_secs_f64(),
         ))
     }
 

@@ -200,6 +200,17 @@ impl Core {
         self.lock().stats.symbols_coded += n;
     }
 
+    /// Time a compressor spent on one file, from its claim to its end (sums over files).
+    pub(crate) fn count_compress_time(&self, d: Duration) {
+        self.lock().stats.compress_time += d;
+    }
+
+    /// Time spent encoding with the coder and decoding to verify (the model's part of a
+    /// compression; sums over files).
+    pub(crate) fn count_coding_time(&self, d: Duration) {
+        self.lock().stats.coding_time += d;
+    }
+
     pub(crate) fn count_regions(&self, n: u64) {
         self.lock().stats.regions_decoded += n;
     }

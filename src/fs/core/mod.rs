@@ -128,6 +128,9 @@ pub struct Stats {
     pub symbols_coded: u64,
     /// Regions (chunks, zstd and stored segments) decoded for reads.
     pub regions_decoded: u64,
+    /// Compressor time per file summed over files, and the coder's part of it.
+    pub compress_time: Duration,
+    pub coding_time: Duration,
 }
 
 struct Handle {

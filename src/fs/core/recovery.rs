@@ -44,9 +44,20 @@ impl Core {
     /// orphans (unlinked while open) are deleted; the graveyard is emptied; temp files
     /// and files the index has stopped needing go. A read-only mount changes nothing.
     pub(super) fn recover(&self) -> Result<(), StoreError> {
-        if !self.opts.read_only && self.store.take_clean_stop()? {
+        if self.opts.read_only {
+            // Nothing changes: only the clean copies, for the cache cap.
+            let (clean, _) = self.store.take_open_scan();
+            let mut st = self.lock();
+            for (ino, size) in clean {
+                st.clean.insert(ino, size);
+            }
+            return Ok(());
+        }
+        if self.store.take_clean_stop()? {
             return self.recover_after_clean_stop();
         }
+        // The full pass below finds all of it again.
+        drop(self.store.take_open_scan());
         let mut inodes: HashMap<u64, Inode> = HashMap::new();
         let mut unreadable = 0usize;
         for r in self.store.inodes() {
@@ -59,15 +70,6 @@ impl Core {
                     unreadable += 1;
                 }
             }
-        }
-        if self.opts.read_only {
-            let mut st = self.lock();
-            for (&ino, i) in &inodes {
-                if i.kind == Kind::File && i.cached && !i.dirty {
-                    st.clean.insert(ino, i.size);
-                }
-            }
-            return Ok(());
         }
         let now_ms = unix_ms(SystemTime::now());
         let queue = self.store.queue()?;
@@ -185,9 +187,11 @@ impl Core {
     }
 
     /// After a clean stop the backing files are as the index says (no temp files, no
-    /// compression or decode cut off, the graveyard emptied): one pass over the inode
-    /// records, no stat or listing of the backing files. Cost: decoding each record
-    /// once (the tallies did it too, at open).
+    /// compression or decode cut off, the graveyard emptied): no stat or listing of the
+    /// backing files, and no pass over the index either. What it needs, the count at
+    /// open (`Store::init_tally`) collected: clean copies for the cache cap, inodes
+    /// without links (none, after a clean stop, unless a lazy unmount left them), dirty
+    /// files (a flush request's set) that are not queued.
     fn recover_after_clean_stop(&self) -> Result<(), StoreError> {
         let now_ms = unix_ms(SystemTime::now());
         let latest = now_ms + self.opts.idle.as_millis() as u64;
@@ -198,31 +202,22 @@ impl Core {
                 txn.enqueue(ino, latest);
             }
         }
-        let mut st = self.lock();
+        let (clean, unlinked) = self.store.take_open_scan();
         let mut orphans = 0;
-        for r in self.store.inodes() {
-            let (ino, inode) = match r {
-                Ok(x) => x,
-                Err(e) => {
-                    log::error!("recovery: {e}; run `nacrithfs fsck`");
-                    continue;
-                }
-            };
-            if inode.nlink == 0 && ino != ROOT_INO {
-                // Unlinked while open when the mount went away lazily.
+        for ino in unlinked {
+            if let Some(inode) = self.store.get(ino)? {
                 self.store.delete_inode(&mut txn, ino, &inode)?;
                 orphans += 1;
-                continue;
             }
-            if inode.kind != Kind::File {
-                continue;
-            }
-            if inode.dirty && self.store.queue_due(ino)?.is_none() {
+        }
+        for ino in self.store.dirty_files() {
+            if self.store.queue_due(ino)?.is_none() {
                 txn.enqueue(ino, latest);
             }
-            if inode.cached && !inode.dirty {
-                st.clean.insert(ino, inode.size);
-            }
+        }
+        let mut st = self.lock();
+        for (ino, size) in clean {
+            st.clean.insert(ino, size);
         }
         drop(st);
         self.store.commit(txn, true)?;
