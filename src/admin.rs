@@ -59,6 +59,7 @@ fn help(key: &str) -> &'static str {
         "regions_decoded" => "Blob regions decoded for readers since mount.",
         "chunk_jobs_queued" => "Chunk jobs waiting for a model lane.",
         "index_commits" => "Index batches committed since mount.",
+        "paused" => "1 while remounted read-only: no compression commits, evictions or deletions.",
         "compress_seconds" => {
             "Compressor seconds per file from claim to end, summed over files, since mount."
         }

@@ -707,3 +707,199 @@ fn copy_file_range_errors_are_the_kernel_s() {
     drop((s, append, rw, wo, d_fd));
     d.unmount();
 }
+
+/// A directory removed while a process holds it open (rmdir, or a rename over it) stays
+/// usable through that handle: fstat succeeds with nlink 0, nothing can be created in
+/// it, and its inode goes when the handle is closed (fsck clean after the unmount).
+#[test]
+fn a_directory_removed_while_open_lives_on_through_its_handle() {
+    use std::os::fd::AsRawFd;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (backing, mnt) = new_volume(dir.path());
+    let d = Daemon::start(&backing, &mnt, "idle=3600");
+    fs::create_dir(mnt.join("gone")).expect("mkdir");
+    let held = File::open(mnt.join("gone")).expect("open the directory");
+    fs::remove_dir(mnt.join("gone")).expect("rmdir while open");
+    let m = held.metadata().expect("fstat of a removed directory");
+    assert!(m.is_dir());
+    assert_eq!(m.nlink(), 0, "a removed directory has no links");
+    let name = CString::new("x").expect("name");
+    // SAFETY: a valid directory fd and NUL-terminated name.
+    let fd = unsafe {
+        libc::openat(
+            held.as_raw_fd(),
+            name.as_ptr(),
+            libc::O_CREAT | libc::O_WRONLY,
+            0o644,
+        )
+    };
+    let err = std::io::Error::last_os_error();
+    assert_eq!(fd, -1, "a file was created in a removed directory");
+    assert_eq!(err.raw_os_error(), Some(libc::ENOENT), "{err}");
+    assert_eq!(fs::read_dir(&mnt).expect("list").count(), 0);
+
+    // rename(2) over an empty directory that is held open.
+    fs::create_dir(mnt.join("a")).expect("mkdir a");
+    fs::write(mnt.join("a/kept"), b"moved along\n").expect("write");
+    fs::create_dir(mnt.join("b")).expect("mkdir b");
+    let held_b = File::open(mnt.join("b")).expect("open b");
+    let ino_b = held_b.metadata().expect("fstat b").ino();
+    fs::rename(mnt.join("a"), mnt.join("b")).expect("rename over an open empty directory");
+    let m = held_b.metadata().expect("fstat of the replaced directory");
+    assert_eq!((m.ino(), m.nlink()), (ino_b, 0));
+    assert_eq!(
+        fs::read(mnt.join("b/kept")).expect("read"),
+        b"moved along\n"
+    );
+    drop(held);
+    drop(held_b);
+    d.unmount();
+    let (code, text) = fsck(&[], &backing);
+    assert_eq!(code, 0, "fsck after removed open directories:\n{text}");
+    // Their inodes went with the last handle: only the root, b and b/kept remain.
+    assert!(text.contains(" 3 inodes"), "{text}");
+}
+
+fn set_times(path: &Path, atime: i64, mtime: i64) {
+    let p = CString::new(path.as_os_str().as_bytes()).expect("path");
+    let ts = [
+        libc::timespec {
+            tv_sec: atime,
+            tv_nsec: 0,
+        },
+        libc::timespec {
+            tv_sec: mtime,
+            tv_nsec: 0,
+        },
+    ];
+    // SAFETY: a valid path and two timespecs.
+    let r = unsafe { libc::utimensat(libc::AT_FDCWD, p.as_ptr(), ts.as_ptr(), 0) };
+    assert_eq!(r, 0, "utimensat: {}", std::io::Error::last_os_error());
+}
+
+/// atime, which the kernel leaves to a FUSE daemon, follows the mount: `relatime` (the
+/// default) updates it on the first read or listing after a change and not again within
+/// a day, `strictatime` on every one, `noatime` never; and it survives a remount.
+#[test]
+fn atime_follows_relatime_strictatime_and_noatime() {
+    // Attributes are cached by the kernel for a second: wait that long before a stat.
+    let settle = || std::thread::sleep(Duration::from_millis(1100));
+    const OLD: i64 = 1_600_000_000;
+    for (opts, first, again) in [
+        ("idle=3600", true, false),
+        ("idle=3600,strictatime", true, true),
+        ("idle=3600,noatime", false, false),
+    ] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (backing, mnt) = new_volume(dir.path());
+        let d = Daemon::start(&backing, &mnt, opts);
+        let f = mnt.join("f.txt");
+        write_synced(&f, b"read me\n");
+        fs::create_dir(mnt.join("sub")).expect("mkdir");
+        // Accessed before the last change: relatime updates on the next read.
+        set_times(&f, OLD, OLD + 10);
+        set_times(&mnt.join("sub"), OLD, OLD + 10);
+        settle();
+        assert_eq!(fs::read(&f).expect("read"), b"read me\n");
+        fs::read_dir(mnt.join("sub")).expect("list").for_each(drop);
+        settle();
+        let a1 = fs::metadata(&f).expect("stat").atime();
+        let d1 = fs::metadata(mnt.join("sub")).expect("stat").atime();
+        assert_eq!(a1 > OLD, first, "{opts}: first read, atime {a1}");
+        assert_eq!(d1 > OLD, first, "{opts}: first listing, atime {d1}");
+        settle();
+        fs::read(&f).expect("read again");
+        settle();
+        let a2 = fs::metadata(&f).expect("stat").atime();
+        assert_eq!(a2 > a1, again, "{opts}: second read, atime {a1} -> {a2}");
+        d.unmount();
+        let d = Daemon::start(&backing, &mnt, opts);
+        assert_eq!(
+            fs::metadata(&f).expect("stat after remount").atime(),
+            a2,
+            "{opts}: atime after a remount"
+        );
+        d.unmount();
+    }
+}
+
+/// `mount -o remount,ro` and `remount,rw` (mount(8) runs this binary as its helper):
+/// the mount turns read-only with its files readable and its queue kept (nothing is
+/// compressed while read-only), then writable again, and the queue is compressed.
+#[test]
+fn remount_read_only_and_back_keeps_files_and_queue() {
+    let _llm = common::llm_lock();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (backing, mnt) = new_volume(dir.path());
+    let d = Daemon::start(&backing, &mnt, "idle=1");
+    let text = common::english(3000);
+    write_synced(&mnt.join("a.txt"), &text);
+    // As mount(8) does it: mount.fuse3 runs `nacrithfs SOURCE MOUNTPOINT -o remount,..`
+    // from PATH (this build first; mount(8) itself would find the installed copy).
+    let remount = |how: &str| {
+        let bin_dir = Path::new(BIN).parent().expect("bin dir");
+        let path = format!(
+            "{}:{}",
+            bin_dir.display(),
+            std::env::var("PATH").unwrap_or_default()
+        );
+        Command::new("mount.fuse3")
+            .arg(&backing)
+            .arg(&mnt)
+            .args(["-t", "fuse.nacrithfs", "-o", &format!("remount,{how}")])
+            .env("PATH", &path)
+            .output()
+            .expect("mount.fuse3")
+    };
+    let mount_opts = |m: &Path| -> String {
+        let mounts = fs::read_to_string("/proc/mounts").expect("mounts");
+        let line = mounts
+            .lines()
+            .find(|l| l.split(' ').nth(1) == Some(m.to_str().expect("utf-8")))
+            .unwrap_or_else(|| panic!("{} not mounted", m.display()))
+            .to_string();
+        line.split(' ').nth(3).expect("options").to_string()
+    };
+    let out = remount("ro");
+    assert!(
+        out.status.success(),
+        "remount,ro: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let o = mount_opts(&mnt);
+    assert!(o.starts_with("ro,") && o.contains("nosuid"), "{o}");
+    let err = fs::write(mnt.join("b.txt"), b"x").expect_err("a write on a read-only mount");
+    assert_eq!(err.raw_os_error(), Some(libc::EROFS));
+    assert_eq!(fs::read(mnt.join("a.txt")).expect("read"), text);
+    assert_eq!(status_field(&mnt, "paused"), 1);
+    // Due after 1 s, but nothing is compressed while read-only.
+    std::thread::sleep(Duration::from_secs(4));
+    assert_eq!(xattr(&mnt.join("a.txt"), "user.nacrith.state"), "queued");
+    assert_eq!(status_field(&mnt, "compressed_since_mount"), 0);
+
+    let out = remount("rw");
+    assert!(
+        out.status.success(),
+        "remount,rw: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(mount_opts(&mnt).starts_with("rw,"));
+    assert_eq!(status_field(&mnt, "paused"), 0);
+    fs::write(mnt.join("b.txt"), b"written after remount,rw\n").expect("write");
+    admin("flush", &mnt);
+    assert_eq!(
+        xattr(&mnt.join("a.txt"), "user.nacrith.state"),
+        "compressed"
+    );
+    assert_eq!(fs::read(mnt.join("a.txt")).expect("read"), text);
+    // Not a nacrithfs mount: refused with the reason.
+    let out = Command::new(BIN)
+        .arg("x")
+        .arg(dir.path())
+        .args(["-o", "remount,ro"])
+        .output()
+        .expect("nacrithfs");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("is not a nacrithfs mount"));
+    d.unmount();
+}

@@ -239,6 +239,11 @@ fn parse_mount_args(args: &[OsString]) -> Result<MountArgs, String> {
 
 fn mount_main(args: &[OsString]) -> Result<(), String> {
     let m = parse_mount_args(args)?;
+    if m.opts.remount {
+        let mountpoint = std::fs::canonicalize(&m.mountpoint)
+            .map_err(|e| format!("mount point {}: {e}", m.mountpoint.display()))?;
+        return nacrithfs::fs::mount::remount(&mountpoint, &m.opts);
+    }
     let backing = m.opts.backing.clone().unwrap_or_else(|| m.source.clone());
     let backing = std::fs::canonicalize(&backing)
         .map_err(|e| format!("backing directory {}: {e}", backing.display()))?;

@@ -441,10 +441,23 @@ impl Filesystem for NacrithFs {
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        guarded("opendir", ino.0, || match self.core.getattr(ino.0) {
-            Ok(a) if a.inode.kind == Kind::Dir => reply.opened(FileHandle(0), FopenFlags::empty()),
-            Ok(_) => reply.error(Errno::ENOTDIR),
+        guarded("opendir", ino.0, || match self.core.opendir(ino.0) {
+            Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
             Err(e) => reply.error(errno(e)),
+        });
+    }
+
+    fn releasedir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        reply: ReplyEmpty,
+    ) {
+        // The last handle of a directory removed while open deletes its inode.
+        guarded("releasedir", 0, || {
+            reply_empty(reply, self.core.release(fh.0, false))
         });
     }
 

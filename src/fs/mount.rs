@@ -134,3 +134,118 @@ pub fn unmount(mountpoint: &Path) {
         unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) };
     }
 }
+
+/// `mount -o remount,ro|rw MOUNTPOINT` (mount(8) hands it to this helper): change a live
+/// nacrithfs mount in place, as root. Read-only: the daemon is told to pause (no
+/// compression commits, evictions or deletions; everything pending committed and the
+/// index flushed), then the kernel makes the mount read-only. Read-write: the kernel
+/// first, then the daemon resumes. Flags the mount has (nosuid, nodev, ...) are kept;
+/// flags given with the remount are added.
+pub fn remount(mountpoint: &Path, opts: &FsOptions) -> Result<(), String> {
+    let mounts = std::fs::read_to_string("/proc/self/mounts").map_err(|e| e.to_string())?;
+    let wanted = mountpoint.as_os_str().as_bytes();
+    let is_ours = mounts.lines().any(|l| {
+        let mut f = l.split(' ');
+        let (_, at, fstype) = (f.next(), f.next(), f.next());
+        at.map(unescape_mount_path).as_deref() == Some(wanted) && fstype == Some("fuse.nacrithfs")
+    });
+    if !is_ours {
+        return Err(format!(
+            "{} is not a nacrithfs mount: nothing to remount",
+            mountpoint.display()
+        ));
+    }
+    // SAFETY: geteuid cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        return Err("remount needs root (mount(2) with MS_REMOUNT)".into());
+    }
+    let path = cstr(wanted).map_err(|e| e.to_string())?;
+    // SAFETY: zeroed statvfs is a valid out-parameter; path is NUL-terminated.
+    let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statvfs(path.as_ptr(), &mut s) } != 0 {
+        return Err(format!(
+            "{}: {}",
+            mountpoint.display(),
+            io::Error::last_os_error()
+        ));
+    }
+    let mut flags: libc::c_ulong = libc::MS_REMOUNT;
+    for (st, ms) in [
+        (libc::ST_NOSUID, libc::MS_NOSUID),
+        (libc::ST_NODEV, libc::MS_NODEV),
+        (libc::ST_NOEXEC, libc::MS_NOEXEC),
+        (libc::ST_NOATIME, libc::MS_NOATIME),
+        (libc::ST_NODIRATIME, libc::MS_NODIRATIME),
+        (libc::ST_RELATIME, libc::MS_RELATIME),
+        (libc::ST_SYNCHRONOUS, libc::MS_SYNCHRONOUS),
+        (libc::ST_MANDLOCK, libc::MS_MANDLOCK),
+    ] {
+        if s.f_flag & st != 0 {
+            flags |= ms;
+        }
+    }
+    for (name, ms) in [
+        ("nosuid", libc::MS_NOSUID),
+        ("nodev", libc::MS_NODEV),
+        ("noexec", libc::MS_NOEXEC),
+        ("noatime", libc::MS_NOATIME),
+        ("nodiratime", libc::MS_NODIRATIME),
+    ] {
+        if opts.kernel.iter().any(|k| k == name) {
+            flags |= ms;
+        }
+    }
+    let kernel = |flags: libc::c_ulong| -> Result<(), String> {
+        // SAFETY: a valid NUL-terminated target; the other pointers may be null for a
+        // remount.
+        let r = unsafe {
+            libc::mount(
+                std::ptr::null(),
+                path.as_ptr(),
+                std::ptr::null(),
+                flags,
+                std::ptr::null(),
+            )
+        };
+        if r != 0 {
+            return Err(format!(
+                "remount of {}: {}",
+                mountpoint.display(),
+                io::Error::last_os_error()
+            ));
+        }
+        Ok(())
+    };
+    if opts.read_only {
+        crate::admin::control(mountpoint, "pause")?;
+        if let Err(e) = kernel(flags | libc::MS_RDONLY) {
+            // Still writable: let the daemon carry on.
+            let _ = crate::admin::control(mountpoint, "resume");
+            return Err(e);
+        }
+    } else {
+        kernel(flags)?;
+        crate::admin::control(mountpoint, "resume")?;
+    }
+    Ok(())
+}
+
+/// A path as /proc/mounts writes it: space, tab, newline and backslash as octal escapes.
+fn unescape_mount_path(s: &str) -> Vec<u8> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\'
+            && i + 3 < b.len()
+            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
+        {
+            out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
+            i += 4;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    out
+}

@@ -38,6 +38,12 @@ pub struct FsOptions {
     /// An index call that has not returned after this long is a hung index: the daemon
     /// logs it and exits with [`EXIT_INDEX_HUNG`] for systemd to restart it (zero: never).
     pub index_timeout: Duration,
+    /// When a read or a listing updates atime (the kernel leaves it to the daemon).
+    pub atime: Atime,
+    /// Listings never update a directory's atime.
+    pub nodiratime: bool,
+    /// `-o remount,ro|rw`: change a live mount (see `fs::mount::remount`), no new daemon.
+    pub remount: bool,
     /// The backing directory when the mount source is only a tag.
     pub backing: Option<PathBuf>,
     /// Everything passed through to the kernel unchanged (noatime, nosuid, ...).
@@ -62,10 +68,23 @@ impl Default for FsOptions {
             verify: true,
             stream_reads: false,
             index_timeout: Duration::from_secs(30),
+            atime: Atime::Relative,
+            nodiratime: false,
+            remount: false,
             backing: None,
             kernel: Vec::new(),
         }
     }
+}
+
+/// The mount's atime rule, from `relatime` (the default), `strictatime` and `noatime`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Atime {
+    /// Updated when it is not after the last change, or a day old.
+    Relative,
+    /// Updated by every read and listing that reaches the daemon.
+    Strict,
+    Never,
 }
 
 /// The daemon's exit status when its watchdog finds the index hung.
@@ -83,25 +102,12 @@ const IGNORED: &[&str] = &[
     "group",
     "nofail",
     "_netdev",
-    "rw",
     "default_permissions",
     "async",
-    "relatime",
-    "strictatime",
 ];
 /// Generic VFS flags passed on to the kernel.
 const KERNEL: &[&str] = &[
-    "dev",
-    "nodev",
-    "suid",
-    "nosuid",
-    "exec",
-    "noexec",
-    "atime",
-    "noatime",
-    "nodiratime",
-    "dirsync",
-    "sync",
+    "dev", "nodev", "suid", "nosuid", "exec", "noexec", "dirsync", "sync",
 ];
 
 pub fn parse_size(s: &str) -> Result<u64, String> {
@@ -170,7 +176,19 @@ impl FsOptions {
                 "allow_other" => self.allow_other = true,
                 "allow_root" => self.allow_root = true,
                 "ro" => self.read_only = true,
+                "rw" => self.read_only = false,
+                "remount" => self.remount = true,
                 "stream_reads" => self.stream_reads = true,
+                "relatime" | "atime" => self.atime = Atime::Relative,
+                "strictatime" => self.atime = Atime::Strict,
+                "noatime" => {
+                    self.atime = Atime::Never;
+                    self.kernel.push(key.to_string());
+                }
+                "nodiratime" => {
+                    self.nodiratime = true;
+                    self.kernel.push(key.to_string());
+                }
                 k if IGNORED.contains(&k) => {}
                 k if k.starts_with("x-") || k == "comment" || k == "fsname" || k == "subtype" => {}
                 k if KERNEL.contains(&k) => self.kernel.push(k.to_string()),

@@ -1138,24 +1138,36 @@ pub fn parse_blob_name(name: &str) -> Option<(u64, u64)> {
     Some((ino.parse().ok()?, seq.parse().ok()?))
 }
 
-/// Move a file nothing accounts for into `BACKING/lost+found/` as `<dir>-<name>`
-/// (numbered if taken), durably. Returns where it went.
+/// Move a file nothing accounts for into `BACKING/lost+found/`, named after its path in
+/// the backing directory with `-` for `/` (`blobs-99-999.nc06`, `cache-3f-575`; numbered
+/// if taken), durably. Returns where it went.
 pub fn rescue(backing: &Path, path: &Path) -> io::Result<PathBuf> {
     let dir = backing.join(fsck::LOST_FOUND);
     std::fs::create_dir_all(&dir)?;
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let parent = path
-        .parent()
-        .and_then(|p| p.file_name())
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let mut target = dir.join(format!("{parent}-{name}"));
+    let flat = match path.strip_prefix(backing) {
+        Ok(rel) => rel
+            .iter()
+            .map(|c| c.to_string_lossy().into_owned())
+            .collect::<Vec<_>>()
+            .join("-"),
+        // Not under the backing directory (a read-only copy, say): its last two parts.
+        Err(_) => {
+            let name = path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            let parent = path
+                .parent()
+                .and_then(|p| p.file_name())
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            format!("{parent}-{name}")
+        }
+    };
+    let mut target = dir.join(&flat);
     let mut n = 1;
     while target.exists() {
-        target = dir.join(format!("{parent}-{name}.{n}"));
+        target = dir.join(format!("{flat}.{n}"));
         n += 1;
     }
     std::fs::rename(path, &target)?;

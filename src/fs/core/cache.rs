@@ -59,6 +59,9 @@ impl Core {
     /// Drop every clean plaintext copy that no operation is using. Returns bytes freed.
     pub fn evict_all(&self) -> FsResult<u64> {
         let mut st = self.lock();
+        if st.paused {
+            return Err(libc::EROFS);
+        }
         let inos = st.clean.inos();
         self.evict_locked(&mut st, &inos)
     }
@@ -107,6 +110,9 @@ impl Core {
     /// Evict least recently used clean copies until the cache is under its cap.
     pub(crate) fn enforce_cache_cap(&self) {
         let mut st = self.lock();
+        if st.paused {
+            return;
+        }
         let mut total = st.clean.total();
         if total <= self.opts.cache_size {
             return;

@@ -43,6 +43,8 @@ impl Core {
             return match value {
                 b"flush" => self.request_flush(),
                 b"evict" => self.evict_all().map(|_| ()),
+                b"pause" => self.set_paused(true),
+                b"resume" => self.set_paused(false),
                 _ => Err(libc::EINVAL),
             };
         }
@@ -111,13 +113,13 @@ impl Core {
     /// Queue length, byte totals and worker throughput, as `key=value` lines.
     pub fn status(&self) -> FsResult<String> {
         let now = unix_ms(SystemTime::now());
-        let (compressing, stats) = {
+        let (compressing, stats, paused) = {
             let st = self.lock();
             let mut stats = st.stats.clone();
             if let Some(t) = st.busy_since {
                 stats.busy += t.elapsed();
             }
-            (st.compressing.len(), stats)
+            (st.compressing.len(), stats, st.paused)
         };
         let chunk_jobs = self.engine.loaded().map_or(0, |p| p.queued());
         // Kept by every commit: no scan of the index per read.
@@ -139,7 +141,7 @@ impl Core {
              compressed_since_mount={}\nbytes_in={}\nbytes_out={}\nbusy_seconds={secs:.1}\n\
              failures={}\nsuperseded={}\nverify_failures={}\ndecompressions={}\ndecompress_failures={}\n\
              symbols_coded={}\nregions_decoded={}\nchunk_jobs_queued={chunk_jobs}\nindex_commits={}\n\
-             compress_seconds={:.3}\ncoding_seconds={:.3}\n",
+             compress_seconds={:.3}\ncoding_seconds={:.3}\npaused={}\n",
             queued,
             stats.compressed_files,
             stats.bytes_in,
@@ -154,6 +156,7 @@ impl Core {
             self.store.commits(),
             stats.compress_time.as_secs_f64(),
             stats.coding_time.as_secs_f64(),
+            u8::from(paused),
         ))
     }
 
@@ -176,6 +179,27 @@ impl Core {
         }
         parts.reverse();
         format!("/{}", parts.join("/"))
+    }
+
+    /// Before a remount read-only (`pause`) and after one read-write (`resume`): while
+    /// paused nothing changes the stored data (no compression commits, evictions or
+    /// deletions); pending sizes and times are committed and the index flushed first.
+    pub fn set_paused(&self, paused: bool) -> FsResult<()> {
+        self.lock().paused = paused;
+        if paused {
+            self.sync_metadata()?;
+            self.store.flush().map_err(store_err)?;
+            log::info!("remounted read-only: compression, eviction and deletion paused");
+        } else {
+            log::info!("remounted read-write: compression, eviction and deletion resumed");
+            self.wake.notify_all();
+            self.reap_soon();
+        }
+        Ok(())
+    }
+
+    pub(crate) fn is_paused(&self) -> bool {
+        self.lock().paused
     }
 
     pub fn shutdown(&self) {

@@ -37,7 +37,7 @@ impl Core {
     /// Flush the index, then delete every graveyard file the index does not refer to,
     /// then drop the entries. Errors leave the entries for the next pass.
     pub(crate) fn reap(&self) {
-        if self.opts.read_only {
+        if self.opts.read_only || self.is_paused() {
             return;
         }
         let graves = match self.store.graveyard() {

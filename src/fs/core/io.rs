@@ -251,6 +251,7 @@ impl Core {
         let file = {
             let mut st = self.lock();
             let inode = self.get(ino)?;
+            self.accessed(ino, &inode, false);
             if inode.cached {
                 self.cache_file(&mut st, ino)?
             } else {

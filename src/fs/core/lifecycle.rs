@@ -29,6 +29,9 @@ impl Core {
     /// closed is asynchronous and may still be on its way, so `writers` alone would skip
     /// a file that `write; close; nacrithfs flush` has every right to see compressed.
     pub fn request_flush(&self) -> FsResult<()> {
+        if self.is_paused() {
+            return Err(libc::EROFS);
+        }
         self.sync_metadata()?;
         let st = self.lock();
         let now = unix_ms(SystemTime::now());
@@ -50,6 +53,9 @@ impl Core {
     /// The next due queue entry, or how long to wait for one.
     pub(crate) fn next_due(&self) -> FsResult<Result<(u64, u64), Duration>> {
         let st = self.lock();
+        if st.paused {
+            return Ok(Err(Duration::from_secs(5)));
+        }
         let now = unix_ms(SystemTime::now());
         // The in-memory queue index, in due order: this skips at most the files being
         // compressed, never scans the queue.
@@ -122,7 +128,12 @@ impl Core {
             Err(e) => return Err(e),
         };
         let current = st.live.get(&ino).map_or(0, |l| l.version);
-        if current != version || !inode.dirty || !inode.cached || inode.size != original {
+        if st.paused
+            || current != version
+            || !inode.dirty
+            || !inode.cached
+            || inode.size != original
+        {
             st.stats.superseded += 1;
             return Ok(false);
         }

@@ -176,6 +176,9 @@ pub(crate) struct State {
     clean: cache::CleanCopies,
     pub(crate) stats: Stats,
     pub(crate) shutting_down: bool,
+    /// Remounted read-only (`nacrithfs ... -o remount,ro`): no compression commits, no
+    /// eviction, no deletion by the reaper until `remount,rw`.
+    pub(crate) paused: bool,
     /// Since when at least one compression has been running (for busy time).
     busy_since: Option<Instant>,
     /// Blobs whose decoding failed and was logged in this mount: (ino, blob seq).
@@ -223,11 +226,13 @@ pub(crate) struct Unsynced {
     queue: HashMap<u64, Option<u64>>,
 }
 
-#[derive(Clone, Copy, Debug)]
+/// Pending inode fields (None: as the record has it).
+#[derive(Clone, Copy, Debug, Default)]
 struct Meta {
-    size: u64,
-    mtime: SystemTime,
-    ctime: SystemTime,
+    size: Option<u64>,
+    mtime: Option<SystemTime>,
+    ctime: Option<SystemTime>,
+    atime: Option<SystemTime>,
 }
 
 /// How often size and times of files being written reach the index at the latest.
@@ -272,6 +277,7 @@ impl Core {
                 clean: Default::default(),
                 stats: Stats::default(),
                 shutting_down: false,
+                paused: false,
                 busy_since: None,
                 reported: Default::default(),
             }),
@@ -298,9 +304,10 @@ impl Core {
             .map_err(store_err)?
             .ok_or(libc::ENOENT)?;
         if let Some(u) = self.unsynced().meta.get(&ino) {
-            inode.size = u.size;
-            inode.mtime = u.mtime;
-            inode.ctime = inode.ctime.max(u.ctime);
+            inode.size = u.size.unwrap_or(inode.size);
+            inode.mtime = u.mtime.unwrap_or(inode.mtime);
+            inode.ctime = inode.ctime.max(u.ctime.unwrap_or(inode.ctime));
+            inode.atime = u.atime.unwrap_or(inode.atime);
         }
         Ok(inode)
     }
@@ -330,14 +337,39 @@ impl Core {
     /// Keep a dirty file's new size and times in memory instead of committing them
     /// (with the state lock held).
     pub(crate) fn defer_meta(&self, ino: u64, inode: &Inode) {
-        self.unsynced().meta.insert(
-            ino,
-            Meta {
-                size: inode.size,
-                mtime: inode.mtime,
-                ctime: inode.ctime,
-            },
-        );
+        let mut u = self.unsynced();
+        let m = u.meta.entry(ino).or_default();
+        m.size = Some(inode.size);
+        m.mtime = Some(inode.mtime);
+        m.ctime = Some(inode.ctime);
+    }
+
+    /// A read of `ino` (or a listing, `dir`) reached the daemon: its atime follows the
+    /// mount's rule (see [`super::options::Atime`]), kept in memory for the group commit
+    /// like a write's size, so reads never cost an index write of their own. Call with
+    /// the state lock held and `inode` as [`Core::get`] gave it.
+    pub(crate) fn accessed(&self, ino: u64, inode: &Inode, dir: bool) {
+        use super::options::Atime;
+        if self.opts.read_only || (dir && self.opts.nodiratime) {
+            return;
+        }
+        let now = SystemTime::now();
+        let update = match self.opts.atime {
+            Atime::Never => false,
+            Atime::Strict => true,
+            // Linux's relatime: when the last access is not after the last change, or is
+            // a day old.
+            Atime::Relative => {
+                inode.atime <= inode.mtime
+                    || inode.atime <= inode.ctime
+                    || now
+                        .duration_since(inode.atime)
+                        .is_ok_and(|d| d >= Duration::from_secs(24 * 3600))
+            }
+        };
+        if update {
+            self.unsynced().meta.entry(ino).or_default().atime = Some(now);
+        }
     }
 
     /// Queue `ino` at `due` (None: off the queue) in memory now and in the index at the

@@ -124,6 +124,10 @@ impl Core {
             return Err(libc::EPERM);
         }
         let mut pdir = self.dir(newparent)?;
+        if pdir.nlink == 0 {
+            // Removed while open: nothing new goes in.
+            return Err(libc::ENOENT);
+        }
         if self
             .store
             .lookup(newparent, newname)
@@ -244,6 +248,9 @@ impl Core {
         let mut dirs: HashMap<u64, Inode> = HashMap::new();
         dirs.insert(parent, self.dir(parent)?);
         dirs.insert(newparent, self.dir(newparent)?);
+        if dirs.get(&newparent).is_some_and(|d| d.nlink == 0) {
+            return Err(libc::ENOENT);
+        }
         let (src, src_kind) = self
             .store
             .lookup(parent, name)
@@ -346,11 +353,31 @@ impl Core {
         Ok(())
     }
 
+    /// Open a directory: a handle that keeps the directory's inode alive if it is removed
+    /// (rmdir, or renamed over) while open, as a file's does: `fstat` on it still works,
+    /// with `nlink` 0, until the last handle goes ([`Core::release`]).
+    pub fn opendir(&self, ino: u64) -> FsResult<u64> {
+        self.dir(ino)?;
+        let mut st = self.lock();
+        let fh = st.next_fh;
+        st.next_fh += 1;
+        st.handles.insert(fh, Handle { ino, stream: false });
+        st.live.entry(ino).or_default().open += 1;
+        Ok(fh)
+    }
+
     /// Directory listing after the entry whose offset is `offset`: (offset of the entry,
     /// ino, kind, name). An offset is the entry's cookie, fixed for the entry's life, so
     /// creates and unlinks between two calls neither skip nor repeat other entries.
     pub fn readdir(&self, ino: u64, offset: u64, max: usize) -> FsResult<Vec<DirEntry>> {
-        self.dir(ino)?;
+        if offset == 0 {
+            // A listing from the start is an access of the directory.
+            let _st = self.lock();
+            let d = self.dir(ino)?;
+            self.accessed(ino, &d, true);
+        } else {
+            self.dir(ino)?;
+        }
         let mut out = Vec::new();
         // The kernel resolves ".." itself; its inode number here is not used.
         for (n, name) in [(1u64, &b"."[..]), (2, &b".."[..])] {
