@@ -903,3 +903,88 @@ fn remount_read_only_and_back_keeps_files_and_queue() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("is not a nacrithfs mount"));
     d.unmount();
 }
+
+/// A file handle (name_to_handle_at) as knfsd keeps it.
+fn file_handle(path: &Path) -> Vec<u64> {
+    let mut buf = vec![0u64; 32];
+    let fh = buf.as_mut_ptr().cast::<libc::file_handle>();
+    let p = CString::new(path.as_os_str().as_bytes()).expect("path");
+    let mut mount_id = 0;
+    // SAFETY: buf holds a file_handle with 128 bytes of room after its header.
+    let r = unsafe {
+        (*fh).handle_bytes = 128;
+        libc::name_to_handle_at(libc::AT_FDCWD, p.as_ptr(), fh, &mut mount_id, 0)
+    };
+    assert_eq!(
+        r,
+        0,
+        "name_to_handle_at {}: {}",
+        path.display(),
+        std::io::Error::last_os_error()
+    );
+    buf
+}
+
+fn open_by_handle(mnt: &Path, handle: &mut [u64]) -> std::io::Result<File> {
+    use std::os::fd::{AsRawFd, FromRawFd};
+    let mount_fd = File::open(mnt)?;
+    // SAFETY: a valid mount fd and a handle name_to_handle_at filled.
+    let fd = unsafe {
+        libc::open_by_handle_at(
+            mount_fd.as_raw_fd(),
+            handle.as_mut_ptr().cast(),
+            libc::O_RDONLY,
+        )
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: a new fd we own.
+    Ok(unsafe { File::from_raw_fd(fd) })
+}
+
+fn drop_kernel_caches() {
+    fs::write("/proc/sys/vm/drop_caches", b"2\n").expect("drop_caches");
+}
+
+/// File handles (name_to_handle_at / open_by_handle_at, what knfsd uses to export a
+/// filesystem) of files and directories open the same objects after the kernel forgot
+/// them and after a remount; a deleted file's handle is stale.
+#[test]
+fn file_handles_work_across_cache_drops_and_remounts() {
+    use std::os::fd::AsRawFd;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (backing, mnt) = new_volume(dir.path());
+    let d = Daemon::start(&backing, &mnt, "idle=3600");
+    fs::create_dir_all(mnt.join("a/b")).expect("mkdir");
+    fs::write(mnt.join("a/b/f.txt"), b"exported\n").expect("write");
+    fs::write(mnt.join("gone.txt"), b"soon deleted\n").expect("write");
+    let mut file = file_handle(&mnt.join("a/b/f.txt"));
+    let mut subdir = file_handle(&mnt.join("a/b"));
+    let mut gone = file_handle(&mnt.join("gone.txt"));
+    fs::remove_file(mnt.join("gone.txt")).expect("unlink");
+    let check = |file: &mut [u64], subdir: &mut [u64], when: &str| {
+        drop_kernel_caches();
+        let mut f = open_by_handle(&mnt, file).unwrap_or_else(|e| panic!("{when}: file: {e}"));
+        let mut s = String::new();
+        f.read_to_string(&mut s).expect("read by handle");
+        assert_eq!(s, "exported\n", "{when}");
+        drop_kernel_caches();
+        let d = open_by_handle(&mnt, subdir).unwrap_or_else(|e| panic!("{when}: dir: {e}"));
+        assert!(d.metadata().expect("fstat").is_dir(), "{when}");
+        // The directory's path was reconnected through ".." lookups: it lists.
+        let name = CString::new("f.txt").expect("name");
+        // SAFETY: a valid directory fd and name.
+        let fd = unsafe { libc::openat(d.as_raw_fd(), name.as_ptr(), libc::O_RDONLY) };
+        assert!(fd >= 0, "{when}: openat in a handle-opened directory");
+        // SAFETY: our fd.
+        unsafe { libc::close(fd) };
+    };
+    check(&mut file, &mut subdir, "same mount");
+    let err = open_by_handle(&mnt, &mut gone).expect_err("a deleted file's handle");
+    assert_eq!(err.raw_os_error(), Some(libc::ESTALE), "{err}");
+    d.unmount();
+    let d = Daemon::start(&backing, &mnt, "idle=3600");
+    check(&mut file, &mut subdir, "after a remount");
+    d.unmount();
+}

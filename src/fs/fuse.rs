@@ -137,6 +137,14 @@ impl Filesystem for NacrithFs {
         self.core
             .direct_io_ok
             .store(granted, std::sync::atomic::Ordering::Relaxed);
+        // File handles (name_to_handle_at, NFS export): the kernel then looks inodes up
+        // by number ("." and ".." lookups, see `Core::lookup`).
+        if config
+            .add_capabilities(InitFlags::FUSE_EXPORT_SUPPORT)
+            .is_err()
+        {
+            log::info!("this kernel lacks FUSE_EXPORT_SUPPORT: no file handles (NFS export)");
+        }
         Ok(())
     }
 

@@ -7,6 +7,16 @@ impl Core {
         if name.len() > NAME_MAX {
             return Err(libc::ENAMETOOLONG);
         }
+        // The kernel asks for "." and ".." only to turn a file handle back into a dentry
+        // (open_by_handle_at, knfsd; FUSE_EXPORT_SUPPORT): "." of any inode by its
+        // number, ".." of a directory. Inode numbers are persistent and never reused, so
+        // a handle stays valid across remounts for as long as its file exists.
+        if name == b"." {
+            return self.getattr(parent);
+        }
+        if name == b".." {
+            return self.parent_dir(parent);
+        }
         self.dir(parent)?;
         let (ino, _) = self
             .store
@@ -25,6 +35,30 @@ impl Core {
             }
         })?;
         Ok(Attr { ino, inode })
+    }
+
+    /// The directory holding directory `ino` (the root's is itself), from its parent
+    /// entry, checked against that directory's entries.
+    fn parent_dir(&self, ino: u64) -> FsResult<Attr> {
+        if self.dir(ino)?.nlink == 0 {
+            return Err(libc::ENOENT);
+        }
+        if ino == ROOT_INO {
+            return self.getattr(ROOT_INO);
+        }
+        let (parent, name) = self
+            .store
+            .parent_of(ino)
+            .map_err(store_err)?
+            .ok_or(libc::ENOENT)?;
+        match self.store.lookup(parent, &name).map_err(store_err)? {
+            Some((child, Kind::Dir)) if child == ino => self.getattr(parent),
+            // A directory has one name, and its parent entry is written with it.
+            _ => {
+                log::error!("directory {ino}: its parent entry is stale; run `nacrithfs fsck`");
+                Err(libc::ESTALE)
+            }
+        }
     }
 
     pub fn getattr(&self, ino: u64) -> FsResult<Attr> {
