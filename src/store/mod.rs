@@ -240,26 +240,17 @@ enum Change {
 }
 
 impl Txn {
-    /// The inodes whose records this batch writes or deletes.
-    pub fn inodes(&self) -> Vec<u64> {
-        self.changes
-            .iter()
-            .filter_map(|c| match c {
-                Change::Inode(ino, _) => Some(*ino),
-                Change::Queue(..) => None,
-            })
-            .collect()
-    }
-
-    /// The inodes whose queue entries this batch sets or removes.
-    pub fn queue_changes(&self) -> Vec<u64> {
-        self.changes
-            .iter()
-            .filter_map(|c| match c {
-                Change::Queue(ino, _) => Some(*ino),
-                Change::Inode(..) => None,
-            })
-            .collect()
+    /// The inodes this batch touches: (records written or deleted, queue entries set or
+    /// removed).
+    pub fn touched(&self) -> (Vec<u64>, Vec<u64>) {
+        let (mut records, mut queued) = (Vec::new(), Vec::new());
+        for c in &self.changes {
+            match c {
+                Change::Inode(ino, _) => records.push(*ino),
+                Change::Queue(ino, _) => queued.push(*ino),
+            }
+        }
+        (records, queued)
     }
 
     /// Whether the batch changes nothing.

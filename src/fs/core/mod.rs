@@ -320,7 +320,7 @@ impl Core {
     /// read through [`Core::get`], so they carry their unsynced size and times, and its
     /// queue changes are newer than any pending: neither is pending any more.
     pub(crate) fn commit(&self, txn: Txn, durable: bool) -> FsResult<()> {
-        let (written, queued) = (txn.inodes(), txn.queue_changes());
+        let (written, queued) = txn.touched();
         self.store.commit(txn, durable).map_err(store_err)?;
         if !written.is_empty() || !queued.is_empty() {
             let mut u = self.unsynced();
