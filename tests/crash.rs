@@ -126,6 +126,26 @@ enum When {
     AtMount,
     /// During `nacrithfs fsck --repair` on the volume `run` left (killed with -9).
     InFsckRepair,
+    /// During the mount of the template turned back into format 2 (its index in sled),
+    /// which moves the index to fjall first.
+    InMigration,
+}
+
+/// Turn a format-3 volume into the format-2 volume it would have been: the same keys
+/// in a sled index at `index/`, the marker "nacrithfs 2".
+fn to_format_2(backing: &Path) {
+    let entries = {
+        let store = nacrithfs::store::Store::open_existing(backing).expect("open the copy");
+        store.raw_entries().expect("read the index")
+    };
+    fs::remove_dir_all(backing.join("index.fjall")).expect("remove index.fjall");
+    let db = sled::open(backing.join("index")).expect("create a sled index");
+    for (k, v) in entries {
+        db.insert(k, v).expect("sled insert");
+    }
+    db.flush().expect("sled flush");
+    drop(db);
+    fs::write(backing.join("nacrithfs.format"), "nacrithfs 2\n").expect("marker");
 }
 
 fn append_new(mnt: &Path, name: &str) {
@@ -380,6 +400,27 @@ fn cases() -> Vec<Case> {
             when: When::AtMount,
         },
         Case {
+            op: "move to format 3",
+            point: "migrate.after_copy",
+            run: |_| {},
+            allowed: unchanged,
+            when: When::InMigration,
+        },
+        Case {
+            op: "move to format 3",
+            point: "migrate.after_rename",
+            run: |_| {},
+            allowed: unchanged,
+            when: When::InMigration,
+        },
+        Case {
+            op: "move to format 3",
+            point: "migrate.after_marker",
+            run: |_| {},
+            allowed: unchanged,
+            when: When::InMigration,
+        },
+        Case {
             op: "fsck --repair",
             point: "fsck.after_commit",
             run: needs_recovery,
@@ -433,12 +474,17 @@ fn run_to_crash(backing: &Path, mnt: &Path, case: &Case) {
         );
         return;
     }
-    if case.when == When::AtMount {
-        // Prepare the mess on a normal mount, kill -9, then mount with the point armed:
-        // the daemon dies during recovery, before it mounts.
-        let d = Daemon::start(backing, mnt, OPTS);
-        (case.run)(mnt);
-        d.kill9();
+    if case.when == When::AtMount || case.when == When::InMigration {
+        // Prepare the mess on a normal mount, kill -9 (or turn the volume back into
+        // format 2), then mount with the point armed: the daemon dies during recovery
+        // (or the move to format 3), before it mounts.
+        if case.when == When::AtMount {
+            let d = Daemon::start(backing, mnt, OPTS);
+            (case.run)(mnt);
+            d.kill9();
+        } else {
+            to_format_2(backing);
+        }
         raw = Some(
             Command::new(BIN)
                 .arg(backing)
@@ -587,6 +633,17 @@ fn run_case(case: &Case, dir: &Path) {
         "{} / {}: fsck after the crash is not clean:\n{text}",
         case.op, case.point
     );
+    if case.when == When::InMigration {
+        let marker = fs::read_to_string(backing.join("nacrithfs.format")).expect("marker");
+        assert_eq!(marker, "nacrithfs 3\n", "{}", case.point);
+        for gone in ["index", "index.fjall.tmp"] {
+            assert!(
+                !backing.join(gone).exists(),
+                "{}: {gone} is still there after the move",
+                case.point
+            );
+        }
+    }
 }
 
 /// Every crash point named in src/: string literals of the form `step.after_what`
@@ -637,10 +694,16 @@ fn every_crash_point_of_every_operation_keeps_old_or_new_content() {
         "crash points without a case: {missing:?}"
     );
 
+    // For work on one operation: `CRASH_ONLY=migrate. cargo test --test crash` runs
+    // the cases whose point contains that text (the coverage check above still runs).
+    let only = std::env::var("CRASH_ONLY").unwrap_or_default();
     template();
     let root = tempfile::tempdir().expect("tempdir");
     let mut rows = Vec::new();
     for (i, case) in cases.iter().enumerate() {
+        if !case.point.contains(only.as_str()) {
+            continue;
+        }
         let dir = root.path().join(format!("case{i}"));
         fs::create_dir_all(&dir).expect("case dir");
         let t = Instant::now();

@@ -90,7 +90,7 @@ fn snapshot(root: &Path) -> BTreeMap<String, (u32, blake3::Hash)> {
 }
 
 /// `-o ro` after an unclean stop: no recovery sweep, no migration, nothing written to
-/// blobs/, cache/ or lost+found/ (sled's own files aside, see below).
+/// blobs/, cache/, index.fjall/ or lost+found/.
 #[test]
 fn a_read_only_mount_changes_nothing_in_the_backing_directory() {
     let dir = tempfile::tempdir().expect("tempdir");

@@ -70,8 +70,13 @@ fn check_manifest(mnt: &Path, manifest: &[(String, String)], skip: &[&str]) {
 /// copy's queue entries are moved far into the future; a mount then caps them at its own
 /// `idle`, and dirty.txt stays dirty until a test flushes it.
 fn fixture_copy(dir: &Path) -> (PathBuf, PathBuf) {
+    fixture_copy_of(dir, 1)
+}
+
+/// The same for the fixture of format `version`. Opening it moves its index to format 3.
+fn fixture_copy_of(dir: &Path, version: u32) -> (PathBuf, PathBuf) {
     let backing = dir.join("backing");
-    copy_tree(&fixture_dir(1), &backing);
+    copy_tree(&fixture_dir(version), &backing);
     make_private(&backing);
     let store = Store::open_existing(&backing).expect("open the fixture copy");
     let mut txn = Txn::default();
@@ -96,44 +101,93 @@ fn read_err(path: &Path) -> std::io::Error {
     }
 }
 
+/// The fixtures of formats 1 and 2 (sled indexes): a read-only mount reads them as
+/// they are and changes nothing; the first read-write open moves the index to fjall
+/// (format 3, flat for format 1), after which fsck --deep decodes every blob and a mount
+/// reads every file byte-exact, with its xattrs, links, modes and states.
 #[test]
-fn format_v1_fixture_mounts_and_reads_byte_exact() {
+fn format_fixtures_mount_and_read_byte_exact() {
     let _llm = common::llm_lock();
-    let dir = tempfile::tempdir().expect("tempdir");
-    let (backing, mnt) = fixture_copy(dir.path());
-    // fsck --deep decodes every blob, the LLM ones through the model.
-    let (code, out) = fsck(&["--deep"], &backing);
-    println!("{out}");
-    assert_eq!(code, 0, "fsck of the untouched fixture:\n{out}");
-    assert!(out.contains("6 blobs checked (6 decoded"), "{out}");
+    for version in [1, 2] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let manifest = fixture_manifest(version);
+        assert_eq!(manifest.len(), 8);
 
-    let d = Daemon::start(&backing, &mnt, "idle=3600");
-    let manifest = fixture_manifest(1);
-    assert_eq!(manifest.len(), 8);
-    check_manifest(&mnt, &manifest, &[]);
-    assert_eq!(
-        xattr(&mnt.join("books/en/gpl-head.txt"), "user.comment"),
-        "format fixture v1"
-    );
-    assert_eq!(
-        fs::read_link(mnt.join("link-to-head")).expect("readlink"),
-        Path::new("books/en/gpl-head.txt")
-    );
-    assert_eq!(
-        fs::metadata(mnt.join("data/random.bin"))
-            .expect("stat")
-            .nlink(),
-        2
-    );
-    let zeros = fs::metadata(mnt.join("data/zeros.bin")).expect("stat");
-    assert_eq!(zeros.permissions().mode() & 0o777, 0o640);
-    assert!(fs::metadata(mnt.join("empty-dir")).expect("stat").is_dir());
-    assert_eq!(xattr(&mnt.join("dirty.txt"), "user.nacrith.state"), "dirty");
-    assert_eq!(
-        xattr(&mnt.join("books/en/gpl-head.txt"), "user.nacrith.state"),
-        "compressed"
-    );
-    d.unmount();
+        let untouched = dir.path().join("untouched");
+        copy_tree(&fixture_dir(version), &untouched);
+        make_private(&untouched);
+        let before = tree_listing(&untouched);
+        let ro_mnt = dir.path().join("ro-mnt");
+        let d = Daemon::start(&untouched, &ro_mnt, "ro,idle=3600");
+        check_manifest(&ro_mnt, &manifest, &[]);
+        d.unmount();
+        assert_eq!(
+            tree_listing(&untouched),
+            before,
+            "format {version}: the read-only mount changed the backing directory"
+        );
+
+        let (backing, mnt) = fixture_copy_of(dir.path(), version);
+        let marker = fs::read_to_string(backing.join("nacrithfs.format")).expect("marker");
+        let expected = if version == 1 {
+            "nacrithfs 3 flat\n"
+        } else {
+            "nacrithfs 3\n"
+        };
+        assert_eq!(marker, expected, "format {version}: marker after the move");
+        assert!(
+            !backing.join("index").exists(),
+            "format {version}: the sled index is still there"
+        );
+        // fsck --deep decodes every blob, the LLM ones through the model.
+        let (code, out) = fsck(&["--deep"], &backing);
+        println!("format {version}: {out}");
+        assert_eq!(code, 0, "fsck of the untouched fixture:\n{out}");
+        assert!(out.contains("6 blobs checked (6 decoded"), "{out}");
+
+        let d = Daemon::start(&backing, &mnt, "idle=3600");
+        check_manifest(&mnt, &manifest, &[]);
+        assert_eq!(
+            xattr(&mnt.join("books/en/gpl-head.txt"), "user.comment"),
+            format!("format fixture v{version}")
+        );
+        assert_eq!(
+            fs::read_link(mnt.join("link-to-head")).expect("readlink"),
+            Path::new("books/en/gpl-head.txt")
+        );
+        assert_eq!(
+            fs::metadata(mnt.join("data/random.bin"))
+                .expect("stat")
+                .nlink(),
+            2
+        );
+        let zeros = fs::metadata(mnt.join("data/zeros.bin")).expect("stat");
+        assert_eq!(zeros.permissions().mode() & 0o777, 0o640);
+        assert!(fs::metadata(mnt.join("empty-dir")).expect("stat").is_dir());
+        assert_eq!(xattr(&mnt.join("dirty.txt"), "user.nacrith.state"), "dirty");
+        assert_eq!(
+            xattr(&mnt.join("books/en/gpl-head.txt"), "user.nacrith.state"),
+            "compressed"
+        );
+        d.unmount();
+    }
+}
+
+/// Every path under `dir` with its size and mtime, sorted.
+fn tree_listing(dir: &Path) -> Vec<(PathBuf, u64, i64, i64)> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(p) = stack.pop() {
+        for e in fs::read_dir(&p).expect("read_dir").flatten() {
+            let m = e.metadata().expect("metadata");
+            if m.is_dir() {
+                stack.push(e.path());
+            }
+            out.push((e.path(), m.len(), m.mtime(), m.mtime_nsec()));
+        }
+    }
+    out.sort();
+    out
 }
 
 /// Layout 1 did not fsync clean copies: after the upgrade, the first recovery checks

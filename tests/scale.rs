@@ -302,7 +302,7 @@ fn only_a_mount_after_a_crash_scans_the_backing_files() {
     for i in 0..100 {
         fs::write(mnt.join(format!("f{i}")), format!("file {i}\n")).expect("write");
     }
-    // Format 2: the files are in 256 subdirectories of cache/, none directly in it.
+    // Format 3 (as 2): the files are in 256 subdirectories of cache/, none directly in it.
     let top: Vec<_> = fs::read_dir(backing.join("cache"))
         .expect("cache/")
         .map(|e| e.expect("entry").path())
@@ -317,12 +317,12 @@ fn only_a_mount_after_a_crash_scans_the_backing_files() {
     );
     assert_eq!(
         fs::read_to_string(backing.join("nacrithfs.format")).expect("format marker"),
-        "nacrithfs 2\n"
+        "nacrithfs 3\n"
     );
     d.unmount();
     let stray = backing.join("cache/999999.tmp");
     fs::write(&stray, b"left by nobody").expect("plant a temp file");
-    // A plaintext-looking file where format 2 keeps none: never deleted, rescued.
+    // A plaintext-looking file where format 3 keeps none: never deleted, rescued.
     let misplaced = backing.join(format!("cache/{ino}"));
     fs::write(&misplaced, b"a copy in the wrong place").expect("plant a misplaced file");
     let d = Daemon::start(&backing, &mnt, "idle=3600");

@@ -138,7 +138,7 @@ fn the_backing_directory_is_private_and_checked() {
     fs::write(mnt.join("secret.txt"), b"the archive's bytes\n").expect("write");
     fs::set_permissions(mnt.join("secret.txt"), fs::Permissions::from_mode(0o644)).expect("chmod");
     assert_eq!(mode_of(&backing), 0o700, "tightened at mount");
-    for d in ["blobs", "cache", "index"] {
+    for d in ["blobs", "cache", "index.fjall"] {
         assert_eq!(mode_of(&backing.join(d)), 0o700, "{d}");
     }
     let log = backing.join("nacrithfs.log");

@@ -439,8 +439,15 @@ fn watchdog(core: &std::sync::Weak<Core>, limit: std::time::Duration) {
         let Some(core) = core.upgrade() else {
             return;
         };
-        let oldest = core.store.watch().oldest();
+        let (oldest, failed) = (core.store.watch().oldest(), core.store.watch().failed());
         drop(core);
+        if failed {
+            log::error!(
+                "fatal: the index failed a write to disk and refuses every write since; exiting with status {EXIT_INDEX_HUNG} so that systemd restarts the daemon (the volume recovers from its last durable state)"
+            );
+            log::logger().flush();
+            std::process::exit(EXIT_INDEX_HUNG);
+        }
         match oldest {
             Some((op, age)) if !limit.is_zero() && age >= limit => {
                 log::error!(

@@ -249,7 +249,7 @@ fn check_cookies(c: &mut Checker, names: &Names) -> Result<()> {
                     format!("entry {shown} has readdir cookie {ck} but no cookie key (readdir skips it)"),
                     Some("added the cookie key".into()),
                 );
-                c.txn.batch.insert(&super::cookie_key(parent, ck), name);
+                c.txn.batch.insert(super::cookie_key(parent, ck), name);
             }
             None => {
                 c.found(
@@ -277,7 +277,7 @@ fn check_cookies(c: &mut Checker, names: &Names) -> Result<()> {
             format!("readdir cookie {ck} in directory {parent} names no entry that has it"),
             Some("removed".into()),
         );
-        c.txn.batch.remove(&super::cookie_key(parent, ck));
+        c.txn.batch.remove(super::cookie_key(parent, ck));
     }
     let next = c
         .store
@@ -291,7 +291,7 @@ fn check_cookies(c: &mut Checker, names: &Names) -> Result<()> {
         );
         c.txn
             .batch
-            .insert(super::NEXT_COOKIE_KEY, &(max_cookie + 1).to_le_bytes());
+            .insert(super::NEXT_COOKIE_KEY, (max_cookie + 1).to_le_bytes());
         c.store
             .next_cookie
             .store(max_cookie + 1, std::sync::atomic::Ordering::SeqCst);
@@ -788,7 +788,7 @@ fn check_counters(c: &mut Checker, inodes: &HashMap<u64, Inode>) -> Result<()> {
         );
         c.txn
             .batch
-            .insert(NEXT_INO_KEY, &(max_ino + 1).to_le_bytes());
+            .insert(NEXT_INO_KEY, (max_ino + 1).to_le_bytes());
     }
     let mut max_seq = 0;
     for dir in c.store.file_dirs(true) {
@@ -815,7 +815,7 @@ fn check_counters(c: &mut Checker, inodes: &HashMap<u64, Inode>) -> Result<()> {
         );
         c.txn
             .batch
-            .insert(NEXT_BLOB_KEY, &(max_seq + 1).to_le_bytes());
+            .insert(NEXT_BLOB_KEY, (max_seq + 1).to_le_bytes());
     }
     Ok(())
 }

@@ -1,23 +1,27 @@
-//! Durable state of a backing directory: the sled index (inodes, directory entries,
-//! xattrs, the compression queue), the NC06 blob files and the plaintext cache files.
+//! Durable state of a backing directory: the index (inodes, directory entries, xattrs,
+//! the compression queue), the NC06 blob files and the plaintext cache files.
 //!
 //! ```text
-//! BACKING/nacrithfs.format   "nacrithfs 2" (or 1): marks an initialized backing directory
-//! BACKING/index/             sled database, one tree, keys by prefix (docs/FORMAT.md)
+//! BACKING/nacrithfs.format   "nacrithfs 3" (or "nacrithfs 3 flat"): marks an initialized
+//!                            backing directory; formats 1 and 2 are moved to 3 at open
+//! BACKING/index.fjall/       the index: fjall, one keyspace, keys by prefix (docs/FORMAT.md)
 //! BACKING/blobs/<xx>/<ino>-<seq>.nc06
 //! BACKING/cache/<xx>/<ino>   plaintext of a regular file (dirty, or a clean copy)
 //!                            <xx>: the inode number's low byte, two hex digits; a
-//!                            format-1 volume keeps both flat (no <xx>/)
+//!                            volume made as format 1 keeps both flat (no <xx>/)
 //! BACKING/lost+found/        files recovery or fsck could not account for (never deleted)
 //! ```
 //!
-//! Multi-key changes go through one `sled::Batch`, so each is atomic across a crash;
-//! `commit(.., durable=true)` also flushes sled (its own flush is lazy, every 500 ms, and
-//! a batch may reach the disk at any moment after it is applied). Files that no index
-//! state needs any more are listed in the graveyard (`g` keys) in the batch that stops
-//! needing them, and deleted only after a flush (docs/DURABILITY.md).
+//! Multi-key changes go through one [`index::Batch`], so each is atomic across a crash;
+//! `commit(.., durable=true)` also flushes the index (a batch is handed to the operating
+//! system when applied, so it survives a killed daemon; only a flush makes it survive a
+//! power cut). Files that no index state needs any more are listed in the graveyard (`g`
+//! keys) in the batch that stops needing them, and deleted only after a flush
+//! (docs/DURABILITY.md).
 
 pub mod fsck;
+pub mod index;
+mod legacy;
 pub mod perms;
 pub mod record;
 pub mod tally;
@@ -34,12 +38,19 @@ pub use record::{BlobRef, Inode, Kind};
 
 pub const ROOT_INO: u64 = 1;
 const FORMAT_MARKER: &str = "nacrithfs.format";
-/// Format 2: blob and cache files in 256 subdirectories each (`<xx>/`, the inode
-/// number's low byte), so no directory of the backing filesystem holds more than a
-/// 256th of the files.
-const FORMAT_LINE: &str = "nacrithfs 2\n";
-/// Format 1: the same, flat. Still mounted and served as it is.
-const FORMAT_LINE_FLAT: &str = "nacrithfs 1\n";
+/// Format 3: the index in fjall ([`INDEX_DIR`]); blob and cache files in 256
+/// subdirectories each (`<xx>/`, the inode number's low byte), so no directory of the
+/// backing filesystem holds more than a 256th of the files.
+const FORMAT_LINE: &str = "nacrithfs 3\n";
+/// Format 3 with blob and cache files flat: a volume made as format 1, moved to fjall.
+const FORMAT_LINE_FLAT: &str = "nacrithfs 3 flat\n";
+/// Formats 2 (subdirectories) and 1 (flat): the index in sled. Moved to format 3 by the
+/// first read-write open ([`legacy`]).
+const FORMAT_LINE_SLED: &str = "nacrithfs 2\n";
+const FORMAT_LINE_SLED_FLAT: &str = "nacrithfs 1\n";
+/// The index of format 3, and where it is built while an older index is moved.
+const INDEX_DIR: &str = "index.fjall";
+const INDEX_TMP_DIR: &str = "index.fjall.tmp";
 /// Subdirectories of blobs/ and cache/ in format 2.
 const FANOUT: u64 = 256;
 /// Where a daemonized nacrithfs logs.
@@ -50,7 +61,9 @@ pub enum StoreError {
     #[error("{0}")]
     Io(#[from] io::Error),
     #[error("index: {0}")]
-    Index(#[from] sled::Error),
+    Index(#[from] fjall::Error),
+    #[error("format-2 index (sled): {0}")]
+    Legacy(#[from] sled::Error),
     #[error("index record for {what} is corrupt: {why}")]
     Corrupt { what: String, why: String },
     #[error("{0}")]
@@ -61,7 +74,9 @@ impl StoreError {
     pub fn errno(&self) -> i32 {
         match self {
             StoreError::Io(e) => e.raw_os_error().unwrap_or(libc::EIO),
-            StoreError::Index(sled::Error::Io(e)) => e.raw_os_error().unwrap_or(libc::EIO),
+            StoreError::Index(fjall::Error::Io(e))
+            | StoreError::Index(fjall::Error::Storage(fjall::LsmError::Io(e)))
+            | StoreError::Legacy(sled::Error::Io(e)) => e.raw_os_error().unwrap_or(libc::EIO),
             _ => libc::EIO,
         }
     }
@@ -184,7 +199,7 @@ pub fn unix_ms(t: SystemTime) -> u64 {
 }
 
 pub struct Store {
-    db: sled::Db,
+    db: index::Index,
     backing: PathBuf,
     next_ino: AtomicU64,
     next_blob: AtomicU64,
@@ -200,6 +215,8 @@ pub struct Store {
     ro_tmp: Option<PathBuf>,
     /// Read-only: a shared lock on the real index, held for the mount's life.
     _ro_lock: Option<File>,
+    /// The blob counter as last stored (it only ever grows; see `alloc_blob_seq`).
+    stored_next_blob: std::sync::Mutex<u64>,
     /// Totals and the queue by due time, kept by [`Store::commit`].
     tally: std::sync::Mutex<tally::Tally>,
     /// Index calls in flight, for the daemon's watchdog.
@@ -227,8 +244,8 @@ pub struct ListedEntry {
 /// One atomic change to the index.
 #[derive(Default)]
 pub struct Txn {
-    batch: sled::Batch,
-    /// How many changes the batch holds (sled's batch cannot say).
+    batch: index::Batch,
+    /// How many changes were asked for (a delete of an absent key counts).
     ops: usize,
     /// The inode and queue changes, in order, for the in-memory tallies.
     changes: Vec<Change>,
@@ -260,14 +277,14 @@ impl Txn {
 
     pub fn put_inode(&mut self, ino: u64, inode: &Inode) {
         self.ops += 1;
-        self.batch.insert(&inode_key(ino), inode.encode());
+        self.batch.insert(inode_key(ino), inode.encode());
         self.changes
             .push(Change::Inode(ino, Some(tally::Totals::of(inode))));
     }
     pub fn del_inode(&mut self, ino: u64) {
         self.ops += 1;
-        self.batch.remove(&inode_key(ino));
-        self.batch.remove(&parent_key(ino));
+        self.batch.remove(inode_key(ino));
+        self.batch.remove(parent_key(ino));
         self.changes.push(Change::Inode(ino, None));
     }
     /// An entry with its readdir cookie (see [`Store::put_name`], which picks it).
@@ -277,30 +294,30 @@ impl Txn {
             dirent_key(parent, name),
             &record::encode_dirent(ino, kind, cookie)[..],
         );
-        self.batch.insert(&cookie_key(parent, cookie), name);
+        self.batch.insert(cookie_key(parent, cookie), name);
         self.batch
-            .insert(&parent_key(ino), encode_parent(parent, name));
+            .insert(parent_key(ino), encode_parent(parent, name));
     }
     pub fn del_dirent(&mut self, parent: u64, name: &[u8], cookie: Option<u64>) {
         self.ops += 1;
         self.batch.remove(dirent_key(parent, name));
         if let Some(c) = cookie {
-            self.batch.remove(&cookie_key(parent, c));
+            self.batch.remove(cookie_key(parent, c));
         }
     }
     /// Blob `<ino>-<seq>` is to be deleted once this batch is durable.
     pub fn bury_blob(&mut self, ino: u64, seq: u64) {
         self.ops += 1;
-        self.batch.insert(&grave_key(ino, seq), &[][..]);
+        self.batch.insert(grave_key(ino, seq), &[][..]);
     }
     /// The cache file of deleted inode `ino` is to be deleted once this batch is durable.
     pub fn bury_cache(&mut self, ino: u64) {
         self.ops += 1;
-        self.batch.insert(&grave_key(ino, GRAVE_CACHE), &[][..]);
+        self.batch.insert(grave_key(ino, GRAVE_CACHE), &[][..]);
     }
     pub fn unbury(&mut self, ino: u64, tag: u64) {
         self.ops += 1;
-        self.batch.remove(&grave_key(ino, tag));
+        self.batch.remove(grave_key(ino, tag));
     }
     pub fn put_xattr(&mut self, ino: u64, name: &[u8], value: &[u8]) {
         self.ops += 1;
@@ -313,28 +330,17 @@ impl Txn {
     /// Persistently queue `ino` for compression at `due_ms` (Unix milliseconds).
     pub fn enqueue(&mut self, ino: u64, due_ms: u64) {
         self.ops += 1;
-        self.batch.insert(&queue_key(ino), &due_ms.to_le_bytes());
+        self.batch.insert(queue_key(ino), due_ms.to_le_bytes());
         self.changes.push(Change::Queue(ino, Some(due_ms)));
     }
     pub fn dequeue(&mut self, ino: u64) {
         self.ops += 1;
-        self.batch.remove(&queue_key(ino));
+        self.batch.remove(queue_key(ino));
         self.changes.push(Change::Queue(ino, None));
     }
 }
 
-/// Whether sled failed because another open of the index holds its file lock.
-/// sled wraps the `flock` refusal in an `Other` error whose text is the only tell.
-fn is_lock_refusal(e: &sled::Error) -> bool {
-    match e {
-        sled::Error::Io(io) => {
-            io.kind() == io::ErrorKind::WouldBlock || io.to_string().contains("acquire lock")
-        }
-        _ => false,
-    }
-}
-
-/// Open the sled index, waiting a little for its lock.
+/// How long an open waits for the index's lock.
 ///
 /// The lock is an `flock` on an open file: a child process forked by any thread
 /// of this process between our close and its `exec` briefly holds a copy of the
@@ -349,19 +355,16 @@ fn in_use(backing: &Path) -> StoreError {
     ))
 }
 
-/// For a read-only mount: take a shared lock on the index (the one sled takes
-/// exclusively), then copy `index/` into a new private directory. Nothing in the
-/// backing directory is opened for writing, so it may be on read-only media.
-fn copy_index_for_reading(backing: &Path) -> Result<(PathBuf, File)> {
+/// Take a shared `flock` on `path` (a file the read-write opener locks exclusively),
+/// waiting a little for it.
+fn flock_shared(path: &Path, backing: &Path) -> Result<File> {
     use std::os::fd::AsRawFd;
-    use std::os::unix::fs::DirBuilderExt;
-    let index = backing.join("index");
-    let lock = File::open(index.join("db"))?;
+    let lock = File::open(path)?;
     let started = std::time::Instant::now();
     loop {
         // SAFETY: a valid fd; flock has no memory effects.
         if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_SH | libc::LOCK_NB) } == 0 {
-            break;
+            return Ok(lock);
         }
         let e = io::Error::last_os_error();
         if e.raw_os_error() != Some(libc::EWOULDBLOCK) {
@@ -372,22 +375,68 @@ fn copy_index_for_reading(backing: &Path) -> Result<(PathBuf, File)> {
         }
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
+}
+
+/// Open the fjall index in `dir`, waiting a little for its lock.
+fn open_index(dir: &Path, backing: &Path) -> Result<index::Index> {
+    let started = std::time::Instant::now();
+    loop {
+        match index::Index::open(dir) {
+            Ok(db) => return Ok(db),
+            Err(fjall::Error::Locked) if started.elapsed() < LOCK_WAIT => {
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            Err(fjall::Error::Locked) => return Err(in_use(backing)),
+            Err(e) => return Err(StoreError::Index(e)),
+        }
+    }
+}
+
+/// For a read-only mount: under a shared lock on the real index (which keeps read-write
+/// daemons and fsck out for as long as the mount lasts), a private fjall copy of it in
+/// a new directory outside the backing directory, so that nothing there is opened for
+/// writing (it may be on read-only media; both engines write when they open). An index
+/// of format 1 or 2 (sled) is copied key by key, as the move to format 3 would.
+fn copy_index_for_reading(backing: &Path, sled: bool) -> Result<(PathBuf, File, index::Index)> {
+    use std::os::unix::fs::DirBuilderExt;
+    let lock = if sled {
+        legacy::lock_shared(backing)?
+    } else {
+        flock_shared(&backing.join(INDEX_DIR).join("lock"), backing)?
+    };
     let dir = std::env::temp_dir().join(format!(
         "nacrithfs-ro-{}-{}",
         std::process::id(),
         unix_ms(SystemTime::now())
     ));
     std::fs::DirBuilder::new().mode(0o700).create(&dir)?;
-    let copied = copy_tree(&index, &dir.join("index"));
-    if let Err(e) = copied {
-        let _ = std::fs::remove_dir_all(&dir);
-        return Err(StoreError::Setup(format!(
-            "copying the index {} for a read-only mount into {}: {e}",
-            index.display(),
-            dir.display()
-        )));
+    let copied = (|| -> Result<index::Index> {
+        if sled {
+            let from = dir.join(legacy::SLED_DIR);
+            copy_tree(&backing.join(legacy::SLED_DIR), &from)?;
+            let old = legacy::open_sled(&from, backing)?;
+            let index = open_index(&dir.join(INDEX_DIR), backing)?;
+            legacy::copy_into(&old, &index)?;
+            drop(old);
+            std::fs::remove_dir_all(&from)?;
+            Ok(index)
+        } else {
+            // fjall's lock file is copied too; the copy's is not held by anyone.
+            copy_tree(&backing.join(INDEX_DIR), &dir.join(INDEX_DIR))?;
+            open_index(&dir.join(INDEX_DIR), backing)
+        }
+    })();
+    match copied {
+        Ok(index) => Ok((dir, lock, index)),
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&dir);
+            Err(StoreError::Setup(format!(
+                "copying the index of {} for a read-only mount into {}: {e}",
+                backing.display(),
+                dir.display()
+            )))
+        }
     }
-    Ok((dir, lock))
 }
 
 fn copy_tree(from: &Path, to: &Path) -> io::Result<()> {
@@ -404,17 +453,47 @@ fn copy_tree(from: &Path, to: &Path) -> io::Result<()> {
     Ok(())
 }
 
-fn open_index(index: &Path, backing: &Path) -> Result<sled::Db> {
-    let started = std::time::Instant::now();
-    loop {
-        match sled::Config::new().path(index).open() {
-            Ok(db) => return Ok(db),
-            Err(e) if is_lock_refusal(&e) && started.elapsed() < LOCK_WAIT => {
-                std::thread::sleep(std::time::Duration::from_millis(50));
-            }
-            Err(e) if is_lock_refusal(&e) => return Err(in_use(backing)),
-            Err(e) => return Err(StoreError::Index(e)),
+/// What the format marker says.
+#[derive(Clone, Copy, PartialEq)]
+enum Format {
+    /// No marker, empty directory: to be made format 3.
+    Fresh,
+    /// The index in sled (format 1 flat, 2 with subdirectories).
+    Sled { fanout: bool },
+    /// The index in fjall.
+    Fjall { fanout: bool },
+}
+
+fn read_format(backing: &Path, read_only: bool) -> Result<Format> {
+    let marker = backing.join(FORMAT_MARKER);
+    match std::fs::read_to_string(&marker) {
+        Ok(s) if s == FORMAT_LINE => Ok(Format::Fjall { fanout: true }),
+        Ok(s) if s == FORMAT_LINE_FLAT => Ok(Format::Fjall { fanout: false }),
+        Ok(s) if s == FORMAT_LINE_SLED => Ok(Format::Sled { fanout: true }),
+        Ok(s) if s == FORMAT_LINE_SLED_FLAT => Ok(Format::Sled { fanout: false }),
+        Ok(s) => Err(StoreError::Setup(format!(
+            "{} says {:?}: this version reads formats \"nacrithfs 1\", \"nacrithfs 2\" and \"nacrithfs 3\"",
+            marker.display(),
+            s.trim()
+        ))),
+        Err(e) if e.kind() == io::ErrorKind::NotFound && read_only => {
+            Err(StoreError::Setup(format!(
+                "{} is not a nacrithfs backing directory (no {FORMAT_MARKER}); a read-only mount cannot create one",
+                backing.display()
+            )))
         }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            // The daemon's log may already be there: it is opened before the store.
+            let mut entries = std::fs::read_dir(backing)?;
+            if entries.any(|e| e.map_or(true, |e| e.file_name() != LOG_FILE)) {
+                return Err(StoreError::Setup(format!(
+                    "{} is not empty and is not a nacrithfs backing directory (no {FORMAT_MARKER}); use an empty directory",
+                    backing.display()
+                )));
+            }
+            Ok(Format::Fresh)
+        }
+        Err(e) => Err(e.into()),
     }
 }
 
@@ -424,8 +503,8 @@ impl Store {
         Store::open_mode(backing, false)
     }
 
-    /// Open for a read-only mount: nothing is migrated (an old volume lists its
-    /// directories by position, as it always did).
+    /// Open for a read-only mount: nothing is migrated in the backing directory (an old
+    /// volume lists its directories by position, as it always did).
     pub fn open_read_only(backing: &Path) -> Result<Store> {
         Store::open_mode(backing, true)
     }
@@ -440,38 +519,21 @@ impl Store {
                 backing.display()
             )));
         }
-        let marker = backing.join(FORMAT_MARKER);
-        let marker_text = std::fs::read_to_string(&marker).unwrap_or_default();
-        let fresh = match std::fs::read_to_string(&marker) {
-            Ok(s) if s == FORMAT_LINE => false,
-            Ok(s) if s == FORMAT_LINE_FLAT => false,
-            Ok(s) => {
-                return Err(StoreError::Setup(format!(
-                    "{} says {:?}: this version reads formats \"nacrithfs 1\" and \"nacrithfs 2\"",
-                    marker.display(),
-                    s.trim()
-                )))
-            }
-            Err(e) if e.kind() == io::ErrorKind::NotFound && read_only => {
-                return Err(StoreError::Setup(format!(
-                    "{} is not a nacrithfs backing directory (no {FORMAT_MARKER}); a read-only mount cannot create one",
-                    backing.display()
-                )))
-            }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                // The daemon's log may already be there: it is opened before the store.
-                let mut entries = std::fs::read_dir(backing)?;
-                if entries.any(|e| e.map_or(true, |e| e.file_name() != LOG_FILE)) {
-                    return Err(StoreError::Setup(format!(
-                        "{} is not empty and is not a nacrithfs backing directory (no {FORMAT_MARKER}); use an empty directory",
-                        backing.display()
-                    )));
-                }
-                true
-            }
-            Err(e) => return Err(e.into()),
+        let mut format = read_format(backing, read_only)?;
+        if let (Format::Sled { fanout }, false) = (format, read_only) {
+            let line = if fanout {
+                FORMAT_LINE
+            } else {
+                FORMAT_LINE_FLAT
+            };
+            legacy::migrate_in_place(backing, line)?;
+            format = read_format(backing, read_only)?;
+        }
+        let fresh = format == Format::Fresh;
+        let fanout = match format {
+            Format::Fresh => true,
+            Format::Sled { fanout } | Format::Fjall { fanout } => fanout,
         };
-        let fanout = fresh || marker_text == FORMAT_LINE;
         if !read_only {
             use std::os::unix::fs::DirBuilderExt;
             let mut mkdir = std::fs::DirBuilder::new();
@@ -485,20 +547,26 @@ impl Store {
                 }
             }
         }
-        // A read-only mount opens a private copy of the index (sled rewrites its files
-        // whenever it opens them), under a shared lock that keeps read-write daemons
-        // and fsck out for as long as the mount lasts.
         let (db, ro_tmp, ro_lock) = if read_only {
-            let (dir, lock) = copy_index_for_reading(backing)?;
-            match open_index(&dir.join("index"), backing) {
-                Ok(db) => (db, Some(dir), Some(lock)),
-                Err(e) => {
-                    let _ = std::fs::remove_dir_all(&dir);
-                    return Err(e);
+            let sled = matches!(format, Format::Sled { .. });
+            let (dir, lock, db) = copy_index_for_reading(backing, sled)?;
+            (db, Some(dir), Some(lock))
+        } else {
+            let db = open_index(&backing.join(INDEX_DIR), backing)?;
+            // Left by a move to format 3 cut off after its marker was written (the
+            // index above holds its lock, so no other daemon is using them).
+            for leftover in [legacy::SLED_DIR, INDEX_TMP_DIR] {
+                let path = backing.join(leftover);
+                if !fresh && path.exists() {
+                    log::info!(
+                        "index: removing {}, left by the move to format 3",
+                        path.display()
+                    );
+                    std::fs::remove_dir_all(&path)?;
+                    sync_dir(backing)?;
                 }
             }
-        } else {
-            (open_index(&backing.join("index"), backing)?, None, None)
+            (db, None, None)
         };
         let read_counter = |key: &[u8], default: u64| -> Result<u64> {
             Ok(match db.get(key)? {
@@ -517,9 +585,11 @@ impl Store {
         } else {
             read_counter(LAYOUT_KEY, 1)?
         };
+        let next_blob = read_counter(NEXT_BLOB_KEY, 1)?;
         let mut store = Store {
             next_ino: AtomicU64::new(read_counter(NEXT_INO_KEY, ROOT_INO + 1)?),
-            next_blob: AtomicU64::new(read_counter(NEXT_BLOB_KEY, 1)?),
+            next_blob: AtomicU64::new(next_blob),
+            stored_next_blob: std::sync::Mutex::new(next_blob),
             next_cookie: AtomicU64::new(read_counter(NEXT_COOKIE_KEY, FIRST_COOKIE)?),
             cookies: layout >= LAYOUT_COOKIES,
             fanout,
@@ -538,7 +608,7 @@ impl Store {
             )));
         }
         if fresh {
-            store.db.insert(LAYOUT_KEY, &LAYOUT.to_le_bytes())?;
+            store.db.insert(LAYOUT_KEY, LAYOUT.to_le_bytes())?;
         } else if layout < LAYOUT && !read_only {
             store.migrate(layout)?;
         }
@@ -552,11 +622,7 @@ impl Store {
             store.commit(txn, true)?;
         }
         if fresh {
-            let tmp = backing.join(format!("{FORMAT_MARKER}.tmp"));
-            std::fs::write(&tmp, FORMAT_LINE)?;
-            File::open(&tmp)?.sync_all()?;
-            std::fs::rename(&tmp, &marker)?;
-            sync_dir(backing)?;
+            write_durably(&backing.join(FORMAT_MARKER), FORMAT_LINE.as_bytes())?;
         }
         Ok(store)
     }
@@ -637,14 +703,14 @@ impl Store {
     /// Allocate an inode number; `txn` persists the counter with the new inode.
     pub fn alloc_ino(&self, txn: &mut Txn) -> u64 {
         let ino = self.next_ino.fetch_add(1, Ordering::SeqCst);
-        txn.batch.insert(NEXT_INO_KEY, &(ino + 1).to_le_bytes());
+        txn.batch.insert(NEXT_INO_KEY, (ino + 1).to_le_bytes());
         ino
     }
 
     /// Allocate a readdir cookie; `txn` persists the counter with the entry.
     pub fn alloc_cookie(&self, txn: &mut Txn) -> u64 {
         let c = self.next_cookie.fetch_add(1, Ordering::SeqCst);
-        txn.batch.insert(NEXT_COOKIE_KEY, &(c + 1).to_le_bytes());
+        txn.batch.insert(NEXT_COOKIE_KEY, (c + 1).to_le_bytes());
         c
     }
 
@@ -693,9 +759,10 @@ impl Store {
     /// crash of this mount is never taken for a clean stop.
     pub fn take_clean_stop(&self) -> Result<bool> {
         let _w = self.watch.enter("commit");
-        if self.db.remove(CLEAN_STOP_KEY)?.is_none() {
+        if self.db.get(CLEAN_STOP_KEY)?.is_none() {
             return Ok(false);
         }
+        self.db.remove(CLEAN_STOP_KEY)?;
         self.db.flush()?;
         Ok(true)
     }
@@ -732,12 +799,12 @@ impl Store {
                 }
                 Some(_) => {
                     txn.batch
-                        .insert(&parent_key(ino), encode_parent(parent, &k[9..]));
+                        .insert(parent_key(ino), encode_parent(parent, &k[9..]));
                 }
             }
             parents += 1;
         }
-        txn.batch.insert(LAYOUT_KEY, &LAYOUT.to_le_bytes());
+        txn.batch.insert(LAYOUT_KEY, LAYOUT.to_le_bytes());
         if from < LAYOUT_COOKIES {
             // Layout 1 made plaintext the clean copy without an fsync: after a power cut
             // one may be short or zero-filled. The next recovery checks each against its
@@ -787,7 +854,7 @@ impl Store {
         }
         let from = cookie_key(parent, after.saturating_add(1).max(FIRST_COOKIE));
         let to = cookie_key(parent, u64::MAX);
-        for r in self.db.range(from..=to) {
+        for r in self.db.range(&from, &to) {
             let (k, name) = r?;
             let Some(cookie) = second_u64(&k) else {
                 continue;
@@ -849,12 +916,14 @@ impl Store {
         // Compressors allocate concurrently: the stored counter only ever grows (a
         // plain insert from a slower thread could set it back, and after a crash a
         // sequence number would be handed out twice).
-        self.db.fetch_and_update(NEXT_BLOB_KEY, |old| {
-            let old = old
-                .and_then(|v| v.try_into().ok())
-                .map_or(0, u64::from_le_bytes);
-            Some(old.max(seq + 1).to_le_bytes().to_vec())
-        })?;
+        let mut stored = self
+            .stored_next_blob
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if seq + 1 > *stored {
+            self.db.insert(NEXT_BLOB_KEY, (seq + 1).to_le_bytes())?;
+            *stored = seq + 1;
+        }
         Ok(seq)
     }
 
@@ -877,7 +946,7 @@ impl Store {
                     seen.insert(*ino, new);
                 }
             }
-            self.db.apply_batch(txn.batch)?;
+            self.checked(self.db.apply(txn.batch))?;
             self.commits.fetch_add(1, Ordering::Relaxed);
             tally.totals = totals;
             for c in txn.changes {
@@ -888,9 +957,18 @@ impl Store {
             }
         }
         if durable {
-            self.db.flush()?;
+            self.checked(self.db.flush())?;
         }
         Ok(())
+    }
+
+    /// An index write's result; one the index refused because an earlier write to disk
+    /// failed (fjall then refuses all) marks the index failed for the daemon's watchdog.
+    fn checked<T>(&self, r: fjall::Result<T>) -> Result<T> {
+        if let Err(fjall::Error::Poisoned) = &r {
+            self.watch.set_failed();
+        }
+        Ok(r?)
     }
 
     /// What inode `ino` adds to the totals now (nothing if absent or unreadable).
@@ -952,8 +1030,7 @@ impl Store {
 
     pub fn flush(&self) -> Result<()> {
         let _w = self.watch.enter("flush");
-        self.db.flush()?;
-        Ok(())
+        self.checked(self.db.flush())
     }
 
     pub fn get(&self, ino: u64) -> Result<Option<Inode>> {

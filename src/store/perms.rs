@@ -85,7 +85,14 @@ pub fn secure_backing(backing: &Path, read_only: bool) -> Result<Option<String>,
 }
 
 /// The directories of a backing directory.
-const SUBDIRS: [&str; 4] = ["blobs", "cache", "index", super::fsck::LOST_FOUND];
+/// (`index` is the sled index of formats 1 and 2, until the move to format 3.)
+const SUBDIRS: [&str; 5] = [
+    "blobs",
+    "cache",
+    super::INDEX_DIR,
+    "index",
+    super::fsck::LOST_FOUND,
+];
 
 /// The directories above `path`, nearest first (`path` is absolute and canonical).
 fn ancestors(path: &Path) -> Vec<PathBuf> {

@@ -1,9 +1,10 @@
 //! Index calls in flight, so that a hung index becomes a fatal error instead of a
 //! mount that stops answering for good.
 //!
-//! sled has an open upstream report of a deadlock under high load (spacejam/sled#1412),
-//! and the daemon hit one: every FUSE thread waiting on sled, no CPU used, nothing
-//! logged. The index is crash-safe (docs/DURABILITY.md), so the safe answer to a call
+//! sled, the index engine of formats 1 and 2, has an open upstream report of a deadlock
+//! under high load (spacejam/sled#1412), and the daemon hit one: every FUSE thread
+//! waiting on sled, no CPU used, nothing logged. Any engine can hang on a sick disk. The
+//! index is crash-safe (docs/DURABILITY.md), so the safe answer to a call
 //! that has not returned for `index_timeout` seconds is to log it and exit non-zero;
 //! systemd (`Restart=on-failure`) then starts a fresh daemon whose recovery finds the
 //! state of the last durable commit. Each watched call registers here on entry and
@@ -18,6 +19,9 @@ use std::time::{Duration, Instant};
 pub struct Watch {
     next: AtomicU64,
     calls: Mutex<HashMap<u64, (&'static str, Instant)>>,
+    /// The index refuses every write from now on (fjall poisons itself when a write or
+    /// fsync of its journal fails): as fatal as a hung call.
+    failed: std::sync::atomic::AtomicBool,
 }
 
 /// One index call in flight; it leaves the watch when dropped.
@@ -46,6 +50,15 @@ impl Watch {
             .insert(id, (op, Instant::now()));
         stall_if_injected();
         InFlight { watch: self, id }
+    }
+
+    /// The index has failed for good (see `failed`).
+    pub fn set_failed(&self) {
+        self.failed.store(true, Ordering::SeqCst);
+    }
+
+    pub fn failed(&self) -> bool {
+        self.failed.load(Ordering::SeqCst)
     }
 
     /// The call that has been in flight the longest, and for how long.

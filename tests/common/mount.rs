@@ -221,8 +221,10 @@ pub fn copy_tree(from: &Path, to: &Path) {
 /// committed fixture's directories 0755).
 pub fn make_private(backing: &Path) {
     use std::os::unix::fs::PermissionsExt;
-    for d in ["", "blobs", "cache", "index"] {
-        fs::set_permissions(backing.join(d), fs::Permissions::from_mode(0o700)).expect("chmod");
+    for d in ["", "blobs", "cache", "index", "index.fjall"] {
+        if backing.join(d).exists() {
+            fs::set_permissions(backing.join(d), fs::Permissions::from_mode(0o700)).expect("chmod");
+        }
     }
 }
 
