@@ -477,22 +477,32 @@ impl Filesystem for NacrithFs {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
+        // The reply buffer (the kernel's, usually 4 KiB: ~100 entries of short names)
+        // is filled from the index a few entries at a time, so that no more entries are
+        // read than are sent (each costs an index read).
+        const CHUNK: usize = 48;
         guarded("readdir", ino.0, || {
-            match self.core.readdir(ino.0, offset, 512) {
-                Ok(entries) => {
-                    for (next, child, kind, name) in entries {
-                        if reply.add(
-                            INodeNo(child),
-                            next,
-                            file_type(kind),
-                            OsStr::from_bytes(&name),
-                        ) {
-                            break;
-                        }
+            let mut offset = offset;
+            loop {
+                let entries = match self.core.readdir(ino.0, offset, CHUNK) {
+                    Ok(e) => e,
+                    Err(e) => return reply.error(errno(e)),
+                };
+                let n = entries.len();
+                for (next, child, kind, name) in entries {
+                    if reply.add(
+                        INodeNo(child),
+                        next,
+                        file_type(kind),
+                        OsStr::from_bytes(&name),
+                    ) {
+                        return reply.ok();
                     }
-                    reply.ok();
+                    offset = next;
                 }
-                Err(e) => reply.error(errno(e)),
+                if n < CHUNK {
+                    return reply.ok();
+                }
             }
         });
     }

@@ -232,24 +232,40 @@ fn check_cookies(c: &mut Checker, names: &Names) -> Result<()> {
     for &&(parent, name) in &sorted {
         let shown = format!("{:?} in directory {parent}", String::from_utf8_lossy(name));
         let raw = c.store.db.get(dirent_key(parent, name))?;
-        let cookie = raw
-            .as_deref()
-            .and_then(record::decode_dirent_full)
-            .and_then(|(_, _, ck)| ck);
+        let dirent = raw.as_deref().and_then(record::decode_dirent_full);
+        let cookie = dirent.and_then(|(_, _, ck)| ck);
+        // The cookie key's value names this entry, and (layout 4) carries its child and
+        // kind as they are in the entry.
+        let matches = |v: &Vec<u8>| match record::decode_cookie(v) {
+            Some((ino, kind, n)) => {
+                n == name && dirent.is_some_and(|(i, k, _)| i == ino && k == kind)
+            }
+            None => false,
+        };
         match cookie {
-            Some(ck) if by_cookie.get(&(parent, ck)).is_some_and(|n| n == name) => {
+            Some(ck) if by_cookie.get(&(parent, ck)).is_some_and(matches) => {
                 max_cookie = max_cookie.max(ck);
                 expected.insert((parent, ck));
             }
             Some(ck) => {
                 max_cookie = max_cookie.max(ck);
                 expected.insert((parent, ck));
+                let why = if by_cookie.contains_key(&(parent, ck)) {
+                    "a cookie key that does not match it (readdir lists it wrong)"
+                } else {
+                    "no cookie key (readdir skips it)"
+                };
                 c.found(
                     "missing-cookie",
-                    format!("entry {shown} has readdir cookie {ck} but no cookie key (readdir skips it)"),
-                    Some("added the cookie key".into()),
+                    format!("entry {shown} has readdir cookie {ck} but {why}"),
+                    Some("rewrote the cookie key".into()),
                 );
-                c.txn.batch.insert(super::cookie_key(parent, ck), name);
+                if let Some((ino, kind, _)) = dirent {
+                    c.txn.batch.insert(
+                        super::cookie_key(parent, ck),
+                        record::encode_cookie(ino, kind, name),
+                    );
+                }
             }
             None => {
                 c.found(

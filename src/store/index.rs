@@ -20,6 +20,8 @@ pub use fjall::Slice;
 
 /// The keyspace that holds everything.
 const KEYSPACE: &str = "index";
+/// See [`Index::open`].
+const MEMTABLE_BYTES: u64 = 16 << 20;
 
 pub struct Index {
     db: fjall::Database,
@@ -78,8 +80,22 @@ impl Index {
             .mode(0o700)
             .create(dir)?;
         let db = fjall::Database::builder(dir).open()?;
-        let tree = db.keyspace(KEYSPACE, fjall::KeyspaceCreateOptions::default)?;
+        // A smaller memtable than fjall's 64 MiB: after a crash, the open replays the
+        // journal since the last memtable written out, so this bounds that time (at
+        // 10^5 files, 64 MiB of journal took seconds). Stored in the index when it is
+        // created.
+        let tree = db.keyspace(KEYSPACE, || {
+            fjall::KeyspaceCreateOptions::default().max_memtable_size(MEMTABLE_BYTES)
+        })?;
         Ok(Index { db, tree })
+    }
+
+    /// Write the memtable out and make everything durable, so that the next open has no
+    /// journal to replay (a clean stop; the end of a copy).
+    pub fn checkpoint(&self) -> fjall::Result<()> {
+        self.flush()?;
+        self.tree.rotate_memtable_and_wait()?;
+        self.flush()
     }
 
     pub fn get(&self, key: impl AsRef<[u8]>) -> fjall::Result<Option<Slice>> {

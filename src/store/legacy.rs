@@ -50,7 +50,7 @@ pub fn open_sled(dir: &Path, backing: &Path) -> Result<sled::Db> {
     }
 }
 
-/// Copy every key of `from` into `to`, in batches; returns how many. Flushes `to`.
+/// Copy every key of `from` into `to`, in batches; returns how many. Checkpoints `to`.
 pub fn copy_into(from: &sled::Db, to: &Index) -> Result<u64> {
     const BATCH: usize = 4096;
     let (mut batch, mut n) = (Batch::default(), 0u64);
@@ -63,7 +63,7 @@ pub fn copy_into(from: &sled::Db, to: &Index) -> Result<u64> {
         }
     }
     to.apply(batch)?;
-    to.flush()?;
+    to.checkpoint()?;
     Ok(n)
 }
 

@@ -160,7 +160,8 @@ const NEXT_INO_KEY: &[u8] = b"mnext_ino";
 const NEXT_BLOB_KEY: &[u8] = b"mnext_blob";
 const NEXT_COOKIE_KEY: &[u8] = b"mnext_cookie";
 /// Index layout: absent = 1 (no readdir cookies); 2 = every entry has a cookie;
-/// 3 = every inode with a name has a parent entry ('p').
+/// 3 = every inode with a name has a parent entry ('p'); 4 = a cookie's value holds
+/// the entry (child, kind, name), not only the name.
 const LAYOUT_KEY: &[u8] = b"mlayout";
 /// Present while clean copies made by layout 1 (never fsynced) are still to be checked
 /// against their blobs' size and BLAKE3 (by the next read-write recovery).
@@ -178,9 +179,12 @@ const META_KEYS: &[&[u8]] = &[
     CHECK_CLEAN_KEY,
     CLEAN_STOP_KEY,
 ];
-const LAYOUT: u64 = 3;
+const LAYOUT: u64 = 4;
 /// The first layout with readdir cookies.
 const LAYOUT_COOKIES: u64 = 2;
+/// The first layout whose cookie values hold the entry (child, kind, name), not just
+/// its name: a listing reads no directory entry keys.
+const LAYOUT_COOKIE_ENTRIES: u64 = 4;
 /// Cookies 1 and 2 are `.` and `..`.
 const FIRST_COOKIE: u64 = 3;
 
@@ -209,6 +213,8 @@ pub struct Store {
     /// Every directory entry has a readdir cookie (layout 2). False only for an old
     /// volume opened read-only, which cannot be migrated.
     cookies: bool,
+    /// The index's layout (below [`LAYOUT`] only for an old index opened read-only).
+    layout: u64,
     /// Read-only: the copy of the index and decoded temp files go to this private
     /// directory outside the backing directory (removed when the store is dropped), so
     /// a read-only mount writes nothing there.
@@ -294,7 +300,10 @@ impl Txn {
             dirent_key(parent, name),
             &record::encode_dirent(ino, kind, cookie)[..],
         );
-        self.batch.insert(cookie_key(parent, cookie), name);
+        self.batch.insert(
+            cookie_key(parent, cookie),
+            record::encode_cookie(ino, kind, name),
+        );
         self.batch
             .insert(parent_key(ino), encode_parent(parent, name));
     }
@@ -592,6 +601,7 @@ impl Store {
             stored_next_blob: std::sync::Mutex::new(next_blob),
             next_cookie: AtomicU64::new(read_counter(NEXT_COOKIE_KEY, FIRST_COOKIE)?),
             cookies: layout >= LAYOUT_COOKIES,
+            layout,
             fanout,
             ro_tmp,
             _ro_lock: ro_lock,
@@ -751,8 +761,10 @@ impl Store {
 
     /// Record a clean stop, durably (the daemon's last index write).
     pub fn mark_clean_stop(&self) -> Result<()> {
-        self.db.insert(CLEAN_STOP_KEY, &[][..])?;
-        self.flush()
+        let _w = self.watch.enter("flush");
+        self.db.insert(CLEAN_STOP_KEY, [])?;
+        // The memtable written out too: the next open replays no journal.
+        self.checked(self.db.checkpoint())
     }
 
     /// Whether the last stop was clean; the record is removed durably either way, so a
@@ -778,9 +790,9 @@ impl Store {
         txn.batch.remove(CHECK_CLEAN_KEY);
     }
 
-    /// Give every entry of an old (layout 1) index a cookie, in name order, once.
     /// Bring an older index to this layout, in one batch: readdir cookies for entries
-    /// without one (layout 1), parent entries for every named inode (layout 2).
+    /// without one (layout 1, in name order), parent entries for every named inode
+    /// (layout 2), the entry in every cookie's value (layout 3).
     fn migrate(&mut self, from: u64) -> Result<()> {
         let mut txn = Txn::default();
         let (mut cookies, mut parents) = (0u64, 0u64);
@@ -797,9 +809,13 @@ impl Store {
                     txn.put_dirent(parent, &k[9..], ino, kind, c);
                     cookies += 1;
                 }
-                Some(_) => {
+                Some(c) => {
                     txn.batch
                         .insert(parent_key(ino), encode_parent(parent, &k[9..]));
+                    txn.batch.insert(
+                        cookie_key(parent, c),
+                        record::encode_cookie(ino, kind, &k[9..]),
+                    );
                 }
             }
             parents += 1;
@@ -813,6 +829,7 @@ impl Store {
         }
         self.commit(txn, true)?;
         self.cookies = true;
+        self.layout = LAYOUT;
         log::info!(
             "index: layout {from} -> {LAYOUT}: {cookies} directory entries given readdir cookies, {parents} parent entries"
         );
@@ -855,27 +872,37 @@ impl Store {
         let from = cookie_key(parent, after.saturating_add(1).max(FIRST_COOKIE));
         let to = cookie_key(parent, u64::MAX);
         for r in self.db.range(&from, &to) {
-            let (k, name) = r?;
+            let (k, v) = r?;
             let Some(cookie) = second_u64(&k) else {
                 continue;
             };
-            // The entry itself is the truth; a cookie whose entry is gone or moved on is
-            // skipped (fsck reports it).
-            let Some((ino, kind, Some(c))) = self
-                .db
-                .get(dirent_key(parent, &name))?
-                .and_then(|v| record::decode_dirent_full(&v))
-            else {
-                continue;
+            let entry = if self.layout >= LAYOUT_COOKIE_ENTRIES {
+                // Written in the same batch as the entry, always: no need to read it.
+                // (fsck checks that the two agree.)
+                match record::decode_cookie(&v) {
+                    Some((ino, kind, name)) => (ino, kind, name.to_vec()),
+                    None => continue, // fsck reports it
+                }
+            } else {
+                // An old index opened read-only: the value is the name; the entry is
+                // the truth, and a cookie whose entry is gone or moved on is skipped.
+                let Some((ino, kind, Some(c))) = self
+                    .db
+                    .get(dirent_key(parent, &v))?
+                    .and_then(|d| record::decode_dirent_full(&d))
+                else {
+                    continue;
+                };
+                if c != cookie {
+                    continue;
+                }
+                (ino, kind, v.to_vec())
             };
-            if c != cookie {
-                continue;
-            }
             out.push(ListedEntry {
                 cookie,
-                name: name.to_vec(),
-                ino,
-                kind,
+                name: entry.2,
+                ino: entry.0,
+                kind: entry.1,
             });
             if out.len() >= max {
                 break;

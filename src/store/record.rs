@@ -256,6 +256,24 @@ pub fn encode_dirent(ino: u64, kind: Kind, cookie: u64) -> [u8; 17] {
     v
 }
 
+/// A readdir cookie's value (layout 4): the entry as readdir returns it, so that a
+/// listing reads only the cookie keys: child ino (u64 LE), kind (u8), name.
+pub fn encode_cookie(ino: u64, kind: Kind, name: &[u8]) -> Vec<u8> {
+    let mut v = Vec::with_capacity(9 + name.len());
+    v.extend_from_slice(&ino.to_le_bytes());
+    v.push(kind.code());
+    v.extend_from_slice(name);
+    v
+}
+
+/// (child, kind, name) of a layout-4 cookie value.
+pub fn decode_cookie(v: &[u8]) -> Option<(u64, Kind, &[u8])> {
+    let ino = u64::from_le_bytes(v.get(..8)?.try_into().ok()?);
+    let kind = Kind::from_code(*v.get(8)?)?;
+    let name = v.get(9..).filter(|n| !n.is_empty())?;
+    Some((ino, kind, name))
+}
+
 pub fn decode_dirent(v: &[u8]) -> Option<(u64, Kind)> {
     decode_dirent_full(v).map(|(ino, kind, _)| (ino, kind))
 }
