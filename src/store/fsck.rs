@@ -110,7 +110,7 @@ pub fn fsck(backing: &Path, opts: FsckOptions<'_>) -> Result<Report> {
     check_key_shapes(&mut c)?;
     let inodes = read_inodes(&mut c)?;
     let names = check_dirents(&mut c, &inodes)?;
-    check_cookies(&mut c, &names)?;
+    check_cookies(&mut c, &inodes, &names)?;
     check_links(&mut c, &inodes, &names)?;
     let mut referenced = check_files(&mut c, &inodes)?;
     check_queue_and_xattrs(&mut c, &inodes)?;
@@ -199,7 +199,7 @@ fn reap(c: &Checker, graves: &Graves) -> Result<()> {
 
 /// Every entry's readdir cookie has its `c` key (else readdir would never list it),
 /// and every `c` key names an entry that has that cookie.
-fn check_cookies(c: &mut Checker, names: &Names) -> Result<()> {
+fn check_cookies(c: &mut Checker, inodes: &HashMap<u64, Inode>, names: &Names) -> Result<()> {
     if !c.store.cookies {
         return Ok(());
     }
@@ -232,7 +232,12 @@ fn check_cookies(c: &mut Checker, names: &Names) -> Result<()> {
     for &&(parent, name) in &sorted {
         let shown = format!("{:?} in directory {parent}", String::from_utf8_lossy(name));
         let raw = c.store.db.get(dirent_key(parent, name))?;
-        let dirent = raw.as_deref().and_then(record::decode_dirent_full);
+        // The entry as it will be once this repair is committed: check_dirents may
+        // have rewritten its kind to its inode's (and with it the cookie key).
+        let dirent = raw
+            .as_deref()
+            .and_then(record::decode_dirent_full)
+            .map(|(ino, kind, ck)| (ino, inodes.get(&ino).map_or(kind, |i| i.kind), ck));
         let cookie = dirent.and_then(|(_, _, ck)| ck);
         // The cookie key's value names this entry, and (layout 4) carries its child and
         // kind as they are in the entry.
