@@ -3,7 +3,7 @@
 //! read-write open, or into the private copy of a read-only mount (which writes nothing
 //! in the backing directory).
 //!
-//! The move in place, step by step (docs/DURABILITY.md, "Index format 3"):
+//! The move in place, step by step (docs/DURABILITY.md, "The move to format 3"):
 //! 1. open sled (its lock keeps every other daemon out); remove any `index.fjall.tmp/`
 //!    or `index.fjall/` an interrupted move left;
 //! 2. copy every key into a new fjall index in `index.fjall.tmp/`, flush it;
@@ -19,7 +19,7 @@ use std::io;
 use std::path::Path;
 
 use super::index::{Batch, Index};
-use super::{in_use, Result, StoreError, LOCK_WAIT};
+use super::{Result, StoreError};
 
 /// Where formats 1 and 2 keep the sled index.
 pub const SLED_DIR: &str = "index";
@@ -35,19 +35,13 @@ fn is_lock_refusal(e: &sled::Error) -> bool {
     }
 }
 
-/// Open a sled index, waiting a little for its lock (see [`LOCK_WAIT`]).
+/// Open a sled index, waiting a little for its lock.
 pub fn open_sled(dir: &Path, backing: &Path) -> Result<sled::Db> {
-    let started = std::time::Instant::now();
-    loop {
-        match sled::Config::new().path(dir).open() {
-            Ok(db) => return Ok(db),
-            Err(e) if is_lock_refusal(&e) && started.elapsed() < LOCK_WAIT => {
-                std::thread::sleep(std::time::Duration::from_millis(50));
-            }
-            Err(e) if is_lock_refusal(&e) => return Err(in_use(backing)),
-            Err(e) => return Err(StoreError::Legacy(e)),
-        }
-    }
+    super::wait_for_lock(backing, || match sled::Config::new().path(dir).open() {
+        Ok(db) => Ok(Some(db)),
+        Err(e) if is_lock_refusal(&e) => Ok(None),
+        Err(e) => Err(StoreError::Legacy(e)),
+    })
 }
 
 /// Copy every key of `from` into `to`, in batches; returns how many. Checkpoints `to`.

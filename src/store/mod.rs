@@ -364,20 +364,13 @@ fn in_use(backing: &Path) -> StoreError {
     ))
 }
 
-/// Take a shared `flock` on `path` (a file the read-write opener locks exclusively),
-/// waiting a little for it.
-fn flock_shared(path: &Path, backing: &Path) -> Result<File> {
-    use std::os::fd::AsRawFd;
-    let lock = File::open(path)?;
+/// Call `attempt` until it returns something, or fails for another reason than the
+/// lock being held (`Ok(None)`), for at most [`LOCK_WAIT`]; then the volume is in use.
+fn wait_for_lock<T>(backing: &Path, mut attempt: impl FnMut() -> Result<Option<T>>) -> Result<T> {
     let started = std::time::Instant::now();
     loop {
-        // SAFETY: a valid fd; flock has no memory effects.
-        if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_SH | libc::LOCK_NB) } == 0 {
-            return Ok(lock);
-        }
-        let e = io::Error::last_os_error();
-        if e.raw_os_error() != Some(libc::EWOULDBLOCK) {
-            return Err(e.into());
+        if let Some(t) = attempt()? {
+            return Ok(t);
         }
         if started.elapsed() >= LOCK_WAIT {
             return Err(in_use(backing));
@@ -386,19 +379,32 @@ fn flock_shared(path: &Path, backing: &Path) -> Result<File> {
     }
 }
 
+/// Take a shared `flock` on `path` (a file the read-write opener locks exclusively),
+/// waiting a little for it.
+fn flock_shared(path: &Path, backing: &Path) -> Result<File> {
+    use std::os::fd::AsRawFd;
+    let lock = File::open(path)?;
+    wait_for_lock(backing, || {
+        // SAFETY: a valid fd; flock has no memory effects.
+        if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_SH | libc::LOCK_NB) } == 0 {
+            return Ok(Some(()));
+        }
+        let e = io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::EWOULDBLOCK) => Ok(None),
+            _ => Err(e.into()),
+        }
+    })?;
+    Ok(lock)
+}
+
 /// Open the fjall index in `dir`, waiting a little for its lock.
 fn open_index(dir: &Path, backing: &Path) -> Result<index::Index> {
-    let started = std::time::Instant::now();
-    loop {
-        match index::Index::open(dir) {
-            Ok(db) => return Ok(db),
-            Err(fjall::Error::Locked) if started.elapsed() < LOCK_WAIT => {
-                std::thread::sleep(std::time::Duration::from_millis(50));
-            }
-            Err(fjall::Error::Locked) => return Err(in_use(backing)),
-            Err(e) => return Err(StoreError::Index(e)),
-        }
-    }
+    wait_for_lock(backing, || match index::Index::open(dir) {
+        Ok(db) => Ok(Some(db)),
+        Err(fjall::Error::Locked) => Ok(None),
+        Err(e) => Err(StoreError::Index(e)),
+    })
 }
 
 /// For a read-only mount: under a shared lock on the real index (which keeps read-write
