@@ -25,7 +25,18 @@ mount_fresh() {
   # Tests switch to other users: they must reach the mount point.
   chmod 755 "$WORK"
   mkdir "$BACKING" "$MNT"
-  trap 'umount "$MNT" 2>/dev/null || umount -l "$MNT" 2>/dev/null || true; rm -rf "$WORK"' EXIT
+  trap cleanup EXIT
   "$NACRITHFS" "$BACKING" "$MNT" -o "$1"
   grep " $MNT " /proc/mounts
+}
+
+# The daemon finishes its clean stop (index flush) after umount returns: wait for it
+# before removing the backing directory under it.
+cleanup() {
+  umount "$MNT" 2>/dev/null || umount -l "$MNT" 2>/dev/null || true
+  for _ in $(seq 300); do
+    pgrep -f -- "$NACRITHFS $BACKING " >/dev/null || break
+    sleep 0.1
+  done
+  rm -rf "$WORK"
 }

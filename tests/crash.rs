@@ -115,7 +115,11 @@ struct Case {
     run: fn(&Path),
     allowed: fn() -> Allowed,
     when: When,
+    /// What else must hold on the remounted volume (beyond file contents).
+    verify: fn(&Path, &str),
 }
+
+fn nothing_more(_: &Path, _: &str) {}
 
 #[derive(PartialEq)]
 enum When {
@@ -272,6 +276,39 @@ fn cases() -> Vec<Case> {
             unsafe { libc::fallocate(f.as_raw_fd(), 0, len, 4096) };
         }
     }
+    /// An access ACL with a named entry: the ACL and the mode's group bits (its mask)
+    /// change in one batch.
+    fn set_acl(mnt: &Path) {
+        let _ = Command::new("setfacl")
+            .args(["-m", "u:nobody:rwx,m::rwx"])
+            .arg(mnt.join("clean.txt"))
+            .status();
+    }
+    /// Before: no ACL, the template's mode; after: the ACL, with the mode's group bits
+    /// its mask (rwx). Never one without the other.
+    fn acl_and_mode_agree(mnt: &Path, when: &str) {
+        let path = mnt.join("clean.txt");
+        let out = Command::new("getfacl")
+            .args(["-cp", "--absolute-names"])
+            .arg(&path)
+            .output()
+            .expect("getfacl (Debian package acl)");
+        let acl = String::from_utf8_lossy(&out.stdout).to_string();
+        let mode = fs::metadata(&path).expect("stat").mode() & 0o777;
+        // The template's files are 0644 (group r--).
+        if acl.contains("user:nobody:rwx") {
+            assert_eq!(
+                mode & 0o070,
+                0o070,
+                "{when}: the ACL is set, the mode is {mode:o}:\n{acl}"
+            );
+        } else {
+            assert_eq!(
+                mode, 0o644,
+                "{when}: no ACL, yet the mode is {mode:o}:\n{acl}"
+            );
+        }
+    }
     fn link(mnt: &Path) {
         let _ = fs::hard_link(mnt.join("clean.txt"), mnt.join("new_link.txt"));
     }
@@ -313,6 +350,7 @@ fn cases() -> Vec<Case> {
         run,
         allowed,
         when: When::Running,
+        verify: nothing_more,
     };
     vec![
         c("create", "create.after_cache_file", create, created),
@@ -360,6 +398,14 @@ fn cases() -> Vec<Case> {
             fallocated,
         ),
         c("link", "link.after_index", link, linked),
+        Case {
+            op: "set an ACL",
+            point: "xattr.after_index",
+            run: set_acl,
+            allowed: unchanged,
+            when: When::Running,
+            verify: acl_and_mode_agree,
+        },
         c("unlink", "unlink.after_index", unlink, unlinked),
         c("unlink", "reap.after_flush", unlink, unlinked),
         c("unlink", "reap.after_delete", unlink, unlinked),
@@ -391,6 +437,7 @@ fn cases() -> Vec<Case> {
             run: needs_recovery,
             allowed: recovering,
             when: When::AtMount,
+            verify: nothing_more,
         },
         Case {
             op: "recovery",
@@ -398,6 +445,7 @@ fn cases() -> Vec<Case> {
             run: needs_recovery,
             allowed: recovering,
             when: When::AtMount,
+            verify: nothing_more,
         },
         Case {
             op: "move to format 3",
@@ -405,6 +453,7 @@ fn cases() -> Vec<Case> {
             run: |_| {},
             allowed: unchanged,
             when: When::InMigration,
+            verify: nothing_more,
         },
         Case {
             op: "move to format 3",
@@ -412,6 +461,7 @@ fn cases() -> Vec<Case> {
             run: |_| {},
             allowed: unchanged,
             when: When::InMigration,
+            verify: nothing_more,
         },
         Case {
             op: "move to format 3",
@@ -419,6 +469,7 @@ fn cases() -> Vec<Case> {
             run: |_| {},
             allowed: unchanged,
             when: When::InMigration,
+            verify: nothing_more,
         },
         Case {
             op: "fsck --repair",
@@ -426,6 +477,7 @@ fn cases() -> Vec<Case> {
             run: needs_recovery,
             allowed: recovering,
             when: When::InFsckRepair,
+            verify: nothing_more,
         },
         Case {
             op: "fsck --repair",
@@ -433,6 +485,7 @@ fn cases() -> Vec<Case> {
             run: needs_recovery,
             allowed: recovering,
             when: When::InFsckRepair,
+            verify: nothing_more,
         },
     ]
 }
@@ -580,6 +633,10 @@ fn run_case(case: &Case, dir: &Path) {
     let d = Daemon::start(&backing, &mnt, OPTS);
     check(&mnt, &allowed, "after the crash", case);
     check_links(&mnt);
+    (case.verify)(
+        &mnt,
+        &format!("{} / {} after the crash", case.op, case.point),
+    );
     // Everything compressed (a crash during a flush leaves files due at once), then
     // evicted: the fresh mount reads every file through the decompressor.
     admin("flush", &mnt);

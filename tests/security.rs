@@ -591,3 +591,133 @@ fn huge_files_compress_in_bounded_memory_and_holes_stay_holes() {
     assert!(rss_kb < 1 << 20, "peak RSS {rss_kb} kB, over 1 GiB");
     d.unmount();
 }
+
+/// `(exit code, output)` of a command run as root (setfacl, getfacl).
+fn run(args: &[&str]) -> (i32, String) {
+    let out = std::process::Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .unwrap_or_else(|e| panic!("run {} (Debian package acl): {e}", args[0]));
+    (
+        out.status.code().unwrap_or(-1),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+fn ok(args: &[&str]) -> String {
+    let (code, out) = run(args);
+    assert_eq!(code, 0, "{args:?}: {out}");
+    out
+}
+
+/// POSIX ACLs, enforced by the kernel from what the daemon keeps: a named-user entry
+/// grants `nobody` what the mode denies, and the mask, a chmod or removing the entry
+/// takes it back; a default ACL is inherited (and replaces the umask); an ACL set by
+/// someone outside the file's group clears setgid; all of it survives a remount; with
+/// `noacl` there are none.
+#[test]
+fn posix_acls_grant_and_deny_a_second_user() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (backing, mnt) = volume_other_users_can_reach(dir.path());
+    let mut d = Daemon::start(&backing, &mnt, "idle=3600,allow_other");
+    fs::set_permissions(&mnt, fs::Permissions::from_mode(0o755)).expect("chmod root");
+    let share = mnt.join("share");
+    fs::create_dir(&share).expect("mkdir");
+    fs::set_permissions(&share, fs::Permissions::from_mode(0o750)).expect("chmod");
+    let s = share.to_string_lossy().to_string();
+    let (code, _) = as_nobody(&["ls", &s]);
+    assert_ne!(code, 0, "nobody listed a 0750 root-owned directory");
+
+    // A named entry grants what the mode does not.
+    ok(&["setfacl", "-m", "u:nobody:rx", &s]);
+    let (code, text) = as_nobody(&["ls", &s]);
+    assert_eq!(
+        code, 0,
+        "nobody, granted r-x by the ACL, cannot list: {text}"
+    );
+    assert_eq!(mode_of(&share), 0o750, "the mask is r-x: the group bits");
+    let (code, _) = as_nobody(&["touch", &format!("{s}/by-nobody")]);
+    assert_ne!(code, 0, "nobody created a file with r-x");
+
+    // A default ACL: inherited by new files and directories, whatever the umask.
+    ok(&["setfacl", "-d", "-m", "u:nobody:rw", &s]);
+    // In a child: the umask is the whole test process's.
+    ok(&[
+        "sh",
+        "-c",
+        &format!("umask 077 && echo hello > {s}/f && mkdir {s}/sub"),
+    ]);
+    let f = share.join("f").to_string_lossy().to_string();
+    let acl_f = ok(&["getfacl", "-cp", &f]);
+    assert!(acl_f.contains("user:nobody:rw-"), "{acl_f}");
+    assert_eq!(
+        mode_of(&share.join("f")),
+        0o660,
+        "umask 077 applied over a default ACL"
+    );
+    let acl_sub = ok(&["getfacl", "-cp", &share.join("sub").to_string_lossy()]);
+    assert!(acl_sub.contains("default:user:nobody:rw-"), "{acl_sub}");
+    let (code, text) = as_nobody(&["sh", "-c", &format!("echo more >> {f} && cat {f}")]);
+    assert_eq!(
+        (code, text.as_str()),
+        (0, "hello\nmore\n"),
+        "nobody, granted rw-"
+    );
+
+    // chmod narrows the mask: the named entry stays, with no effect.
+    fs::set_permissions(share.join("f"), fs::Permissions::from_mode(0o600)).expect("chmod");
+    let (code, _) = as_nobody(&["cat", &f]);
+    assert_ne!(code, 0, "nobody read through a --- mask");
+    let acl_f = ok(&["getfacl", "-cp", &f]);
+    assert!(acl_f.contains("mask::---"), "{acl_f}");
+    fs::set_permissions(share.join("f"), fs::Permissions::from_mode(0o640)).expect("chmod");
+    let (code, text) = as_nobody(&["cat", &f]);
+    assert_eq!(code, 0, "nobody, mask r-- again: {text}");
+    // Removing the entry takes the grant back.
+    ok(&["setfacl", "-x", "u:nobody", &f]);
+    let (code, _) = as_nobody(&["cat", &f]);
+    assert_ne!(code, 0, "nobody read after its entry was removed");
+
+    // setgid goes when someone outside the file's group sets its ACL.
+    let g = share.join("g");
+    fs::write(&g, b"x").expect("create g");
+    ok(&["chown", "nobody:root", &g.to_string_lossy()]);
+    fs::set_permissions(&g, fs::Permissions::from_mode(0o2770)).expect("chmod g");
+    assert_eq!(mode_of(&g), 0o2770);
+    let (code, text) = as_nobody(&["setfacl", "-m", "u:root:r", &g.to_string_lossy()]);
+    assert_eq!(code, 0, "the owner sets an ACL: {text}");
+    assert_eq!(
+        mode_of(&g) & 0o7000,
+        0,
+        "setgid kept after an ACL set by a non-member"
+    );
+
+    // Everything is in the index: a remount serves the same ACLs, enforced.
+    let before = ok(&["getfacl", "-R", "-p", &s]);
+    d.unmount();
+    d = Daemon::start(&backing, &mnt, "idle=3600,allow_other");
+    assert_eq!(
+        ok(&["getfacl", "-R", "-p", &s]),
+        before,
+        "ACLs after a remount"
+    );
+    let (code, _) = as_nobody(&["ls", &s]);
+    assert_eq!(code, 0, "nobody's r-x on the directory after a remount");
+    let (code, _) = as_nobody(&["cat", &f]);
+    assert_ne!(code, 0, "nobody's removed entry after a remount");
+    d.unmount();
+
+    // -o noacl: none set, none enforced (the mode alone decides).
+    let d = Daemon::start(&backing, &mnt, "idle=3600,allow_other,noacl");
+    let (code, text) = run(&["setfacl", "-m", "u:nobody:r", &f]);
+    assert_ne!(code, 0, "setfacl under noacl: {text}");
+    assert!(text.contains("Operation not supported"), "{text}");
+    let (code, _) = as_nobody(&["ls", &s]);
+    assert_ne!(code, 0, "an ACL enforced under noacl");
+    d.unmount();
+}

@@ -651,6 +651,11 @@ impl Decoder<'_> {
         if self.decodings.get(&ino).is_some_and(|d| d.blob != blob) {
             self.drop_decoding(ino);
         }
+        if !self.decodings.contains_key(&ino) && self.core.serve_complete_partial(ino, blob) {
+            // A read-only mount's finished decode serves its reads; decoding it again
+            // would only replace the copy under them.
+            return;
+        }
         if !self.decodings.contains_key(&ino) {
             match self.start(ino, &path, size, blob) {
                 Ok(d) => {
@@ -731,11 +736,21 @@ impl Decoder<'_> {
             None
         };
         let tmp = self.core.store.cache_tmp_path(ino);
+        // A new file, never the old one truncated: a reader may still hold an earlier
+        // decode's file (by its handle) and must not see it shrink under it.
+        match std::fs::remove_file(&tmp) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err((
+                    e.raw_os_error().unwrap_or(libc::EIO),
+                    format!("removing {}: {e}", tmp.display()),
+                ));
+            }
+            _ => {}
+        }
         let file = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
-            .create(true)
-            .truncate(true)
+            .create_new(true)
             .open(&tmp)
             .and_then(|f| f.set_len(size).map(|()| f))
             .map_err(|e| {

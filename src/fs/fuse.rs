@@ -137,6 +137,19 @@ impl Filesystem for NacrithFs {
         self.core
             .direct_io_ok
             .store(granted, std::sync::atomic::Ordering::Relaxed);
+        // POSIX ACLs: the kernel checks them (it asks for the xattrs) and no longer
+        // applies the umask itself: a default ACL replaces it (`Core::mknod`).
+        if self.core.opts.acl {
+            let granted = config
+                .add_capabilities(InitFlags::FUSE_DONT_MASK | InitFlags::FUSE_POSIX_ACL)
+                .is_ok();
+            if !granted {
+                log::warn!("this kernel lacks FUSE_POSIX_ACL: no ACLs on this mount");
+            }
+            self.core
+                .acl
+                .store(granted, std::sync::atomic::Ordering::Relaxed);
+        }
         // File handles (name_to_handle_at, NFS export): the kernel then looks inodes up
         // by number ("." and ".." lookups, see `Core::lookup`).
         if config
@@ -567,7 +580,7 @@ impl Filesystem for NacrithFs {
             reply_empty(
                 reply,
                 self.core
-                    .setxattr(ino.0, name.as_bytes(), value, flags, req.uid()),
+                    .setxattr(ino.0, name.as_bytes(), value, flags, caller(req)),
             );
         });
     }
@@ -691,4 +704,12 @@ fn read_when_ready(
             },
         ),
     );
+}
+
+fn caller(req: &Request) -> crate::fs::core::Caller {
+    crate::fs::core::Caller {
+        uid: req.uid(),
+        gid: req.gid(),
+        pid: req.pid(),
+    }
 }

@@ -3,6 +3,7 @@
 //! turns kernel requests into core calls, and [`background`] runs the compressor and
 //! the decompressor threads. See SEMANTICS.md for what a user can rely on.
 
+pub mod acl;
 pub mod background;
 pub mod core;
 pub mod fuse;

@@ -42,6 +42,9 @@ pub struct FsOptions {
     pub atime: Atime,
     /// Listings never update a directory's atime.
     pub nodiratime: bool,
+    /// POSIX ACLs (`acl`, the default; `noacl`): the kernel enforces the ACLs the
+    /// daemon keeps (see `fs::acl`).
+    pub acl: bool,
     /// `-o remount,ro|rw`: change a live mount (see `fs::mount::remount`), no new daemon.
     pub remount: bool,
     /// The backing directory when the mount source is only a tag.
@@ -70,6 +73,7 @@ impl Default for FsOptions {
             index_timeout: Duration::from_secs(30),
             atime: Atime::Relative,
             nodiratime: false,
+            acl: true,
             remount: false,
             backing: None,
             kernel: Vec::new(),
@@ -179,6 +183,8 @@ impl FsOptions {
                 "rw" => self.read_only = false,
                 "remount" => self.remount = true,
                 "stream_reads" => self.stream_reads = true,
+                "acl" => self.acl = true,
+                "noacl" => self.acl = false,
                 "relatime" | "atime" => self.atime = Atime::Relative,
                 "strictatime" => self.atime = Atime::Strict,
                 "noatime" => {
@@ -229,5 +235,10 @@ mod tests {
         assert_eq!(o.index_timeout, Duration::from_secs(30));
         o.apply("index_timeout=0").unwrap();
         assert_eq!(o.index_timeout, Duration::ZERO);
+        assert!(o.acl);
+        o.apply("noacl").unwrap();
+        assert!(!o.acl);
+        o.apply("acl").unwrap();
+        assert!(o.acl);
     }
 }

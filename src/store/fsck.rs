@@ -15,6 +15,7 @@ use super::{
 use crate::codec::container::Header;
 use crate::codec::source::{FileSource, Source};
 use crate::codec::{self, DecompressOptions, Engine};
+use crate::fs::acl;
 
 /// Where repair puts files nothing refers to, inside the backing directory.
 pub const LOST_FOUND: &str = "lost+found";
@@ -781,16 +782,38 @@ fn check_queue_and_xattrs(c: &mut Checker, inodes: &HashMap<u64, Inode>) -> Resu
         .collect::<std::result::Result<_, _>>()?;
     for k in keys {
         let ino = ino_from(&k).unwrap_or(0);
-        if !inodes.contains_key(&ino) {
-            let name = String::from_utf8_lossy(k.get(9..).unwrap_or(&[])).into_owned();
+        let raw_name = k.get(9..).unwrap_or(&[]);
+        let name = String::from_utf8_lossy(raw_name).into_owned();
+        let Some(inode) = inodes.get(&ino) else {
             c.found(
                 "stale-xattr",
                 format!("xattr {name:?} belongs to inode {ino}, which does not exist"),
                 Some("removed".into()),
             );
-            c.txn
-                .batch
-                .remove(xattr_key(ino, k.get(9..).unwrap_or(&[])));
+            c.txn.batch.remove(xattr_key(ino, raw_name));
+            continue;
+        };
+        if raw_name == acl::ACCESS || raw_name == acl::DEFAULT {
+            // The kernel checks permissions against these: one it cannot read, or a
+            // default ACL on something that is not a directory, is a fault.
+            let value = c.store.db.get(&k)?.unwrap_or_default();
+            let fault = match acl::Acl::parse(&value) {
+                Ok(Some(_)) if inode.kind == Kind::Symlink => Some("on a symbolic link"),
+                Ok(Some(_)) if raw_name == acl::DEFAULT && inode.kind != Kind::Dir => {
+                    Some("a default ACL on a non-directory")
+                }
+                Ok(Some(_)) => None,
+                Ok(None) => Some("empty"),
+                Err(_) => Some("malformed"),
+            };
+            if let Some(why) = fault {
+                c.found(
+                    "bad-acl",
+                    format!("inode {ino}: {name} is {why}"),
+                    Some("removed (the mode bits decide)".into()),
+                );
+                c.txn.batch.remove(xattr_key(ino, raw_name));
+            }
         }
     }
     Ok(())

@@ -2,6 +2,7 @@
 //! shutdown.
 
 use super::*;
+use crate::fs::acl;
 
 impl Core {
     pub fn getxattr(&self, ino: u64, name: &[u8]) -> FsResult<Vec<u8>> {
@@ -15,29 +16,29 @@ impl Core {
         if name == XATTR_STATUS && ino == ROOT_INO {
             return Ok(self.status()?.into_bytes());
         }
-        check_xattr_namespace(name)?;
+        self.check_xattr_name(name)?;
         self.store
             .xattr_get(ino, name)
             .map_err(store_err)?
             .ok_or(libc::ENODATA)
     }
 
-    /// `uid`: the caller's (the control commands are only for root and the user who
-    /// mounted).
+    /// `caller`: who asks (the control commands are only for root and the user who
+    /// mounted; an ACL set by someone outside the file's group clears setgid).
     pub fn setxattr(
         &self,
         ino: u64,
         name: &[u8],
         value: &[u8],
         flags: i32,
-        uid: u32,
+        caller: Caller,
     ) -> FsResult<()> {
         if ino == ROOT_INO && name == XATTR_CONTROL {
             // The kernel checked write permission on the root only: with a 1777 root
             // that is everyone.
             // SAFETY: getuid cannot fail.
             let mounter = unsafe { libc::getuid() };
-            if uid != 0 && uid != mounter {
+            if caller.uid != 0 && caller.uid != mounter {
                 return Err(libc::EPERM);
             }
             return match value {
@@ -51,7 +52,10 @@ impl Core {
         if name.starts_with(RESERVED_PREFIX) {
             return Err(libc::EPERM);
         }
-        check_xattr_namespace(name)?;
+        self.check_xattr_name(name)?;
+        if name == acl::ACCESS || name == acl::DEFAULT {
+            return self.set_acl(ino, name, value, caller);
+        }
         if name.len() > 255 {
             return Err(libc::ERANGE);
         }
@@ -75,7 +79,51 @@ impl Core {
         let mut txn = Txn::default();
         txn.put_xattr(ino, name, value);
         txn.put_inode(ino, &inode);
-        self.commit(txn, false)
+        self.commit(txn, false)?;
+        crate::crash::point("xattr.after_index");
+        Ok(())
+    }
+
+    /// Set (or, when empty, remove) an ACL. The access ACL and the mode bits it implies
+    /// change in one index batch; an ACL the mode bits say in full is not stored.
+    fn set_acl(&self, ino: u64, name: &[u8], value: &[u8], caller: Caller) -> FsResult<()> {
+        let parsed = acl::Acl::parse(value)?;
+        let _st = self.lock();
+        let mut inode = self.get(ino)?;
+        if inode.kind == Kind::Symlink || (name == acl::DEFAULT && inode.kind != Kind::Dir) {
+            // The kernel refuses these before asking; a default ACL only means
+            // something on a directory.
+            return match parsed {
+                Some(_) => Err(libc::EACCES),
+                None => Ok(()),
+            };
+        }
+        let mut txn = Txn::default();
+        match parsed {
+            Some(a) if name == acl::ACCESS => {
+                inode.perm = (inode.perm & !0o777) | a.mode_bits();
+                if inode.perm & libc::S_ISGID as u16 != 0
+                    && caller.uid != 0
+                    && !caller.in_group(inode.gid)
+                {
+                    // What FUSE_SETXATTR_ACL_KILL_SGID would say (fuser cannot
+                    // negotiate the setxattr extension that carries it).
+                    inode.perm &= !(libc::S_ISGID as u16);
+                }
+                if a.is_minimal() {
+                    txn.del_xattr(ino, name);
+                } else {
+                    txn.put_xattr(ino, name, &a.to_bytes());
+                }
+            }
+            Some(a) => txn.put_xattr(ino, name, &a.to_bytes()),
+            None => txn.del_xattr(ino, name),
+        }
+        inode.ctime = SystemTime::now();
+        txn.put_inode(ino, &inode);
+        self.commit(txn, false)?;
+        crate::crash::point("xattr.after_index");
+        Ok(())
     }
 
     pub fn listxattr(&self, ino: u64) -> FsResult<Vec<u8>> {
@@ -92,7 +140,8 @@ impl Core {
         if name.starts_with(RESERVED_PREFIX) {
             return Err(libc::EPERM);
         }
-        check_xattr_namespace(name)?;
+        // An ACL removed leaves the mode as it is (as on ext4).
+        self.check_xattr_name(name)?;
         let _st = self.lock();
         let mut inode = self.get(ino)?;
         if self
@@ -107,7 +156,20 @@ impl Core {
         let mut txn = Txn::default();
         txn.del_xattr(ino, name);
         txn.put_inode(ino, &inode);
-        self.commit(txn, false)
+        self.commit(txn, false)?;
+        crate::crash::point("xattr.after_index");
+        Ok(())
+    }
+
+    /// xattr namespaces kept: user, trusted, security, and the two ACLs when the kernel
+    /// enforces them.
+    fn check_xattr_name(&self, name: &[u8]) -> FsResult<()> {
+        if (name == acl::ACCESS || name == acl::DEFAULT)
+            && self.acl.load(std::sync::atomic::Ordering::Relaxed)
+        {
+            return Ok(());
+        }
+        check_xattr_namespace(name)
     }
 
     /// Queue length, byte totals and worker throughput, as `key=value` lines.
@@ -232,5 +294,30 @@ impl Core {
 
     pub(crate) fn is_shutting_down(&self) -> bool {
         self.lock().shutting_down
+    }
+}
+
+/// Who made a request, as the kernel says.
+#[derive(Clone, Copy, Debug)]
+pub struct Caller {
+    pub uid: u32,
+    pub gid: u32,
+    pub pid: u32,
+}
+
+impl Caller {
+    /// Whether the caller is in group `gid`: its own group or one of its supplementary
+    /// groups (from /proc; a caller that has gone counts as outside).
+    pub fn in_group(&self, gid: u32) -> bool {
+        if self.gid == gid {
+            return true;
+        }
+        let Ok(status) = std::fs::read_to_string(format!("/proc/{}/status", self.pid)) else {
+            return false;
+        };
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("Groups:"))
+            .is_some_and(|g| g.split_whitespace().any(|x| x.parse() == Ok(gid)))
     }
 }

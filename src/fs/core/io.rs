@@ -136,15 +136,15 @@ impl Core {
             return then(Err(libc::EINVAL));
         }
         st.live.entry(ino).or_default().pins += 1;
+        let partial = st.partial.get(&ino).filter(|p| Some(p.blob) == inode.blob);
         let ready = inode.cached
-            || range.as_ref().is_some_and(|r| {
-                st.partial
-                    .get(&ino)
-                    .is_some_and(|p| Some(p.blob) == inode.blob && p.covers(r))
-            });
+            || range
+                .as_ref()
+                .is_some_and(|r| partial.is_some_and(|p| p.covers(r)));
         if ready {
+            let whole = partial.is_some_and(|p| p.complete());
             drop(st);
-            if !inode.cached {
+            if !inode.cached && !whole {
                 // Served from the partial decode; let the decoder keep reading ahead.
                 let _ = self.materialize_tx.send(Need { ino, range });
             }
@@ -226,6 +226,21 @@ impl Core {
         for w in ready {
             w(Ok(()));
         }
+    }
+
+    /// If `ino` has a whole decoded copy of `blob` that is not its clean copy (a
+    /// read-only mount's, kept until unmount), answer the reads waiting on it and say
+    /// true: there is nothing left to decode.
+    pub(crate) fn serve_complete_partial(&self, ino: u64, blob: BlobRef) -> bool {
+        let done = {
+            let st = self.lock();
+            match st.partial.get(&ino) {
+                Some(p) if p.blob == blob && p.complete() => p.done.clone(),
+                _ => return false,
+            }
+        };
+        self.partial_progress(ino, blob, &done);
+        true
     }
 
     /// The decoder gave up on (or finished with) a partial decode of `ino`.
@@ -464,6 +479,20 @@ impl Core {
         }
         if let Some(m) = mode {
             inode.perm = (m & 0o7777) as u16;
+            // A chmod is also a change of the access ACL's owner, mask and other
+            // entries (the kernel leaves that to the daemon and forgets its copy).
+            if self.acl.load(std::sync::atomic::Ordering::Relaxed) {
+                let stored = self
+                    .store
+                    .xattr_get(ino, crate::fs::acl::ACCESS)
+                    .map_err(store_err)?;
+                if let Some(mut a) =
+                    stored.and_then(|v| crate::fs::acl::Acl::parse(&v).ok().flatten())
+                {
+                    a.chmod(inode.perm);
+                    txn.put_xattr(ino, crate::fs::acl::ACCESS, &a.to_bytes());
+                }
+            }
         }
         if let Some(u) = uid {
             inode.uid = u;

@@ -28,6 +28,8 @@ mod lifecycle;
 mod namespace;
 mod recovery;
 
+pub use control::Caller;
+
 pub type Errno = i32;
 pub type FsResult<T> = Result<T, Errno>;
 
@@ -91,6 +93,12 @@ impl Partial {
             end = r.end;
         }
         end.min(limit)
+    }
+
+    /// Whether every region is decoded (a read-only mount keeps such a copy until
+    /// unmount).
+    pub(crate) fn complete(&self) -> bool {
+        self.done.iter().all(|&d| d)
     }
 
     /// Whether bytes `range` (clamped to the file) are all decoded.
@@ -194,6 +202,9 @@ pub struct Core {
     reserve: u64,
     /// Whether handles may do direct I/O (see [`Opened::direct_io`]); set at FUSE init.
     pub direct_io_ok: std::sync::atomic::AtomicBool,
+    /// Whether the kernel enforces POSIX ACLs (FUSE_POSIX_ACL granted at FUSE init,
+    /// with `-o acl`): the daemon then keeps them (see [`crate::fs::acl`]).
+    pub acl: std::sync::atomic::AtomicBool,
     state: Mutex<State>,
     /// Wakes the compressor (new due work, flush, shutdown).
     pub(crate) wake: Condvar,
@@ -266,6 +277,7 @@ impl Core {
             opts,
             reserve,
             direct_io_ok: Default::default(),
+            acl: Default::default(),
             engine,
             state: Mutex::new(State {
                 live: HashMap::new(),

@@ -1,6 +1,8 @@
 //! Namespace operations: lookup, create, link, unlink, rename, readdir.
 
 use super::*;
+use crate::fs::acl;
+use std::sync::atomic::Ordering;
 
 impl Core {
     pub fn lookup(&self, parent: u64, name: &[u8]) -> FsResult<Attr> {
@@ -102,7 +104,29 @@ impl Core {
             return Err(libc::EEXIST);
         }
         let now = SystemTime::now();
-        let mut perm = (mode & 0o7777 & !umask) as u16;
+        // The parent's default ACL, if any, replaces the umask (`fs::acl`).
+        let inherited = if kind != Kind::Symlink && self.acl.load(Ordering::Relaxed) {
+            match self
+                .store
+                .xattr_get(parent, acl::DEFAULT)
+                .map_err(store_err)?
+            {
+                Some(v) => acl::Acl::parse(&v).ok().flatten().map(|a| (a, v)),
+                None => None,
+            }
+        } else {
+            None
+        };
+        let mut access = None;
+        let mut perm = match &inherited {
+            Some((default, _)) => {
+                let mut a = default.clone();
+                let perm = a.create_masq((mode & 0o7777) as u16);
+                access = Some(a).filter(|a| !a.is_minimal());
+                perm
+            }
+            None => (mode & 0o7777 & !umask) as u16,
+        };
         if kind == Kind::Symlink {
             perm = 0o777;
         }
@@ -128,6 +152,12 @@ impl Core {
             crate::crash::point("create.after_cache_file");
         }
         txn.put_inode(ino, &inode);
+        if let Some(a) = access {
+            txn.put_xattr(ino, acl::ACCESS, &a.to_bytes());
+        }
+        if let (Some((_, default)), Kind::Dir) = (&inherited, kind) {
+            txn.put_xattr(ino, acl::DEFAULT, default);
+        }
         self.store
             .put_name(&mut txn, parent, name, ino, kind)
             .map_err(store_err)?;
