@@ -44,7 +44,14 @@ fn help(key: &str) -> &'static str {
         "due" => "Queued files due for compression now.",
         "compressing" => "Compressions running.",
         "logical_bytes" => "Sum of file sizes.",
-        "stored_bytes" => "Bytes the files take in the backing directory (blobs, dirty plaintext).",
+        "stored_bytes" => "Bytes of the files' stored forms (blobs, dirty plaintext), not rounded.",
+        "stored_disk_bytes" => {
+            "What the stored forms occupy on the backing filesystem, in whole blocks."
+        }
+        "index_bytes" => "Bytes of the index on disk (tables and journal).",
+        "disk_bytes" => {
+            "What the volume occupies on disk: stored forms and clean copies in whole blocks, and the index."
+        }
         "cache_bytes" => "Plaintext bytes in the cache (dirty files and clean copies).",
         "compressed_since_mount" => "Files compressed since mount.",
         "bytes_in" => "Plaintext bytes compressed since mount.",
@@ -246,15 +253,32 @@ pub fn print_status(mnt: &Path, json: bool) -> Result<(), String> {
         s.get("due"),
         s.get("compressing")
     );
-    println!(
-        "size          {} logical, {} stored, ratio {:.2}",
-        human(logical),
-        human(stored),
-        if stored > 0 {
-            logical as f64 / stored as f64
+    let (disk, stored_disk, index) = (
+        s.get("disk_bytes"),
+        s.get("stored_disk_bytes"),
+        s.get("index_bytes"),
+    );
+    let ratio = |of: u64| {
+        if of > 0 {
+            logical as f64 / of as f64
         } else {
             1.0
         }
+    };
+    // The second ratio is the one the disk sees: small blobs take whole blocks.
+    println!(
+        "size          {} logical, {} stored, ratio {:.2} ({:.2} in whole blocks)",
+        human(logical),
+        human(stored),
+        ratio(stored),
+        ratio(stored_disk)
+    );
+    println!(
+        "disk          {} used in the backing directory: {} stored forms, {} clean copies (in whole blocks), {} index",
+        human(disk),
+        human(stored_disk),
+        human(disk.saturating_sub(stored_disk + index)),
+        human(index)
     );
     println!("cache         {} of plaintext", human(s.get("cache_bytes")));
     let bytes_in = s.get("bytes_in");

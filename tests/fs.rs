@@ -95,7 +95,42 @@ fn write_flush_compress_evict_remount_read_back() {
         if *name == "zeros.bin" {
             assert!(stored < 1000, "zeros stored in {stored} bytes");
         }
+        // `du` sees what the disk holds: the blob file in whole blocks.
+        let blocks = fs::metadata(&p).expect("stat").blocks() * 512;
+        let blob_file = files_under(&backing, "blobs")
+            .into_iter()
+            .find(|b| {
+                let ino = fs::metadata(&p).expect("stat").ino();
+                b.file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with(&format!("{ino}-")))
+            })
+            .expect("the file's blob");
+        let real = fs::metadata(&blob_file).expect("stat blob").blocks() * 512;
+        assert_eq!(
+            blocks, real,
+            "{name}: st_blocks says {blocks} bytes, the blob takes {real}"
+        );
     }
+    // The status adds the blocks up, with the clean copies and the index.
+    let status = xattr(&mnt, "user.nacrith.status");
+    let field = |k: &str| -> u64 {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{k}=")))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("{k} in {status}"))
+    };
+    let blob_blocks: u64 = files_under(&backing, "blobs")
+        .iter()
+        .map(|b| fs::metadata(b).expect("stat blob").blocks() * 512)
+        .sum();
+    assert_eq!(field("stored_disk_bytes"), blob_blocks, "{status}");
+    assert!(field("stored_bytes") < blob_blocks, "{status}");
+    assert!(field("index_bytes") > 0, "{status}");
+    assert!(
+        field("disk_bytes") >= blob_blocks + field("index_bytes") + total as u64 / 4096 * 4096,
+        "clean copies of every file are still there:\n{status}"
+    );
     // The blobs were coded by the LLM (the backing directory holds one per file).
     let blobs = files_under(&backing, "blobs").len();
     assert_eq!(blobs, files.len());
@@ -758,6 +793,37 @@ fn a_directory_removed_while_open_lives_on_through_its_handle() {
     assert_eq!(code, 0, "fsck after removed open directories:\n{text}");
     // Their inodes went with the last handle: only the root, b and b/kept remain.
     assert!(text.contains(" 3 inodes"), "{text}");
+}
+
+/// O_TMPFILE is not supported (fuser 0.18 speaks FUSE 7.40 and has no TMPFILE opcode;
+/// the kernel turns its ENOSYS into EOPNOTSUPP): the call fails cleanly, as SEMANTICS.md
+/// says, nothing is left behind, and the mount goes on serving. Programs that fall back
+/// to a named temporary file on EOPNOTSUPP (glibc's tmpfile, coreutils) work.
+#[test]
+fn o_tmpfile_fails_cleanly_with_eopnotsupp() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (backing, mnt) = new_volume(dir.path());
+    let d = Daemon::start(&backing, &mnt, "idle=3600");
+    let path = CString::new(mnt.as_os_str().as_bytes()).expect("path");
+    for _ in 0..2 {
+        // SAFETY: a NUL-terminated path.
+        let fd = unsafe { libc::open(path.as_ptr(), libc::O_TMPFILE | libc::O_RDWR, 0o600) };
+        let err = std::io::Error::last_os_error();
+        assert_eq!(
+            fd, -1,
+            "O_TMPFILE gave a descriptor: update SEMANTICS.md and test linkat"
+        );
+        assert_eq!(err.raw_os_error(), Some(libc::EOPNOTSUPP), "{err}");
+    }
+    fs::write(mnt.join("after"), b"still serving\n").expect("write after O_TMPFILE");
+    assert_eq!(
+        fs::read(mnt.join("after")).expect("read"),
+        b"still serving\n"
+    );
+    assert_eq!(fs::read_dir(&mnt).expect("list").count(), 1);
+    d.unmount();
+    let (code, text) = fsck(&[], &backing);
+    assert_eq!(code, 0, "{text}");
 }
 
 fn set_times(path: &Path, atime: i64, mtime: i64) {

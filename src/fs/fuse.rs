@@ -47,9 +47,10 @@ fn file_attr(a: &Attr) -> FileAttr {
     FileAttr {
         ino: INodeNo(a.ino),
         size: if i.kind == Kind::Dir { 4096 } else { i.size },
-        // What `du` shows: the blob once compressed.
+        // What `du` shows: the blocks the stored form takes on the backing filesystem
+        // (the blob once compressed, in whole blocks as the disk holds it).
         blocks: match i.kind {
-            Kind::File => stored_size(i).div_ceil(512),
+            Kind::File => crate::store::tally::on_disk(stored_size(i)).div_ceil(512),
             Kind::Dir => 8,
             _ => 0,
         },

@@ -229,6 +229,8 @@ pub struct Store {
     watch: watchdog::Watch,
     /// Batches committed since the store was opened.
     commits: AtomicU64,
+    /// The index's disk use as last measured, and when (see `index_disk_bytes`).
+    index_disk: std::sync::Mutex<Option<(std::time::Instant, u64)>>,
 }
 
 impl Drop for Store {
@@ -534,6 +536,7 @@ impl Store {
                 backing.display()
             )));
         }
+        tally::set_alloc_unit(block_size(backing));
         let mut format = read_format(backing, read_only)?;
         if let (Format::Sled { fanout }, false) = (format, read_only) {
             let line = if fanout {
@@ -614,6 +617,7 @@ impl Store {
             tally: Default::default(),
             watch: Default::default(),
             commits: AtomicU64::new(0),
+            index_disk: Default::default(),
             db,
             backing: backing.to_path_buf(),
         };
@@ -1052,6 +1056,25 @@ impl Store {
     }
 
     /// The volume's totals, as of the last commit.
+    /// Blocks the index's files occupy on disk, in bytes (fjall's own figure counts the
+    /// journal's preallocated length). A walk of the index directory (tens of files,
+    /// whatever the volume's size), done at most every 10 seconds.
+    pub fn index_disk_bytes(&self) -> u64 {
+        let mut last = self.index_disk.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((at, bytes)) = *last {
+            if at.elapsed() < std::time::Duration::from_secs(10) {
+                return bytes;
+            }
+        }
+        let bytes = [INDEX_DIR, "index"]
+            .iter()
+            .map(|d| self.backing.join(d))
+            .find(|p| p.is_dir())
+            .map_or(0, |d| disk_usage(&d));
+        *last = Some((std::time::Instant::now(), bytes));
+        bytes
+    }
+
     pub fn totals(&self) -> tally::Totals {
         self.tally.lock().unwrap_or_else(|p| p.into_inner()).totals
     }
@@ -1301,6 +1324,41 @@ pub fn write_durably(path: &Path, data: &[u8]) -> io::Result<()> {
     result
 }
 
+/// The block size of the filesystem holding `path` (4096 if it cannot be read).
+fn block_size(path: &Path) -> u64 {
+    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else {
+        return 4096;
+    };
+    // SAFETY: zeroed statvfs is a valid out-parameter; c is NUL-terminated.
+    let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statvfs(c.as_ptr(), &mut s) } != 0 {
+        return 4096;
+    }
+    s.f_bsize as u64
+}
+
+/// Bytes the files under `dir` occupy (their blocks, as `du` counts them).
+fn disk_usage(dir: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let mut total = 0;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let Ok(m) = e.path().symlink_metadata() else {
+                continue;
+            };
+            total += m.blocks() * 512;
+            if m.is_dir() {
+                stack.push(e.path());
+            }
+        }
+    }
+    total
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1374,6 +1432,9 @@ mod tests {
                 logical: (1010..1020).sum::<u64>() - 1014 - 1015 + 7,
                 stored: (1010..1020).sum::<u64>() - 1014 - 1015 + 7 - 1012 - 1013 + 100 + 90,
                 cached: (1010..1020).sum::<u64>() - 1014 - 1015 + 7 - 1012,
+                // Every file and blob here fits one block; 13 has a clean copy.
+                stored_disk: 9 * tally::on_disk(1),
+                clean_disk: tally::on_disk(1),
             }
         );
         assert_eq!(store.with_queue(|q| q.queued()), 7);

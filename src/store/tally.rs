@@ -4,6 +4,7 @@
 //! "what is due next" is then O(1) or O(log n), never a scan of the index.
 
 use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::record::{Inode, Kind};
 
@@ -20,14 +21,38 @@ pub struct Totals {
     pub stored: u64,
     /// Plaintext held in cache/ (dirty files and clean copies).
     pub cached: u64,
+    /// What the stored forms occupy on the backing filesystem: each rounded up to its
+    /// allocation unit (a 300-byte blob takes a 4 KiB block).
+    pub stored_disk: u64,
+    /// What the clean copies (plaintext of compressed files) occupy, likewise.
+    pub clean_disk: u64,
 }
 
-/// What `du` and the status count for one inode: its blob once compressed.
+/// What `st_blocks` and the status count for one inode: its blob once compressed, else
+/// its plaintext (bytes, not rounded).
 pub fn stored_size(inode: &Inode) -> u64 {
     match (inode.dirty, inode.blob) {
         (false, Some(b)) => b.stored_size,
         _ => inode.size,
     }
+}
+
+/// The backing filesystem's block size, set when a store opens (one backing directory
+/// per daemon; 4 KiB until then, the default of ext4, xfs and btrfs).
+static ALLOC_UNIT: AtomicU64 = AtomicU64::new(4096);
+
+/// Record the backing filesystem's block size (kept to a power of two, 512 B-1 MiB).
+pub fn set_alloc_unit(bytes: u64) {
+    if bytes.is_power_of_two() && (512..=1 << 20).contains(&bytes) {
+        ALLOC_UNIT.store(bytes, Ordering::Relaxed);
+    }
+}
+
+/// Bytes a file of `len` bytes occupies on the backing filesystem: whole blocks (holes
+/// and inline data aside).
+pub fn on_disk(len: u64) -> u64 {
+    let unit = ALLOC_UNIT.load(Ordering::Relaxed);
+    len.div_ceil(unit).saturating_mul(unit)
 }
 
 impl Totals {
@@ -42,6 +67,13 @@ impl Totals {
             logical: i.size,
             stored: stored_size(i),
             cached: if i.cached { i.size } else { 0 },
+            stored_disk: on_disk(stored_size(i)),
+            // A dirty file's plaintext is its stored form, counted above.
+            clean_disk: if i.cached && !i.dirty {
+                on_disk(i.size)
+            } else {
+                0
+            },
         }
     }
 
@@ -52,6 +84,8 @@ impl Totals {
         self.logical += o.logical;
         self.stored += o.stored;
         self.cached += o.cached;
+        self.stored_disk += o.stored_disk;
+        self.clean_disk += o.clean_disk;
     }
 
     fn sub(&mut self, o: &Totals) {
@@ -61,6 +95,8 @@ impl Totals {
         self.logical = self.logical.saturating_sub(o.logical);
         self.stored = self.stored.saturating_sub(o.stored);
         self.cached = self.cached.saturating_sub(o.cached);
+        self.stored_disk = self.stored_disk.saturating_sub(o.stored_disk);
+        self.clean_disk = self.clean_disk.saturating_sub(o.clean_disk);
     }
 
     /// Replace `old`'s contribution with `new`'s.

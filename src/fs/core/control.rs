@@ -195,11 +195,14 @@ impl Core {
             t.stored,
             t.cached,
         );
+        let index = self.store.index_disk_bytes();
+        let (stored_disk, disk) = (t.stored_disk, t.stored_disk + t.clean_disk + index);
         let compressed = files.saturating_sub(dirty);
         let secs = stats.busy.as_secs_f64();
         Ok(format!(
             "files={files}\ncompressed={compressed}\ndirty={dirty}\ndirty_bytes={dirty_bytes}\nqueued={}\ndue={due}\ncompressing={compressing}\n\
-             logical_bytes={logical}\nstored_bytes={stored}\ncache_bytes={cache}\n\
+             logical_bytes={logical}\nstored_bytes={stored}\nstored_disk_bytes={stored_disk}\n\
+             index_bytes={index}\ndisk_bytes={disk}\ncache_bytes={cache}\n\
              compressed_since_mount={}\nbytes_in={}\nbytes_out={}\nbusy_seconds={secs:.1}\n\
              failures={}\nsuperseded={}\nverify_failures={}\ndecompressions={}\ndecompress_failures={}\n\
              symbols_coded={}\nregions_decoded={}\nchunk_jobs_queued={chunk_jobs}\nindex_commits={}\n\
