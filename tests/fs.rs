@@ -543,6 +543,18 @@ fn posix_behaviour() {
         .open(p("g"))
         .expect_err("O_EXCL");
     assert_eq!(e.raw_os_error(), Some(libc::EEXIST));
+    // An ioctl the daemon does not know (isatty's TCGETS, asked by every Python open):
+    // ENOTTY as on ext4, and no log line per call.
+    {
+        use std::os::fd::AsRawFd;
+        let f = File::open(p("g")).expect("open");
+        // SAFETY: a valid fd.
+        assert_eq!(unsafe { libc::isatty(f.as_raw_fd()) }, 0);
+        let err = std::io::Error::last_os_error();
+        assert_eq!(err.raw_os_error(), Some(libc::ENOTTY), "{err}");
+    }
+    let log = d.log_text();
+    assert!(!log.contains("Not Implemented"), "{log}");
     d.unmount();
 
     // Everything above survives a remount.

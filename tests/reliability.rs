@@ -290,6 +290,18 @@ fn fsck_finds_and_repairs_every_planted_defect() {
             .expect("plant");
         // orphan inode: /empty loses its only name
         store.del_name(&mut txn, 1, b"empty").expect("plant");
+        // an entry whose kind is not its inode's (the symlink listed as a file; its
+        // cookie key agrees with the entry, so only the entry is at fault)
+        let link = lookup(&["link-to-head"]);
+        store
+            .put_name(
+                &mut txn,
+                1,
+                b"link-to-head",
+                link,
+                nacrithfs::store::Kind::File,
+            )
+            .expect("plant");
         // wrong link count
         let mut random = store.get(9).expect("get").expect("inode 9");
         random.nlink = 5;
@@ -349,6 +361,7 @@ fn fsck_finds_and_repairs_every_planted_defect() {
         "loose-mode",
         "stale-parent",
         "bad-acl",
+        "dirent-kind",
     ];
     let (code, out) = fsck(&[], &backing);
     println!("{out}");
@@ -361,7 +374,7 @@ fn fsck_finds_and_repairs_every_planted_defect() {
     }
     // (The dangling entry's cookie key is stale too, and so is the parent entry it
     // planted for the missing inode.)
-    assert!(out.contains("17 problems, 0 repaired"), "{out}");
+    assert!(out.contains("18 problems, 0 repaired"), "{out}");
     assert!(
         out.contains("2 deleted or superseded files await removal"),
         "{out}"
@@ -373,7 +386,7 @@ fn fsck_finds_and_repairs_every_planted_defect() {
     // The content of zeros.bin is gone (its only copy was the deleted blob): reported,
     // never "repaired" by inventing data.
     assert_eq!(code, 4, "{out}");
-    assert!(out.contains("17 problems, 16 repaired"), "{out}");
+    assert!(out.contains("18 problems, 17 repaired"), "{out}");
     assert!(
         out.contains("2 deleted or superseded files were removed"),
         "{out}"
@@ -425,6 +438,17 @@ fn fsck_finds_and_repairs_every_planted_defect() {
     assert!(
         listed.contains(&"books".to_string()),
         "readdir lists the entry whose cookie fsck restored: {listed:?}"
+    );
+    // (The entry holds the directory open: asked and dropped at once.)
+    let link_is_symlink = fs::read_dir(&mnt)
+        .expect("readdir /")
+        .map(|e| e.expect("entry"))
+        .find(|e| e.file_name() == "link-to-head")
+        .map(|e| e.file_type().expect("d_type").is_symlink());
+    assert_eq!(
+        link_is_symlink,
+        Some(true),
+        "readdir gives the kind fsck restored"
     );
     assert_eq!(
         fs::metadata(mnt.join("data/random.bin"))

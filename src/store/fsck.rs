@@ -235,16 +235,20 @@ fn check_cookies(c: &mut Checker, inodes: &HashMap<u64, Inode>, names: &Names) -
         let raw = c.store.db.get(dirent_key(parent, name))?;
         // The entry as it will be once this repair is committed: check_dirents may
         // have rewritten its kind to its inode's (and with it the cookie key).
-        let dirent = raw
-            .as_deref()
-            .and_then(record::decode_dirent_full)
-            .map(|(ino, kind, ck)| (ino, inodes.get(&ino).map_or(kind, |i| i.kind), ck));
+        let stored = raw.as_deref().and_then(record::decode_dirent_full);
+        let dirent =
+            stored.map(|(ino, kind, ck)| (ino, inodes.get(&ino).map_or(kind, |i| i.kind), ck));
         let cookie = dirent.and_then(|(_, _, ck)| ck);
         // The cookie key's value names this entry, and (layout 4) carries its child and
-        // kind as they are in the entry.
+        // kind as they are in the entry: as stored (a wrong kind there is the entry's
+        // fault, reported by check_dirents, whose repair rewrites both keys) or as the
+        // repair leaves it.
         let matches = |v: &Vec<u8>| match record::decode_cookie(v) {
             Some((ino, kind, n)) => {
-                n == name && dirent.is_some_and(|(i, k, _)| i == ino && k == kind)
+                let agrees = |e: Option<(u64, Kind, Option<u64>)>| {
+                    e.is_some_and(|(i, k, _)| i == ino && k == kind)
+                };
+                n == name && (agrees(dirent) || agrees(stored))
             }
             None => false,
         };
