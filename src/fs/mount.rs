@@ -162,15 +162,8 @@ pub fn remount(mountpoint: &Path, opts: &FsOptions) -> Result<(), String> {
         return Err("remount needs root (mount(2) with MS_REMOUNT)".into());
     }
     let path = cstr(wanted).map_err(|e| e.to_string())?;
-    // SAFETY: zeroed statvfs is a valid out-parameter; path is NUL-terminated.
-    let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
-    if unsafe { libc::statvfs(path.as_ptr(), &mut s) } != 0 {
-        return Err(format!(
-            "{}: {}",
-            mountpoint.display(),
-            io::Error::last_os_error()
-        ));
-    }
+    let s =
+        crate::store::statvfs(mountpoint).map_err(|e| format!("{}: {e}", mountpoint.display()))?;
     let mut flags: libc::c_ulong = libc::MS_REMOUNT;
     for (st, ms) in [
         (libc::ST_NOSUID, libc::MS_NOSUID),

@@ -1055,7 +1055,6 @@ impl Store {
         )
     }
 
-    /// The volume's totals, as of the last commit.
     /// Blocks the index's files occupy on disk, in bytes (fjall's own figure counts the
     /// journal's preallocated length). A walk of the index directory (tens of files,
     /// whatever the volume's size), done at most every 10 seconds.
@@ -1075,6 +1074,7 @@ impl Store {
         bytes
     }
 
+    /// The volume's totals, as of the last commit.
     pub fn totals(&self) -> tally::Totals {
         self.tally.lock().unwrap_or_else(|p| p.into_inner()).totals
     }
@@ -1324,17 +1324,21 @@ pub fn write_durably(path: &Path, data: &[u8]) -> io::Result<()> {
     result
 }
 
-/// The block size of the filesystem holding `path` (4096 if it cannot be read).
-fn block_size(path: &Path) -> u64 {
-    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else {
-        return 4096;
-    };
+/// statvfs(3) of the filesystem holding `path`.
+pub fn statvfs(path: &Path) -> io::Result<libc::statvfs> {
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
     // SAFETY: zeroed statvfs is a valid out-parameter; c is NUL-terminated.
     let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
     if unsafe { libc::statvfs(c.as_ptr(), &mut s) } != 0 {
-        return 4096;
+        return Err(io::Error::last_os_error());
     }
-    s.f_bsize as u64
+    Ok(s)
+}
+
+/// The block size of the filesystem holding `path` (4096 if it cannot be read).
+fn block_size(path: &Path) -> u64 {
+    statvfs(path).map_or(4096, |s| s.f_bsize)
 }
 
 /// Bytes the files under `dir` occupy (their blocks, as `du` counts them).

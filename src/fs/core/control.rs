@@ -161,6 +161,16 @@ impl Core {
         Ok(())
     }
 
+    /// `ino`'s ACL `name` (access or default) when the kernel enforces ACLs; one that does
+    /// not parse counts as none (fsck reports it).
+    pub(super) fn stored_acl(&self, ino: u64, name: &[u8]) -> FsResult<Option<acl::Acl>> {
+        if !self.acl.load(std::sync::atomic::Ordering::Relaxed) {
+            return Ok(None);
+        }
+        let value = self.store.xattr_get(ino, name).map_err(store_err)?;
+        Ok(value.and_then(|v| acl::Acl::parse(&v).ok().flatten()))
+    }
+
     /// xattr namespaces kept: user, trusted, security, and the two ACLs when the kernel
     /// enforces them.
     fn check_xattr_name(&self, name: &[u8]) -> FsResult<()> {

@@ -481,17 +481,9 @@ impl Core {
             inode.perm = (m & 0o7777) as u16;
             // A chmod is also a change of the access ACL's owner, mask and other
             // entries (the kernel leaves that to the daemon and forgets its copy).
-            if self.acl.load(std::sync::atomic::Ordering::Relaxed) {
-                let stored = self
-                    .store
-                    .xattr_get(ino, crate::fs::acl::ACCESS)
-                    .map_err(store_err)?;
-                if let Some(mut a) =
-                    stored.and_then(|v| crate::fs::acl::Acl::parse(&v).ok().flatten())
-                {
-                    a.chmod(inode.perm);
-                    txn.put_xattr(ino, crate::fs::acl::ACCESS, &a.to_bytes());
-                }
+            if let Some(mut a) = self.stored_acl(ino, crate::fs::acl::ACCESS)? {
+                a.chmod(inode.perm);
+                txn.put_xattr(ino, crate::fs::acl::ACCESS, &a.to_bytes());
             }
         }
         if let Some(u) = uid {
@@ -660,13 +652,7 @@ impl Core {
     /// Total and free space of the backing filesystem, the free space net of the write
     /// reserve (what writes through the mount can really use before `ENOSPC`).
     pub fn statfs(&self) -> FsResult<libc::statvfs> {
-        let path = std::ffi::CString::new(self.store.backing().as_os_str().as_encoded_bytes())
-            .map_err(|_| libc::EINVAL)?;
-        // SAFETY: zeroed statvfs is a valid out-parameter; path is NUL-terminated.
-        let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
-        if unsafe { libc::statvfs(path.as_ptr(), &mut s) } != 0 {
-            return Err(io_err(std::io::Error::last_os_error()));
-        }
+        let mut s = crate::store::statvfs(self.store.backing()).map_err(io_err)?;
         // Block counts are in f_frsize units.
         let reserved = self.reserve.div_ceil(s.f_frsize.max(1));
         s.f_bfree = s.f_bfree.saturating_sub(reserved);

@@ -468,13 +468,7 @@ impl Core {
 
 /// (total, available to unprivileged users) bytes of the filesystem holding `path`.
 fn backing_space(path: &std::path::Path) -> std::io::Result<(u64, u64)> {
-    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
-        .map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
-    // SAFETY: zeroed statvfs is a valid out-parameter; c is NUL-terminated.
-    let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
-    if unsafe { libc::statvfs(c.as_ptr(), &mut s) } != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
+    let s = crate::store::statvfs(path)?;
     let frsize = s.f_frsize as u64;
     Ok((s.f_blocks as u64 * frsize, s.f_bavail as u64 * frsize))
 }

@@ -2,7 +2,6 @@
 
 use super::*;
 use crate::fs::acl;
-use std::sync::atomic::Ordering;
 
 impl Core {
     pub fn lookup(&self, parent: u64, name: &[u8]) -> FsResult<Attr> {
@@ -105,21 +104,13 @@ impl Core {
         }
         let now = SystemTime::now();
         // The parent's default ACL, if any, replaces the umask (`fs::acl`).
-        let inherited = if kind != Kind::Symlink && self.acl.load(Ordering::Relaxed) {
-            match self
-                .store
-                .xattr_get(parent, acl::DEFAULT)
-                .map_err(store_err)?
-            {
-                Some(v) => acl::Acl::parse(&v).ok().flatten().map(|a| (a, v)),
-                None => None,
-            }
-        } else {
-            None
+        let inherited = match kind {
+            Kind::Symlink => None,
+            _ => self.stored_acl(parent, acl::DEFAULT)?,
         };
         let mut access = None;
         let mut perm = match &inherited {
-            Some((default, _)) => {
+            Some(default) => {
                 let mut a = default.clone();
                 let perm = a.create_masq((mode & 0o7777) as u16);
                 access = Some(a).filter(|a| !a.is_minimal());
@@ -155,8 +146,8 @@ impl Core {
         if let Some(a) = access {
             txn.put_xattr(ino, acl::ACCESS, &a.to_bytes());
         }
-        if let (Some((_, default)), Kind::Dir) = (&inherited, kind) {
-            txn.put_xattr(ino, acl::DEFAULT, default);
+        if let (Some(default), Kind::Dir) = (&inherited, kind) {
+            txn.put_xattr(ino, acl::DEFAULT, &default.to_bytes());
         }
         self.store
             .put_name(&mut txn, parent, name, ino, kind)
