@@ -35,21 +35,23 @@ fn logits_hash(l: &[f32]) -> u64 {
 }
 
 /// Logits of one stream fed alone, one token per call, versus the same stream in another
-/// lane of a batch whose other lanes join, leave, restart and skip logits around it.
+/// lane of a batch whose other lanes join, leave, restart and skip logits around it, and
+/// versus the stream fed in prefill runs of several tokens per call. Past two KV slides.
 #[test]
 fn logits_do_not_depend_on_batch_composition_across_a_kv_slide() {
     let _g = llm_lock();
     let rt = &pool().runtime;
     let params = rt.default_params();
-    let text = english(11_000);
+    let text = english(16_000);
     let target = tokens_of(&text);
+    // The first slide comes at ctx_len tokens, the second ctx_len - ctx_keep later (the
+    // refilled cells are then scattered: where a run's tokens land matters).
+    let n = 2 * params.ctx_len as usize - params.ctx_keep as usize + 100;
     assert!(
-        target.len() > params.ctx_len as usize + 100,
-        "need more than {} tokens to pass a slide, have {}",
-        params.ctx_len,
+        target.len() >= n,
+        "need {n} tokens to pass two slides, have {}",
         target.len()
     );
-    let n = target.len().min(params.ctx_len as usize + 300);
     let start = rt.start_token;
 
     // Alone.
@@ -131,6 +133,87 @@ fn logits_do_not_depend_on_batch_composition_across_a_kv_slide() {
         "logits diverged at position {first_diff:?} of {n}"
     );
 
+    // Prefill: the target in lane 1 of 3, fed in runs of 1 to 37 tokens per step (cut at
+    // each slide as the encoder cuts them), beside a lane taking one token per step
+    // (asking for logits one step in three) and a lane taking runs of 5.
+    {
+        let mut lm = rt.lanes_with_run(3, &params, 37).expect("context");
+        for lane in 0..3 {
+            lm.reset_lane(lane).expect("reset");
+        }
+        let other = |p: usize, lane: usize| {
+            if p == 0 {
+                start
+            } else {
+                others[(p - 1 + lane * 50) % others.len()]
+            }
+        };
+        let runs = [1usize, 37, 2, 16, 5, 30, 9, 37, 3];
+        let (mut i, mut step, mut pos0, mut pos2) = (0usize, 0usize, 0usize, 0usize);
+        while i < n {
+            let k = runs[step % runs.len()].min(lm.run_room(1)).min(n - i);
+            let mut feeds = vec![Feed {
+                lane: 0,
+                token: other(pos0, 0),
+                want_logits: step % 3 == 0,
+            }];
+            pos0 += 1;
+            let first = feeds.len();
+            for j in i..i + k {
+                feeds.push(Feed {
+                    lane: 1,
+                    token: if j == 0 { start } else { target[j - 1] },
+                    want_logits: true,
+                });
+            }
+            for _ in 0..5.min(lm.run_room(2)) {
+                feeds.push(Feed {
+                    lane: 2,
+                    token: other(pos2, 2),
+                    want_logits: true,
+                });
+                pos2 += 1;
+            }
+            lm.step(&feeds).expect("prefill step");
+            for j in 0..k {
+                assert_eq!(
+                    logits_hash(lm.logits(first + j)),
+                    alone[i + j],
+                    "prefill diverged at position {} (a run of {k} from {i})",
+                    i + j
+                );
+            }
+            i += k;
+            step += 1;
+        }
+        // A run may not cross a slide: the model refuses it (before changing anything)
+        // rather than put tokens at other positions than one-token steps would.
+        let mut lm = rt.lanes_with_run(1, &params, 64).expect("context");
+        lm.reset_lane(0).expect("reset");
+        let feed = |p: usize| Feed {
+            lane: 0,
+            token: if p == 0 { start } else { target[p - 1] },
+            want_logits: false,
+        };
+        let mut fed = 0usize;
+        while fed < params.ctx_len as usize - 1 {
+            let k = lm.run_room(0).min(params.ctx_len as usize - 1 - fed);
+            let feeds: Vec<Feed> = (fed..fed + k).map(feed).collect();
+            lm.step(&feeds).expect("step within the context");
+            fed += k;
+        }
+        assert_eq!(lm.run_room(0), 1, "one token left before the slide");
+        let err = lm
+            .step(&[feed(fed), feed(fed + 1)])
+            .expect_err("a run across a slide must be refused");
+        assert!(err.to_string().contains("room"), "{err}");
+        lm.step(&[feed(fed)])
+            .expect("the last token before the slide");
+        assert_eq!(lm.run_room(0), 64, "after the slide a run has room again");
+        lm.step(&[feed(fed + 1), feed(fed + 2)])
+            .expect("a run right after the slide");
+    }
+
     // A full 16-lane batch (the pool's default width), target in lane 11, for the first
     // 300 positions.
     let m = 300;
@@ -162,10 +245,12 @@ fn logits_do_not_depend_on_batch_composition_across_a_kv_slide() {
     }
 }
 
-/// A pool of its own (one context with `lanes` lanes) on the shared test model's file.
-fn private_pool(lanes: usize) -> LocalPool {
+/// A pool of its own (one context with `lanes` lanes, encoding `run` tokens per lane per
+/// step) on the shared test model's file.
+fn private_pool(lanes: usize, run: usize) -> LocalPool {
     let path = &pool().runtime.path;
-    let runtime = nacrithfs::model::ModelRuntime::load(path).expect("load");
+    let mut runtime = nacrithfs::model::ModelRuntime::load(path).expect("load");
+    runtime.encode_run = run;
     LocalPool::new(runtime, 1, lanes)
 }
 
@@ -175,8 +260,10 @@ fn private_pool(lanes: usize) -> LocalPool {
 #[test]
 fn chunk_coded_in_a_batch_decodes_alone_and_the_reverse() {
     let _g = llm_lock();
-    let alone = private_pool(1);
-    let batched = private_pool(3);
+    // One-token steps alone against prefill runs of 7 in a batch: runs straddle every
+    // slide point (room 128 after each) and still give the same blob.
+    let alone = private_pool(1, 1);
+    let batched = private_pool(3, 7);
     let mut data = english(6_000);
     data.extend_from_slice(b"\nA short second chunk of text, coded beside the long one.\n");
     data.extend_from_slice(b"And a third, even shorter.\n");
@@ -246,8 +333,8 @@ fn shared_pool_lanes_join_leave_and_pause_without_changing_any_stream() {
     use std::sync::Arc;
 
     let _g = llm_lock();
-    let one_lane = private_pool(1);
-    let shared = private_pool(3);
+    let one_lane = private_pool(1, 1);
+    let shared = private_pool(3, nacrithfs::model::llama::DEFAULT_ENCODE_RUN);
     let data = english(6_000);
     let opts = CompressOptions {
         chunk_size: 1_200,

@@ -1,6 +1,8 @@
-//! The lockstep driver: one model context advances up to k chunk streams at once, one
-//! symbol per stream per step, filling a lane with the next job as soon as one ends.
-//! Encoding and decoding run the same loop, so both sides make identical model calls.
+//! The lockstep driver: one model context advances up to k chunk streams at once,
+//! filling a lane with the next job as soon as one ends. A decoding stream advances one
+//! symbol per step; an encoding stream may feed a run of its known tokens in one step,
+//! which gives the same logits (the model's contract), so the coder sees exactly what
+//! the decoder will.
 
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
@@ -168,17 +170,42 @@ pub fn run_lanes(
             .filter(|&p| p != CANCELLED)
             .max()
             .unwrap_or(BACKGROUND);
+        // Every lane of the tier gets one token; encoding lanes then take more of theirs
+        // (known in advance) while the step has room: a run of k tokens costs one pass
+        // over the weights instead of k.
+        let mut spare = lm.step_capacity().saturating_sub(
+            lanes
+                .iter()
+                .flatten()
+                .filter(|l| l.priority.load(Ordering::Relaxed) >= tier)
+                .count(),
+        );
         for (slot, lane) in lanes.iter().enumerate() {
-            if let Some(l) = lane
+            let Some(l) = lane
                 .as_ref()
                 .filter(|l| l.priority.load(Ordering::Relaxed) >= tier)
-            {
-                feeds.push(Feed {
-                    lane: slot,
-                    token: l.model.next_feed_token(),
-                    want_logits: l.model.wants_llm(),
-                });
-                order.push(slot);
+            else {
+                continue;
+            };
+            feeds.push(Feed {
+                lane: slot,
+                token: l.model.next_feed_token(),
+                want_logits: matches!(l.work, Work::Enc { .. }) || l.model.wants_llm(),
+            });
+            order.push(slot);
+            if let Work::Enc { symbols, .. } = &l.work {
+                let extra = (lm.run_room(slot) - 1)
+                    .min(symbols.len() - l.done - 1)
+                    .min(spare);
+                spare -= extra;
+                for sym in &symbols[l.done..l.done + extra] {
+                    feeds.push(Feed {
+                        lane: slot,
+                        token: l.model.feed_token_after(*sym),
+                        want_logits: true,
+                    });
+                    order.push(slot);
+                }
             }
         }
         if source.stop() {
@@ -197,7 +224,9 @@ pub fn run_lanes(
             let Some(lane) = lanes[slot].as_mut() else {
                 continue;
             };
-            let logits = if feeds[i].want_logits {
+            // An encoding run asked for every token's logits; whether the coder uses them
+            // is decided here, from the symbols coded so far, as the decoder decides it.
+            let logits = if feeds[i].want_logits && lane.model.wants_llm() {
                 Some(lm.logits(i))
             } else {
                 None

@@ -98,6 +98,19 @@ impl<'a> ChunkModel<'a> {
         }
     }
 
+    /// The token the LLM is fed after `sym` is coded: what `next_feed_token` will say
+    /// then, known in advance by an encoder.
+    pub fn feed_token_after(&self, sym: Symbol) -> u32 {
+        self.alpha(Self::history_id(self.vocab, sym))
+    }
+
+    fn history_id(vocab: usize, sym: Symbol) -> u32 {
+        match sym {
+            Symbol::Token(t) => t,
+            Symbol::Escaped(b) => vocab as u32 + b as u32,
+        }
+    }
+
     /// Build the CDF for the next symbol. `logits` is `Some` iff `wants_llm()`.
     pub fn predict(&mut self, logits: Option<&[f32]>) {
         let v = self.vocab;
@@ -234,10 +247,11 @@ impl<'a> ChunkModel<'a> {
 
     /// Learn from the symbol just coded.
     pub fn update(&mut self, sym: Symbol) {
-        let (y, history_id) = match sym {
-            Symbol::Token(t) => (t, t),
-            Symbol::Escaped(b) => (self.params.escape_token, self.vocab as u32 + b as u32),
+        let y = match sym {
+            Symbol::Token(t) => t,
+            Symbol::Escaped(_) => self.params.escape_token,
         };
+        let history_id = Self::history_id(self.vocab, sym);
         let yi = y as usize;
         let order = self.ngram.order();
         let q_llm_y = self.q_llm[yi];

@@ -121,6 +121,23 @@ fn flash_attention_auto_requested() -> bool {
     std::env::var("NACRITH_FLASH_ATTN").is_ok_and(|v| v == "auto")
 }
 
+/// Tokens an encoding lane takes per step (prefill). Encoder output does not depend on
+/// it (the logits are bit-identical, tests/determinism.rs), only its speed: on this
+/// project's 2-core CPU see the README's bench-codec table. `NACRITH_ENCODE_RUN=1` gives
+/// the one-token steps of earlier releases.
+pub const DEFAULT_ENCODE_RUN: usize = 16;
+
+/// Feeds per step at most, whatever the lanes and run: the logits buffer holds one row
+/// of n_vocab floats per feed (512 x 49,152 x 4 B = 96 MiB for SmolLM2).
+const MAX_STEP_TOKENS: usize = 512;
+
+fn encode_run_requested() -> usize {
+    std::env::var("NACRITH_ENCODE_RUN")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .map_or(DEFAULT_ENCODE_RUN, |n| n.clamp(1, MAX_STEP_TOKENS))
+}
+
 fn use_gpu() -> bool {
     cfg!(feature = "cuda") && std::env::var_os("NACRITH_CPU_ONLY").is_none()
 }
@@ -192,6 +209,8 @@ pub struct ModelRuntime {
     /// Whether contexts use llama.cpp's flash-attention choice (else plain attention);
     /// fixed at load so the backend tag always describes the kernel in use.
     flash_attention_auto: bool,
+    /// Tokens per encoding lane per step; see [`DEFAULT_ENCODE_RUN`].
+    pub encode_run: usize,
     model: LlamaModel,
 }
 
@@ -308,6 +327,7 @@ impl ModelRuntime {
             start_token: escape,
             escape_token: escape,
             flash_attention_auto,
+            encode_run: encode_run_requested(),
             model,
         })
     }
@@ -338,14 +358,26 @@ impl ModelRuntime {
         n_lanes: usize,
         params: &CoderParams,
     ) -> Result<LlamaLanes<'_>, ModelError> {
+        self.lanes_with_run(n_lanes, params, self.encode_run)
+    }
+
+    /// [`lanes`](Self::lanes) whose encoding lanes take up to `run` tokens per step.
+    pub fn lanes_with_run(
+        &self,
+        n_lanes: usize,
+        params: &CoderParams,
+        run: usize,
+    ) -> Result<LlamaLanes<'_>, ModelError> {
         let n_lanes = n_lanes.clamp(1, 256);
+        let run = run.clamp(1, MAX_STEP_TOKENS);
+        let capacity = (n_lanes * run).min(MAX_STEP_TOKENS).max(n_lanes);
         let ctx_len = params.ctx_len;
         let n_ctx = NonZeroU32::new(ctx_len * n_lanes as u32)
             .ok_or_else(|| ModelError::Runtime("zero context".into()))?;
         let cparams = LlamaContextParams::default()
             .with_n_ctx(Some(n_ctx))
-            .with_n_batch(n_lanes as u32)
-            .with_n_ubatch(n_lanes as u32)
+            .with_n_batch(capacity as u32)
+            .with_n_ubatch(capacity as u32)
             .with_n_seq_max(n_lanes as u32)
             .with_n_threads(1)
             .with_n_threads_batch(1)
@@ -364,8 +396,11 @@ impl ModelRuntime {
         };
         Ok(LlamaLanes {
             ctx,
-            batch: LlamaBatch::new(n_lanes, n_lanes as i32),
+            batch: LlamaBatch::new(capacity, n_lanes as i32),
             pos: vec![0; n_lanes],
+            fed_count: vec![0; n_lanes],
+            run,
+            capacity,
             logit_index: Vec::with_capacity(n_lanes),
             ctx_len,
             ctx_keep: params.ctx_keep,
@@ -378,6 +413,10 @@ pub struct LlamaLanes<'m> {
     ctx: LlamaContext<'m>,
     batch: LlamaBatch<'static>,
     pos: Vec<u32>,
+    /// Tokens each lane is fed in the step being checked.
+    fed_count: Vec<usize>,
+    run: usize,
+    capacity: usize,
     /// Batch index of each feed of the last step.
     logit_index: Vec<i32>,
     ctx_len: u32,
@@ -422,9 +461,46 @@ impl LanguageModel for LlamaLanes<'_> {
         Ok(())
     }
 
+    fn step_capacity(&self) -> usize {
+        self.capacity
+    }
+
+    fn run_room(&self, lane: usize) -> usize {
+        let pos = self.pos[lane];
+        let room = if pos >= self.ctx_len {
+            self.ctx_len - self.ctx_keep
+        } else {
+            self.ctx_len - pos
+        };
+        (room as usize).clamp(1, self.run)
+    }
+
     fn step(&mut self, feeds: &[Feed]) -> Result<(), ModelError> {
         self.batch.clear();
         self.logit_index.clear();
+        if feeds.len() > self.capacity {
+            return Err(ModelError::Runtime(format!(
+                "{} feeds in one step, capacity {}",
+                feeds.len(),
+                self.capacity
+            )));
+        }
+        // A slide inside a run would put its later tokens at other positions than
+        // one-token steps give them: refuse a run longer than its room, changing nothing.
+        self.fed_count.fill(0);
+        for f in feeds {
+            if f.lane >= self.pos.len() {
+                return Err(ModelError::Runtime(format!("no lane {}", f.lane)));
+            }
+            self.fed_count[f.lane] += 1;
+            let (count, room) = (self.fed_count[f.lane], self.run_room(f.lane));
+            if count > room {
+                return Err(ModelError::Runtime(format!(
+                    "lane {} fed {count} tokens in one step, more than its room of {room}",
+                    f.lane
+                )));
+            }
+        }
         for f in feeds {
             if self.pos[f.lane] >= self.ctx_len {
                 self.slide(f.lane)?;

@@ -1,5 +1,6 @@
 //! The language model behind a small trait: batched next-token logits for k independent
-//! streams ("lanes") advanced in lockstep, one token per lane per step.
+//! streams ("lanes") advanced in lockstep. A decoding lane takes one token per step; an
+//! encoding lane, whose tokens are all known, may take a run of several (prefill).
 
 pub mod discovery;
 pub mod gguf;
@@ -35,8 +36,21 @@ pub trait LanguageModel {
     fn n_lanes(&self) -> usize;
     /// Forget a lane's context; its next token goes at position 0.
     fn reset_lane(&mut self, lane: usize) -> Result<(), ModelError>;
-    /// Feed one token to each listed lane, all in one batch.
+    /// Feed the listed tokens, all in one batch. A lane may appear several times: its
+    /// tokens go at consecutive positions in the order listed, at most
+    /// [`run_room`](Self::run_room) of them, and the step holds at most
+    /// [`step_capacity`](Self::step_capacity) feeds. The logits of each token are the
+    /// bit-identical logits of feeding it alone.
     fn step(&mut self, feeds: &[Feed]) -> Result<(), ModelError>;
+    /// Most feeds one step takes.
+    fn step_capacity(&self) -> usize {
+        self.n_lanes()
+    }
+    /// Most tokens the lane may take in its next step: its context slides only between
+    /// steps, at the position one-token steps would slide it.
+    fn run_room(&self, _lane: usize) -> usize {
+        1
+    }
     /// Logits after the `feed_index`-th feed of the last step (which wanted logits).
     fn logits(&self, feed_index: usize) -> &[f32];
 }
