@@ -40,12 +40,14 @@ fn prefill(rt: &ModelRuntime, lanes: usize, run: usize, tokens: usize) -> anyhow
     for l in 0..lanes {
         lm.reset_lane(l)?;
     }
+    // Every lane takes the same run, within the step's capacity.
+    let per_lane = (lm.step_capacity() / lanes).max(1);
     let t0 = Instant::now();
     let mut done = 0;
     while done < tokens {
         let mut fs = Vec::new();
+        let k = lm.run_room(0).min(per_lane).min(tokens - done);
         for lane in 0..lanes {
-            let k = lm.run_room(lane).min(tokens - done);
             for j in 0..k {
                 fs.push(Feed {
                     lane,
@@ -54,7 +56,7 @@ fn prefill(rt: &ModelRuntime, lanes: usize, run: usize, tokens: usize) -> anyhow
                 });
             }
         }
-        done += lm.run_room(0).min(tokens - done);
+        done += k;
         lm.step(&fs)?;
     }
     Ok((tokens * lanes) as f64 / t0.elapsed().as_secs_f64())

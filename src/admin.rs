@@ -31,6 +31,8 @@ const COUNTERS: &[&str] = &[
     "index_commits",
     "compress_seconds",
     "coding_seconds",
+    "shared_files",
+    "shared_bytes",
 ];
 
 /// One line of help per field, for the Prometheus exposition.
@@ -67,6 +69,10 @@ fn help(key: &str) -> &'static str {
         "chunk_jobs_queued" => "Chunk jobs waiting for a model lane.",
         "index_commits" => "Index batches committed since mount.",
         "paused" => "1 while remounted read-only: no compression commits, evictions or deletions.",
+        "shared_files" => {
+            "Files stored since mount as a second name of an equal file's blob (no coding)."
+        }
+        "shared_bytes" => "Blob bytes those shared files did not write.",
         "compress_seconds" => {
             "Compressor seconds per file from claim to end, summed over files, since mount."
         }
@@ -291,6 +297,11 @@ pub fn print_status(mnt: &Path, json: bool) -> Result<(), String> {
         per_busy_second(bytes_in) / 1e3,
         per_busy_second(s.get("symbols_coded")),
         s.get("chunk_jobs_queued"),
+    );
+    println!(
+        "duplicates    {} files stored as an equal file's blob since mount ({} not written)",
+        s.get("shared_files"),
+        human(s.get("shared_bytes"))
     );
     println!(
         "superseded    {} compressions dropped because the file changed meanwhile",

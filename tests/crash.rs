@@ -335,6 +335,17 @@ fn cases() -> Vec<Case> {
     fn flush(mnt: &Path) {
         let _ = admin_raw("flush", mnt);
     }
+    /// A file equal to one already compressed: the flush makes it a second name of that
+    /// file's blob instead of coding it.
+    fn flush_a_copy(mnt: &Path) {
+        let _ = fs::write(mnt.join("copy.txt"), &contents()["clean.txt"]);
+        let _ = admin_raw("flush", mnt);
+    }
+    fn copied() -> Allowed {
+        let mut a = unchanged();
+        allow(&mut a, "copy.txt", vec![old("clean.txt")]);
+        a
+    }
     /// Leaves work for recovery: an orphan (unlinked while open), an appended clean
     /// copy, then kill -9.
     fn needs_recovery(mnt: &Path) {
@@ -431,6 +442,13 @@ fn cases() -> Vec<Case> {
         c("compress", "compress.after_blob_dir_sync", flush, unchanged),
         c("compress", "compress.after_plain_sync", flush, unchanged),
         c("compress", "compress.after_commit", flush, unchanged),
+        c("compress a copy", "dedup.after_link", flush_a_copy, copied),
+        c(
+            "compress a copy",
+            "dedup.after_commit",
+            flush_a_copy,
+            copied,
+        ),
         Case {
             op: "recovery",
             point: "recover.after_commit",

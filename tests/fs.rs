@@ -1066,3 +1066,111 @@ fn file_handles_work_across_cache_drops_and_remounts() {
     check(&mut file, &mut subdir, "after a remount");
     d.unmount();
 }
+
+/// Names in `blobs/` grouped by the backing inode they name: (link count, names).
+fn blob_inodes(backing: &Path) -> Vec<(u64, Vec<std::path::PathBuf>)> {
+    let mut by_ino: std::collections::BTreeMap<u64, (u64, Vec<std::path::PathBuf>)> =
+        Default::default();
+    for p in files_under(backing, "blobs") {
+        let m = fs::metadata(&p).expect("stat blob");
+        by_ino
+            .entry(m.ino())
+            .or_insert((m.nlink(), Vec::new()))
+            .1
+            .push(p);
+    }
+    by_ino.into_values().collect()
+}
+
+/// Equal files share one blob (deduplication): the first is coded, a later copy
+/// becomes a second name of its blob (a hard link in the backing directory) without a
+/// symbol of model time; every copy reads back, also after the first is deleted; a
+/// rewritten copy gets a blob of its own; fsck counts the sharing and finds no problem.
+#[test]
+fn equal_files_share_one_blob_and_cost_no_model_time() {
+    let _llm = common::llm_lock();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (backing, mnt) = new_volume(dir.path());
+    let d = Daemon::start(&backing, &mnt, "idle=3600");
+    // Long enough for the LLM coder (not zstd): a copy coded again would show in
+    // symbols_coded.
+    let text = common::english(2000);
+    fs::write(mnt.join("a.txt"), &text).expect("write");
+    admin("flush", &mnt);
+    let coded = status_field(&mnt, "symbols_coded");
+    assert!(coded > 100, "the model coded only {coded} symbols");
+    fs::create_dir(mnt.join("sub")).expect("mkdir");
+    fs::write(mnt.join("b.txt"), &text).expect("write");
+    fs::write(mnt.join("sub/c.txt"), &text).expect("write");
+    admin("flush", &mnt);
+    assert_eq!(
+        status_field(&mnt, "symbols_coded"),
+        coded,
+        "an equal file was coded again"
+    );
+    assert_eq!(status_field(&mnt, "shared_files"), 2);
+    for name in ["a.txt", "b.txt", "sub/c.txt"] {
+        assert_eq!(
+            xattr(&mnt.join(name), "user.nacrith.state"),
+            "compressed",
+            "{name}"
+        );
+    }
+    let groups = blob_inodes(&backing);
+    assert_eq!(
+        groups.len(),
+        1,
+        "one blob for three equal files: {groups:?}"
+    );
+    assert_eq!(groups[0].0, 3, "its link count");
+    assert_eq!(groups[0].1.len(), 3, "its names");
+
+    // A file that differs by one byte is coded.
+    let mut other = text.clone();
+    other.push(b'\n');
+    fs::write(mnt.join("d.txt"), &other).expect("write");
+    admin("flush", &mnt);
+    assert!(
+        status_field(&mnt, "symbols_coded") > coded,
+        "d.txt was not coded"
+    );
+    assert_eq!(blob_inodes(&backing).len(), 2);
+
+    // Every copy decodes from the shared blob; deleting the first leaves the others.
+    admin("evict", &mnt);
+    for name in ["a.txt", "b.txt", "sub/c.txt"] {
+        assert!(fs::read(mnt.join(name)).expect("read") == text, "{name}");
+    }
+    fs::remove_file(mnt.join("a.txt")).expect("unlink");
+    std::thread::sleep(Duration::from_secs(3));
+    admin("evict", &mnt);
+    for name in ["b.txt", "sub/c.txt"] {
+        assert!(fs::read(mnt.join(name)).expect("read") == text, "{name}");
+    }
+    let shared: Vec<_> = blob_inodes(&backing)
+        .into_iter()
+        .filter(|(_, names)| names.len() > 1)
+        .collect();
+    assert_eq!(shared.len(), 1, "{shared:?}");
+    assert_eq!(shared[0].0, 2, "the link count after the first name went");
+
+    // A new copy still finds a blob to share (the hint names a live one); a rewritten
+    // copy gets its own blob and the other keeps reading.
+    fs::write(mnt.join("e.txt"), &text).expect("write");
+    fs::write(mnt.join("b.txt"), b"rewritten\n").expect("write");
+    let before = status_field(&mnt, "shared_files");
+    admin("flush", &mnt);
+    assert_eq!(status_field(&mnt, "shared_files"), before + 1, "e.txt");
+    admin("evict", &mnt);
+    assert_eq!(fs::read(mnt.join("b.txt")).expect("read"), b"rewritten\n");
+    for name in ["sub/c.txt", "e.txt"] {
+        assert!(fs::read(mnt.join(name)).expect("read") == text, "{name}");
+    }
+    d.unmount();
+    let (code, out) = fsck(&[], &backing);
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("2 files share their blob with an equal file"),
+        "{out}"
+    );
+}

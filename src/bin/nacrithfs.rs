@@ -143,6 +143,23 @@ fn fsck_main(args: &[OsString]) -> Result<(), String> {
         report.findings.len(),
         report.findings.len() - report.unresolved(),
     );
+    if report.shared_blobs > 0 {
+        println!(
+            "{} files share their blob with an equal file (deduplicated; not a problem)",
+            report.shared_blobs
+        );
+    }
+    if report.stale_hints > 0 {
+        println!(
+            "{} content hints name blobs that are gone (harmless{})",
+            report.stale_hints,
+            if repair {
+                "; dropped"
+            } else {
+                "; --repair drops them"
+            }
+        );
+    }
     if report.awaiting_deletion > 0 {
         println!(
             "{} deleted or superseded files {} (left by a crash; not a problem)",

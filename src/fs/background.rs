@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
 
-use super::core::{Core, Need};
+use super::core::{Core, Need, NewBlob};
 use crate::codec::lanes::{ChunkOutput, CANCELLED, READ_AHEAD, URGENT};
 use crate::codec::params::CoderParams;
 use crate::codec::source::{FileSource, Source};
@@ -397,6 +397,10 @@ fn compress_file(
     };
     let engine: &dyn Engine = &*pool;
     let count = |n: usize| core.count_symbols(n as u64);
+    let content = match content_hash(src) {
+        Ok(h) => h,
+        Err(e) => return fail(format!("reading its plaintext: {e}")),
+    };
     let seq = match core.store.alloc_blob_seq() {
         Ok(s) => s,
         Err(e) => return fail(e.to_string()),
@@ -407,11 +411,20 @@ fn compress_file(
         let _ = std::fs::remove_file(&tmp);
         fail(why)
     };
-    let mut blob_len = match code_into_tmp(core, ino, src, Some(engine), &tmp) {
-        Ok(n) => n,
-        Err(e) => return fail(e.to_string()),
+    let shared = if core.opts.dedup {
+        share_equal_blob(core, engine, &content, src.len(), &tmp)
+    } else {
+        None
     };
-    if core.opts.verify {
+    let mut blob_len = match shared {
+        Some((len, _)) => len,
+        None => match code_into_tmp(core, ino, src, Some(engine), &tmp) {
+            Ok(n) => n,
+            Err(e) => return fail(e.to_string()),
+        },
+    };
+    // A shared blob was verified when it was first written; it is the same file.
+    if core.opts.verify && shared.is_none() {
         if let Err(e) = verify_tmp(core, &tmp, src, Some(engine), &count) {
             if core.changed_since(ino, version) {
                 return fail(e.to_string());
@@ -449,12 +462,28 @@ fn compress_file(
     pause_before_commit(&blob_path);
     let took = start.elapsed();
     let size = src.len();
-    match core.commit_blob(ino, version, seq, blob_len, size) {
-        Ok(true) => log::info!(
-            "compressed {name}: {size} -> {blob_len} bytes ({:.3} bits/byte) in {:.1} s",
-            codec::bits_per_byte(blob_len, size),
-            took.as_secs_f64()
-        ),
+    let blob = NewBlob {
+        seq,
+        stored_size: blob_len,
+        original: size,
+        content,
+        shared: shared.is_some(),
+    };
+    match core.commit_blob(ino, version, &blob) {
+        Ok(true) => {
+            if let Some((_, owner)) = shared {
+                crate::crash::point("dedup.after_commit");
+                log::info!(
+                    "compressed {name}: {size} bytes, equal to a file already stored (inode {owner}): shares its {blob_len}-byte blob"
+                );
+            } else {
+                log::info!(
+                    "compressed {name}: {size} -> {blob_len} bytes ({:.3} bits/byte) in {:.1} s",
+                    codec::bits_per_byte(blob_len, size),
+                    took.as_secs_f64()
+                );
+            }
+        }
         Ok(false) => {
             log::debug!("{name} changed while compressing; blob dropped");
             let _ = std::fs::remove_file(&blob_path);
@@ -465,6 +494,54 @@ fn compress_file(
         }
     }
     core.enforce_cache_cap();
+}
+
+/// BLAKE3 of the snapshot being compressed (the blob header's checksum), read once.
+fn content_hash(src: &FileSource) -> std::io::Result<[u8; 32]> {
+    let mut hasher = blake3::Hasher::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut at = 0u64;
+    while at < src.len() {
+        let n = (src.len() - at).min(buf.len() as u64) as usize;
+        src.read_exact_at(&mut buf[..n], at)?;
+        hasher.update(&buf[..n]);
+        at += n as u64;
+    }
+    Ok(*hasher.finalize().as_bytes())
+}
+
+/// Deduplication: if the content hint for `content` names a blob that still exists, holds
+/// this plaintext (its header's length and BLAKE3) and decodes with this model and
+/// backend, make `tmp` a second name of it (a hard link: the backing filesystem counts
+/// the references, and the blocks are freed with the last name). Returns the blob's
+/// length and the inode whose blob it was; None (code the file) on any doubt.
+fn share_equal_blob(
+    core: &Core,
+    engine: &dyn Engine,
+    content: &[u8; 32],
+    size: u64,
+    tmp: &std::path::Path,
+) -> Option<(u64, u64)> {
+    let (owner, seq) = core.store.content_hint(content).ok()??;
+    let path = core.store.blob_path(owner, seq);
+    let blob = FileSource::open(&path).ok()?;
+    let (header, _) = codec::container::Header::read_from(&blob).ok()?;
+    if header.original_len != size || header.checksum != *content {
+        return None;
+    }
+    if header.has_llm_segments()
+        && codec::check_engine(&header, engine, &DecompressOptions::default()).is_err()
+    {
+        return None;
+    }
+    // The blob's name may go (its file deleted) before the link: then there is nothing
+    // to share and the file is coded.
+    if let Err(e) = std::fs::hard_link(&path, tmp) {
+        log::debug!("sharing {}: {e}", path.display());
+        return None;
+    }
+    crate::crash::point("dedup.after_link");
+    Some((blob.len(), owner))
 }
 
 /// A verified blob's temp file takes its name, durably: rename, fsync of blobs/ (each

@@ -45,6 +45,9 @@ pub struct FsOptions {
     /// POSIX ACLs (`acl`, the default; `noacl`): the kernel enforces the ACLs the
     /// daemon keeps (see `fs::acl`).
     pub acl: bool,
+    /// A file equal to one already stored shares its blob (`dedup`, the default;
+    /// `nodedup` codes every file on its own).
+    pub dedup: bool,
     /// `-o remount,ro|rw`: change a live mount (see `fs::mount::remount`), no new daemon.
     pub remount: bool,
     /// The backing directory when the mount source is only a tag.
@@ -74,6 +77,7 @@ impl Default for FsOptions {
             atime: Atime::Relative,
             nodiratime: false,
             acl: true,
+            dedup: true,
             remount: false,
             backing: None,
             kernel: Vec::new(),
@@ -185,6 +189,8 @@ impl FsOptions {
                 "stream_reads" => self.stream_reads = true,
                 "acl" => self.acl = true,
                 "noacl" => self.acl = false,
+                "dedup" => self.dedup = true,
+                "nodedup" => self.dedup = false,
                 "relatime" | "atime" => self.atime = Atime::Relative,
                 "strictatime" => self.atime = Atime::Strict,
                 "noatime" => {
@@ -240,5 +246,8 @@ mod tests {
         assert!(!o.acl);
         o.apply("acl").unwrap();
         assert!(o.acl);
+        assert!(o.dedup);
+        o.apply("nodedup").unwrap();
+        assert!(!o.dedup);
     }
 }

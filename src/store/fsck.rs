@@ -42,6 +42,12 @@ pub struct Report {
     /// stopped first (a normal state after a crash; the next mount or `--repair` removes
     /// them). Not problems.
     pub awaiting_deletion: u64,
+    /// Files whose blob is shared with an equal file (a hard link in the backing
+    /// directory: deduplication). Not problems.
+    pub shared_blobs: u64,
+    /// Content hints naming a blob that is gone (its file deleted or rewritten since):
+    /// harmless, `--repair` drops them.
+    pub stale_hints: u64,
 }
 
 impl Report {
@@ -116,6 +122,7 @@ pub fn fsck(backing: &Path, opts: FsckOptions<'_>) -> Result<Report> {
     let mut referenced = check_files(&mut c, &inodes)?;
     check_queue_and_xattrs(&mut c, &inodes)?;
     check_counters(&mut c, &inodes)?;
+    check_content_hints(&mut c, &referenced)?;
     let graves = graveyard(&mut c, &referenced)?;
     let txn = std::mem::take(&mut c.txn);
     if c.opts.repair {
@@ -338,6 +345,7 @@ fn check_key_shapes(c: &mut Checker) -> Result<()> {
             Some(b'i' | b'p') => k.len() == 9,
             Some(b'q') => k.len() == 9 && v.len() == 8,
             Some(b'g') => k.len() == 17,
+            Some(b'h') => k.len() == 33 && super::decode_content_hint(&v).is_some(),
             Some(b'd' | b'x') => k.len() > 9,
             Some(b'c') => continue,
             Some(b'm') => META_KEYS.contains(&&k[..]),
@@ -597,6 +605,10 @@ fn check_files(c: &mut Checker, inodes: &HashMap<u64, Inode>) -> Result<HashSet<
             match check_blob(c, inode, &path, b.stored_size) {
                 None => {
                     blob_ok = true;
+                    use std::os::unix::fs::MetadataExt;
+                    if std::fs::metadata(&path).is_ok_and(|m| m.nlink() > 1) {
+                        c.report.shared_blobs += 1;
+                    }
                     referenced.insert(path);
                 }
                 Some((code, why)) => {
@@ -708,6 +720,29 @@ fn check_files(c: &mut Checker, inodes: &HashMap<u64, Inode>) -> Result<HashSet<
 /// None if the blob exists, has the recorded size, a sound header for this file's size,
 /// and (zstd-only, or with an engine) decodes to bytes matching its checksums; else a
 /// finding code and what is wrong.
+/// Content hints (deduplication) are advisory: one naming a blob the index no longer
+/// uses is counted (and dropped by a repair), never reported as a problem.
+fn check_content_hints(c: &mut Checker, referenced: &HashSet<PathBuf>) -> Result<()> {
+    let mut stale = Vec::new();
+    for r in c.store.content_hints() {
+        let (hash, v) = r?;
+        // Malformed ones are check_key_shapes' findings.
+        let Some((ino, seq)) = super::decode_content_hint(&v) else {
+            continue;
+        };
+        if !referenced.contains(&c.store.blob_path(ino, seq)) {
+            stale.push(hash);
+        }
+    }
+    c.report.stale_hints = stale.len() as u64;
+    for hash in stale {
+        if let Ok(h) = <[u8; 32]>::try_from(&hash[..]) {
+            c.txn.del_content_hint(&h);
+        }
+    }
+    Ok(())
+}
+
 fn check_blob(
     c: &mut Checker,
     inode: &Inode,

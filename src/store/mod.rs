@@ -84,6 +84,13 @@ impl StoreError {
 
 pub type Result<T> = std::result::Result<T, StoreError>;
 
+/// A content hint's value: the blob's inode and sequence number.
+pub fn decode_content_hint(v: &[u8]) -> Option<(u64, u64)> {
+    let ino = u64::from_le_bytes(v.get(..8)?.try_into().ok()?);
+    let seq = u64::from_le_bytes(v.get(8..16)?.try_into().ok()?);
+    (v.len() == 16).then_some((ino, seq))
+}
+
 fn inode_key(ino: u64) -> [u8; 9] {
     let mut k = [b'i'; 9];
     k[1..].copy_from_slice(&ino.to_be_bytes());
@@ -150,6 +157,16 @@ fn grave_key(ino: u64, tag: u64) -> [u8; 17] {
     let mut k = [b'g'; 17];
     k[1..9].copy_from_slice(&ino.to_be_bytes());
     k[9..].copy_from_slice(&tag.to_be_bytes());
+    k
+}
+
+/// A content hint: the BLAKE3 of a plaintext → a blob (`<ino>-<seq>`) that held it when
+/// it was committed, so an equal file shares that blob instead of being coded again.
+/// Advisory: the blob may be gone since (its file deleted or rewritten), and a user of
+/// the hint checks the blob's header before sharing it.
+fn content_key(hash: &[u8; 32]) -> [u8; 33] {
+    let mut k = [b'h'; 33];
+    k[1..].copy_from_slice(hash);
     k
 }
 
@@ -320,6 +337,18 @@ impl Txn {
     pub fn bury_blob(&mut self, ino: u64, seq: u64) {
         self.ops += 1;
         self.batch.insert(grave_key(ino, seq), &[][..]);
+    }
+    /// Blob `<ino>-<seq>` holds the plaintext whose BLAKE3 is `hash` (see [`content_key`]).
+    pub fn put_content_hint(&mut self, hash: &[u8; 32], ino: u64, seq: u64) {
+        self.ops += 1;
+        let mut v = [0u8; 16];
+        v[..8].copy_from_slice(&ino.to_le_bytes());
+        v[8..].copy_from_slice(&seq.to_le_bytes());
+        self.batch.insert(content_key(hash), v);
+    }
+    pub fn del_content_hint(&mut self, hash: &[u8; 32]) {
+        self.ops += 1;
+        self.batch.remove(content_key(hash));
     }
     /// The cache file of deleted inode `ino` is to be deleted once this batch is durable.
     pub fn bury_cache(&mut self, ino: u64) {
@@ -1087,6 +1116,28 @@ impl Store {
     pub fn flush(&self) -> Result<()> {
         let _w = self.watch.enter("flush");
         self.checked(self.db.flush())
+    }
+
+    /// The blob (ino, seq) the content hint for `hash` names, if any.
+    pub fn content_hint(&self, hash: &[u8; 32]) -> Result<Option<(u64, u64)>> {
+        let _w = self.watch.enter("content_hint");
+        match self.db.get(content_key(hash))? {
+            Some(v) => decode_content_hint(&v)
+                .map(Some)
+                .ok_or_else(|| StoreError::Corrupt {
+                    what: format!("content hint {}", crate::codec::hex(&hash[..8])),
+                    why: format!("{} bytes, expected 16", v.len()),
+                }),
+            None => Ok(None),
+        }
+    }
+
+    /// Every content hint: (hash, its value as stored), for fsck.
+    pub fn content_hints(&self) -> impl Iterator<Item = Result<(Vec<u8>, Vec<u8>)>> + '_ {
+        self.db.scan_prefix(b"h").map(|r| {
+            r.map(|(k, v)| (k[1..].to_vec(), v.to_vec()))
+                .map_err(Into::into)
+        })
     }
 
     pub fn get(&self, ino: u64) -> Result<Option<Inode>> {

@@ -216,7 +216,7 @@ impl Core {
              compressed_since_mount={}\nbytes_in={}\nbytes_out={}\nbusy_seconds={secs:.1}\n\
              failures={}\nsuperseded={}\nverify_failures={}\ndecompressions={}\ndecompress_failures={}\n\
              symbols_coded={}\nregions_decoded={}\nchunk_jobs_queued={chunk_jobs}\nindex_commits={}\n\
-             compress_seconds={:.3}\ncoding_seconds={:.3}\npaused={}\n",
+             compress_seconds={:.3}\ncoding_seconds={:.3}\nshared_files={}\nshared_bytes={}\npaused={}\n",
             queued,
             stats.compressed_files,
             stats.bytes_in,
@@ -231,6 +231,8 @@ impl Core {
             self.store.commits(),
             stats.compress_time.as_secs_f64(),
             stats.coding_time.as_secs_f64(),
+            stats.shared_files,
+            stats.shared_bytes,
             u8::from(paused),
         ))
     }

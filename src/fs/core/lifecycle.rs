@@ -112,14 +112,14 @@ impl Core {
     /// Switch `ino` to the blob just written durably at `seq`, unless the file changed
     /// since `version`. The caller has fsynced the plaintext of that version (it becomes
     /// the clean copy). Returns whether it committed (if not, the caller deletes the blob).
-    pub(crate) fn commit_blob(
-        &self,
-        ino: u64,
-        version: u64,
-        seq: u64,
-        stored_size: u64,
-        original: u64,
-    ) -> FsResult<bool> {
+    pub(crate) fn commit_blob(&self, ino: u64, version: u64, blob: &NewBlob) -> FsResult<bool> {
+        let NewBlob {
+            seq,
+            stored_size,
+            original,
+            ref content,
+            shared,
+        } = *blob;
         let mut st = self.lock();
         Self::compression_ended(&mut st, ino);
         let mut inode = match self.get(ino) {
@@ -145,6 +145,8 @@ impl Core {
         inode.blob = Some(BlobRef { seq, stored_size });
         txn.put_inode(ino, &inode);
         txn.dequeue(ino);
+        // The newest blob with this content: a later duplicate shares it.
+        txn.put_content_hint(content, ino, seq);
         self.commit(txn, true)?;
         crate::crash::point("compress.after_commit");
         self.reap_soon();
@@ -152,6 +154,10 @@ impl Core {
         st.stats.compressed_files += 1;
         st.stats.bytes_in += original;
         st.stats.bytes_out += stored_size;
+        if shared {
+            st.stats.shared_files += 1;
+            st.stats.shared_bytes += stored_size;
+        }
         Ok(true)
     }
 

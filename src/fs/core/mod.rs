@@ -139,6 +139,21 @@ pub struct Stats {
     /// Compressor time per file summed over files, and the coder's part of it.
     pub compress_time: Duration,
     pub coding_time: Duration,
+    /// Files committed as a second name of an equal file's blob (no coding), and the
+    /// blob bytes they did not write.
+    pub shared_files: u64,
+    pub shared_bytes: u64,
+}
+
+/// A blob ready to be committed as a file's stored form.
+pub struct NewBlob {
+    pub seq: u64,
+    pub stored_size: u64,
+    /// The plaintext's length and BLAKE3.
+    pub original: u64,
+    pub content: [u8; 32],
+    /// A second name of another file's blob (content-hash deduplication).
+    pub shared: bool,
 }
 
 struct Handle {
