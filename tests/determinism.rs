@@ -246,11 +246,13 @@ fn logits_do_not_depend_on_batch_composition_across_a_kv_slide() {
 }
 
 /// A pool of its own (one context with `lanes` lanes, encoding `run` tokens per lane per
-/// step) on the shared test model's file.
-fn private_pool(lanes: usize, run: usize) -> LocalPool {
+/// step, its lanes' ensembles spread over `threads` host threads) on the shared test
+/// model's file.
+fn private_pool(lanes: usize, run: usize, threads: usize) -> LocalPool {
     let path = &pool().runtime.path;
     let mut runtime = nacrithfs::model::ModelRuntime::load(path).expect("load");
     runtime.encode_run = run;
+    runtime.ensemble_threads = threads;
     LocalPool::new(runtime, 1, lanes)
 }
 
@@ -260,10 +262,11 @@ fn private_pool(lanes: usize, run: usize) -> LocalPool {
 #[test]
 fn chunk_coded_in_a_batch_decodes_alone_and_the_reverse() {
     let _g = llm_lock();
-    // One-token steps alone against prefill runs of 7 in a batch: runs straddle every
-    // slide point (room 128 after each) and still give the same blob.
-    let alone = private_pool(1, 1);
-    let batched = private_pool(3, 7);
+    // One-token steps alone against prefill runs of 7 in a batch (its lanes coded on two
+    // host threads): runs straddle every slide point (room 128 after each) and still
+    // give the same blob.
+    let alone = private_pool(1, 1, 1);
+    let batched = private_pool(3, 7, 2);
     let mut data = english(6_000);
     data.extend_from_slice(b"\nA short second chunk of text, coded beside the long one.\n");
     data.extend_from_slice(b"And a third, even shorter.\n");
@@ -333,8 +336,9 @@ fn shared_pool_lanes_join_leave_and_pause_without_changing_any_stream() {
     use std::sync::Arc;
 
     let _g = llm_lock();
-    let one_lane = private_pool(1, 1);
-    let shared = private_pool(3, nacrithfs::model::llama::DEFAULT_ENCODE_RUN);
+    // The shared pool spreads its lanes' ensembles over three host threads (as on a GPU).
+    let one_lane = private_pool(1, 1, 1);
+    let shared = private_pool(3, nacrithfs::model::llama::DEFAULT_ENCODE_RUN, 3);
     let data = english(6_000);
     let opts = CompressOptions {
         chunk_size: 1_200,

@@ -220,44 +220,86 @@ pub fn run_lanes(
         let t1 = std::time::Instant::now();
         t_model += t1 - t0;
         steps += 1;
+        // Each lane's feeds are consecutive in `order`: one run per lane, coded in order.
+        let mut runs: Vec<(usize, std::ops::Range<usize>)> = Vec::new();
         for (i, &slot) in order.iter().enumerate() {
-            let Some(lane) = lanes[slot].as_mut() else {
-                continue;
-            };
-            // An encoding run asked for every token's logits; whether the coder uses them
-            // is decided here, from the symbols coded so far, as the decoder decides it.
-            let logits = if feeds[i].want_logits && lane.model.wants_llm() {
-                Some(lm.logits(i))
+            match runs.last_mut() {
+                Some((s, r)) if *s == slot => r.end = i + 1,
+                _ => runs.push((slot, i..i + 1)),
+            }
+        }
+        let logits: Vec<Option<&[f32]>> = feeds
+            .iter()
+            .enumerate()
+            .map(|(i, f)| f.want_logits.then(|| lm.logits(i)))
+            .collect();
+        let threads = lm.host_threads().min(runs.len()).max(1);
+        let mut taken: Vec<(usize, Lane, std::ops::Range<usize>, usize, bool)> = runs
+            .into_iter()
+            .filter_map(|(slot, r)| Some((slot, lanes[slot].take()?, r, 0, false)))
+            .collect();
+        if threads == 1 {
+            for (_, lane, r, coded, ended) in taken.iter_mut() {
+                (*coded, *ended) = code_run(lane, &logits[r.clone()]);
+            }
+        } else {
+            // The ensemble of each lane is independent of the others': on a fast device
+            // one host core per lane-step would starve it, so the lanes are spread over
+            // the host's cores. Same arithmetic per lane, so the same bits.
+            let per = taken.len().div_ceil(threads);
+            let logits = &logits;
+            std::thread::scope(|s| {
+                for group in taken.chunks_mut(per) {
+                    s.spawn(move || {
+                        for (_, lane, r, coded, ended) in group.iter_mut() {
+                            (*coded, *ended) = code_run(lane, &logits[r.clone()]);
+                        }
+                    });
+                }
+            });
+        }
+        for (slot, lane, _, coded, ended) in taken {
+            source.progress(lane.id, coded);
+            if ended {
+                finish(lane, source);
             } else {
-                None
-            };
-            lane.model.predict(logits);
-            let sym = match &mut lane.work {
-                Work::Enc { symbols, enc } => {
-                    let s = symbols[lane.done];
-                    lane.model.encode(enc, s);
-                    s
-                }
-                Work::Dec { dec, out, .. } => {
-                    let s = lane.model.decode(dec);
-                    out.push(s);
-                    s
-                }
-            };
-            lane.model.update(sym);
-            lane.done += 1;
-            source.progress(lane.id, 1);
-            // A valid stream ends within a few bits of its data; reading far past it means
-            // corruption. Stop early: the short output fails the chunk's length check.
-            let overran = matches!(&lane.work, Work::Dec { dec, .. } if dec.overran());
-            if lane.done == lane.len() || overran {
-                if let Some(l) = lanes[slot].take() {
-                    finish(l, source);
-                }
+                lanes[slot] = Some(lane);
             }
         }
         t_coder += t1.elapsed();
     }
+}
+
+/// Code one lane's symbols for the logits of its feeds of the last step (None where no
+/// logits were asked for). Returns how many it coded and whether the job ended.
+fn code_run(lane: &mut Lane, logits: &[Option<&[f32]>]) -> (usize, bool) {
+    for (n, l) in logits.iter().enumerate() {
+        // An encoding run asked for every token's logits; whether the coder uses them
+        // is decided here, from the symbols coded so far, as the decoder decides it.
+        let l = l.filter(|_| lane.model.wants_llm());
+        lane.model.predict(l);
+        let sym = match &mut lane.work {
+            Work::Enc { symbols, enc } => {
+                let s = symbols[lane.done];
+                lane.model.encode(enc, s);
+                s
+            }
+            Work::Dec { dec, out, .. } => {
+                let s = lane.model.decode(dec);
+                out.push(s);
+                s
+            }
+        };
+        lane.model.update(sym);
+        lane.done += 1;
+        // A valid stream ends within a few bits of its data; reading far past it means
+        // corruption. Stop early: the short output fails the chunk's length check.
+        let overran = matches!(&lane.work, Work::Dec { dec, .. } if dec.overran());
+        if lane.done == lane.len() || overran {
+            return (n + 1, true);
+        }
+    }
+    (logits.len(), false)
 }
 
 fn finish(lane: Lane, source: &mut dyn JobSource) {

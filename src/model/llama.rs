@@ -138,6 +138,24 @@ fn encode_run_requested() -> usize {
         .map_or(DEFAULT_ENCODE_RUN, |n| n.clamp(1, MAX_STEP_TOKENS))
 }
 
+/// Host threads a context spreads its lanes' ensemble work over. On CPU one: every core
+/// already runs a context. On a GPU every core of the host: one core codes ~1,500
+/// symbols/s (`examples/lanes_speed`), far below what a GPU context steps.
+/// `NACRITH_ENSEMBLE_THREADS` overrides it (the output is the same whatever it is).
+fn ensemble_threads(device: &Device) -> usize {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    std::env::var("NACRITH_ENSEMBLE_THREADS")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .map_or(
+            match device {
+                Device::Cpu => 1,
+                Device::Gpu { .. } => cores,
+            },
+            |n| n.clamp(1, 256),
+        )
+}
+
 fn use_gpu() -> bool {
     cfg!(feature = "cuda") && std::env::var_os("NACRITH_CPU_ONLY").is_none()
 }
@@ -211,6 +229,8 @@ pub struct ModelRuntime {
     flash_attention_auto: bool,
     /// Tokens per encoding lane per step; see [`DEFAULT_ENCODE_RUN`].
     pub encode_run: usize,
+    /// See [`ensemble_threads`].
+    pub ensemble_threads: usize,
     model: LlamaModel,
 }
 
@@ -328,6 +348,7 @@ impl ModelRuntime {
             escape_token: escape,
             flash_attention_auto,
             encode_run: encode_run_requested(),
+            ensemble_threads: ensemble_threads(device),
             model,
         })
     }
@@ -401,6 +422,7 @@ impl ModelRuntime {
             fed_count: vec![0; n_lanes],
             run,
             capacity,
+            host_threads: self.ensemble_threads,
             logit_index: Vec::with_capacity(n_lanes),
             ctx_len,
             ctx_keep: params.ctx_keep,
@@ -417,6 +439,7 @@ pub struct LlamaLanes<'m> {
     fed_count: Vec<usize>,
     run: usize,
     capacity: usize,
+    host_threads: usize,
     /// Batch index of each feed of the last step.
     logit_index: Vec<i32>,
     ctx_len: u32,
@@ -463,6 +486,10 @@ impl LanguageModel for LlamaLanes<'_> {
 
     fn step_capacity(&self) -> usize {
         self.capacity
+    }
+
+    fn host_threads(&self) -> usize {
+        self.host_threads
     }
 
     fn run_room(&self, lane: usize) -> usize {

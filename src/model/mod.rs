@@ -46,6 +46,11 @@ pub trait LanguageModel {
     fn step_capacity(&self) -> usize {
         self.n_lanes()
     }
+    /// Host threads the coder may spread the lanes' ensemble work over after a step
+    /// (1: the calling thread does it all, as on CPU where every core runs a context).
+    fn host_threads(&self) -> usize {
+        1
+    }
     /// Most tokens the lane may take in its next step: its context slides only between
     /// steps, at the position one-token steps would slide it.
     fn run_room(&self, _lane: usize) -> usize {
