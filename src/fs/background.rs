@@ -401,6 +401,10 @@ fn compress_file(
         Ok(h) => h,
         Err(e) => return fail(format!("reading its plaintext: {e}")),
     };
+    if core.opts.dedup && !core.start_coding(ino, &content) {
+        log::debug!("{name} is equal to a file being compressed now: it waits to share its blob");
+        return;
+    }
     let seq = match core.store.alloc_blob_seq() {
         Ok(s) => s,
         Err(e) => return fail(e.to_string()),

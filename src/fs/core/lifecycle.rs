@@ -65,7 +65,7 @@ impl Core {
                 // A file open for writing is still compressed if it has not been
                 // written since it was queued (a write takes it off the queue); the
                 // version check at commit catches a write that races the compression.
-                if st.compressing.contains(&ino) {
+                if st.compressing.contains(&ino) || st.deferred.contains(&ino) {
                     continue;
                 }
                 if due > now {
@@ -121,7 +121,7 @@ impl Core {
             shared,
         } = *blob;
         let mut st = self.lock();
-        Self::compression_ended(&mut st, ino);
+        self.compression_ended(&mut st, ino);
         let mut inode = match self.get(ino) {
             Ok(i) => i,
             Err(libc::ENOENT) => return Ok(false),
@@ -164,7 +164,7 @@ impl Core {
     /// A compression failed: keep the plaintext, retry later.
     pub(crate) fn compression_failed(&self, ino: u64) {
         let mut st = self.lock();
-        Self::compression_ended(&mut st, ino);
+        self.compression_ended(&mut st, ino);
         st.stats.failures += 1;
         let mut txn = Txn::default();
         txn.enqueue(ino, unix_ms(SystemTime::now() + RETRY_AFTER));
@@ -174,11 +174,49 @@ impl Core {
     }
 
     /// Busy time is wall time with at least one compression running (they overlap).
-    pub(super) fn compression_ended(st: &mut State, ino: u64) {
+    /// Files waiting for this one's content (see [`Core::start_coding`]) are released.
+    pub(super) fn compression_ended(&self, st: &mut State, ino: u64) {
         st.compressing.retain(|&i| i != ino);
         if st.compressing.is_empty() {
             if let Some(t) = st.busy_since.take() {
                 st.stats.busy += t.elapsed();
+            }
+        }
+        // At most one entry per compressor: a short scan.
+        let owned = st
+            .coding
+            .iter()
+            .find(|(_, (owner, _))| *owner == ino)
+            .map(|(k, _)| *k);
+        if let Some(key) = owned {
+            if let Some((_, waiting)) = st.coding.remove(&key) {
+                for w in waiting {
+                    st.deferred.remove(&w);
+                }
+                self.wake.notify_all();
+            }
+        }
+    }
+
+    /// `ino` (claimed) is about to be coded, its plaintext's BLAKE3 being `content`.
+    /// If another compressor is coding equal content now, `ino` steps aside and this
+    /// returns false: its claim ends, its queue entry stays, and `next_due` passes over
+    /// it until that compression ends; by then the content hint of the blob it committed
+    /// lets `ino` share it with no model time (if it failed, `ino` is coded as usual).
+    pub(crate) fn start_coding(&self, ino: u64, content: &[u8; 32]) -> bool {
+        let mut guard = self.lock();
+        let st = &mut *guard;
+        match st.coding.get_mut(content) {
+            Some((owner, _)) if *owner == ino => true,
+            Some((_, waiting)) => {
+                waiting.push(ino);
+                st.deferred.insert(ino);
+                self.compression_ended(st, ino);
+                false
+            }
+            None => {
+                st.coding.insert(*content, (ino, Vec::new()));
+                true
             }
         }
     }
@@ -187,7 +225,7 @@ impl Core {
     /// written and closed again (or the next mount requeues it and it is skipped again).
     pub(crate) fn compression_skipped(&self, ino: u64) {
         let mut st = self.lock();
-        Self::compression_ended(&mut st, ino);
+        self.compression_ended(&mut st, ino);
         let mut txn = Txn::default();
         txn.dequeue(ino);
         if let Err(e) = self.store.commit(txn, false) {
@@ -209,7 +247,7 @@ impl Core {
     /// closed): not a failure, as when `commit_blob` refuses.
     pub(crate) fn compression_superseded(&self, ino: u64) {
         let mut st = self.lock();
-        Self::compression_ended(&mut st, ino);
+        self.compression_ended(&mut st, ino);
         st.stats.superseded += 1;
     }
 

@@ -195,6 +195,14 @@ pub(crate) struct State {
     pub(crate) partial: HashMap<u64, Partial>,
     /// Inodes a worker is compressing now.
     pub(crate) compressing: Vec<u64>,
+    /// Content being coded now (BLAKE3 of the plaintext): the inode coding it and the
+    /// queued inodes with equal content that wait for it, to share its blob (dedup of
+    /// files compressed at the same moment). In memory only: after a crash they are
+    /// simply queued again.
+    coding: HashMap<[u8; 32], (u64, Vec<u64>)>,
+    /// Those waiting inodes: `next_due` passes over them until the coder of their
+    /// content ends.
+    deferred: std::collections::HashSet<u64>,
     /// Clean cached copies by last use, for the cache cap.
     clean: cache::CleanCopies,
     pub(crate) stats: Stats,
@@ -301,6 +309,8 @@ impl Core {
                 waiters: HashMap::new(),
                 partial: HashMap::new(),
                 compressing: Vec::new(),
+                coding: HashMap::new(),
+                deferred: Default::default(),
                 clean: Default::default(),
                 stats: Stats::default(),
                 shutting_down: false,
