@@ -8,6 +8,7 @@
 //! * [`fs`]: the filesystem engine and its FUSE adapter
 //! * [`admin`]: the client side of `nacrithfs flush|evict|status|metrics`
 //! * [`crash`]: named crash points for the crash-consistency harness
+//! * [`selfcheck`]: `nacrith gpu-check`, a device's invariance and speed in one run
 
 pub mod admin;
 pub mod codec;
@@ -16,4 +17,5 @@ pub mod fs;
 pub mod fuzzing;
 pub mod model;
 pub mod pool;
+pub mod selfcheck;
 pub mod store;

@@ -7,6 +7,7 @@ use common::{english, llm_lock, pool};
 use nacrithfs::codec::container::Header;
 use nacrithfs::codec::tokenizer::Symbol;
 use nacrithfs::codec::{self, CompressOptions, DecompressOptions, Engine};
+use nacrithfs::model::invariance::{self, logits_hash};
 use nacrithfs::model::{Feed, LanguageModel};
 use nacrithfs::pool::LocalPool;
 
@@ -23,20 +24,10 @@ fn tokens_of(text: &[u8]) -> Vec<u32> {
         .collect()
 }
 
-fn logits_hash(l: &[f32]) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for v in l {
-        for b in v.to_bits().to_le_bytes() {
-            h ^= b as u64;
-            h = h.wrapping_mul(0x0000_0100_0000_01b3);
-        }
-    }
-    h
-}
-
 /// Logits of one stream fed alone, one token per call, versus the same stream in another
 /// lane of a batch whose other lanes join, leave, restart and skip logits around it, and
 /// versus the stream fed in prefill runs of several tokens per call. Past two KV slides.
+/// (`nacrith gpu-check` runs the same check on a GPU.)
 #[test]
 fn logits_do_not_depend_on_batch_composition_across_a_kv_slide() {
     let _g = llm_lock();
@@ -44,148 +35,22 @@ fn logits_do_not_depend_on_batch_composition_across_a_kv_slide() {
     let params = rt.default_params();
     let text = english(16_000);
     let target = tokens_of(&text);
-    // The first slide comes at ctx_len tokens, the second ctx_len - ctx_keep later (the
-    // refilled cells are then scattered: where a run's tokens land matters).
-    let n = 2 * params.ctx_len as usize - params.ctx_keep as usize + 100;
-    assert!(
-        target.len() >= n,
-        "need {n} tokens to pass two slides, have {}",
-        target.len()
-    );
+    let n = invariance::past_two_slides(&params);
     let start = rt.start_token;
-
-    // Alone.
-    let mut alone = Vec::with_capacity(n);
-    {
-        let mut lm = rt.lanes(1, &params).expect("context");
-        lm.reset_lane(0).expect("reset");
-        for i in 0..n {
-            let token = if i == 0 { start } else { target[i - 1] };
-            lm.step(&[Feed {
-                lane: 0,
-                token,
-                want_logits: true,
-            }])
-            .expect("step");
-            alone.push(logits_hash(lm.logits(0)));
-        }
-    }
-
-    // In lane 2 of 4; the other lanes run other text, with different lengths, so they
-    // finish and restart at different moments; lane 1 asks for no logits half the time.
     let others = tokens_of(&english(11_000)[3000..]);
-    let mut batched = Vec::with_capacity(n);
+    let plan = invariance::Plan {
+        target: &target,
+        others: &others,
+        positions: n,
+        lanes: 4,
+        max_run: 37,
+    };
+    let alone = match invariance::check(rt, &params, &plan) {
+        Ok(hashes) => hashes,
+        Err(e) => panic!("{e}"),
+    };
+    assert_eq!(alone.len(), n);
     {
-        let mut lm = rt.lanes(4, &params).expect("context");
-        for lane in 0..4 {
-            lm.reset_lane(lane).expect("reset");
-        }
-        let lens = [97usize, 0, 0, 401];
-        let mut pos = [0usize; 4];
-        let mut runs = [0usize; 4];
-        for i in 0..n {
-            let mut feeds = Vec::new();
-            let mut target_index = 0;
-            for lane in [0usize, 1, 2, 3] {
-                if lane == 2 {
-                    let token = if i == 0 { start } else { target[i - 1] };
-                    target_index = feeds.len();
-                    feeds.push(Feed {
-                        lane,
-                        token,
-                        want_logits: true,
-                    });
-                    continue;
-                }
-                // Lane 1 idles for a stretch, then runs long enough to slide itself.
-                if lane == 1 && (300..700).contains(&i) {
-                    continue;
-                }
-                let limit = if lane == 1 {
-                    usize::MAX
-                } else {
-                    lens[lane] + 13 * runs[lane]
-                };
-                if pos[lane] == limit {
-                    lm.reset_lane(lane).expect("reset");
-                    pos[lane] = 0;
-                    runs[lane] += 1;
-                }
-                let token = if pos[lane] == 0 {
-                    start
-                } else {
-                    others[(pos[lane] - 1 + lane * 50) % others.len()]
-                };
-                feeds.push(Feed {
-                    lane,
-                    token,
-                    want_logits: lane != 1 || i % 2 == 0,
-                });
-                pos[lane] += 1;
-            }
-            lm.step(&feeds).expect("step");
-            batched.push(logits_hash(lm.logits(target_index)));
-        }
-    }
-    let first_diff = alone.iter().zip(&batched).position(|(a, b)| a != b);
-    assert_eq!(
-        first_diff, None,
-        "logits diverged at position {first_diff:?} of {n}"
-    );
-
-    // Prefill: the target in lane 1 of 3, fed in runs of 1 to 37 tokens per step (cut at
-    // each slide as the encoder cuts them), beside a lane taking one token per step
-    // (asking for logits one step in three) and a lane taking runs of 5.
-    {
-        let mut lm = rt.lanes_with_run(3, &params, 37).expect("context");
-        for lane in 0..3 {
-            lm.reset_lane(lane).expect("reset");
-        }
-        let other = |p: usize, lane: usize| {
-            if p == 0 {
-                start
-            } else {
-                others[(p - 1 + lane * 50) % others.len()]
-            }
-        };
-        let runs = [1usize, 37, 2, 16, 5, 30, 9, 37, 3];
-        let (mut i, mut step, mut pos0, mut pos2) = (0usize, 0usize, 0usize, 0usize);
-        while i < n {
-            let k = runs[step % runs.len()].min(lm.run_room(1)).min(n - i);
-            let mut feeds = vec![Feed {
-                lane: 0,
-                token: other(pos0, 0),
-                want_logits: step % 3 == 0,
-            }];
-            pos0 += 1;
-            let first = feeds.len();
-            for j in i..i + k {
-                feeds.push(Feed {
-                    lane: 1,
-                    token: if j == 0 { start } else { target[j - 1] },
-                    want_logits: true,
-                });
-            }
-            for _ in 0..5.min(lm.run_room(2)) {
-                feeds.push(Feed {
-                    lane: 2,
-                    token: other(pos2, 2),
-                    want_logits: true,
-                });
-                pos2 += 1;
-            }
-            lm.step(&feeds).expect("prefill step");
-            for j in 0..k {
-                assert_eq!(
-                    logits_hash(lm.logits(first + j)),
-                    alone[i + j],
-                    "prefill diverged at position {} (a run of {k} from {i})",
-                    i + j
-                );
-            }
-            i += k;
-            step += 1;
-        }
         // A run may not cross a slide: the model refuses it (before changing anything)
         // rather than put tokens at other positions than one-token steps would.
         let mut lm = rt.lanes_with_run(1, &params, 64).expect("context");

@@ -75,6 +75,40 @@ enum Cmd {
         #[arg(long)]
         force_backend: bool,
     },
+    /// One run on a GPU machine (or, without a usable GPU, on the CPU as a dry run):
+    /// logits invariance, a round trip, a lanes x contexts speed sweep. Exit 1 on a failed
+    /// check. `scripts/gpu-check` prepares and runs it.
+    GpuCheck {
+        /// Real text to cut every input from (the sweep and the round trip cycle it)
+        text: PathBuf,
+        /// GGUF model file (default: $NACRITH_MODEL, then the installed default model)
+        #[arg(long, value_name = "PATH")]
+        model: Option<PathBuf>,
+        /// Positions the invariance check compares (default: past two KV slides)
+        #[arg(long)]
+        positions: Option<usize>,
+        /// Lanes of the batch the checked stream shares
+        #[arg(long, default_value_t = 64)]
+        check_lanes: usize,
+        /// Longest prefill run the checked stream is fed in one call
+        #[arg(long, default_value_t = 64)]
+        max_run: usize,
+        /// Bytes of the round trip
+        #[arg(long, default_value_t = 1 << 20)]
+        round_trip_bytes: usize,
+        /// Lanes per context to sweep
+        #[arg(long, value_delimiter = ',', default_value = "16,32,64,128,256")]
+        lanes: Vec<usize>,
+        /// Contexts per device to sweep
+        #[arg(long, value_delimiter = ',', default_value = "1,2,3,4")]
+        contexts: Vec<usize>,
+        /// Bytes each lane codes in a sweep setting
+        #[arg(long, default_value_t = 2048)]
+        sweep_chunk: usize,
+        /// Seconds from the start after which sweep settings are skipped
+        #[arg(long, default_value_t = 420)]
+        budget_secs: u64,
+    },
     /// Show a blob's header, segments, chunks, ratio and bits per byte
     Info {
         input: PathBuf,
@@ -354,6 +388,37 @@ fn main() -> ExitCode {
             force_backend,
         } => decompress(input, output, model, *force_backend),
         Cmd::Info { input, chunks } => info(input, *chunks),
+        Cmd::GpuCheck {
+            text,
+            model,
+            positions,
+            check_lanes,
+            max_run,
+            round_trip_bytes,
+            lanes,
+            contexts,
+            sweep_chunk,
+            budget_secs,
+        } => (|| {
+            let cfg = nacrithfs::selfcheck::Config {
+                model: find_model(model.as_deref())?,
+                text: std::fs::read(text)
+                    .with_context(|| format!("cannot read {}", text.display()))?,
+                positions: *positions,
+                check_lanes: *check_lanes,
+                max_run: *max_run,
+                round_trip_bytes: *round_trip_bytes,
+                lanes: lanes.clone(),
+                contexts: contexts.clone(),
+                sweep_chunk: (*sweep_chunk).max(64),
+                deadline: std::time::Duration::from_secs(*budget_secs),
+            };
+            if nacrithfs::selfcheck::run(&cfg)? {
+                Ok(())
+            } else {
+                bail!("a check failed (see above)")
+            }
+        })(),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -187,6 +187,11 @@ impl Device {
 /// picks among them.
 pub fn gpus() -> Result<Vec<Device>, ModelError> {
     if !use_gpu() {
+        if cfg!(feature = "cuda") {
+            say_once(
+                "NACRITH_CPU_ONLY is set: coding on the CPU (CPU blobs, as a CPU build makes)",
+            );
+        }
         return Ok(Vec::new());
     }
     backend()?;
@@ -199,6 +204,10 @@ pub fn gpus() -> Result<Vec<Device>, ModelError> {
         })
         .collect();
     let Some(first) = all.first().cloned() else {
+        say_once(
+            "built with cuda, but llama.cpp found no usable GPU (none present, driver too old, \
+             or CUDA_VISIBLE_DEVICES empty): coding on the CPU (CPU blobs, as a CPU build makes)",
+        );
         return Ok(Vec::new());
     };
     let (same, other): (Vec<Device>, Vec<Device>) =
@@ -210,6 +219,12 @@ pub fn gpus() -> Result<Vec<Device>, ModelError> {
         );
     }
     Ok(same)
+}
+
+/// The fallback to the CPU is said once per process, however often the GPUs are listed.
+fn say_once(msg: &str) {
+    static SAID: std::sync::Once = std::sync::Once::new();
+    SAID.call_once(|| log::warn!("{msg}"));
 }
 
 /// A loaded model with everything the coder needs to know about it.
@@ -231,6 +246,8 @@ pub struct ModelRuntime {
     pub encode_run: usize,
     /// See [`ensemble_threads`].
     pub ensemble_threads: usize,
+    /// Loaded on a GPU (else everything stays on the host).
+    on_gpu: bool,
     model: LlamaModel,
 }
 
@@ -310,7 +327,10 @@ impl ModelRuntime {
 
         let fingerprint = fingerprint_file(path).map_err(|e| load_err(e.to_string()))?;
         let params = match device {
-            Device::Cpu => LlamaModelParams::default(),
+            // llama.cpp's default puts every layer on a GPU when there is one: a "CPU"
+            // model in a cuda build on a GPU machine would compute on the GPU, under a
+            // CPU tag. Zero layers there (contexts also keep KV and ops on the host).
+            Device::Cpu => LlamaModelParams::default().with_n_gpu_layers(0),
             // Every layer on this one GPU: a split across GPUs would make the logits
             // depend on how many there are.
             Device::Gpu { index, .. } => LlamaModelParams::default()
@@ -349,6 +369,7 @@ impl ModelRuntime {
             flash_attention_auto,
             encode_run: encode_run_requested(),
             ensemble_threads: ensemble_threads(device),
+            on_gpu: matches!(device, Device::Gpu { .. }),
             model,
         })
     }
@@ -408,7 +429,11 @@ impl ModelRuntime {
             } else {
                 llama_cpp_sys_2::LLAMA_FLASH_ATTN_TYPE_DISABLED
             })
-            .with_no_perf(true);
+            .with_no_perf(true)
+            // On a CPU model: no KV cache and no large-batch matrix products moved to a
+            // GPU that happens to be present (see `load_on`).
+            .with_offload_kqv(self.on_gpu)
+            .with_op_offload(self.on_gpu);
         let ctx = {
             let _guard = CONTEXT_CREATION.lock().unwrap_or_else(|p| p.into_inner());
             self.model

@@ -4,6 +4,7 @@
 
 pub mod discovery;
 pub mod gguf;
+pub mod invariance;
 pub mod llama;
 
 pub use discovery::{find_model, DEFAULT_MODEL_FILE};
