@@ -14,7 +14,6 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use crate::codec::tokenizer::Symbol;
 use crate::codec::{self, CompressOptions, DecompressOptions, Engine};
 use crate::model::invariance::{self, Plan};
 use crate::model::llama::gpus;
@@ -66,23 +65,12 @@ pub fn run(cfg: &Config) -> anyhow::Result<bool> {
     Ok(ok)
 }
 
-fn tokens(rt: &ModelRuntime, text: &[u8]) -> Vec<u32> {
-    rt.tokenizer
-        .encode(text)
-        .into_iter()
-        .map(|s| match s {
-            Symbol::Token(t) => t,
-            Symbol::Escaped(_) => rt.escape_token,
-        })
-        .collect()
-}
-
 fn check_invariance(cfg: &Config) -> anyhow::Result<bool> {
     let t = Instant::now();
     let rt = ModelRuntime::load(&cfg.model)?;
     let params = rt.default_params();
     println!("backend: {}", rt.backend_tag);
-    let all = tokens(&rt, &cfg.text);
+    let all = rt.feed_tokens(&cfg.text);
     let slides = invariance::past_two_slides(&params);
     let positions = cfg.positions.unwrap_or(slides).min(all.len());
     // The other lanes read the second half of the text, the target the first.

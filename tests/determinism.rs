@@ -5,23 +5,13 @@ mod common;
 
 use common::{english, llm_lock, pool};
 use nacrithfs::codec::container::Header;
-use nacrithfs::codec::tokenizer::Symbol;
 use nacrithfs::codec::{self, CompressOptions, DecompressOptions, Engine};
 use nacrithfs::model::invariance::{self, logits_hash};
 use nacrithfs::model::{Feed, LanguageModel};
 use nacrithfs::pool::LocalPool;
 
 fn tokens_of(text: &[u8]) -> Vec<u32> {
-    pool()
-        .runtime
-        .tokenizer
-        .encode(text)
-        .into_iter()
-        .map(|s| match s {
-            Symbol::Token(t) => t,
-            Symbol::Escaped(_) => pool().runtime.escape_token,
-        })
-        .collect()
+    pool().runtime.feed_tokens(text)
 }
 
 /// Logits of one stream fed alone, one token per call, versus the same stream in another

@@ -390,6 +390,19 @@ impl ModelRuntime {
     }
 
     /// The parameters this build codes new blobs with.
+    /// The tokens the model is fed for `text`: its tokenizer's, an escaped byte fed as
+    /// the escape token (as the coder feeds it).
+    pub fn feed_tokens(&self, text: &[u8]) -> Vec<u32> {
+        self.tokenizer
+            .encode(text)
+            .into_iter()
+            .map(|s| match s {
+                crate::codec::tokenizer::Symbol::Token(t) => t,
+                crate::codec::tokenizer::Symbol::Escaped(_) => self.escape_token,
+            })
+            .collect()
+    }
+
     pub fn default_params(&self) -> CoderParams {
         CoderParams::new(self.n_vocab() as u32, self.start_token, self.escape_token)
     }
