@@ -19,7 +19,10 @@ use nacrithfs::pool::{LocalPool, DEFAULT_LANES};
 #[command(
     name = "nacrith",
     version,
-    about = "LLM-driven lossless compression of text (NC06 blobs)"
+    about = "LLM-driven lossless compression of text (NC06 blobs)",
+    // A flag given twice takes its last value (scripts/gpu-check passes its defaults
+    // first, then the caller's arguments).
+    args_override_self = true
 )]
 struct Cli {
     #[command(subcommand)]
@@ -97,10 +100,10 @@ enum Cmd {
         #[arg(long, default_value_t = 1 << 20)]
         round_trip_bytes: usize,
         /// Lanes per context to sweep
-        #[arg(long, value_delimiter = ',', default_value = "16,32,64,128,256")]
+        #[arg(long, value_delimiter = ',', action = clap::ArgAction::Set, default_value = "16,32,64,128,256")]
         lanes: Vec<usize>,
         /// Contexts per device to sweep
-        #[arg(long, value_delimiter = ',', default_value = "1,2,3,4")]
+        #[arg(long, value_delimiter = ',', action = clap::ArgAction::Set, default_value = "1,2,3,4")]
         contexts: Vec<usize>,
         /// Bytes each lane codes in a sweep setting
         #[arg(long, default_value_t = 2048)]
