@@ -379,6 +379,78 @@ const BYTES_PER_SYMBOL: f64 = 1.8;
 /// How often `flush` prints a progress line when not on a terminal.
 const PLAIN_EVERY: Duration = Duration::from_secs(30);
 
+/// Progress of a long job (flush, recode): files and bytes done of the total, tokens/s,
+/// ETA; a bar on a terminal, else a line every [`PLAIN_EVERY`] on stderr.
+pub struct Progress {
+    what: &'static str,
+    /// Plaintext bytes one counted symbol stands for, to estimate the bytes of files
+    /// still in progress (bytes count only when a file is done).
+    bytes_per_symbol: f64,
+    start: Instant,
+    bar: Option<indicatif::ProgressBar>,
+    last_line: std::sync::Mutex<Instant>,
+}
+
+impl Progress {
+    pub fn new(what: &'static str, bytes_per_symbol: f64) -> Progress {
+        let bar = std::io::stderr().is_terminal().then(|| {
+            let bar = indicatif::ProgressBar::new(1);
+            bar.set_style(
+                indicatif::ProgressStyle::with_template(&format!(
+                    "{what} [{{elapsed_precise}}] {{wide_bar}} {{bytes}}/{{total_bytes}} {{msg}}"
+                ))
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+            );
+            bar
+        });
+        Progress {
+            what,
+            bytes_per_symbol,
+            start: Instant::now(),
+            bar,
+            last_line: std::sync::Mutex::new(Instant::now()),
+        }
+    }
+
+    pub fn show(&self, bytes: u64, bytes_total: u64, files: u64, files_total: u64, symbols: u64) {
+        let secs = self.start.elapsed().as_secs_f64().max(1e-3);
+        let tokens = symbols as f64 / secs;
+        let estimate =
+            bytes.max(((symbols as f64 * self.bytes_per_symbol) as u64).min(bytes_total));
+        let eta = if estimate > 0 {
+            duration(secs * bytes_total.saturating_sub(estimate) as f64 / estimate as f64)
+        } else {
+            "?".into()
+        };
+        let msg = format!("{files}/{files_total} files, {tokens:.0} tokens/s, ETA {eta}");
+        match &self.bar {
+            Some(b) => {
+                b.set_length(bytes_total.max(1));
+                b.set_position(bytes.min(bytes_total));
+                b.set_message(msg);
+            }
+            None => {
+                let mut last = self.last_line.lock().unwrap_or_else(|p| p.into_inner());
+                if last.elapsed() >= PLAIN_EVERY {
+                    eprintln!(
+                        "{}: {} of {}, {msg}",
+                        self.what,
+                        human(bytes),
+                        human(bytes_total)
+                    );
+                    *last = Instant::now();
+                }
+            }
+        }
+    }
+
+    pub fn finish(&self) {
+        if let Some(b) = &self.bar {
+            b.finish_and_clear();
+        }
+    }
+}
+
 /// `nacrithfs flush`: queue every closed dirty file now and wait until the queue is
 /// done. Progress (files and bytes done of what was dirty, tokens/s, ETA) as a bar on a
 /// terminal, as a line every 30 s otherwise.
@@ -386,18 +458,7 @@ pub fn flush(mnt: &Path) -> Result<(), String> {
     let start = Status::read(mnt)?;
     let (files_total, bytes_total) = (start.get("dirty"), start.get("dirty_bytes"));
     control(mnt, "flush")?;
-    let t0 = Instant::now();
-    let bar = std::io::stderr().is_terminal().then(|| {
-        let bar = indicatif::ProgressBar::new(bytes_total.max(1));
-        bar.set_style(
-            indicatif::ProgressStyle::with_template(
-                "flush [{elapsed_precise}] {wide_bar} {bytes}/{total_bytes} {msg}",
-            )
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-        );
-        bar
-    });
-    let mut last_line = Instant::now();
+    let render = Progress::new("flush", BYTES_PER_SYMBOL);
     loop {
         let s = Status::read(mnt)?;
         let files = s
@@ -408,40 +469,21 @@ pub fn flush(mnt: &Path) -> Result<(), String> {
             .get("bytes_in")
             .saturating_sub(start.get("bytes_in"))
             .min(bytes_total);
-        let secs = t0.elapsed().as_secs_f64().max(1e-3);
-        // Bytes count when a file is done; for the ETA, the tokens coded so far stand for
-        // the bytes of files still in progress (each token is coded, then decoded to
-        // verify: ~1.8 bytes of English per token counted).
         let symbols = s
             .get("symbols_coded")
             .saturating_sub(start.get("symbols_coded"));
-        let tokens = symbols as f64 / secs;
-        let estimate = bytes.max(((symbols as f64 * BYTES_PER_SYMBOL) as u64).min(bytes_total));
-        let eta = if estimate > 0 {
-            duration(secs * (bytes_total - estimate) as f64 / estimate as f64)
-        } else {
-            "?".into()
-        };
-        let msg = format!(
-            "{}/{files_total} files, {tokens:.0} tokens/s, ETA {eta}",
-            files.min(files_total)
-        );
         let done = s.get("due") == 0 && s.get("compressing") == 0;
-        match &bar {
-            Some(b) => {
-                b.set_position(bytes);
-                b.set_message(msg);
-            }
-            None if last_line.elapsed() >= PLAIN_EVERY && !done => {
-                eprintln!("flush: {} of {}, {msg}", human(bytes), human(bytes_total));
-                last_line = Instant::now();
-            }
-            None => {}
+        if !done {
+            render.show(
+                bytes,
+                bytes_total,
+                files.min(files_total),
+                files_total,
+                symbols,
+            );
         }
         if done {
-            if let Some(b) = &bar {
-                b.finish_and_clear();
-            }
+            render.finish();
             let failed = s.get("failures").saturating_sub(start.get("failures"));
             println!(
                 "flushed: {} files compressed, {} dirty (open for writing or failed)",

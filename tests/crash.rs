@@ -130,6 +130,9 @@ enum When {
     AtMount,
     /// During `nacrithfs fsck --repair` on the volume `run` left (killed with -9).
     InFsckRepair,
+    /// During `nacrithfs recode --to cpu --force-backend` on the volume `run` left
+    /// (cleanly unmounted), its LLM blobs' backend tags forged to another CPU level.
+    InRecode,
     /// During the mount of the template turned back into format 2 (its index in sled),
     /// which moves the index to fjall first.
     InMigration,
@@ -355,6 +358,30 @@ fn cases() -> Vec<Case> {
         std::mem::forget(f);
     }
 
+    /// A second file equal to evicted.txt (sharing its blob): recode codes the group
+    /// once and links the other.
+    fn equal_copy(mnt: &Path) {
+        fs::write(mnt.join("evicted_copy.txt"), &contents()["evicted.txt"]).expect("write");
+        admin("flush", mnt);
+        assert_eq!(
+            xattr(&mnt.join("evicted_copy.txt"), "user.nacrith.state"),
+            "compressed"
+        );
+    }
+    fn with_copy() -> Allowed {
+        let mut a = unchanged();
+        allow(&mut a, "evicted_copy.txt", vec![old("evicted.txt")]);
+        a
+    }
+    let r = |point| Case {
+        op: "recode",
+        point,
+        run: equal_copy,
+        allowed: with_copy,
+        when: When::InRecode,
+        verify: nothing_more,
+    };
+
     let c = |op, point, run: fn(&Path), allowed: fn() -> Allowed| Case {
         op,
         point,
@@ -505,7 +532,22 @@ fn cases() -> Vec<Case> {
             when: When::InFsckRepair,
             verify: nothing_more,
         },
+        r("recode.after_blob"),
+        r("recode.after_commit"),
+        r("recode.after_unlink"),
+        r("recode.after_link"),
+        // The second file's switch: the first is done.
+        r("recode.after_commit:2"),
     ]
+}
+
+/// The foreign CPU level recode cases forge into blob headers.
+fn foreign_level() -> &'static str {
+    if nacrithfs::model::llama::cpu_level() == "x86-64-v4" {
+        "x86-64-v3"
+    } else {
+        "x86-64-v4"
+    }
 }
 
 /// Mount with the crash point armed; expect the daemon to die of it.
@@ -541,6 +583,49 @@ fn run_to_crash(backing: &Path, mnt: &Path, case: &Case) {
             code <= 1,
             "{}: fsck --repair after its own crash at {} left problems:\n{text}",
             case.op,
+            case.point
+        );
+        return;
+    }
+    if case.when == When::InRecode {
+        let d = Daemon::start(backing, mnt, OPTS);
+        (case.run)(mnt);
+        d.unmount();
+        let level = nacrithfs::model::llama::cpu_level();
+        assert!(forge_backend(backing, &level, foreign_level()) >= 1);
+        let args = ["--to", "cpu", "--force-backend"];
+        let (status, text) = recode_env(&args, backing, &env);
+        assert_eq!(
+            status.signal(),
+            Some(libc::SIGKILL),
+            "{}: recode ended with {status}, not at crash point {}:\n{text}",
+            case.op,
+            case.point
+        );
+        let name = case.point.split(':').next().unwrap_or(case.point);
+        assert!(
+            text.contains(&format!("crash point {name} reached")),
+            "{}: killed, but not by crash point {}:\n{text}",
+            case.op,
+            case.point
+        );
+        // A rerun finishes the job: every file's blob is this backend's (the old blobs
+        // left in the graveyard go at the next mount).
+        let (status, text) = recode_env(&args, backing, &[]);
+        assert_eq!(
+            status.code(),
+            Some(0),
+            "recode after its crash at {}:\n{text}",
+            case.point
+        );
+        let after = text
+            .split("blobs per backend, after:")
+            .nth(1)
+            .and_then(|t| t.split("recoded ").next())
+            .unwrap_or_else(|| panic!("no table after the rerun:\n{text}"));
+        assert!(
+            after.contains(&level) && !after.contains(foreign_level()),
+            "{}: {text}",
             case.point
         );
         return;

@@ -1246,3 +1246,129 @@ fn control_evict(mnt: &Path) -> std::io::Result<()> {
     }
     Ok(())
 }
+
+/// `nacrithfs recode`, CPU to CPU with a forced foreign tag: blobs that claim another
+/// CPU level do not decode; recode refuses a mounted volume, says per backend what it
+/// holds and what each blob needs, recodes from a clean copy without the foreign
+/// backend, and with --force-backend decodes and recodes the rest; equal files keep
+/// sharing one blob; a rerun has nothing to do; fsck and every read are clean.
+#[test]
+fn recode_moves_blobs_of_a_foreign_backend_to_this_one() {
+    let _llm = common::llm_lock();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (backing, mnt) = new_volume(dir.path());
+    let text = common::english(6000);
+    let files: BTreeMap<&str, Vec<u8>> = [
+        ("a.txt", text[..1500].to_vec()),
+        ("b.txt", text[..1500].to_vec()),
+        ("c.txt", text[1500..2700].to_vec()),
+        ("small.txt", text[2700..2800].to_vec()),
+    ]
+    .into_iter()
+    .collect();
+    let d = Daemon::start(&backing, &mnt, "idle=3600");
+    for (name, data) in &files {
+        fs::write(mnt.join(name), data).expect("write");
+    }
+    admin("flush", &mnt);
+    admin("evict", &mnt);
+    // c.txt decoded again: a clean copy, the plaintext without the foreign backend.
+    assert_eq!(fs::read(mnt.join("c.txt")).expect("read c"), files["c.txt"]);
+    d.unmount();
+    let here = blob_backends(&backing);
+    assert_eq!(
+        here.len(),
+        2,
+        "a/b share one LLM blob, c.txt has one: {here:?}"
+    );
+    let level = nacrithfs::model::llama::cpu_level();
+    let foreign = if level == "x86-64-v4" {
+        "x86-64-v3"
+    } else {
+        "x86-64-v4"
+    };
+    assert_eq!(forge_backend(&backing, &level, foreign), 2);
+
+    // A blob of a backend not here: EIO, and the log says what it needs.
+    let d = Daemon::start(&backing, &mnt, "idle=3600");
+    let e = read_err(&mnt.join("a.txt"));
+    assert_eq!(e.raw_os_error(), Some(libc::EIO), "{e}");
+    let log = d.log_text();
+    assert!(
+        log.contains(foreign) && log.contains("nacrithfs recode BACKING --to cpu|cuda"),
+        "{log}"
+    );
+    // Offline only.
+    let (code, out) = recode(&["--to", "cpu"], &backing);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("unmount it first"), "{out}");
+    d.unmount();
+
+    let (code, out) = recode(&["--to", "cpu", "--dry-run"], &backing);
+    println!("{out}");
+    assert_eq!(code, 4, "{out}");
+    let v4_line = out
+        .lines()
+        .find(|l| l.contains(foreign))
+        .unwrap_or_else(|| panic!("no line for the foreign backend:\n{out}"));
+    assert!(
+        v4_line.contains("2 blobs") && v4_line.contains("3 files"),
+        "{v4_line}"
+    );
+    assert!(out.contains("1 files would be recoded, 2 left"), "{out}");
+
+    // Without --force-backend: c.txt from its clean copy; a/b left, saying why.
+    let before: Vec<(PathBuf, Vec<u8>)> = files_under(&backing, "blobs")
+        .into_iter()
+        .map(|p| (p.clone(), fs::read(&p).expect("read blob")))
+        .collect();
+    let (code, out) = recode(&["--to", "cpu"], &backing);
+    println!("{out}");
+    assert_eq!(code, 4, "{out}");
+    assert!(
+        out.contains("recoded 1 files (1 from their clean copy"),
+        "{out}"
+    );
+    assert!(
+        out.contains("left as they are: 2 files")
+            && out.contains("It needs a build for the recorded CPU level"),
+        "{out}"
+    );
+    let after = files_under(&backing, "blobs");
+    let untouched = before
+        .iter()
+        .filter(|(p, data)| fs::read(p).ok().as_ref() == Some(data))
+        .count();
+    assert_eq!(
+        untouched,
+        before.len() - 1,
+        "only c.txt's blob was replaced"
+    );
+    assert_eq!(after.len(), before.len(), "{after:?}");
+
+    let (code, out) = recode(&["--to", "cpu", "--force-backend"], &backing);
+    println!("{out}");
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("recoded 1 files (0 from their clean copy, 0 stored with zstd")
+            && out.contains("1 linked to an equal file's new blob"),
+        "{out}"
+    );
+    let tags = blob_backends(&backing);
+    assert_eq!(tags.len(), 2, "a/b still share one blob: {tags:?}");
+    assert!(tags.iter().all(|t| t.contains(&level)), "{tags:?}");
+    let (code, out) = recode(&["--to", "cpu"], &backing);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("nothing to do"), "{out}");
+    let (code, out) = fsck(&["--deep"], &backing);
+    assert_eq!(code, 0, "{out}");
+
+    let d = Daemon::start(&backing, &mnt, "idle=3600");
+    for (name, data) in &files {
+        assert_eq!(&fs::read(mnt.join(name)).expect("read"), data, "{name}");
+    }
+    assert!(status_field(&mnt, "regions_decoded") >= 1);
+    let log = d.log_text();
+    d.unmount();
+    assert!(!log.contains("ERROR"), "{log}");
+}

@@ -5,6 +5,7 @@
 //! nacrithfs TAG MOUNTPOINT -o backing=DIR,...      the same, fstab style
 //! nacrithfs flush|evict|status|metrics MOUNTPOINT
 //! nacrithfs fsck BACKING [--repair] [--deep] [--model PATH]
+//! nacrithfs recode BACKING --to cpu|cuda [--force-backend] [--dry-run] [--model PATH]
 //! ```
 
 use std::ffi::OsString;
@@ -40,6 +41,13 @@ usage:
                                  what can be fixed without losing data, --deep decodes
                                  LLM blobs too (loads the model). Exit 0 clean, 1 all
                                  repaired, 4 problems remain, 8 fsck itself failed.
+  nacrithfs recode BACKING --to cpu|cuda [--force-backend] [--dry-run]
+                   [--model PATH] [--workers N]
+                                 re-encode (offline) every blob coded on another
+                                 backend on this one, verified and crash-safe; a rerun
+                                 resumes. --dry-run counts blobs per backend and says
+                                 what would be done. Exit 0 all done, 4 files left
+                                 (their backend is not here; --force-backend tries).
 
 mount options (-o a,b=c): idle=SECONDS (30), cache_size=BYTES (1G),
   workers=N (cores; with GPUs: per GPU, 1), batch=LANES (16), chunk_size=BYTES (16K),
@@ -64,6 +72,11 @@ fn main() {
         Some("fsck") => {
             set_private_umask();
             fsck_main(&args[1..])
+        }
+        Some("recode") => {
+            set_private_umask();
+            init_logging();
+            recode_main(&args[1..])
         }
         Some(_) => {
             set_private_umask();
@@ -172,6 +185,97 @@ fn fsck_main(args: &[OsString]) -> Result<(), String> {
         );
     }
     std::process::exit(report.exit_code());
+}
+
+/// `recode BACKING --to cpu|cuda ...`: see [`nacrithfs::recode`].
+fn recode_main(args: &[OsString]) -> Result<(), String> {
+    use nacrithfs::recode::{self, Target};
+    let usage = "usage: nacrithfs recode BACKING --to cpu|cuda [--force-backend] [--dry-run] [--model PATH] [--workers N]";
+    let (mut backing, mut target, mut model, mut workers) = (None, None, None, None);
+    let (mut force_backend, mut dry_run) = (false, false);
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        let mut value = || it.next().and_then(|v| v.to_str()).ok_or(usage);
+        match a.to_str() {
+            Some("--to") => target = Some(value()?.parse::<Target>()?),
+            Some("--model") => model = Some(PathBuf::from(value()?)),
+            Some("--workers") => {
+                workers = Some(value()?.parse::<usize>().map_err(|_| usage)?.max(1))
+            }
+            Some("--force-backend") => force_backend = true,
+            Some("--dry-run") => dry_run = true,
+            Some(s) if s.starts_with('-') => return Err(format!("unknown flag {s}\n{usage}")),
+            _ if backing.is_none() => backing = Some(PathBuf::from(a)),
+            _ => return Err(usage.into()),
+        }
+    }
+    let (backing, target) = (backing.ok_or(usage)?, target.ok_or(usage)?);
+    let model = find_model(model.as_deref()).map_err(|e| e.to_string())?;
+    // Each token is decoded (unless a clean copy serves), coded and verified: ~3 counts
+    // per ~3.6 bytes of English.
+    let render = admin::Progress::new("recode", 1.2);
+    let opts = recode::Options {
+        target,
+        model,
+        force_backend,
+        dry_run,
+        workers,
+        lanes: nacrithfs::pool::DEFAULT_LANES,
+        progress: &|p| {
+            render.show(
+                p.bytes_done,
+                p.bytes_total,
+                p.files_done,
+                p.files_total,
+                p.symbols,
+            )
+        },
+    };
+    let report = recode::recode(&backing, &opts).map_err(|e| format!("recode: {e}"))?;
+    render.finish();
+    println!("target backend: {}", report.target_tag);
+    let table = |title: &str, counts: &std::collections::BTreeMap<String, recode::BackendCount>| {
+        println!("{title}:");
+        if counts.is_empty() {
+            println!("  (no compressed files)");
+        }
+        for (tag, c) in counts {
+            println!(
+                "  {:>7} blobs {:>7} files {:>12} bytes  {tag}",
+                c.blobs, c.files, c.bytes
+            );
+        }
+    };
+    table("blobs per backend, before", &report.before);
+    if dry_run {
+        println!(
+            "dry run: {} files would be recoded, {} left as they are; nothing changed",
+            report.recoded,
+            report.files_left()
+        );
+    } else {
+        table("blobs per backend, after", &report.after);
+        println!(
+            "recoded {} files ({} from their clean copy, {} stored with zstd after a failed verify), \
+             {} linked to an equal file's new blob; their blobs {} -> {} bytes",
+            report.recoded,
+            report.from_clean_copy,
+            report.zstd_fallback,
+            report.linked,
+            report.bytes_before,
+            report.bytes_after
+        );
+        if report.recoded + report.linked == 0 && report.left.is_empty() {
+            println!("nothing to do: every blob decodes on {}", report.target_tag);
+        }
+    }
+    for (why, n) in &report.left {
+        println!("left as they are: {n} files: {why}");
+    }
+    if !report.left.is_empty() {
+        std::process::exit(4);
+    }
+    Ok(())
 }
 
 // ---- admin commands: talk to the daemon through xattrs on the mount's root ----

@@ -69,7 +69,8 @@ pub enum CodecError {
     )]
     ModelMismatch { blob: String, loaded: String },
     #[error(
-        "blob was coded on backend \"{blob}\" but this build is \"{loaded}\"; its logits differ, so decoding would fail (build nacrith for the recorded CPU level, or pass --force-backend to try anyway: checksums are still verified)"
+        "blob was coded on backend \"{blob}\" but this build is \"{loaded}\"; its logits differ, so decoding would fail. {}",
+        backend_needed(blob)
     )]
     BackendMismatch { blob: String, loaded: String },
     #[error("blob is corrupt: {0}")]
@@ -80,6 +81,24 @@ pub enum CodecError {
     Zstd(String),
     #[error(transparent)]
     Io(#[from] io::Error),
+}
+
+/// What it takes to decode a blob of backend `tag` (for [`CodecError::BackendMismatch`]).
+pub fn backend_needed(tag: &str) -> String {
+    let way = "or, while such a machine is at hand, `nacrithfs recode BACKING --to cpu|cuda` \
+               moves a volume's blobs to the backend that will read them later; \
+               --force-backend tries anyway (every checksum is still verified)";
+    if tag.contains("; cuda ") {
+        format!(
+            "It needs that GPU model with the same compute capability, a cuda build \
+             (scripts/setup --cuda) of the recorded llama.cpp version and that CUDA runtime; {way}"
+        )
+    } else {
+        format!(
+            "It needs a build for the recorded CPU level and llama.cpp version \
+             (scripts/setup builds for x86-64-v3); {way}"
+        )
+    }
 }
 
 #[derive(Debug, Clone)]

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, Sender};
 
 use super::core::{Core, Need, NewBlob};
+use crate::blobfile;
 use crate::codec::lanes::{ChunkOutput, CANCELLED, READ_AHEAD, URGENT};
 use crate::codec::params::CoderParams;
 use crate::codec::source::{FileSource, Source};
@@ -225,81 +226,6 @@ fn compress_one(core: &Core, budget: &Budget, ino: u64, version: u64) {
     core.count_compress_time(start.elapsed());
 }
 
-/// An unnamed file in `dir` for the payload while its header is still unknown: nothing
-/// is left behind by a crash. Where O_TMPFILE is not supported, a `.tmp` name (which
-/// recovery removes) is unlinked at once.
-fn spool_file(dir: &std::path::Path, ino: u64) -> std::io::Result<std::fs::File> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let anon = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .mode(0o600)
-        .custom_flags(libc::O_TMPFILE)
-        .open(dir);
-    match anon {
-        Ok(f) => Ok(f),
-        Err(e)
-            if matches!(
-                e.raw_os_error(),
-                Some(libc::EOPNOTSUPP) | Some(libc::EISDIR)
-            ) =>
-        {
-            let path = dir.join(format!("{ino}-spool.tmp"));
-            let f = std::fs::OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .mode(0o600)
-                .open(&path)?;
-            std::fs::remove_file(&path)?;
-            Ok(f)
-        }
-        Err(e) => Err(e),
-    }
-}
-
-/// Checks decoded bytes against the plaintext they came from, in file order.
-struct CompareSink<'a> {
-    src: &'a dyn Source,
-    at: u64,
-    buf: Vec<u8>,
-}
-
-impl CompareSink<'_> {
-    fn check(
-        &mut self,
-        n: usize,
-        expect: impl Fn(&[u8], &[u8]) -> bool,
-        got: &[u8],
-    ) -> std::io::Result<()> {
-        self.buf.resize(n, 0);
-        self.src.read_exact_at(&mut self.buf, self.at)?;
-        if !expect(&self.buf, got) {
-            return Err(std::io::Error::other(format!(
-                "decodes to other bytes than the plaintext near offset {}",
-                self.at
-            )));
-        }
-        self.at += n as u64;
-        Ok(())
-    }
-}
-
-impl codec::Sink for CompareSink<'_> {
-    fn bytes(&mut self, bytes: &[u8]) -> std::io::Result<()> {
-        self.check(bytes.len(), |a, b| a == b, bytes)
-    }
-    fn zeros(&mut self, mut n: u64) -> std::io::Result<()> {
-        while n > 0 {
-            let k = n.min(1 << 20) as usize;
-            self.check(k, |a, _| a.iter().all(|&b| b == 0), &[])?;
-            n -= k as u64;
-        }
-        Ok(())
-    }
-}
-
 /// Code `src` (with the model, or zstd alone) into the new blob's temp file, durably.
 /// Returns the blob's length.
 fn code_into_tmp(
@@ -309,7 +235,6 @@ fn code_into_tmp(
     engine: Option<&dyn Engine>,
     tmp: &std::path::Path,
 ) -> Result<u64, CodecError> {
-    use std::io::{Seek, Write};
     let opts = CompressOptions {
         chunk_size: core.opts.chunk_size,
         head_chunk: core.opts.head_chunk,
@@ -317,33 +242,18 @@ fn code_into_tmp(
     };
     // Symbols coded, for the status (tokens/s); counted as they go, failures included.
     let count = |n: usize| core.count_symbols(n as u64);
-    let mut spool = spool_file(&core.store.blob_dir_of(ino), ino)?;
     let coding = Instant::now();
-    let header = {
-        let mut w = std::io::BufWriter::new(&mut spool);
-        let h = codec::compress_to(src, engine, &opts, &count, &mut w)?;
-        w.flush()?;
-        h
-    };
+    let len = blobfile::write_tmp(
+        &core.store.blob_dir_of(ino),
+        ino,
+        src,
+        engine,
+        &opts,
+        &count,
+        tmp,
+    );
     core.count_coding_time(coding.elapsed());
-    let payload_len = spool.stream_position()?;
-    let mut out = std::io::BufWriter::new(std::fs::File::create(tmp)?);
-    let len = match codec::whole_zstd_if_smaller(src, &header, payload_len, &opts)? {
-        Some((whole, payload)) => {
-            let h = whole.to_bytes();
-            out.write_all(&h)?;
-            out.write_all(&payload)?;
-            (h.len() + payload.len()) as u64
-        }
-        None => {
-            let h = header.to_bytes();
-            out.write_all(&h)?;
-            spool.rewind()?;
-            std::io::copy(&mut spool, &mut out)?;
-            h.len() as u64 + payload_len
-        }
-    };
-    out.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+    let len = len?;
     crate::crash::point("compress.after_blob_tmp");
     Ok(len)
 }
@@ -357,27 +267,9 @@ fn verify_tmp(
     count: &(dyn Fn(usize) + Sync),
 ) -> Result<(), CodecError> {
     let coding = Instant::now();
-    let blob = FileSource::open(tmp)?;
-    let mut sink = CompareSink {
-        src,
-        at: 0,
-        buf: Vec::new(),
-    };
-    let decoded = codec::decode_to(
-        &blob,
-        engine,
-        &DecompressOptions::default(),
-        count,
-        &mut sink,
-    );
+    let checked = blobfile::verify(tmp, src, engine, count);
     core.count_coding_time(coding.elapsed());
-    decoded?;
-    if sink.at != src.len() {
-        return Err(CodecError::Corrupt(
-            "decodes to fewer bytes than the plaintext".into(),
-        ));
-    }
-    Ok(())
+    checked
 }
 
 fn compress_file(
@@ -397,7 +289,7 @@ fn compress_file(
     };
     let engine: &dyn Engine = &*pool;
     let count = |n: usize| core.count_symbols(n as u64);
-    let content = match content_hash(src) {
+    let content = match blobfile::blake3_of(src) {
         Ok(h) => h,
         Err(e) => return fail(format!("reading its plaintext: {e}")),
     };
@@ -498,20 +390,6 @@ fn compress_file(
         }
     }
     core.enforce_cache_cap();
-}
-
-/// BLAKE3 of the snapshot being compressed (the blob header's checksum), read once.
-fn content_hash(src: &FileSource) -> std::io::Result<[u8; 32]> {
-    let mut hasher = blake3::Hasher::new();
-    let mut buf = vec![0u8; 1 << 20];
-    let mut at = 0u64;
-    while at < src.len() {
-        let n = (src.len() - at).min(buf.len() as u64) as usize;
-        src.read_exact_at(&mut buf[..n], at)?;
-        hasher.update(&buf[..n]);
-        at += n as u64;
-    }
-    Ok(*hasher.finalize().as_bytes())
 }
 
 /// Deduplication: if the content hint for `content` names a blob that still exists, holds

@@ -169,6 +169,8 @@ pub enum Device {
     Gpu {
         index: usize,
         description: String,
+        /// Compute capability and CUDA runtime (see [`cuda_detail`]).
+        detail: String,
     },
 }
 
@@ -176,9 +178,58 @@ impl Device {
     fn tag(&self) -> String {
         match self {
             Device::Cpu => format!("cpu {}", cpu_level()),
-            Device::Gpu { description, .. } => format!("cuda {description}"),
+            Device::Gpu {
+                description,
+                detail,
+                ..
+            } => format!("cuda {description}; {detail}"),
         }
     }
+}
+
+/// What besides the GPU's name decides its kernels: the compute capability (llama.cpp
+/// picks kernels by it) and the CUDA runtime the binary carries, e.g. "sm 9.0, cuda
+/// runtime 13.0". `ggml_name` is ggml's device name, "CUDA<ordinal>".
+#[cfg(feature = "cuda")]
+fn cuda_detail(ggml_name: &str) -> String {
+    extern "C" {
+        // From the CUDA runtime that llama-cpp-sys-2 links (cudart_static).
+        fn cudaRuntimeGetVersion(version: *mut i32) -> i32;
+        fn cudaDeviceGetAttribute(value: *mut i32, attr: i32, device: i32) -> i32;
+    }
+    const COMPUTE_CAPABILITY_MAJOR: i32 = 75;
+    const COMPUTE_CAPABILITY_MINOR: i32 = 76;
+    let ordinal: Option<i32> = ggml_name.strip_prefix("CUDA").and_then(|n| n.parse().ok());
+    let (mut major, mut minor, mut runtime) = (-1, -1, -1);
+    // SAFETY: plain out-parameters; a failing call leaves them at -1.
+    unsafe {
+        if let Some(dev) = ordinal {
+            if cudaDeviceGetAttribute(&mut major, COMPUTE_CAPABILITY_MAJOR, dev) != 0
+                || cudaDeviceGetAttribute(&mut minor, COMPUTE_CAPABILITY_MINOR, dev) != 0
+            {
+                (major, minor) = (-1, -1);
+            }
+        }
+        if cudaRuntimeGetVersion(&mut runtime) != 0 {
+            runtime = -1;
+        }
+    }
+    let sm = if major >= 0 {
+        format!("sm {major}.{minor}")
+    } else {
+        format!("sm unknown ({ggml_name})")
+    };
+    let rt = if runtime >= 0 {
+        format!("cuda runtime {}.{}", runtime / 1000, runtime % 1000 / 10)
+    } else {
+        "cuda runtime unknown".to_string()
+    };
+    format!("{sm}, {rt}")
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda_detail(ggml_name: &str) -> String {
+    format!("{ggml_name} (not a cuda build)")
 }
 
 /// The GPUs the coder should use: none unless built with `cuda` (and `NACRITH_CPU_ONLY`
@@ -200,6 +251,7 @@ pub fn gpus() -> Result<Vec<Device>, ModelError> {
         .filter(|d| d.device_type == llama_cpp_2::LlamaBackendDeviceType::Gpu)
         .map(|d| Device::Gpu {
             index: d.index,
+            detail: cuda_detail(&d.name),
             description: d.description,
         })
         .collect();

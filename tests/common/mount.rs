@@ -284,3 +284,86 @@ pub fn files_under(backing: &Path, top: &str) -> Vec<PathBuf> {
     out.sort();
     out
 }
+
+/// Make every LLM blob under `backing` look coded on another backend: `from` in its
+/// header's backend tag becomes `to` (same length, so the blob's size, which the index
+/// records, is unchanged), written in place (hard links of one blob see it once).
+/// Returns the blob files changed (distinct inodes).
+pub fn forge_backend(backing: &Path, from: &str, to: &str) -> usize {
+    use nacrithfs::codec::container::Header;
+    use nacrithfs::codec::source::FileSource;
+    use std::os::unix::fs::{FileExt, MetadataExt};
+    assert_eq!(from.len(), to.len(), "a forged tag keeps its length");
+    let mut seen = std::collections::HashSet::new();
+    for path in files_under(backing, "blobs") {
+        let src = FileSource::open(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let (mut header, len) =
+            Header::read_from(&src).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        if !header.has_llm_segments() || !header.backend_tag.contains(from) {
+            continue;
+        }
+        header.backend_tag = header.backend_tag.replace(from, to);
+        let bytes = header.to_bytes();
+        assert_eq!(
+            bytes.len(),
+            len,
+            "{}: the header changed length",
+            path.display()
+        );
+        let f = fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .expect("open blob");
+        f.write_all_at(&bytes, 0).expect("write header");
+        f.sync_all().expect("fsync blob");
+        seen.insert(f.metadata().expect("stat").ino());
+    }
+    seen.len()
+}
+
+/// Backend tags of the LLM blobs under `backing`, one per distinct blob file.
+pub fn blob_backends(backing: &Path) -> Vec<String> {
+    use nacrithfs::codec::container::Header;
+    use nacrithfs::codec::source::FileSource;
+    use std::os::unix::fs::MetadataExt;
+    let mut seen = std::collections::HashSet::new();
+    let mut tags = Vec::new();
+    for path in files_under(backing, "blobs") {
+        let src = FileSource::open(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let ino = src.file().metadata().expect("stat").ino();
+        let (header, _) =
+            Header::read_from(&src).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        if header.has_llm_segments() && seen.insert(ino) {
+            tags.push(header.backend_tag);
+        }
+    }
+    tags.sort();
+    tags
+}
+
+/// `nacrithfs recode BACKING ARGS...` with extra environment: (exit status, stdout and
+/// stderr).
+pub fn recode_env(
+    args: &[&str],
+    backing: &Path,
+    env: &[(&str, &str)],
+) -> (std::process::ExitStatus, String) {
+    let out = Command::new(BIN)
+        .arg("recode")
+        .arg(backing)
+        .args(args)
+        .envs(env.iter().copied())
+        .output()
+        .expect("run nacrithfs recode");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status, text)
+}
+
+pub fn recode(args: &[&str], backing: &Path) -> (i32, String) {
+    let (status, text) = recode_env(args, backing, &[]);
+    (status.code().unwrap_or(-1), text)
+}

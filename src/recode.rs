@@ -1,0 +1,589 @@
+//! `nacrithfs recode BACKING --to cpu|cuda`: re-encode every blob of another backend on
+//! the backend at hand, so that an archive outlives the hardware that coded it.
+//!
+//! An LLM blob decodes only where the logits are reproduced bit for bit: on the backend
+//! recorded in its header (CPU level and llama.cpp build, or GPU model, compute
+//! capability and CUDA runtime). While both backends can run on one machine (a cuda
+//! build on a GPU host runs both), this moves a volume's blobs from one to the other.
+//!
+//! Offline, like fsck: the index's lock refuses a mounted volume. Per file, in this
+//! order (docs/DURABILITY.md, "Recode"): the plaintext (the clean copy when its BLAKE3 is
+//! the blob's, else the old blob decoded); a new blob coded on the target and verified
+//! by decoding it there (zstd if that fails); the new blob named and its directory
+//! synced; one durable index batch that points the inode at it and puts the old blob in
+//! the graveyard; the old blob deleted; its grave removed. A crash anywhere leaves the
+//! old blob or the new one in use and the other reaped by the next mount's recovery, and
+//! a rerun carries on where it stopped (blobs already on the target are skipped).
+//! Files with equal content get one coding: the others become hard links of that blob.
+
+use std::collections::{BTreeMap, HashMap};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use crate::blobfile;
+use crate::codec::container::Header;
+use crate::codec::source::{FileSource, Source};
+use crate::codec::{self, CodecError, CompressOptions, DecompressOptions, Engine, FileSink};
+use crate::model::llama::{gpus, Device};
+use crate::model::{ModelError, ModelRuntime};
+use crate::pool::{self, LocalPool};
+use crate::store::{sync_dir, BlobRef, Inode, Kind, Store, StoreError, Txn};
+
+/// The backend to move blobs to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Target {
+    Cpu,
+    Cuda,
+}
+
+impl std::str::FromStr for Target {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Target, String> {
+        match s {
+            "cpu" => Ok(Target::Cpu),
+            "cuda" | "gpu" => Ok(Target::Cuda),
+            _ => Err(format!("unknown backend {s:?} (cpu or cuda)")),
+        }
+    }
+}
+
+pub struct Options<'a> {
+    pub target: Target,
+    pub model: PathBuf,
+    /// Decode blobs of a backend not at hand with the target anyway (every checksum is
+    /// still verified: a blob whose logits differ fails, and is left as it was).
+    pub force_backend: bool,
+    /// Count and say what would be done; change nothing.
+    pub dry_run: bool,
+    /// Workers per device (None: the pool's default).
+    pub workers: Option<usize>,
+    pub lanes: usize,
+    /// Called after every file and periodically while coding.
+    pub progress: &'a (dyn Fn(&Progress) + Sync),
+}
+
+/// Where a run stands: files and plaintext bytes done of those to recode.
+#[derive(Clone, Debug, Default)]
+pub struct Progress {
+    pub files_done: u64,
+    pub files_total: u64,
+    pub bytes_done: u64,
+    pub bytes_total: u64,
+    /// Symbols coded (encode, verify and decode all count).
+    pub symbols: u64,
+}
+
+/// Blobs of one backend: distinct blob files (hard links of one blob count once), the
+/// files that use them, and their bytes.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct BackendCount {
+    pub blobs: u64,
+    pub files: u64,
+    pub bytes: u64,
+}
+
+/// What blobs without LLM segments (zstd or raw alone) are counted under: they decode on
+/// any backend and are never recoded.
+pub const NO_MODEL: &str = "no model segments (decodes anywhere)";
+
+#[derive(Debug, Default)]
+pub struct Report {
+    /// The target's backend tag.
+    pub target_tag: String,
+    pub before: BTreeMap<String, BackendCount>,
+    pub after: BTreeMap<String, BackendCount>,
+    /// Files given a newly coded blob.
+    pub recoded: u64,
+    /// Files given a second name of an equal file's new blob (no coding).
+    pub linked: u64,
+    /// Of `recoded`, those whose plaintext came from their clean copy (no decode).
+    pub from_clean_copy: u64,
+    /// Of `recoded`, those whose new blob did not verify and was stored with zstd.
+    pub zstd_fallback: u64,
+    /// Blob bytes of the recoded and linked files, before and after.
+    pub bytes_before: u64,
+    pub bytes_after: u64,
+    /// Files left as they were, by reason (what their blob needs, or what failed).
+    pub left: BTreeMap<String, u64>,
+    /// Whether the volume had been stopped cleanly (then it is marked so again).
+    pub was_clean: bool,
+}
+
+impl Report {
+    pub fn files_left(&self) -> u64 {
+        self.left.values().sum()
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RecodeError {
+    #[error("{0}")]
+    Store(#[from] StoreError),
+    #[error("{0}")]
+    Model(#[from] ModelError),
+    #[error("{0}")]
+    Setup(String),
+}
+
+/// A file whose blob is a candidate: its inode, blob and header.
+struct Candidate {
+    ino: u64,
+    inode: Inode,
+    blob: BlobRef,
+    header: Header,
+}
+
+/// The engines a run may use: the target (loaded at once: its tag decides what is
+/// foreign) and the other backend of this build (loaded when a blob of its tag comes).
+struct Engines<'o> {
+    opts: &'o Options<'o>,
+    target: LocalPool,
+    other: OnceLock<Option<LocalPool>>,
+}
+
+impl Engines<'_> {
+    fn load(opts: &Options<'_>) -> Result<LocalPool, RecodeError> {
+        match opts.target {
+            Target::Cpu => {
+                let runtime = ModelRuntime::load_on(&opts.model, &Device::Cpu)?;
+                let workers = opts.workers.unwrap_or_else(pool::default_workers);
+                Ok(LocalPool::new(runtime, workers, opts.lanes))
+            }
+            Target::Cuda => {
+                if !cfg!(feature = "cuda") {
+                    return Err(RecodeError::Setup(
+                        "this nacrithfs is not a cuda build: build one with `scripts/setup --cuda` \
+                         and run it on a machine with the GPU"
+                            .into(),
+                    ));
+                }
+                if gpus()?.is_empty() {
+                    return Err(RecodeError::Setup(
+                        "no usable GPU here (none present, driver too old, CUDA_VISIBLE_DEVICES \
+                         empty, or NACRITH_CPU_ONLY set): --to cuda needs one"
+                            .into(),
+                    ));
+                }
+                Ok(pool::load(&opts.model, opts.workers, opts.lanes)?)
+            }
+        }
+    }
+
+    /// The other backend of this build: the CPU when the target is the GPU; the GPU
+    /// when the target is the CPU and one is here.
+    fn other(&self) -> Option<&LocalPool> {
+        self.other
+            .get_or_init(|| {
+                let loaded = match self.opts.target {
+                    Target::Cuda => ModelRuntime::load_on(&self.opts.model, &Device::Cpu)
+                        .map(|r| Some(LocalPool::new(r, pool::default_workers(), self.opts.lanes))),
+                    Target::Cpu => match gpus() {
+                        Ok(g) if !g.is_empty() => {
+                            pool::load(&self.opts.model, self.opts.workers, self.opts.lanes)
+                                .map(Some)
+                        }
+                        _ => Ok(None),
+                    },
+                };
+                loaded.unwrap_or_else(|e| {
+                    log::warn!("recode: the other backend cannot be loaded: {e}");
+                    None
+                })
+            })
+            .as_ref()
+    }
+
+    /// An engine that decodes `header`'s blob, with the options to do it; else why not.
+    fn decoder(&self, header: &Header) -> Result<(&dyn Engine, DecompressOptions), String> {
+        let strict = DecompressOptions::default();
+        let target: &dyn Engine = &self.target;
+        let mismatch = match codec::check_engine(header, target, &strict) {
+            Ok(_) => return Ok((target, strict)),
+            Err(e) => e,
+        };
+        if let CodecError::ModelMismatch { .. } = mismatch {
+            return Err(mismatch.to_string());
+        }
+        if let Some(other) = self.other() {
+            if codec::check_engine(header, other, &strict).is_ok() {
+                return Ok((other, strict));
+            }
+        }
+        if self.opts.force_backend {
+            let forced = DecompressOptions {
+                force_backend: true,
+                ..DecompressOptions::default()
+            };
+            return Ok((target, forced));
+        }
+        Err(format!(
+            "coded on backend \"{}\", which is not here. {}",
+            header.backend_tag,
+            codec::backend_needed(&header.backend_tag)
+        ))
+    }
+}
+
+/// Re-encode on `opts.target` every blob of `backing` coded on another backend.
+pub fn recode(backing: &Path, opts: &Options<'_>) -> Result<Report, RecodeError> {
+    let store = Store::open_existing(backing).map_err(|e| match e {
+        StoreError::Setup(s) if s.contains("in use") => {
+            RecodeError::Setup(format!("{s}: unmount it first (recode runs offline)"))
+        }
+        e => RecodeError::Store(e),
+    })?;
+    let target = Engines::load(opts)?;
+    let engines = Engines {
+        opts,
+        target,
+        other: OnceLock::new(),
+    };
+    let target_tag = engines.target.backend_tag().to_string();
+    let (before, candidates) = census(&store)?;
+    let mut report = Report {
+        target_tag: target_tag.clone(),
+        before,
+        ..Report::default()
+    };
+    // Equal content is coded once: grouped by the headers' BLAKE3 and length.
+    // A blob of equal content already on the target (a rerun after a crash, or files
+    // compressed there) is linked rather than coded again.
+    let mut groups: BTreeMap<([u8; 32], u64), Vec<Candidate>> = BTreeMap::new();
+    let mut on_target: HashMap<([u8; 32], u64), (u64, BlobRef)> = HashMap::new();
+    for c in candidates {
+        let key = (c.header.checksum, c.header.original_len);
+        if !c.header.has_llm_segments() {
+            continue;
+        }
+        if c.header.backend_tag == target_tag {
+            on_target.insert(key, (c.ino, c.blob));
+        } else {
+            groups.entry(key).or_default().push(c);
+        }
+    }
+    let progress = Progress {
+        files_total: groups.values().map(|g| g.len() as u64).sum(),
+        bytes_total: groups
+            .iter()
+            .map(|((_, len), g)| len * g.len() as u64)
+            .sum(),
+        ..Progress::default()
+    };
+    if opts.dry_run {
+        for group in groups.values() {
+            for c in group {
+                // A clean copy serves as the plaintext if its BLAKE3 is the blob's
+                // (checked in a real run); the dry run takes that on trust.
+                match engines.decoder(&c.header) {
+                    Err(why) if !c.inode.cached => *report.left.entry(why).or_default() += 1,
+                    _ => report.recoded += 1,
+                }
+            }
+        }
+        report.after = report.before.clone();
+        return Ok(report);
+    }
+    report.was_clean = store.take_clean_stop()?;
+    (opts.progress)(&progress);
+    // Symbols coded go to the progress callback at most once a second mid-file (a large
+    // file takes hours on a CPU), and after every file.
+    let shared = Mutex::new((progress, Instant::now()));
+    let symbols = AtomicU64::new(0);
+    let count = |n: usize| {
+        let total = symbols.fetch_add(n as u64, Ordering::Relaxed) + n as u64;
+        if let Ok(mut g) = shared.try_lock() {
+            if g.1.elapsed() >= Duration::from_secs(1) {
+                g.0.symbols = total;
+                g.1 = Instant::now();
+                (opts.progress)(&g.0);
+            }
+        }
+    };
+    for (key, group) in groups {
+        let (n, len) = (group.len() as u64, key.1);
+        let existing = on_target.get(&key).copied();
+        recode_group(&store, &engines, group, existing, &count, &mut report);
+        let mut g = shared.lock().unwrap_or_else(|p| p.into_inner());
+        g.0.files_done += n;
+        g.0.bytes_done += len * n;
+        g.0.symbols = symbols.load(Ordering::Relaxed);
+        (opts.progress)(&g.0);
+    }
+    store.flush()?;
+    if report.was_clean {
+        store.mark_clean_stop()?;
+    }
+    report.after = census(&store)?.0;
+    Ok(report)
+}
+
+/// Count blobs per backend, and list the files whose blob is a candidate.
+fn census(store: &Store) -> Result<(BTreeMap<String, BackendCount>, Vec<Candidate>), RecodeError> {
+    let mut counts: BTreeMap<String, BackendCount> = BTreeMap::new();
+    let mut seen: HashMap<(u64, u64), ()> = HashMap::new();
+    let mut candidates = Vec::new();
+    for r in store.inodes() {
+        let (ino, inode) = r?;
+        if inode.kind != Kind::File || inode.dirty || inode.nlink == 0 {
+            continue;
+        }
+        let Some(blob) = inode.blob else {
+            continue;
+        };
+        let path = store.blob_path(ino, blob.seq);
+        let read = FileSource::open(&path).and_then(|src| {
+            let meta = src.file().metadata()?;
+            let (header, _) = Header::read_from(&src)
+                .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
+            Ok((meta, header))
+        });
+        let (meta, header) = match read {
+            Ok(x) => x,
+            Err(e) => {
+                let key = format!("unreadable blob ({e}; run `nacrithfs fsck`)");
+                counts.entry(key).or_default().files += 1;
+                continue;
+            }
+        };
+        let key = if header.has_llm_segments() {
+            header.backend_tag.clone()
+        } else {
+            NO_MODEL.to_string()
+        };
+        let c = counts.entry(key).or_default();
+        c.files += 1;
+        if seen.insert((meta.dev(), meta.ino()), ()).is_none() {
+            c.blobs += 1;
+            c.bytes += meta.len();
+        }
+        candidates.push(Candidate {
+            ino,
+            inode,
+            blob,
+            header,
+        });
+    }
+    Ok((counts, candidates))
+}
+
+/// The plaintext of a group, verified against the headers' BLAKE3: a member's clean
+/// copy, else a member's blob decoded into an unnamed file. Returns it and whether it
+/// was a clean copy; else why no member could give it.
+fn plaintext(
+    store: &Store,
+    engines: &Engines<'_>,
+    group: &[Candidate],
+    count: &(dyn Fn(usize) + Sync),
+) -> Result<(FileSource, bool), String> {
+    let want = (&group[0].header.checksum, group[0].header.original_len);
+    for c in group.iter().filter(|c| c.inode.cached) {
+        let Ok(src) = FileSource::open(&store.cache_path(c.ino)) else {
+            continue;
+        };
+        if src.len() == want.1 && blobfile::blake3_of(&src).ok().as_ref() == Some(want.0) {
+            return Ok((src, true));
+        }
+    }
+    let mut why = String::new();
+    for c in group {
+        let (engine, dopts) = match engines.decoder(&c.header) {
+            Ok(x) => x,
+            Err(e) => {
+                why = e;
+                continue;
+            }
+        };
+        let decoded = (|| -> Result<FileSource, CodecError> {
+            let blob = FileSource::open(&store.blob_path(c.ino, c.blob.seq))?;
+            let file = blobfile::spool_file(&store.blob_dir_of(c.ino), c.ino)?;
+            let mut sink = FileSink::new(&file);
+            // decode_to checks the CRCs and the BLAKE3 of the whole.
+            codec::decode_to(&blob, Some(engine), &dopts, count, &mut sink)?;
+            sink.finish()?;
+            Ok(FileSource::new(file)?)
+        })();
+        match decoded {
+            Ok(src) => return Ok((src, false)),
+            Err(e) => why = format!("its blob did not decode here: {e}"),
+        }
+    }
+    Err(why)
+}
+
+/// Recode one group of equal files: code the first, link the rest to its new blob; or,
+/// with `existing` (a blob of this content on the target: its inode and blob), link
+/// them all to that.
+fn recode_group(
+    store: &Store,
+    engines: &Engines<'_>,
+    group: Vec<Candidate>,
+    existing: Option<(u64, BlobRef)>,
+    count: &(dyn Fn(usize) + Sync),
+    report: &mut Report,
+) {
+    let leave = |why: String, n: u64, report: &mut Report| {
+        log::debug!("recode: {n} file(s) left as they were: {why}");
+        *report.left.entry(why).or_default() += n;
+    };
+    if let Some((ino, blob)) = existing {
+        let path = store.blob_path(ino, blob.seq);
+        for c in &group {
+            match link_blob(store, c, &path, blob.stored_size) {
+                Ok(()) => {
+                    report.linked += 1;
+                    report.bytes_before += c.blob.stored_size;
+                    report.bytes_after += blob.stored_size;
+                }
+                Err(e) => leave(format!("switching to its new blob failed: {e}"), 1, report),
+            }
+        }
+        return;
+    }
+    let (src, from_cache) = match plaintext(store, engines, &group, count) {
+        Ok(x) => x,
+        Err(why) => return leave(why, group.len() as u64, report),
+    };
+    let first = &group[0];
+    let (new_seq, new_len, zstd) = match code_new_blob(store, engines, first.ino, &src, count) {
+        Ok(x) => x,
+        Err(e) => {
+            return leave(
+                format!("coding a new blob failed: {e}"),
+                group.len() as u64,
+                report,
+            )
+        }
+    };
+    for (i, c) in group.iter().enumerate() {
+        let done = if i == 0 {
+            switch_blob(store, c, new_seq, new_len)
+        } else {
+            link_blob(store, c, &store.blob_path(first.ino, new_seq), new_len)
+        };
+        match done {
+            Ok(()) => {
+                report.bytes_before += c.blob.stored_size;
+                report.bytes_after += new_len;
+                if i == 0 {
+                    report.recoded += 1;
+                    report.from_clean_copy += from_cache as u64;
+                    report.zstd_fallback += zstd as u64;
+                } else {
+                    report.linked += 1;
+                }
+            }
+            Err(e) => leave(format!("switching to its new blob failed: {e}"), 1, report),
+        }
+    }
+}
+
+/// Code `src` on the target into a new blob of `ino`, verified by decoding it (zstd if
+/// the model's blob does not decode back), named and its directory synced. Returns its
+/// sequence number, length and whether it fell back to zstd.
+fn code_new_blob(
+    store: &Store,
+    engines: &Engines<'_>,
+    ino: u64,
+    src: &FileSource,
+    count: &(dyn Fn(usize) + Sync),
+) -> Result<(u64, u64, bool), CodecError> {
+    let seq = store
+        .alloc_blob_seq()
+        .map_err(|e| CodecError::Io(std::io::Error::other(e.to_string())))?;
+    let path = store.blob_path(ino, seq);
+    let tmp = path.with_extension("tmp");
+    let dir = store.blob_dir_of(ino);
+    let copts = CompressOptions::default();
+    let target: &dyn Engine = &engines.target;
+    let coded = (|| -> Result<(u64, bool), CodecError> {
+        let len = blobfile::write_tmp(&dir, ino, src, Some(target), &copts, count, &tmp)?;
+        match blobfile::verify(&tmp, src, Some(target), count) {
+            Ok(()) => Ok((len, false)),
+            Err(e) => {
+                log::error!(
+                    "recode: inode {ino}: the new blob did not decode to the same bytes ({e}); storing it with zstd instead"
+                );
+                let len = blobfile::write_tmp(&dir, ino, src, None, &copts, &|_| {}, &tmp)?;
+                blobfile::verify(&tmp, src, None, &|_| {})?;
+                Ok((len, true))
+            }
+        }
+    })();
+    let (len, zstd) = match coded {
+        Ok(x) => x,
+        Err(e) => {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e);
+        }
+    };
+    if let Err(e) = std::fs::rename(&tmp, &path).and_then(|()| sync_dir(&dir)) {
+        let _ = std::fs::remove_file(&tmp);
+        let _ = std::fs::remove_file(&path);
+        return Err(e.into());
+    }
+    crate::crash::point("recode.after_blob");
+    Ok((seq, len, zstd))
+}
+
+/// Give `c` a second name of the new blob at `new` (a hard link: no coding, no space),
+/// then switch to it.
+fn link_blob(store: &Store, c: &Candidate, new: &Path, len: u64) -> Result<(), String> {
+    let seq = store.alloc_blob_seq().map_err(|e| e.to_string())?;
+    let path = store.blob_path(c.ino, seq);
+    let tmp = path.with_extension("tmp");
+    let linked = std::fs::hard_link(new, &tmp)
+        .and_then(|()| std::fs::rename(&tmp, &path))
+        .and_then(|()| sync_dir(&store.blob_dir_of(c.ino)));
+    if let Err(e) = linked {
+        let _ = std::fs::remove_file(&tmp);
+        let _ = std::fs::remove_file(&path);
+        return Err(format!("linking {}: {e}", path.display()));
+    }
+    crate::crash::point("recode.after_link");
+    switch_blob(store, c, seq, len)
+}
+
+/// Point `c`'s inode at blob `seq` (already durable) in one durable batch that also puts
+/// its old blob in the graveyard; then delete the old blob and its grave.
+fn switch_blob(store: &Store, c: &Candidate, seq: u64, len: u64) -> Result<(), String> {
+    let new_path = store.blob_path(c.ino, seq);
+    let drop_new = |why: String| {
+        let _ = std::fs::remove_file(&new_path);
+        Err(why)
+    };
+    // The index is ours alone (offline), but nothing is switched on a stale read.
+    let mut inode = match store.get(c.ino) {
+        Ok(Some(i)) if !i.dirty && i.blob == Some(c.blob) => i,
+        Ok(_) => return drop_new("the file changed meanwhile".into()),
+        Err(e) => return drop_new(e.to_string()),
+    };
+    inode.blob = Some(BlobRef {
+        seq,
+        stored_size: len,
+    });
+    let mut txn = Txn::default();
+    txn.put_inode(c.ino, &inode);
+    txn.bury_blob(c.ino, c.blob.seq);
+    txn.put_content_hint(&c.header.checksum, c.ino, seq);
+    if let Err(e) = store.commit(txn, true) {
+        return drop_new(e.to_string());
+    }
+    crate::crash::point("recode.after_commit");
+    let old = store.blob_path(c.ino, c.blob.seq);
+    match std::fs::remove_file(&old) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        // The grave stays: the next mount's reaper deletes it.
+        Err(e) => {
+            log::warn!("recode: cannot remove {}: {e}", old.display());
+            return Ok(());
+        }
+    }
+    crate::crash::point("recode.after_unlink");
+    let mut txn = Txn::default();
+    txn.unbury(c.ino, c.blob.seq);
+    store.commit(txn, false).map_err(|e| e.to_string())
+}
