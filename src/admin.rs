@@ -9,7 +9,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use crate::fs::core::{XATTR_CONTROL, XATTR_STATUS};
+use crate::fs::core::{XATTR_BACKENDS, XATTR_CONTROL, XATTR_STATUS};
 
 /// The daemon's status: `key=value` lines, in its order.
 pub struct Status(Vec<(String, String)>);
@@ -237,10 +237,37 @@ fn duration(secs: f64) -> String {
 }
 
 /// `nacrithfs status [--json]`.
-pub fn print_status(mnt: &Path, json: bool) -> Result<(), String> {
+pub fn print_status(mnt: &Path, json: bool, backends: bool) -> Result<(), String> {
     let s = Status::read(mnt)?;
+    let census = if backends {
+        Some(read_backends(mnt)?)
+    } else {
+        None
+    };
     if json {
-        print!("{}", s.to_json());
+        let mut text = s.to_json();
+        if let Some(c) = &census {
+            // `{..}\n` becomes `{.., "backends": [..]}\n`.
+            let rows: Vec<String> = c
+                .iter()
+                .map(|(tag, n)| {
+                    format!(
+                        "    {{\"backend\": \"{}\", \"blobs\": {}, \"files\": {}, \"bytes\": {}}}",
+                        json_escape(tag),
+                        n.blobs,
+                        n.files,
+                        n.bytes
+                    )
+                })
+                .collect();
+            let body = text.trim_end().trim_end_matches('}').trim_end().to_string();
+            let sep = if body.ends_with('{') { "" } else { "," };
+            text = format!(
+                "{body}{sep}\n  \"backends\": [\n{}\n  ]\n}}\n",
+                rows.join(",\n")
+            );
+        }
+        print!("{text}");
         return Ok(());
     }
     let logical = s.get("logical_bytes");
@@ -318,7 +345,68 @@ pub fn print_status(mnt: &Path, json: bool) -> Result<(), String> {
         s.get("verify_failures"),
         s.get("decompress_failures")
     );
+    if let Some(c) = census {
+        println!("backends      blobs per backend (a census of every blob header):");
+        if c.is_empty() {
+            println!("              (no compressed files)");
+        }
+        for (tag, n) in &c {
+            println!(
+                "              {} blobs, {} files, {}: {tag}",
+                n.blobs,
+                n.files,
+                human(n.bytes)
+            );
+        }
+    }
     Ok(())
+}
+
+/// Blobs per backend on the mount (`user.nacrith.backends`; root and the mounter only).
+pub fn read_backends(
+    mnt: &Path,
+) -> Result<std::collections::BTreeMap<String, crate::store::backends::BackendCount>, String> {
+    let path = cpath(mnt)?;
+    let name = CString::new(XATTR_BACKENDS).map_err(|e| e.to_string())?;
+    let mut buf = vec![0u8; 1 << 16];
+    // SAFETY: valid NUL-terminated strings and a buffer of the stated length.
+    let n = unsafe {
+        libc::getxattr(
+            path.as_ptr(),
+            name.as_ptr(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+        )
+    };
+    if n < 0 {
+        let e = std::io::Error::last_os_error();
+        return Err(format!(
+            "{}: cannot count blobs per backend ({e}){}",
+            mnt.display(),
+            if e.raw_os_error() == Some(libc::EPERM) {
+                "; only root and the user who mounted may"
+            } else {
+                ""
+            }
+        ));
+    }
+    buf.truncate(n as usize);
+    Ok(crate::store::backends::from_text(&String::from_utf8_lossy(
+        &buf,
+    )))
+}
+
+fn json_escape(s: &str) -> String {
+    let mut out = String::new();
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out
 }
 
 /// `nacrithfs metrics [--textfile PATH [--interval SECONDS]]`: to stdout, or written

@@ -17,7 +17,6 @@
 //! Files with equal content get one coding: the others become hard links of that blob.
 
 use std::collections::{BTreeMap, HashMap};
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, OnceLock};
@@ -30,7 +29,8 @@ use crate::codec::{self, CodecError, CompressOptions, DecompressOptions, Engine,
 use crate::model::llama::{gpus, Device};
 use crate::model::{ModelError, ModelRuntime};
 use crate::pool::{self, LocalPool};
-use crate::store::{sync_dir, BlobRef, Inode, Kind, Store, StoreError, Txn};
+use crate::store::backends::{self, StoredFile};
+use crate::store::{sync_dir, BlobRef, Store, StoreError, Txn};
 
 /// The backend to move blobs to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -76,18 +76,7 @@ pub struct Progress {
     pub symbols: u64,
 }
 
-/// Blobs of one backend: distinct blob files (hard links of one blob count once), the
-/// files that use them, and their bytes.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct BackendCount {
-    pub blobs: u64,
-    pub files: u64,
-    pub bytes: u64,
-}
-
-/// What blobs without LLM segments (zstd or raw alone) are counted under: they decode on
-/// any backend and are never recoded.
-pub const NO_MODEL: &str = "no model segments (decodes anywhere)";
+pub use crate::store::backends::{BackendCount, NO_MODEL};
 
 #[derive(Debug, Default)]
 pub struct Report {
@@ -128,13 +117,8 @@ pub enum RecodeError {
     Setup(String),
 }
 
-/// A file whose blob is a candidate: its inode, blob and header.
-struct Candidate {
-    ino: u64,
-    inode: Inode,
-    blob: BlobRef,
-    header: Header,
-}
+/// A file whose blob is a candidate.
+type Candidate = StoredFile;
 
 /// The engines a run may use: the target (loaded at once: its tag decides what is
 /// foreign) and the other backend of this build (loaded when a blob of its tag comes).
@@ -242,7 +226,8 @@ pub fn recode(backing: &Path, opts: &Options<'_>) -> Result<Report, RecodeError>
         other: OnceLock::new(),
     };
     let target_tag = engines.target.backend_tag().to_string();
-    let (before, candidates) = census(&store)?;
+    let mut candidates = Vec::new();
+    let before = backends::census(&store, |f| candidates.push(f))?;
     let mut report = Report {
         target_tag: target_tag.clone(),
         before,
@@ -316,57 +301,8 @@ pub fn recode(backing: &Path, opts: &Options<'_>) -> Result<Report, RecodeError>
     if report.was_clean {
         store.mark_clean_stop()?;
     }
-    report.after = census(&store)?.0;
+    report.after = backends::census(&store, |_| {})?;
     Ok(report)
-}
-
-/// Count blobs per backend, and list the files whose blob is a candidate.
-fn census(store: &Store) -> Result<(BTreeMap<String, BackendCount>, Vec<Candidate>), RecodeError> {
-    let mut counts: BTreeMap<String, BackendCount> = BTreeMap::new();
-    let mut seen: HashMap<(u64, u64), ()> = HashMap::new();
-    let mut candidates = Vec::new();
-    for r in store.inodes() {
-        let (ino, inode) = r?;
-        if inode.kind != Kind::File || inode.dirty || inode.nlink == 0 {
-            continue;
-        }
-        let Some(blob) = inode.blob else {
-            continue;
-        };
-        let path = store.blob_path(ino, blob.seq);
-        let read = FileSource::open(&path).and_then(|src| {
-            let meta = src.file().metadata()?;
-            let (header, _) = Header::read_from(&src)
-                .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
-            Ok((meta, header))
-        });
-        let (meta, header) = match read {
-            Ok(x) => x,
-            Err(e) => {
-                let key = format!("unreadable blob ({e}; run `nacrithfs fsck`)");
-                counts.entry(key).or_default().files += 1;
-                continue;
-            }
-        };
-        let key = if header.has_llm_segments() {
-            header.backend_tag.clone()
-        } else {
-            NO_MODEL.to_string()
-        };
-        let c = counts.entry(key).or_default();
-        c.files += 1;
-        if seen.insert((meta.dev(), meta.ino()), ()).is_none() {
-            c.blobs += 1;
-            c.bytes += meta.len();
-        }
-        candidates.push(Candidate {
-            ino,
-            inode,
-            blob,
-            header,
-        });
-    }
-    Ok((counts, candidates))
 }
 
 /// The plaintext of a group, verified against the headers' BLAKE3: a member's clean

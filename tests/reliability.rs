@@ -1298,6 +1298,23 @@ fn recode_moves_blobs_of_a_foreign_backend_to_this_one() {
         log.contains(foreign) && log.contains("nacrithfs recode BACKING --to cpu|cuda"),
         "{log}"
     );
+    // A mount counts blobs per backend on demand.
+    let backends_line = |mnt: &Path, tag: &str| {
+        let out = Command::new(BIN)
+            .arg("status")
+            .arg(mnt)
+            .arg("--backends")
+            .output()
+            .expect("run nacrithfs status");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(out.status.success(), "{text}");
+        text.lines()
+            .find(|l| l.contains(tag))
+            .unwrap_or_else(|| panic!("status --backends has no line for {tag}:\n{text}"))
+            .to_string()
+    };
+    let line = backends_line(&mnt, foreign);
+    assert!(line.contains("2 blobs, 3 files"), "{line}");
     // Offline only.
     let (code, out) = recode(&["--to", "cpu"], &backing);
     assert_eq!(code, 1, "{out}");
@@ -1368,6 +1385,8 @@ fn recode_moves_blobs_of_a_foreign_backend_to_this_one() {
         assert_eq!(&fs::read(mnt.join(name)).expect("read"), data, "{name}");
     }
     assert!(status_field(&mnt, "regions_decoded") >= 1);
+    let line = backends_line(&mnt, &format!("cpu {level};"));
+    assert!(line.contains("2 blobs, 3 files"), "{line}");
     let log = d.log_text();
     d.unmount();
     assert!(!log.contains("ERROR"), "{log}");

@@ -30,8 +30,9 @@ usage:
   nacrithfs TAG MOUNTPOINT -o backing=DIR[,...]    the same, with the source as a tag
   nacrithfs flush MOUNTPOINT     compress every closed file now; wait until done
   nacrithfs evict MOUNTPOINT     drop clean plaintext copies from the cache
-  nacrithfs status MOUNTPOINT [--json]
-                                 queue, sizes, ratio, worker throughput
+  nacrithfs status MOUNTPOINT [--json] [--backends]
+                                 queue, sizes, ratio, worker throughput; --backends
+                                 adds blobs per backend (reads every blob header)
   nacrithfs metrics MOUNTPOINT [--textfile PATH [--interval SECONDS]]
                                  the status as Prometheus text (for node_exporter's
                                  textfile collector: written atomically to PATH, once
@@ -253,6 +254,8 @@ fn recode_main(args: &[OsString]) -> Result<(), String> {
             report.recoded,
             report.files_left()
         );
+    } else if report.recoded + report.linked == 0 && report.left.is_empty() {
+        println!("nothing to do: every blob decodes on {}", report.target_tag);
     } else {
         table("blobs per backend, after", &report.after);
         println!(
@@ -265,9 +268,6 @@ fn recode_main(args: &[OsString]) -> Result<(), String> {
             report.bytes_before,
             report.bytes_after
         );
-        if report.recoded + report.linked == 0 && report.left.is_empty() {
-            println!("nothing to do: every blob decodes on {}", report.target_tag);
-        }
     }
     for (why, n) in &report.left {
         println!("left as they are: {n} files: {why}");
@@ -283,18 +283,19 @@ fn recode_main(args: &[OsString]) -> Result<(), String> {
 /// `flush|evict|status|metrics MOUNTPOINT [options]`.
 fn admin_main(cmd: &str, args: &[OsString]) -> Result<(), String> {
     let usage = || match cmd {
-        "status" => "usage: nacrithfs status MOUNTPOINT [--json]".to_string(),
+        "status" => "usage: nacrithfs status MOUNTPOINT [--json] [--backends]".to_string(),
         "metrics" => {
             "usage: nacrithfs metrics MOUNTPOINT [--textfile PATH [--interval SECONDS]]".into()
         }
         _ => format!("usage: nacrithfs {cmd} MOUNTPOINT"),
     };
     let mut mnt = None;
-    let (mut json, mut textfile, mut interval) = (false, None, None);
+    let (mut json, mut textfile, mut interval, mut backends) = (false, None, None, false);
     let mut it = args.iter();
     while let Some(a) = it.next() {
         match a.to_str() {
             Some("--json") if cmd == "status" => json = true,
+            Some("--backends") if cmd == "status" => backends = true,
             Some("--textfile") if cmd == "metrics" => {
                 textfile = Some(PathBuf::from(it.next().ok_or_else(usage)?))
             }
@@ -312,7 +313,7 @@ fn admin_main(cmd: &str, args: &[OsString]) -> Result<(), String> {
         return Err(usage());
     }
     match cmd {
-        "status" => admin::print_status(&mnt, json),
+        "status" => admin::print_status(&mnt, json, backends),
         "metrics" => admin::metrics(&mnt, textfile.as_deref(), interval),
         "evict" => admin::evict(&mnt),
         _ => admin::flush(&mnt),

@@ -602,9 +602,13 @@ impl Filesystem for NacrithFs {
         });
     }
 
-    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+    fn getxattr(&self, req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
         guarded("getxattr", ino.0, || {
-            reply_xattr(reply, self.core.getxattr(ino.0, name.as_bytes()), size);
+            let name = name.as_bytes();
+            if ino.0 == crate::store::ROOT_INO && name == crate::fs::core::XATTR_BACKENDS {
+                return reply_xattr(reply, self.core.backends(caller(req)), size);
+            }
+            reply_xattr(reply, self.core.getxattr(ino.0, name), size);
         });
     }
 

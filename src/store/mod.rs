@@ -19,6 +19,7 @@
 //! keys) in the batch that stops needing them, and deleted only after a flush
 //! (docs/DURABILITY.md).
 
+pub mod backends;
 pub mod fsck;
 pub mod index;
 mod legacy;

@@ -23,6 +23,29 @@ impl Core {
             .ok_or(libc::ENODATA)
     }
 
+    /// `user.nacrith.backends` on the root: blobs per backend, as
+    /// [`crate::store::backends::to_text`] writes them. A census reads every blob's
+    /// header (O(files), without the state lock), so it is for root and the user who
+    /// mounted only, one at a time, and an answer serves for a few seconds (getxattr
+    /// asks twice: the size, then the value).
+    pub fn backends(&self, caller: Caller) -> FsResult<Vec<u8>> {
+        // SAFETY: getuid cannot fail.
+        let mounter = unsafe { libc::getuid() };
+        if caller.uid != 0 && caller.uid != mounter {
+            return Err(libc::EPERM);
+        }
+        let mut last = self.census.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((at, text)) = &*last {
+            if at.elapsed() < Duration::from_secs(5) {
+                return Ok(text.clone().into_bytes());
+            }
+        }
+        let counts = crate::store::backends::census(&self.store, |_| {}).map_err(store_err)?;
+        let text = crate::store::backends::to_text(&counts);
+        *last = Some((Instant::now(), text.clone()));
+        Ok(text.into_bytes())
+    }
+
     /// `caller`: who asks (the control commands are only for root and the user who
     /// mounted; an ACL set by someone outside the file's group clears setgid).
     pub fn setxattr(

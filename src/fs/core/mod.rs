@@ -40,6 +40,8 @@ pub const XATTR_STORED: &[u8] = b"user.nacrith.stored_size";
 /// On the root only: the admin channel used by `nacrithfs flush|evict|status`.
 pub const XATTR_STATUS: &[u8] = b"user.nacrith.status";
 pub const XATTR_CONTROL: &[u8] = b"user.nacrith.control";
+/// On the root only: blobs per backend (`nacrithfs status --backends`), a census.
+pub const XATTR_BACKENDS: &[u8] = b"user.nacrith.backends";
 const RESERVED_PREFIX: &[u8] = b"user.nacrith.";
 /// A failed compression is retried after this long (the file stays plaintext).
 const RETRY_AFTER: Duration = Duration::from_secs(60);
@@ -234,6 +236,9 @@ pub struct Core {
     /// The graveyard has new entries (see `graveyard.rs`); its own lock, so it can be
     /// set with the state lock held.
     reap_wanted: Mutex<bool>,
+    /// The last census of blobs per backend and when it was taken (see
+    /// [`Core::backends`]); its lock serializes censuses.
+    census: Mutex<Option<(Instant, String)>>,
     reap_wake: Condvar,
     materialize_tx: Sender<Need>,
     /// What writes, closes and reopens changed that the index does not have yet (see
@@ -320,6 +325,7 @@ impl Core {
             }),
             wake: Condvar::new(),
             reap_wanted: Mutex::new(false),
+            census: Mutex::new(None),
             reap_wake: Condvar::new(),
             materialize_tx: tx,
             unsynced: Mutex::new(Unsynced::default()),
