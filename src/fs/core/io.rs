@@ -448,32 +448,59 @@ impl Core {
         mtime: Option<Option<SystemTime>>,
         ctime: Option<SystemTime>,
     ) -> FsResult<Attr> {
+        // The cache file's new length is set without the lock, as a write's bytes are
+        // written: a slow disk stalls this request only. The kernel holds the inode's
+        // lock across a setattr, so no write or other truncation of this file runs
+        // meanwhile; a compression that read the old bytes cannot commit (the version
+        // is bumped first), and a dirty file is never evicted.
+        let truncated = match size {
+            Some(size) => {
+                let file = {
+                    let mut st = self.lock();
+                    let mut inode = self.get(ino)?;
+                    if inode.kind == Kind::Dir {
+                        return Err(libc::EISDIR);
+                    }
+                    if inode.kind != Kind::File {
+                        return Err(libc::EINVAL);
+                    }
+                    if !inode.cached {
+                        if size != 0 {
+                            return Err(libc::ESTALE);
+                        }
+                        // Truncation to zero needs no decompression. The index first
+                        // says (durably) dirty with a cache file; a missing one reads
+                        // as empty.
+                        inode.cached = true;
+                        self.mark_dirty_first(
+                            &mut st,
+                            ino,
+                            &mut inode,
+                            "truncate.after_dirty_mark",
+                        )?;
+                        File::create(self.store.cache_path(ino)).map_err(io_err)?;
+                    } else {
+                        self.mark_dirty_first(
+                            &mut st,
+                            ino,
+                            &mut inode,
+                            "truncate.after_dirty_mark",
+                        )?;
+                    }
+                    st.live.entry(ino).or_default().version += 1;
+                    self.cache_file(&mut st, ino)?
+                };
+                file.set_len(size).map_err(io_err)?;
+                crate::crash::point("truncate.after_data");
+                Some(size)
+            }
+            None => None,
+        };
         let mut st = self.lock();
         let mut inode = self.get(ino)?;
         let now = SystemTime::now();
         let mut txn = Txn::default();
-        if let Some(size) = size {
-            if inode.kind == Kind::Dir {
-                return Err(libc::EISDIR);
-            }
-            if inode.kind != Kind::File {
-                return Err(libc::EINVAL);
-            }
-            if !inode.cached {
-                if size != 0 {
-                    return Err(libc::ESTALE);
-                }
-                // Truncation to zero needs no decompression. The index first says
-                // (durably) dirty with a cache file; a missing one reads as empty.
-                inode.cached = true;
-                self.mark_dirty_first(&mut st, ino, &mut inode, "truncate.after_dirty_mark")?;
-                File::create(self.store.cache_path(ino)).map_err(io_err)?;
-            } else {
-                self.mark_dirty_first(&mut st, ino, &mut inode, "truncate.after_dirty_mark")?;
-            }
-            let file = self.cache_file(&mut st, ino)?;
-            file.set_len(size).map_err(io_err)?;
-            crate::crash::point("truncate.after_data");
+        if let Some(size) = truncated {
             inode.size = size;
             self.touch_content(&mut st, ino, &mut inode, &mut txn);
         }
@@ -516,16 +543,21 @@ impl Core {
         kill_privs: bool,
     ) -> FsResult<()> {
         use std::os::fd::AsRawFd;
-        let mut st = self.lock();
-        let mut inode = self.get(ino)?;
-        if !inode.cached {
-            return Err(libc::ESTALE);
-        }
+        // A statvfs of the backing filesystem, and the allocation itself: outside the
+        // lock, as for a write (the kernel holds the inode's lock across fallocate).
         if mode & libc::FALLOC_FL_PUNCH_HOLE == 0 {
             self.check_space(length)?;
         }
-        self.mark_dirty_first(&mut st, ino, &mut inode, "fallocate.after_dirty_mark")?;
-        let file = self.cache_file(&mut st, ino)?;
+        let file = {
+            let mut st = self.lock();
+            let mut inode = self.get(ino)?;
+            if !inode.cached {
+                return Err(libc::ESTALE);
+            }
+            self.mark_dirty_first(&mut st, ino, &mut inode, "fallocate.after_dirty_mark")?;
+            st.live.entry(ino).or_default().version += 1;
+            self.cache_file(&mut st, ino)?
+        };
         // SAFETY: a valid open fd; plain integer arguments.
         let r = unsafe {
             libc::fallocate(
@@ -539,6 +571,13 @@ impl Core {
             return Err(io_err(std::io::Error::last_os_error()));
         }
         let len = file.metadata().map_err(io_err)?.len();
+        let mut st = self.lock();
+        let mut inode = match self.get(ino) {
+            Ok(i) => i,
+            // Unlinked and released meanwhile: the change went to a deleted file.
+            Err(libc::ENOENT) => return Ok(()),
+            Err(e) => return Err(e),
+        };
         let mut txn = Txn::default();
         inode.size = len;
         self.touch_content(&mut st, ino, &mut inode, &mut txn);
