@@ -60,6 +60,8 @@ pub struct Options<'a> {
     pub dry_run: bool,
     /// Workers per device (None: the pool's default).
     pub workers: Option<usize>,
+    /// Files (groups of equal files) recoded at once (None: every lane of the pool).
+    pub jobs: Option<usize>,
     pub lanes: usize,
     /// Called after every file and periodically while coding.
     pub progress: &'a (dyn Fn(&Progress) + Sync),
@@ -104,6 +106,19 @@ pub struct Report {
 impl Report {
     pub fn files_left(&self) -> u64 {
         self.left.values().sum()
+    }
+
+    /// Add the counts of `part` (one group's outcome).
+    fn absorb(&mut self, part: Report) {
+        self.recoded += part.recoded;
+        self.linked += part.linked;
+        self.from_clean_copy += part.from_clean_copy;
+        self.zstd_fallback += part.zstd_fallback;
+        self.bytes_before += part.bytes_before;
+        self.bytes_after += part.bytes_after;
+        for (why, n) in part.left {
+            *self.left.entry(why).or_default() += n;
+        }
     }
 }
 
@@ -287,16 +302,36 @@ pub fn recode(backing: &Path, opts: &Options<'_>) -> Result<Report, RecodeError>
             }
         }
     };
-    for (key, group) in groups {
-        let (n, len) = (group.len() as u64, key.1);
-        let existing = on_target.get(&key).copied();
-        recode_group(&store, &engines, group, existing, &count, &mut report);
-        let mut g = shared.lock().unwrap_or_else(|p| p.into_inner());
-        g.0.files_done += n;
-        g.0.bytes_done += len * n;
-        g.0.symbols = symbols.load(Ordering::Relaxed);
-        (opts.progress)(&g.0);
-    }
+    // Many groups at once, so that the pool's lanes fill as a mount's compressors fill
+    // them (most files are one chunk: one lane each). Each group's steps keep their
+    // order; groups are independent (different inodes, sequence numbers allocated
+    // atomically, index commits serialized by the store).
+    let jobs = opts
+        .jobs
+        .unwrap_or(engines.target.workers * engines.target.lanes);
+    let work = Mutex::new(groups.into_iter());
+    let total = Mutex::new(report);
+    std::thread::scope(|s| {
+        for _ in 0..jobs.clamp(1, 256) {
+            s.spawn(|| loop {
+                let next = work.lock().unwrap_or_else(|p| p.into_inner()).next();
+                let Some((key, group)) = next else {
+                    return;
+                };
+                let (n, len) = (group.len() as u64, key.1);
+                let existing = on_target.get(&key).copied();
+                let mut part = Report::default();
+                recode_group(&store, &engines, group, existing, &count, &mut part);
+                total.lock().unwrap_or_else(|p| p.into_inner()).absorb(part);
+                let mut g = shared.lock().unwrap_or_else(|p| p.into_inner());
+                g.0.files_done += n;
+                g.0.bytes_done += len * n;
+                g.0.symbols = symbols.load(Ordering::Relaxed);
+                (opts.progress)(&g.0);
+            });
+        }
+    });
+    let mut report = total.into_inner().unwrap_or_else(|p| p.into_inner());
     store.flush()?;
     if report.was_clean {
         store.mark_clean_stop()?;

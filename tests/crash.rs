@@ -618,14 +618,16 @@ fn run_to_crash(backing: &Path, mnt: &Path, case: &Case) {
             "recode after its crash at {}:\n{text}",
             case.point
         );
-        let after = text
-            .split("blobs per backend, after:")
+        // What a dry run counts: every file's blob is this backend's.
+        let (_, census) = recode_env(&["--to", "cpu", "--dry-run"], backing, &[]);
+        let table = census
+            .split("blobs per backend, before:")
             .nth(1)
-            .and_then(|t| t.split("recoded ").next())
-            .unwrap_or_else(|| panic!("no table after the rerun:\n{text}"));
+            .and_then(|t| t.split("dry run:").next())
+            .unwrap_or_else(|| panic!("no census in the dry run:\n{census}"));
         assert!(
-            after.contains(&level) && !after.contains(foreign_level()),
-            "{}: {text}",
+            table.contains(&level) && !table.contains(foreign_level()),
+            "{}: {text}\n{census}",
             case.point
         );
         return;

@@ -43,12 +43,14 @@ usage:
                                  LLM blobs too (loads the model). Exit 0 clean, 1 all
                                  repaired, 4 problems remain, 8 fsck itself failed.
   nacrithfs recode BACKING --to cpu|cuda [--force-backend] [--dry-run]
-                   [--model PATH] [--workers N]
+                   [--model PATH] [--workers N] [--jobs N]
                                  re-encode (offline) every blob coded on another
                                  backend on this one, verified and crash-safe; a rerun
                                  resumes. --dry-run counts blobs per backend and says
-                                 what would be done. Exit 0 all done, 4 files left
-                                 (their backend is not here; --force-backend tries).
+                                 what would be done; --jobs: files at once (default:
+                                 every lane of the pool). Exit 0 all done, 4 files
+                                 left (their backend is not here; --force-backend
+                                 tries).
 
 mount options (-o a,b=c): idle=SECONDS (30), cache_size=BYTES (1G),
   workers=N (cores; with GPUs: per GPU, 1), batch=LANES (16), chunk_size=BYTES (16K),
@@ -191,8 +193,9 @@ fn fsck_main(args: &[OsString]) -> Result<(), String> {
 /// `recode BACKING --to cpu|cuda ...`: see [`nacrithfs::recode`].
 fn recode_main(args: &[OsString]) -> Result<(), String> {
     use nacrithfs::recode::{self, Target};
-    let usage = "usage: nacrithfs recode BACKING --to cpu|cuda [--force-backend] [--dry-run] [--model PATH] [--workers N]";
-    let (mut backing, mut target, mut model, mut workers) = (None, None, None, None);
+    let usage = "usage: nacrithfs recode BACKING --to cpu|cuda [--force-backend] [--dry-run] [--model PATH] [--workers N] [--jobs N]";
+    let (mut backing, mut target, mut model, mut workers, mut jobs) =
+        (None, None, None, None, None);
     let (mut force_backend, mut dry_run) = (false, false);
     let mut it = args.iter();
     while let Some(a) = it.next() {
@@ -203,6 +206,7 @@ fn recode_main(args: &[OsString]) -> Result<(), String> {
             Some("--workers") => {
                 workers = Some(value()?.parse::<usize>().map_err(|_| usage)?.max(1))
             }
+            Some("--jobs") => jobs = Some(value()?.parse::<usize>().map_err(|_| usage)?.max(1)),
             Some("--force-backend") => force_backend = true,
             Some("--dry-run") => dry_run = true,
             Some(s) if s.starts_with('-') => return Err(format!("unknown flag {s}\n{usage}")),
@@ -221,6 +225,7 @@ fn recode_main(args: &[OsString]) -> Result<(), String> {
         force_backend,
         dry_run,
         workers,
+        jobs,
         lanes: nacrithfs::pool::DEFAULT_LANES,
         progress: &|p| {
             render.show(
