@@ -85,26 +85,12 @@ fn help(key: &str) -> &'static str {
 
 impl Status {
     pub fn read(mnt: &Path) -> Result<Status, String> {
-        let path = cpath(mnt)?;
-        let name = CString::new(XATTR_STATUS).map_err(|e| e.to_string())?;
-        let mut buf = vec![0u8; 8192];
-        // SAFETY: valid NUL-terminated strings and a buffer of the stated length.
-        let n = unsafe {
-            libc::getxattr(
-                path.as_ptr(),
-                name.as_ptr(),
-                buf.as_mut_ptr().cast(),
-                buf.len(),
-            )
-        };
-        if n < 0 {
-            let e = std::io::Error::last_os_error();
-            return Err(format!(
+        let buf = root_xattr(mnt, XATTR_STATUS, 8192)?.map_err(|e| {
+            format!(
                 "{}: cannot read status ({e}); is it a nacrithfs mount?",
                 mnt.display()
-            ));
-        }
-        buf.truncate(n as usize);
+            )
+        })?;
         Ok(Status(
             String::from_utf8_lossy(&buf)
                 .lines()
@@ -178,6 +164,32 @@ fn number(v: f64) -> String {
     } else {
         format!("{v}")
     }
+}
+
+/// The value of xattr `name` on the mount's root, at most `max` bytes; the outer error
+/// is a bad argument, the inner one the call's.
+fn root_xattr(
+    mnt: &Path,
+    name: &[u8],
+    max: usize,
+) -> Result<Result<Vec<u8>, std::io::Error>, String> {
+    let path = cpath(mnt)?;
+    let name = CString::new(name).map_err(|e| e.to_string())?;
+    let mut buf = vec![0u8; max];
+    // SAFETY: valid NUL-terminated strings and a buffer of the stated length.
+    let n = unsafe {
+        libc::getxattr(
+            path.as_ptr(),
+            name.as_ptr(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+        )
+    };
+    if n < 0 {
+        return Ok(Err(std::io::Error::last_os_error()));
+    }
+    buf.truncate(n as usize);
+    Ok(Ok(buf))
 }
 
 fn cpath(p: &Path) -> Result<CString, String> {
@@ -366,21 +378,8 @@ pub fn print_status(mnt: &Path, json: bool, backends: bool) -> Result<(), String
 pub fn read_backends(
     mnt: &Path,
 ) -> Result<std::collections::BTreeMap<String, crate::store::backends::BackendCount>, String> {
-    let path = cpath(mnt)?;
-    let name = CString::new(XATTR_BACKENDS).map_err(|e| e.to_string())?;
-    let mut buf = vec![0u8; 1 << 16];
-    // SAFETY: valid NUL-terminated strings and a buffer of the stated length.
-    let n = unsafe {
-        libc::getxattr(
-            path.as_ptr(),
-            name.as_ptr(),
-            buf.as_mut_ptr().cast(),
-            buf.len(),
-        )
-    };
-    if n < 0 {
-        let e = std::io::Error::last_os_error();
-        return Err(format!(
+    let buf = root_xattr(mnt, XATTR_BACKENDS, 1 << 16)?.map_err(|e| {
+        format!(
             "{}: cannot count blobs per backend ({e}){}",
             mnt.display(),
             if e.raw_os_error() == Some(libc::EPERM) {
@@ -388,9 +387,8 @@ pub fn read_backends(
             } else {
                 ""
             }
-        ));
-    }
-    buf.truncate(n as usize);
+        )
+    })?;
     Ok(crate::store::backends::from_text(&String::from_utf8_lossy(
         &buf,
     )))

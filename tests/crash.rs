@@ -564,19 +564,7 @@ fn run_to_crash(backing: &Path, mnt: &Path, case: &Case) {
             let _ = Command::new("umount").arg("-l").arg(mnt).status();
         }
         let (status, text) = fsck_env(&["--repair"], backing, &env);
-        assert_eq!(
-            status.signal(),
-            Some(libc::SIGKILL),
-            "{}: fsck ended with {status}, not at crash point {}:\n{text}",
-            case.op,
-            case.point
-        );
-        assert!(
-            text.contains(&format!("crash point {} reached", case.point)),
-            "{}: killed, but not by crash point {}:\n{text}",
-            case.op,
-            case.point
-        );
+        assert_killed_at(case, "fsck", status, &text);
         // Run again to the end: what the crash left is repairable.
         let (code, text) = fsck(&["--repair"], backing);
         assert!(
@@ -595,20 +583,7 @@ fn run_to_crash(backing: &Path, mnt: &Path, case: &Case) {
         assert!(forge_backend(backing, &level, foreign_level()) >= 1);
         let args = ["--to", "cpu", "--force-backend"];
         let (status, text) = recode_env(&args, backing, &env);
-        assert_eq!(
-            status.signal(),
-            Some(libc::SIGKILL),
-            "{}: recode ended with {status}, not at crash point {}:\n{text}",
-            case.op,
-            case.point
-        );
-        let name = case.point.split(':').next().unwrap_or(case.point);
-        assert!(
-            text.contains(&format!("crash point {name} reached")),
-            "{}: killed, but not by crash point {}:\n{text}",
-            case.op,
-            case.point
-        );
+        assert_killed_at(case, "recode", status, &text);
         // A rerun finishes the job: every file's blob is this backend's (the old blobs
         // left in the graveyard go at the next mount).
         let (status, text) = recode_env(&args, backing, &[]);
@@ -680,10 +655,18 @@ fn run_to_crash(backing: &Path, mnt: &Path, case: &Case) {
     };
     drop(daemon);
     let text = fs::read_to_string(&log).unwrap_or_default();
+    assert_killed_at(case, "the daemon", status, &text);
+    if is_mounted(mnt) {
+        let _ = Command::new("umount").arg("-l").arg(mnt).status();
+    }
+}
+
+/// `who` died of SIGKILL at the case's crash point (`text`: what it printed).
+fn assert_killed_at(case: &Case, who: &str, status: std::process::ExitStatus, text: &str) {
     assert_eq!(
         status.signal(),
         Some(libc::SIGKILL),
-        "{}: the daemon ended with {status}, not at crash point {}:\n{text}",
+        "{}: {who} ended with {status}, not at crash point {}:\n{text}",
         case.op,
         case.point
     );
@@ -695,9 +678,6 @@ fn run_to_crash(backing: &Path, mnt: &Path, case: &Case) {
         case.op,
         case.point
     );
-    if is_mounted(mnt) {
-        let _ = Command::new("umount").arg("-l").arg(mnt).status();
-    }
 }
 
 /// Every path reads back as one of its allowed contents, and nothing gives an error.

@@ -241,13 +241,24 @@ pub fn fsck_env(
     backing: &Path,
     env: &[(&str, &str)],
 ) -> (std::process::ExitStatus, String) {
+    offline("fsck", args, backing, env)
+}
+
+/// `nacrithfs CMD BACKING ARGS...` (an offline command: fsck, recode) with extra
+/// environment: (exit status, stdout and stderr).
+pub fn offline(
+    cmd: &str,
+    args: &[&str],
+    backing: &Path,
+    env: &[(&str, &str)],
+) -> (std::process::ExitStatus, String) {
     let out = Command::new(BIN)
-        .arg("fsck")
+        .arg(cmd)
         .arg(backing)
         .args(args)
         .envs(env.iter().copied())
         .output()
-        .expect("run nacrithfs fsck");
+        .unwrap_or_else(|e| panic!("run nacrithfs {cmd}: {e}"));
     let text = format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
@@ -341,26 +352,13 @@ pub fn blob_backends(backing: &Path) -> Vec<String> {
     tags
 }
 
-/// `nacrithfs recode BACKING ARGS...` with extra environment: (exit status, stdout and
-/// stderr).
+/// `nacrithfs recode BACKING ARGS...` with extra environment.
 pub fn recode_env(
     args: &[&str],
     backing: &Path,
     env: &[(&str, &str)],
 ) -> (std::process::ExitStatus, String) {
-    let out = Command::new(BIN)
-        .arg("recode")
-        .arg(backing)
-        .args(args)
-        .envs(env.iter().copied())
-        .output()
-        .expect("run nacrithfs recode");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status, text)
+    offline("recode", args, backing, env)
 }
 
 pub fn recode(args: &[&str], backing: &Path) -> (i32, String) {

@@ -344,6 +344,21 @@ impl Core {
         Ok(())
     }
 
+    /// The cache file of a cached file whose content is about to change without the
+    /// lock (a write, fallocate): marked dirty first (durably, `point` after it), and its
+    /// version bumped before the bytes change, so a compression that read the old bytes
+    /// cannot commit (its version check fails) while the change is under way.
+    fn cache_file_to_change(&self, ino: u64, point: &'static str) -> FsResult<Arc<File>> {
+        let mut st = self.lock();
+        let mut inode = self.get(ino)?;
+        if !inode.cached {
+            return Err(libc::ESTALE);
+        }
+        self.mark_dirty_first(&mut st, ino, &mut inode, point)?;
+        st.live.entry(ino).or_default().version += 1;
+        self.cache_file(&mut st, ino)
+    }
+
     pub(super) fn commit_content(&self, txn: Txn) -> FsResult<()> {
         self.commit(txn, false)
     }
@@ -365,18 +380,7 @@ impl Core {
         let end = offset.checked_add(data.len() as u64).ok_or(libc::EFBIG)?;
         // A statvfs of the backing filesystem: outside the lock.
         self.check_space(data.len() as u64)?;
-        let file = {
-            let mut st = self.lock();
-            let mut inode = self.get(ino)?;
-            if !inode.cached {
-                return Err(libc::ESTALE);
-            }
-            self.mark_dirty_first(&mut st, ino, &mut inode, "write.after_dirty_mark")?;
-            // Bumped before the bytes change, so a compression that read the old bytes
-            // cannot commit (its version check fails) while this write is under way.
-            st.live.entry(ino).or_default().version += 1;
-            self.cache_file(&mut st, ino)?
-        };
+        let file = self.cache_file_to_change(ino, "write.after_dirty_mark")?;
         // The bytes go to the cache file without the lock: a slow disk write stalls
         // this request only. The kernel orders writes and truncations of one file.
         file.write_all_at(data, offset).map_err(io_err)?;
@@ -548,16 +552,7 @@ impl Core {
         if mode & libc::FALLOC_FL_PUNCH_HOLE == 0 {
             self.check_space(length)?;
         }
-        let file = {
-            let mut st = self.lock();
-            let mut inode = self.get(ino)?;
-            if !inode.cached {
-                return Err(libc::ESTALE);
-            }
-            self.mark_dirty_first(&mut st, ino, &mut inode, "fallocate.after_dirty_mark")?;
-            st.live.entry(ino).or_default().version += 1;
-            self.cache_file(&mut st, ino)?
-        };
+        let file = self.cache_file_to_change(ino, "fallocate.after_dirty_mark")?;
         // SAFETY: a valid open fd; plain integer arguments.
         let r = unsafe {
             libc::fallocate(
