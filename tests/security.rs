@@ -103,8 +103,24 @@ fn only_root_and_the_mounter_control_the_daemon() {
     let (code, text) = as_nobody(&[BIN, "status", &m]);
     assert_eq!(code, 0, "status as nobody: {text}");
     assert!(text.contains("files"), "{text}");
+    // The census of blobs per backend reads every blob header: not for anyone.
+    let (code, text) = as_nobody(&[BIN, "status", &m, "--backends"]);
+    assert_ne!(code, 0, "nobody counted blobs per backend: {text}");
+    assert!(
+        text.contains("only root and the user who mounted may"),
+        "{text}"
+    );
     // Root still can.
     admin("flush", &mnt);
+    let out = std::process::Command::new(BIN)
+        .args(["status", &m, "--backends"])
+        .output()
+        .expect("status --backends");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && text.contains("blobs per backend"),
+        "{text}"
+    );
     assert_eq!(
         xattr(&mnt.join("f.txt"), "user.nacrith.state"),
         "compressed"
