@@ -67,6 +67,9 @@ pub struct Options<'a> {
     pub progress: &'a (dyn Fn(&Progress) + Sync),
 }
 
+/// The most files recoded at once unless `--jobs` says otherwise.
+pub const DEFAULT_JOBS: usize = 64;
+
 /// Where a run stands: files and plaintext bytes done of those to recode.
 #[derive(Clone, Debug, Default)]
 pub struct Progress {
@@ -306,9 +309,11 @@ pub fn recode(backing: &Path, opts: &Options<'_>) -> Result<Report, RecodeError>
     // them (most files are one chunk: one lane each). Each group's steps keep their
     // order; groups are independent (different inodes, sequence numbers allocated
     // atomically, index commits serialized by the store).
+    // At most DEFAULT_JOBS by default: a large file holds a window of up to 16 MiB
+    // while it is coded.
     let jobs = opts
         .jobs
-        .unwrap_or(engines.target.workers * engines.target.lanes);
+        .unwrap_or((engines.target.workers * engines.target.lanes).min(DEFAULT_JOBS));
     let work = Mutex::new(groups.into_iter());
     let total = Mutex::new(report);
     std::thread::scope(|s| {

@@ -47,10 +47,10 @@ usage:
                                  re-encode (offline) every blob coded on another
                                  backend on this one, verified and crash-safe; a rerun
                                  resumes. --dry-run counts blobs per backend and says
-                                 what would be done; --jobs: files at once (default:
-                                 every lane of the pool). Exit 0 all done, 4 files
-                                 left (their backend is not here; --force-backend
-                                 tries).
+                                 what would be done; --jobs: files at once
+                                 (default: every lane of the pool, at most 64).
+                                 Exit 0 all done, 4 files left (their backend is
+                                 not here; --force-backend tries).
 
 mount options (-o a,b=c): idle=SECONDS (30), cache_size=BYTES (1G),
   workers=N (cores; with GPUs: per GPU, 1), batch=LANES (16), chunk_size=BYTES (16K),
