@@ -567,8 +567,7 @@ pub fn flush(mnt: &Path) -> Result<(), String> {
                 files_total,
                 symbols,
             );
-        }
-        if done {
+        } else {
             render.finish();
             let failed = s.get("failures").saturating_sub(start.get("failures"));
             println!(

@@ -135,7 +135,8 @@ pub enum RecodeError {
     Setup(String),
 }
 
-/// A file whose blob is a candidate.
+/// A file whose LLM blob is of another backend (its header without the segment table:
+/// only its checksum, length, model and backend are used).
 type Candidate = StoredFile;
 
 /// The engines a run may use: the target (loaded at once: its tag decides what is
@@ -244,29 +245,30 @@ pub fn recode(backing: &Path, opts: &Options<'_>) -> Result<Report, RecodeError>
         other: OnceLock::new(),
     };
     let target_tag = engines.target.backend_tag().to_string();
-    let mut candidates = Vec::new();
-    let before = backends::census(&store, |f| candidates.push(f))?;
+    // Equal content is coded once: grouped by the headers' BLAKE3 and length.
+    // A blob of equal content already on the target (a rerun after a crash, or files
+    // compressed there) is linked rather than coded again. Only what the grouping and
+    // the engine check need is kept per file, not the blob's chunk table: a huge
+    // file's is megabytes, and a volume holds millions of files.
+    let mut groups: BTreeMap<([u8; 32], u64), Vec<Candidate>> = BTreeMap::new();
+    let mut on_target: HashMap<([u8; 32], u64), (u64, BlobRef)> = HashMap::new();
+    let before = backends::census(&store, |mut c| {
+        if !c.header.has_llm_segments() {
+            return;
+        }
+        let key = (c.header.checksum, c.header.original_len);
+        if c.header.backend_tag == target_tag {
+            on_target.insert(key, (c.ino, c.blob));
+        } else {
+            c.header.segments = Vec::new();
+            groups.entry(key).or_default().push(c);
+        }
+    })?;
     let mut report = Report {
         target_tag: target_tag.clone(),
         before,
         ..Report::default()
     };
-    // Equal content is coded once: grouped by the headers' BLAKE3 and length.
-    // A blob of equal content already on the target (a rerun after a crash, or files
-    // compressed there) is linked rather than coded again.
-    let mut groups: BTreeMap<([u8; 32], u64), Vec<Candidate>> = BTreeMap::new();
-    let mut on_target: HashMap<([u8; 32], u64), (u64, BlobRef)> = HashMap::new();
-    for c in candidates {
-        let key = (c.header.checksum, c.header.original_len);
-        if !c.header.has_llm_segments() {
-            continue;
-        }
-        if c.header.backend_tag == target_tag {
-            on_target.insert(key, (c.ino, c.blob));
-        } else {
-            groups.entry(key).or_default().push(c);
-        }
-    }
     let progress = Progress {
         files_total: groups.values().map(|g| g.len() as u64).sum(),
         bytes_total: groups

@@ -468,28 +468,17 @@ impl Core {
                     if inode.kind != Kind::File {
                         return Err(libc::EINVAL);
                     }
-                    if !inode.cached {
-                        if size != 0 {
-                            return Err(libc::ESTALE);
-                        }
-                        // Truncation to zero needs no decompression. The index first
-                        // says (durably) dirty with a cache file; a missing one reads
-                        // as empty.
-                        inode.cached = true;
-                        self.mark_dirty_first(
-                            &mut st,
-                            ino,
-                            &mut inode,
-                            "truncate.after_dirty_mark",
-                        )?;
+                    // Truncation of an evicted file to zero needs no decompression.
+                    // The index first says (durably) dirty with a cache file; a
+                    // missing one reads as empty.
+                    let evicted = !inode.cached;
+                    if evicted && size != 0 {
+                        return Err(libc::ESTALE);
+                    }
+                    inode.cached = true;
+                    self.mark_dirty_first(&mut st, ino, &mut inode, "truncate.after_dirty_mark")?;
+                    if evicted {
                         File::create(self.store.cache_path(ino)).map_err(io_err)?;
-                    } else {
-                        self.mark_dirty_first(
-                            &mut st,
-                            ino,
-                            &mut inode,
-                            "truncate.after_dirty_mark",
-                        )?;
                     }
                     st.live.entry(ino).or_default().version += 1;
                     self.cache_file(&mut st, ino)?
