@@ -73,6 +73,11 @@ fn help(key: &str) -> &'static str {
             "Files stored since mount as a second name of an equal file's blob (no coding)."
         }
         "shared_bytes" => "Blob bytes those shared files did not write.",
+        "packs" => "Pack files (many small blobs in one file).",
+        "pack_disk_bytes" => "What the pack files occupy on disk, in whole blocks.",
+        "pack_live_bytes" => {
+            "Bytes of the packs that files still refer to (the rest comes back at compaction)."
+        }
         "compress_seconds" => {
             "Compressor seconds per file from claim to end, summed over files, since mount."
         }
@@ -325,6 +330,18 @@ pub fn print_status(mnt: &Path, json: bool, backends: bool) -> Result<(), String
         human(disk.saturating_sub(stored_disk + index)),
         human(index)
     );
+    let (pack_disk, pack_live) = (s.get("pack_disk_bytes"), s.get("pack_live_bytes"));
+    println!(
+        "packs         {} pack files, {} on disk, {} of it referenced ({:.0}%)",
+        s.get("packs"),
+        human(pack_disk),
+        human(pack_live),
+        if pack_disk > 0 {
+            100.0 * pack_live as f64 / pack_disk as f64
+        } else {
+            100.0
+        }
+    );
     println!("cache         {} of plaintext", human(s.get("cache_bytes")));
     let bytes_in = s.get("bytes_in");
     let per_busy_second = |v: u64| if busy > 0.0 { v as f64 / busy } else { 0.0 };
@@ -443,6 +460,22 @@ pub fn metrics(mnt: &Path, textfile: Option<&Path>, interval: Option<u64>) -> Re
             None => return Ok(()),
         }
     }
+}
+
+/// `nacrithfs compact`: one compaction pass now (it also runs every few minutes).
+pub fn compact(mnt: &Path) -> Result<(), String> {
+    let before = Status::read(mnt)?;
+    control(mnt, "compact")?;
+    let after = Status::read(mnt)?;
+    println!(
+        "packs: {} -> {} files, {} -> {} on disk ({} referenced)",
+        before.get("packs"),
+        after.get("packs"),
+        human(before.get("pack_disk_bytes")),
+        human(after.get("pack_disk_bytes")),
+        human(after.get("pack_live_bytes"))
+    );
+    Ok(())
 }
 
 /// `nacrithfs evict`.

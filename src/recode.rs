@@ -58,6 +58,8 @@ pub struct Options<'a> {
     pub force_backend: bool,
     /// Count and say what would be done; change nothing.
     pub dry_run: bool,
+    /// New blobs as files of their own, never packed (`--nopack`, as `-o nopack`).
+    pub nopack: bool,
     /// Workers per device (None: the pool's default).
     pub workers: Option<usize>,
     /// Files (groups of equal files) recoded at once (None: every lane of the pool).
@@ -375,7 +377,7 @@ fn plaintext(
             }
         };
         let decoded = (|| -> Result<FileSource, CodecError> {
-            let blob = FileSource::open(&store.blob_path(c.ino, c.blob.seq))?;
+            let blob = store.open_blob(c.ino, &c.blob)?;
             let file = blobfile::spool_file(&store.blob_dir_of(c.ino), c.ino)?;
             let mut sink = FileSink::new(&file);
             // decode_to checks the CRCs and the BLAKE3 of the whole.
@@ -409,7 +411,15 @@ fn recode_group(
     if let Some((ino, blob)) = existing {
         let path = store.blob_path(ino, blob.seq);
         for c in &group {
-            match link_blob(store, c, &path, blob.stored_size) {
+            let done = match blob.pack {
+                // A packed blob is shared by referring to its slot (the index counts).
+                Some(_) => store
+                    .alloc_blob_seq()
+                    .map_err(|e| e.to_string())
+                    .and_then(|seq| switch_blob(store, c, BlobRef { seq, ..blob })),
+                None => link_blob(store, c, &path, blob.stored_size),
+            };
+            match done {
                 Ok(()) => {
                     report.linked += 1;
                     report.bytes_before += c.blob.stored_size;
@@ -425,21 +435,29 @@ fn recode_group(
         Err(why) => return leave(why, group.len() as u64, report),
     };
     let first = &group[0];
-    let (new_seq, new_len, zstd) = match code_new_blob(store, engines, first.ino, &src, count) {
-        Ok(x) => x,
-        Err(e) => {
-            return leave(
-                format!("coding a new blob failed: {e}"),
-                group.len() as u64,
-                report,
-            )
-        }
-    };
+    let (new_blob, zstd) =
+        match code_new_blob(store, engines, first.ino, &src, count, !engines.opts.nopack) {
+            Ok(x) => x,
+            Err(e) => {
+                return leave(
+                    format!("coding a new blob failed: {e}"),
+                    group.len() as u64,
+                    report,
+                )
+            }
+        };
+    let new_len = new_blob.stored_size;
     for (i, c) in group.iter().enumerate() {
         let done = if i == 0 {
-            switch_blob(store, c, new_seq, new_len)
+            switch_blob(store, c, new_blob)
+        } else if new_blob.pack.is_some() {
+            // Equal files share a packed blob by referring to its slot.
+            store
+                .alloc_blob_seq()
+                .map_err(|e| e.to_string())
+                .and_then(|seq| switch_blob(store, c, BlobRef { seq, ..new_blob }))
         } else {
-            link_blob(store, c, &store.blob_path(first.ino, new_seq), new_len)
+            link_blob(store, c, &store.blob_path(first.ino, new_blob.seq), new_len)
         };
         match done {
             Ok(()) => {
@@ -459,15 +477,16 @@ fn recode_group(
 }
 
 /// Code `src` on the target into a new blob of `ino`, verified by decoding it (zstd if
-/// the model's blob does not decode back), named and its directory synced. Returns its
-/// sequence number, length and whether it fell back to zstd.
+/// the model's blob does not decode back), then appended to a pack (a small one) or
+/// named and its directory synced. Returns it and whether it fell back to zstd.
 fn code_new_blob(
     store: &Store,
     engines: &Engines<'_>,
     ino: u64,
     src: &FileSource,
     count: &(dyn Fn(usize) + Sync),
-) -> Result<(u64, u64, bool), CodecError> {
+    pack: bool,
+) -> Result<(BlobRef, bool), CodecError> {
     let seq = store
         .alloc_blob_seq()
         .map_err(|e| CodecError::Io(std::io::Error::other(e.to_string())))?;
@@ -497,13 +516,36 @@ fn code_new_blob(
             return Err(e);
         }
     };
+    if pack && len <= crate::store::pack::PACK_MAX_BLOB {
+        let packed = store.pack_blob(ino, &tmp);
+        match packed {
+            Ok(Some((p, plen))) => {
+                let _ = std::fs::remove_file(&tmp);
+                crate::crash::point("recode.after_blob");
+                // Offline: no compaction runs meanwhile, nothing to hold.
+                return Ok((
+                    BlobRef {
+                        seq,
+                        stored_size: plen,
+                        pack: Some(p.slot),
+                    },
+                    zstd,
+                ));
+            }
+            Ok(None) => {}
+            Err(e) => {
+                let _ = std::fs::remove_file(&tmp);
+                return Err(CodecError::Io(std::io::Error::other(e.to_string())));
+            }
+        }
+    }
     if let Err(e) = std::fs::rename(&tmp, &path).and_then(|()| sync_dir(&dir)) {
         let _ = std::fs::remove_file(&tmp);
         let _ = std::fs::remove_file(&path);
         return Err(e.into());
     }
     crate::crash::point("recode.after_blob");
-    Ok((seq, len, zstd))
+    Ok((BlobRef::file(seq, len), zstd))
 }
 
 /// Give `c` a second name of the new blob at `new` (a hard link: no coding, no space),
@@ -521,15 +563,18 @@ fn link_blob(store: &Store, c: &Candidate, new: &Path, len: u64) -> Result<(), S
         return Err(format!("linking {}: {e}", path.display()));
     }
     crate::crash::point("recode.after_link");
-    switch_blob(store, c, seq, len)
+    switch_blob(store, c, BlobRef::file(seq, len))
 }
 
-/// Point `c`'s inode at blob `seq` (already durable) in one durable batch that also puts
-/// its old blob in the graveyard; then delete the old blob and its grave.
-fn switch_blob(store: &Store, c: &Candidate, seq: u64, len: u64) -> Result<(), String> {
-    let new_path = store.blob_path(c.ino, seq);
+/// Point `c`'s inode at blob `new` (already durable) in one durable batch that also puts
+/// its old blob in the graveyard; then delete the old blob and its grave. (A packed old
+/// blob needs neither: the batch drops its reference, compaction its bytes.)
+fn switch_blob(store: &Store, c: &Candidate, new: BlobRef) -> Result<(), String> {
+    let new_path = store.blob_path(c.ino, new.seq);
     let drop_new = |why: String| {
-        let _ = std::fs::remove_file(&new_path);
+        if new.pack.is_none() {
+            let _ = std::fs::remove_file(&new_path);
+        }
         Err(why)
     };
     // The index is ours alone (offline), but nothing is switched on a stale read.
@@ -538,18 +583,18 @@ fn switch_blob(store: &Store, c: &Candidate, seq: u64, len: u64) -> Result<(), S
         Ok(_) => return drop_new("the file changed meanwhile".into()),
         Err(e) => return drop_new(e.to_string()),
     };
-    inode.blob = Some(BlobRef {
-        seq,
-        stored_size: len,
-    });
+    inode.blob = Some(new);
     let mut txn = Txn::default();
     txn.put_inode(c.ino, &inode);
-    txn.bury_blob(c.ino, c.blob.seq);
-    txn.put_content_hint(&c.header.checksum, c.ino, seq);
+    txn.bury_blob(c.ino, &c.blob);
+    txn.put_content_hint(&c.header.checksum, c.ino, &new);
     if let Err(e) = store.commit(txn, true) {
         return drop_new(e.to_string());
     }
     crate::crash::point("recode.after_commit");
+    if c.blob.pack.is_some() {
+        return Ok(());
+    }
     let old = store.blob_path(c.ino, c.blob.seq);
     match std::fs::remove_file(&old) {
         Ok(()) => {}

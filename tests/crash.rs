@@ -23,7 +23,10 @@ use std::time::{Duration, Instant};
 
 use common::mount::*;
 
-const OPTS: &str = "idle=3600";
+/// The template and the cases that exercise blob files: every blob a file of its own.
+const OPTS: &str = "idle=3600,nopack";
+/// The pack cases: small blobs go into packs (the default).
+const OPTS_PACK: &str = "idle=3600";
 
 /// The template's files and their content.
 fn contents() -> &'static BTreeMap<&'static str, Vec<u8>> {
@@ -117,6 +120,8 @@ struct Case {
     when: When,
     /// What else must hold on the remounted volume (beyond file contents).
     verify: fn(&Path, &str),
+    /// Mount options of the crashing daemon.
+    opts: &'static str,
 }
 
 fn nothing_more(_: &Path, _: &str) {}
@@ -136,6 +141,9 @@ enum When {
     /// During the mount of the template turned back into format 2 (its index in sled),
     /// which moves the index to fjall first.
     InMigration,
+    /// During `nacrithfs compact` on a mount of the volume `run` left (cleanly
+    /// unmounted: its packs sealed).
+    InCompaction,
 }
 
 /// Turn a format-3 volume into the format-2 volume it would have been: the same keys
@@ -373,13 +381,16 @@ fn cases() -> Vec<Case> {
         allow(&mut a, "evicted_copy.txt", vec![old("evicted.txt")]);
         a
     }
-    let r = |point| Case {
+    // `opts`: with "nopack", recode writes blob files (`--nopack`; equal files then
+    // get hard links), else it packs the new blobs.
+    let r = |point, opts| Case {
         op: "recode",
         point,
         run: equal_copy,
         allowed: with_copy,
         when: When::InRecode,
         verify: nothing_more,
+        opts,
     };
 
     let c = |op, point, run: fn(&Path), allowed: fn() -> Allowed| Case {
@@ -389,8 +400,45 @@ fn cases() -> Vec<Case> {
         allowed,
         when: When::Running,
         verify: nothing_more,
+        opts: OPTS,
+    };
+    /// Three small files packed with dirty.txt, then two of them deleted: their pack,
+    /// sealed at the unmount, is mostly dead bytes.
+    fn packed_then_deleted(mnt: &Path) {
+        let text = common::english(6000);
+        for (i, name) in ["p1.txt", "p2.txt", "p3.txt"].iter().enumerate() {
+            fs::write(mnt.join(name), &text[4000 + 600 * i..4600 + 600 * i]).expect("write");
+        }
+        admin("flush", mnt);
+        assert!(status_field(mnt, "packs") >= 1, "nothing was packed");
+        for name in ["p1.txt", "p2.txt", "p3.txt"] {
+            fs::remove_file(mnt.join(name)).expect("rm");
+        }
+    }
+    let p = |point, run: fn(&Path)| Case {
+        op: "pack a blob",
+        point,
+        run,
+        allowed: unchanged,
+        when: When::Running,
+        verify: nothing_more,
+        opts: OPTS_PACK,
+    };
+    let k = |point| Case {
+        op: "compact packs",
+        point,
+        run: packed_then_deleted,
+        allowed: unchanged,
+        when: When::InCompaction,
+        verify: nothing_more,
+        opts: OPTS_PACK,
     };
     vec![
+        p("pack.after_create", flush),
+        p("pack.after_append", flush),
+        k("compact.after_copy"),
+        k("compact.after_commit"),
+        k("compact.after_bury"),
         c("create", "create.after_cache_file", create, created),
         c("create", "create.after_index", create, created),
         c(
@@ -443,6 +491,7 @@ fn cases() -> Vec<Case> {
             allowed: unchanged,
             when: When::Running,
             verify: acl_and_mode_agree,
+            opts: OPTS,
         },
         c("unlink", "unlink.after_index", unlink, unlinked),
         c("unlink", "reap.after_flush", unlink, unlinked),
@@ -483,6 +532,7 @@ fn cases() -> Vec<Case> {
             allowed: recovering,
             when: When::AtMount,
             verify: nothing_more,
+            opts: OPTS,
         },
         Case {
             op: "recovery",
@@ -491,6 +541,7 @@ fn cases() -> Vec<Case> {
             allowed: recovering,
             when: When::AtMount,
             verify: nothing_more,
+            opts: OPTS,
         },
         Case {
             op: "move to format 3",
@@ -499,6 +550,7 @@ fn cases() -> Vec<Case> {
             allowed: unchanged,
             when: When::InMigration,
             verify: nothing_more,
+            opts: OPTS,
         },
         Case {
             op: "move to format 3",
@@ -507,6 +559,7 @@ fn cases() -> Vec<Case> {
             allowed: unchanged,
             when: When::InMigration,
             verify: nothing_more,
+            opts: OPTS,
         },
         Case {
             op: "move to format 3",
@@ -515,6 +568,7 @@ fn cases() -> Vec<Case> {
             allowed: unchanged,
             when: When::InMigration,
             verify: nothing_more,
+            opts: OPTS,
         },
         Case {
             op: "fsck --repair",
@@ -523,6 +577,7 @@ fn cases() -> Vec<Case> {
             allowed: recovering,
             when: When::InFsckRepair,
             verify: nothing_more,
+            opts: OPTS,
         },
         Case {
             op: "fsck --repair",
@@ -531,13 +586,14 @@ fn cases() -> Vec<Case> {
             allowed: recovering,
             when: When::InFsckRepair,
             verify: nothing_more,
+            opts: OPTS,
         },
-        r("recode.after_blob"),
-        r("recode.after_commit"),
-        r("recode.after_unlink"),
-        r("recode.after_link"),
+        r("recode.after_blob", OPTS_PACK),
+        r("recode.after_commit", OPTS_PACK),
+        r("recode.after_unlink", OPTS_PACK),
+        r("recode.after_link", OPTS),
         // The second file's switch: the first is done.
-        r("recode.after_commit:2"),
+        r("recode.after_commit:2", OPTS_PACK),
     ]
 }
 
@@ -576,12 +632,16 @@ fn run_to_crash(backing: &Path, mnt: &Path, case: &Case) {
         return;
     }
     if case.when == When::InRecode {
+        // Blob files (whose tags can be forged) on the way in.
         let d = Daemon::start(backing, mnt, OPTS);
         (case.run)(mnt);
         d.unmount();
         let level = nacrithfs::model::llama::cpu_level();
         assert!(forge_backend(backing, &level, foreign_level()) >= 1);
-        let args = ["--to", "cpu", "--force-backend"];
+        let mut args = vec!["--to", "cpu", "--force-backend"];
+        if case.opts.contains("nopack") {
+            args.push("--nopack");
+        }
         let (status, text) = recode_env(&args, backing, &env);
         assert_killed_at(case, "recode", status, &text);
         // A rerun finishes the job: every file's blob is this backend's (the old blobs
@@ -607,7 +667,14 @@ fn run_to_crash(backing: &Path, mnt: &Path, case: &Case) {
         );
         return;
     }
-    if case.when == When::AtMount || case.when == When::InMigration {
+    if case.when == When::InCompaction {
+        let d = Daemon::start(backing, mnt, case.opts);
+        (case.run)(mnt);
+        d.unmount();
+        let d = Daemon::start_env(backing, mnt, case.opts, &env);
+        compact_now(mnt);
+        daemon = Some(d);
+    } else if case.when == When::AtMount || case.when == When::InMigration {
         // Prepare the mess on a normal mount, kill -9 (or turn the volume back into
         // format 2), then mount with the point armed: the daemon dies during recovery
         // (or the move to format 3), before it mounts.
@@ -629,8 +696,8 @@ fn run_to_crash(backing: &Path, mnt: &Path, case: &Case) {
                 .spawn()
                 .expect("start nacrithfs"),
         );
-    } else {
-        let d = Daemon::start_env(backing, mnt, OPTS, &env);
+    } else if case.when != When::InCompaction {
+        let d = Daemon::start_env(backing, mnt, case.opts, &env);
         (case.run)(mnt);
         daemon = Some(d);
     }
@@ -659,6 +726,10 @@ fn run_to_crash(backing: &Path, mnt: &Path, case: &Case) {
     if is_mounted(mnt) {
         let _ = Command::new("umount").arg("-l").arg(mnt).status();
     }
+}
+
+fn compact_now(mnt: &Path) {
+    let _ = admin_raw("compact", mnt);
 }
 
 /// `who` died of SIGKILL at the case's crash point (`text`: what it printed).

@@ -37,12 +37,13 @@ fn check_all(mnt: &Path, expect: &[(&str, Vec<u8>)]) {
     }
 }
 
+/// With `nopack`: every blob a file of its own (tests/packs.rs covers packed blobs).
 #[test]
 fn write_flush_compress_evict_remount_read_back() {
     let _llm = common::llm_lock();
     let dir = tempfile::tempdir().expect("tempdir");
     let (backing, mnt) = new_volume(dir.path());
-    let d = Daemon::start(&backing, &mnt, "idle=3600");
+    let d = Daemon::start(&backing, &mnt, "idle=3600,nopack");
     fs::create_dir(mnt.join("notes")).expect("mkdir");
     let files = files();
     for (name, data) in &files {
@@ -150,7 +151,7 @@ fn write_flush_compress_evict_remount_read_back() {
     assert_eq!(cached, 0, "evict left plaintext copies");
     d.unmount();
 
-    let d = Daemon::start(&backing, &mnt, "idle=3600");
+    let d = Daemon::start(&backing, &mnt, "idle=3600,nopack");
     // Reads decompress (through the model for the text files).
     check_all(&mnt, &files);
     for (name, _) in &files {
@@ -1082,7 +1083,8 @@ fn blob_inodes(backing: &Path) -> Vec<(u64, Vec<std::path::PathBuf>)> {
     by_ino.into_values().collect()
 }
 
-/// Equal files share one blob (deduplication): the first is coded, a later copy
+/// Equal files share one blob (deduplication; with `nopack`, so every blob is a file of
+/// its own — tests/packs.rs shares packed blobs): the first is coded, a later copy
 /// becomes a second name of its blob (a hard link in the backing directory) without a
 /// symbol of model time; every copy reads back, also after the first is deleted; a
 /// rewritten copy gets a blob of its own; fsck counts the sharing and finds no problem.
@@ -1091,7 +1093,7 @@ fn equal_files_share_one_blob_and_cost_no_model_time() {
     let _llm = common::llm_lock();
     let dir = tempfile::tempdir().expect("tempdir");
     let (backing, mnt) = new_volume(dir.path());
-    let d = Daemon::start(&backing, &mnt, "idle=3600");
+    let d = Daemon::start(&backing, &mnt, "idle=3600,nopack");
     // Long enough for the LLM coder (not zstd): a copy coded again would show in
     // symbols_coded.
     let text = common::english(2000);
@@ -1179,7 +1181,7 @@ fn equal_files_share_one_blob_and_cost_no_model_time() {
 
     // The hint names e.txt's blob (the newest with that content): once e.txt is gone
     // the hint is stale, which is no problem; a repair drops it.
-    let d = Daemon::start(&backing, &mnt, "idle=3600");
+    let d = Daemon::start(&backing, &mnt, "idle=3600,nopack");
     fs::remove_file(mnt.join("e.txt")).expect("unlink");
     d.unmount();
     let (code, out) = fsck(&[], &backing);
@@ -1193,7 +1195,7 @@ fn equal_files_share_one_blob_and_cost_no_model_time() {
     let (code, out) = fsck(&[], &backing);
     assert_eq!(code, 0, "{out}");
     assert!(!out.contains("content hints"), "{out}");
-    let d = Daemon::start(&backing, &mnt, "idle=3600");
+    let d = Daemon::start(&backing, &mnt, "idle=3600,nopack");
     assert!(fs::read(mnt.join("sub/c.txt")).expect("read") == text);
 
     // Equal files queued together are claimed by several compressors at once: one codes

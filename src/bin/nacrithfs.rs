@@ -3,7 +3,7 @@
 //! ```text
 //! nacrithfs BACKING MOUNTPOINT [-o opts] [-f]      mount (daemonizes once live)
 //! nacrithfs TAG MOUNTPOINT -o backing=DIR,...      the same, fstab style
-//! nacrithfs flush|evict|status|metrics MOUNTPOINT
+//! nacrithfs flush|evict|compact|status|metrics MOUNTPOINT
 //! nacrithfs fsck BACKING [--repair] [--deep] [--model PATH]
 //! nacrithfs recode BACKING --to cpu|cuda [--force-backend] [--dry-run] [--model PATH]
 //! ```
@@ -30,6 +30,7 @@ usage:
   nacrithfs TAG MOUNTPOINT -o backing=DIR[,...]    the same, with the source as a tag
   nacrithfs flush MOUNTPOINT     compress every closed file now; wait until done
   nacrithfs evict MOUNTPOINT     drop clean plaintext copies from the cache
+  nacrithfs compact MOUNTPOINT   give back the space of deleted files' packed blobs now
   nacrithfs status MOUNTPOINT [--json] [--backends]
                                  queue, sizes, ratio, worker throughput; --backends
                                  adds blobs per backend (reads every blob header)
@@ -43,12 +44,13 @@ usage:
                                  LLM blobs too (loads the model). Exit 0 clean, 1 all
                                  repaired, 4 problems remain, 8 fsck itself failed.
   nacrithfs recode BACKING --to cpu|cuda [--force-backend] [--dry-run]
-                   [--model PATH] [--workers N] [--jobs N]
+                   [--nopack] [--model PATH] [--workers N] [--jobs N]
                                  re-encode (offline) every blob coded on another
                                  backend on this one, verified and crash-safe; a rerun
                                  resumes. --dry-run counts blobs per backend and says
                                  what would be done; --jobs: files at once
-                                 (default: every lane of the pool, at most 64).
+                                 (default: every lane of the pool, at most 64);
+                                 --nopack: new blobs as files, not packed.
                                  Exit 0 all done, 4 files left (their backend is
                                  not here; --force-backend tries).
 
@@ -71,7 +73,9 @@ fn main() {
             println!("nacrithfs {}", env!("CARGO_PKG_VERSION"));
             Ok(())
         }
-        Some(cmd @ ("flush" | "evict" | "status" | "metrics")) => admin_main(cmd, &args[1..]),
+        Some(cmd @ ("flush" | "evict" | "compact" | "status" | "metrics")) => {
+            admin_main(cmd, &args[1..])
+        }
         Some("fsck") => {
             set_private_umask();
             fsck_main(&args[1..])
@@ -193,10 +197,10 @@ fn fsck_main(args: &[OsString]) -> Result<(), String> {
 /// `recode BACKING --to cpu|cuda ...`: see [`nacrithfs::recode`].
 fn recode_main(args: &[OsString]) -> Result<(), String> {
     use nacrithfs::recode::{self, Target};
-    let usage = "usage: nacrithfs recode BACKING --to cpu|cuda [--force-backend] [--dry-run] [--model PATH] [--workers N] [--jobs N]";
+    let usage = "usage: nacrithfs recode BACKING --to cpu|cuda [--force-backend] [--dry-run] [--nopack] [--model PATH] [--workers N] [--jobs N]";
     let (mut backing, mut target, mut model, mut workers, mut jobs) =
         (None, None, None, None, None);
-    let (mut force_backend, mut dry_run) = (false, false);
+    let (mut force_backend, mut dry_run, mut nopack) = (false, false, false);
     let mut it = args.iter();
     while let Some(a) = it.next() {
         let mut value = || it.next().and_then(|v| v.to_str()).ok_or(usage);
@@ -209,6 +213,7 @@ fn recode_main(args: &[OsString]) -> Result<(), String> {
             Some("--jobs") => jobs = Some(value()?.parse::<usize>().map_err(|_| usage)?.max(1)),
             Some("--force-backend") => force_backend = true,
             Some("--dry-run") => dry_run = true,
+            Some("--nopack") => nopack = true,
             Some(s) if s.starts_with('-') => return Err(format!("unknown flag {s}\n{usage}")),
             _ if backing.is_none() => backing = Some(PathBuf::from(a)),
             _ => return Err(usage.into()),
@@ -224,6 +229,7 @@ fn recode_main(args: &[OsString]) -> Result<(), String> {
         model,
         force_backend,
         dry_run,
+        nopack,
         workers,
         jobs,
         lanes: nacrithfs::pool::DEFAULT_LANES,
@@ -321,6 +327,7 @@ fn admin_main(cmd: &str, args: &[OsString]) -> Result<(), String> {
         "status" => admin::print_status(&mnt, json, backends),
         "metrics" => admin::metrics(&mnt, textfile.as_deref(), interval),
         "evict" => admin::evict(&mnt),
+        "compact" => admin::compact(&mnt),
         _ => admin::flush(&mnt),
     }
 }

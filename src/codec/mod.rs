@@ -1,6 +1,7 @@
 //! Bytes ⇄ NC06 blobs. Pure: the model is reached only through [`Engine`], and the only
 //! I/O is the caller's buffers.
 
+pub mod compact;
 pub mod container;
 pub mod lanes;
 pub mod matcher;

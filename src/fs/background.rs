@@ -89,6 +89,12 @@ pub fn start(core: Arc<Core>, need_rx: Receiver<Need>) -> std::io::Result<Worker
                 .name("nacrith-reaper".into())
                 .spawn(move || reaper(&c))?,
         );
+        let c = core.clone();
+        threads.push(
+            std::thread::Builder::new()
+                .name("nacrith-compact".into())
+                .spawn(move || compactor(&c))?,
+        );
     }
     threads.push(
         std::thread::Builder::new()
@@ -109,6 +115,21 @@ fn reaper(core: &Core) {
         }
         core.reap();
         std::thread::sleep(REAP_EVERY);
+    }
+}
+
+/// Compacts packs every COMPACT_EVERY (each pass O(packs); see `core/compact.rs`).
+fn compactor(core: &Core) {
+    const COMPACT_EVERY: Duration = Duration::from_secs(300);
+    let mut last = Instant::now();
+    while core.wait_for_work(Duration::from_secs(5)) {
+        if last.elapsed() < COMPACT_EVERY {
+            continue;
+        }
+        last = Instant::now();
+        if let Err(e) = core.compact_packs() {
+            log::error!("compaction: errno {e}");
+        }
     }
 }
 
@@ -313,7 +334,7 @@ fn compress_file(
         None
     };
     let mut blob_len = match shared {
-        Some((len, _)) => len,
+        Some(s) => s.len,
         None => match code_into_tmp(core, ino, src, Some(engine), &tmp) {
             Ok(n) => n,
             Err(e) => return fail(e.to_string()),
@@ -339,9 +360,35 @@ fn compress_file(
             }
         }
     }
-    if let Err(e) = publish_blob(&tmp, &blob_path) {
-        let _ = std::fs::remove_file(&blob_path);
-        return fail(format!("writing {}: {e}", blob_path.display()));
+    // Where the blob goes: the slot it shares, a pack (small blobs), or its own file.
+    let mut pack = shared.and_then(|s| s.pack);
+    // Held until the commit is done: compaction leaves the pack alone meanwhile.
+    let mut _pending = None;
+    if shared.is_none() && core.opts.pack && blob_len <= crate::store::pack::PACK_MAX_BLOB {
+        match core.store.pack_blob(ino, &tmp) {
+            Ok(Some((p, len))) => {
+                let _ = std::fs::remove_file(&tmp);
+                pack = Some(p.slot);
+                _pending = Some(p);
+                blob_len = len;
+            }
+            Ok(None) => {}
+            Err(e) => return fail(format!("appending its blob to a pack: {e}")),
+        }
+    }
+    let blob_place = match pack {
+        Some(slot) => format!(
+            "{} at {}",
+            core.store.packs().path(slot.pack).display(),
+            slot.offset
+        ),
+        None => blob_path.display().to_string(),
+    };
+    if pack.is_none() {
+        if let Err(e) = publish_blob(&tmp, &blob_path) {
+            let _ = std::fs::remove_file(&blob_path);
+            return fail(format!("writing {}: {e}", blob_path.display()));
+        }
     }
     // The plaintext becomes the clean copy: it must be on disk before the index says
     // so (a write after this point changes the version, and the commit is refused).
@@ -355,7 +402,7 @@ fn compress_file(
         return fail(format!("syncing {}: {e}", plain.display()));
     }
     crate::crash::point("compress.after_plain_sync");
-    pause_before_commit(&blob_path);
+    pause_before_commit(&blob_place);
     let took = start.elapsed();
     let size = src.len();
     let blob = NewBlob {
@@ -364,10 +411,11 @@ fn compress_file(
         original: size,
         content,
         shared: shared.is_some(),
+        pack,
     };
     match core.commit_blob(ino, version, &blob) {
         Ok(true) => {
-            if let Some((_, owner)) = shared {
+            if let Some(Shared { owner, .. }) = shared {
                 crate::crash::point("dedup.after_commit");
                 log::info!(
                     "compressed {name}: {size} bytes, equal to a file already stored (inode {owner}): shares its {blob_len}-byte blob"
@@ -392,21 +440,39 @@ fn compress_file(
     core.enforce_cache_cap();
 }
 
+/// A blob another file already stores with the same content.
+#[derive(Clone, Copy)]
+struct Shared {
+    len: u64,
+    /// The inode whose blob it was.
+    owner: u64,
+    /// Its slot when packed (shared by reference); None: `tmp` is a hard link to it.
+    pack: Option<crate::store::PackSlot>,
+}
+
 /// Deduplication: if the content hint for `content` names a blob that still exists, holds
 /// this plaintext (its header's length and BLAKE3) and decodes with this model and
-/// backend, make `tmp` a second name of it (a hard link: the backing filesystem counts
-/// the references, and the blocks are freed with the last name). Returns the blob's
-/// length and the inode whose blob it was; None (code the file) on any doubt.
+/// backend, share it: a blob file gets a second name, `tmp` (a hard link: the backing
+/// filesystem counts the references, and the blocks are freed with the last name); a
+/// packed blob is referred to by its slot (the index counts the references, checked
+/// again at commit). None (code the file) on any doubt.
 fn share_equal_blob(
     core: &Core,
     engine: &dyn Engine,
     content: &[u8; 32],
     size: u64,
     tmp: &std::path::Path,
-) -> Option<(u64, u64)> {
-    let (owner, seq) = core.store.content_hint(content).ok()??;
-    let path = core.store.blob_path(owner, seq);
-    let blob = FileSource::open(&path).ok()?;
+) -> Option<Shared> {
+    let hint = core.store.content_hint(content).ok()??;
+    let blob_ref = match hint.packed {
+        Some((slot, len)) => crate::store::BlobRef {
+            seq: hint.seq,
+            stored_size: len,
+            pack: Some(slot),
+        },
+        None => crate::store::BlobRef::file(hint.seq, 0),
+    };
+    let blob = core.store.open_blob(hint.ino, &blob_ref).ok()?;
     let (header, _) = codec::container::Header::read_from(&blob).ok()?;
     if header.original_len != size || header.checksum != *content {
         return None;
@@ -416,14 +482,26 @@ fn share_equal_blob(
     {
         return None;
     }
+    if let Some((slot, len)) = hint.packed {
+        return Some(Shared {
+            len,
+            owner: hint.ino,
+            pack: Some(slot),
+        });
+    }
     // The blob's name may go (its file deleted) before the link: then there is nothing
     // to share and the file is coded.
+    let path = core.store.blob_path(hint.ino, hint.seq);
     if let Err(e) = std::fs::hard_link(&path, tmp) {
         log::debug!("sharing {}: {e}", path.display());
         return None;
     }
     crate::crash::point("dedup.after_link");
-    Some((blob.len(), owner))
+    Some(Shared {
+        len: blob.len(),
+        owner: hint.ino,
+        pack: None,
+    })
 }
 
 /// A verified blob's temp file takes its name, durably: rename, fsync of blobs/ (each
@@ -440,7 +518,7 @@ fn publish_blob(tmp: &std::path::Path, path: &std::path::Path) -> std::io::Resul
 /// Fault injection for the crash test: with NACRITHFS_FAULT_PAUSE_BEFORE_COMMIT_MS set,
 /// wait that long between writing a blob durably and committing it to the index, so a
 /// kill lands exactly mid-commit. Never set in normal use.
-fn pause_before_commit(blob: &std::path::Path) {
+fn pause_before_commit(blob: &str) {
     static PAUSE: std::sync::OnceLock<Option<u64>> = std::sync::OnceLock::new();
     let pause = PAUSE.get_or_init(|| {
         std::env::var("NACRITHFS_FAULT_PAUSE_BEFORE_COMMIT_MS")
@@ -448,10 +526,7 @@ fn pause_before_commit(blob: &std::path::Path) {
             .and_then(|v| v.parse().ok())
     });
     if let Some(ms) = *pause {
-        log::warn!(
-            "fault injection: {} is written, pausing {ms} ms before committing it",
-            blob.display()
-        );
+        log::warn!("fault injection: {blob} is written, pausing {ms} ms before committing it");
         std::thread::sleep(Duration::from_millis(ms));
     }
 }
@@ -474,7 +549,7 @@ struct Decoding {
     blob: BlobRef,
     path: PathBuf,
     /// The blob, read a region at a time (never whole: it can be as large as the file).
-    data: FileSource,
+    data: crate::store::pack::BlobSource,
     plan: Plan,
     pool: Option<(Arc<LocalPool>, CoderParams)>,
     file: Arc<std::fs::File>,
@@ -591,7 +666,7 @@ impl Decoder<'_> {
 
     fn need(&mut self, need: Need) {
         let ino = need.ino;
-        let (path, size, blob) = match self.core.blob_of(ino) {
+        let (size, blob) = match self.core.blob_of(ino) {
             Ok(Some(b)) => b,
             Ok(None) => {
                 // Already plaintext (truncated, rewritten, or decoded meanwhile).
@@ -616,7 +691,7 @@ impl Decoder<'_> {
             return;
         }
         if !self.decodings.contains_key(&ino) {
-            match self.start(ino, &path, size, blob) {
+            match self.start(ino, size, blob) {
                 Ok(d) => {
                     self.core.partial_started(
                         ino,
@@ -662,21 +737,19 @@ impl Decoder<'_> {
     }
 
     /// Read and parse the blob, load the model if it needs it, make the temp file.
-    fn start(
-        &self,
-        ino: u64,
-        path: &std::path::Path,
-        size: u64,
-        blob: BlobRef,
-    ) -> Result<Decoding, (i32, String)> {
+    fn start(&self, ino: u64, size: u64, blob: BlobRef) -> Result<Decoding, (i32, String)> {
         let fail = |why: String| (libc::EIO, why);
-        let data = FileSource::open(path).map_err(|e| fail(format!("{}: {e}", path.display())))?;
-        let plan = Plan::read_from(&data).map_err(|e| fail(format!("{}: {e}", path.display())))?;
+        let path = self.core.store.blob_display(ino, &blob);
+        let data = self
+            .core
+            .store
+            .open_blob(ino, &blob)
+            .map_err(|e| fail(format!("{path}: {e}")))?;
+        let plan = Plan::read_from(&data).map_err(|e| fail(format!("{path}: {e}")))?;
         if plan.header.original_len != size {
             return Err(fail(format!(
                 "{} holds {} bytes but the index says {size}",
-                path.display(),
-                plan.header.original_len
+                path, plan.header.original_len
             )));
         }
         // Only blobs with LLM segments need the model: zstd-only files stay readable
@@ -685,11 +758,11 @@ impl Decoder<'_> {
             let pool = self.core.engine.get().map_err(|e| {
                 fail(format!(
                     "{} needs the model, which is unavailable: {e}",
-                    path.display()
+                    path
                 ))
             })?;
             let params = codec::check_engine(&plan.header, &*pool, &DecompressOptions::default())
-                .map_err(|e| fail(format!("{}: {e}", path.display())))?;
+                .map_err(|e| fail(format!("{}: {e}", path)))?;
             Some((pool, params))
         } else {
             None
@@ -721,7 +794,7 @@ impl Decoder<'_> {
         let n = plan.regions.len();
         Ok(Decoding {
             blob,
-            path: path.to_path_buf(),
+            path: path.into(),
             data,
             plan,
             pool,
@@ -908,8 +981,7 @@ impl Decoder<'_> {
             .decodings
             .iter()
             .filter(|(&ino, d)| {
-                let moved_on =
-                    !matches!(self.core.blob_of(ino), Ok(Some((_, _, b))) if b == d.blob);
+                let moved_on = !matches!(self.core.blob_of(ino), Ok(Some((_, b))) if b == d.blob);
                 let idle = d.last_used.elapsed() > PARTIAL_IDLE
                     && !d.state.iter().any(|s| matches!(s, RegionState::Running(_)))
                     && self.core.waiting_ranges(ino).is_empty();

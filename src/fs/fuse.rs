@@ -15,7 +15,7 @@ use fuser::{
     ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 
-use super::core::{stored_size, Attr, Core, Opened};
+use super::core::{Attr, Core, Opened};
 use crate::store::Kind;
 
 /// How long the kernel may cache attributes and entries. Every change goes through
@@ -50,7 +50,7 @@ fn file_attr(a: &Attr) -> FileAttr {
         // What `du` shows: the blocks the stored form takes on the backing filesystem
         // (the blob once compressed, in whole blocks as the disk holds it).
         blocks: match i.kind {
-            Kind::File => crate::store::tally::on_disk(stored_size(i)).div_ceil(512),
+            Kind::File => crate::store::tally::stored_disk(i).div_ceil(512),
             Kind::Dir => 8,
             _ => 0,
         },

@@ -48,6 +48,9 @@ pub struct FsOptions {
     /// A file equal to one already stored shares its blob (`dedup`, the default;
     /// `nodedup` codes every file on its own).
     pub dedup: bool,
+    /// Small blobs go into pack files (`pack`, the default; `nopack` gives every blob a
+    /// file of its own).
+    pub pack: bool,
     /// `-o remount,ro|rw`: change a live mount (see `fs::mount::remount`), no new daemon.
     pub remount: bool,
     /// The backing directory when the mount source is only a tag.
@@ -78,6 +81,7 @@ impl Default for FsOptions {
             nodiratime: false,
             acl: true,
             dedup: true,
+            pack: true,
             remount: false,
             backing: None,
             kernel: Vec::new(),
@@ -191,6 +195,8 @@ impl FsOptions {
                 "noacl" => self.acl = false,
                 "dedup" => self.dedup = true,
                 "nodedup" => self.dedup = false,
+                "pack" => self.pack = true,
+                "nopack" => self.pack = false,
                 "relatime" | "atime" => self.atime = Atime::Relative,
                 "strictatime" => self.atime = Atime::Strict,
                 "noatime" => {
@@ -249,5 +255,8 @@ mod tests {
         assert!(o.dedup);
         o.apply("nodedup").unwrap();
         assert!(!o.dedup);
+        assert!(o.pack);
+        o.apply("nopack").unwrap();
+        assert!(!o.pack);
     }
 }

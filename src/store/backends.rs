@@ -8,7 +8,6 @@ use std::os::unix::fs::MetadataExt;
 
 use super::{BlobRef, Inode, Kind, Result, Store};
 use crate::codec::container::Header;
-use crate::codec::source::FileSource;
 
 /// What blobs without LLM segments (zstd or raw alone) are counted under: they decode on
 /// any backend.
@@ -49,13 +48,21 @@ pub fn census(
         let Some(blob) = inode.blob else {
             continue;
         };
-        let read = FileSource::open(&store.blob_path(ino, blob.seq)).and_then(|src| {
-            let meta = src.file().metadata()?;
+        // A blob's identity for counting: its file (hard links are one blob) or its slot.
+        let read = store.open_blob(ino, &blob).and_then(|src| {
+            let id = match (&src, blob.pack) {
+                (super::pack::BlobSource::File(f), _) => {
+                    let meta = f.file().metadata()?;
+                    (meta.dev(), meta.ino(), meta.len())
+                }
+                (_, Some(slot)) => (u64::MAX - slot.pack, slot.offset, blob.stored_size),
+                (_, None) => (0, 0, 0),
+            };
             let (header, _) = Header::read_from(&src)
                 .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
-            Ok((meta, header))
+            Ok((id, header))
         });
-        let (meta, header) = match read {
+        let ((dev, file_ino, len), header) = match read {
             Ok(x) => x,
             Err(e) => {
                 let moved = e.kind() == std::io::ErrorKind::NotFound
@@ -74,9 +81,9 @@ pub fn census(
         };
         let c = counts.entry(key).or_default();
         c.files += 1;
-        if seen.insert((meta.dev(), meta.ino())) {
+        if seen.insert((dev, file_ino)) {
             c.blobs += 1;
-            c.bytes += meta.len();
+            c.bytes += len;
         }
         each(StoredFile {
             ino,

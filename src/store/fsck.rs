@@ -133,6 +133,13 @@ pub fn fsck(backing: &Path, opts: FsckOptions<'_>) -> Result<Report> {
         }
         reap(&c, &graves)?;
     }
+    // Pack references and counts, from the inode records as they are now (repaired).
+    let packs = check_packs(&mut c)?;
+    if c.opts.repair {
+        let txn = std::mem::take(&mut c.txn);
+        store.commit(txn, true)?;
+    }
+    referenced.extend(packs);
     // Files are moved only after the index no longer needs them; graveyard files are
     // accounted for (and gone after a repair).
     referenced.extend(graves.into_iter().map(|(_, _, p)| p));
@@ -179,6 +186,157 @@ fn graveyard(c: &mut Checker, referenced: &HashSet<PathBuf>) -> Result<Graves> {
     Ok(graves)
 }
 
+/// Packed blobs: every reference key ('R') matches an inode record that names that
+/// slot, and each pack's live counts ('k') are what those references add up to; every
+/// pack has its entry and a known profile. Returns the pack files the index knows.
+fn check_packs(c: &mut Checker) -> Result<HashSet<PathBuf>> {
+    use super::pack::{PackInfo, RECORD_HEADER};
+    use super::PackSlot;
+    use std::collections::BTreeMap;
+    let mut expected: BTreeMap<(PackSlot, u64), u64> = BTreeMap::new();
+    for r in c.store.inodes() {
+        let (ino, i) = r?;
+        if let Some(b) = i.blob {
+            if let Some(slot) = b.pack {
+                expected.insert((slot, ino), b.stored_size);
+            }
+        }
+    }
+    let mut found: BTreeMap<(PackSlot, u64), Option<u64>> = BTreeMap::new();
+    for r in c.store.all_refs() {
+        let (slot, ino, len) = r?;
+        found.insert((slot, ino), len);
+    }
+    for (&(slot, ino), &len) in &expected {
+        if found.get(&(slot, ino)) != Some(&Some(len)) {
+            c.found(
+                "missing-ref",
+                format!(
+                    "inode {ino}'s packed blob ({} at {}) has no reference entry",
+                    super::pack::pack_name(slot.pack),
+                    slot.offset
+                ),
+                Some("added".into()),
+            );
+            c.txn
+                .batch
+                .insert(super::ref_key(slot, ino), len.to_le_bytes());
+        }
+    }
+    for &(slot, ino) in found.keys() {
+        if !expected.contains_key(&(slot, ino)) {
+            c.found(
+                "stale-ref",
+                format!(
+                    "a reference entry says inode {ino} uses the blob at {} of {}; it does not",
+                    slot.offset,
+                    super::pack::pack_name(slot.pack)
+                ),
+                Some("removed".into()),
+            );
+            c.txn.batch.remove(super::ref_key(slot, ino));
+        }
+    }
+    // What each pack's counts must be: distinct referenced slots.
+    let mut live: BTreeMap<u64, (u64, u64)> = BTreeMap::new();
+    let mut last = None;
+    for (&(slot, _), &len) in &expected {
+        if last != Some(slot) {
+            let e = live.entry(slot.pack).or_default();
+            e.0 += len + RECORD_HEADER;
+            e.1 += 1;
+            last = Some(slot);
+        }
+    }
+    let mut known = HashSet::new();
+    let infos: BTreeMap<u64, Option<PackInfo>> = c.store.pack_infos()?.into_iter().collect();
+    for (&id, info) in &infos {
+        let path = c.store.packs().path(id);
+        let (bytes, blobs) = live.get(&id).copied().unwrap_or_default();
+        let Some(info) = info else {
+            continue; // check_key_shapes reported it
+        };
+        if c.store.packs().profile(info.profile).is_none() {
+            c.found(
+                "unknown-profile",
+                format!(
+                    "{} holds coding profile {}, which the index does not have",
+                    path.display(),
+                    info.profile
+                ),
+                None,
+            );
+        }
+        if !path.exists() {
+            if blobs == 0 {
+                c.found(
+                    "stale-pack",
+                    format!(
+                        "the index knows {}, which is gone and was empty",
+                        path.display()
+                    ),
+                    Some("entry removed".into()),
+                );
+                c.txn.batch.remove(super::pack_key(id));
+            }
+            // else: each file in it was reported as a missing blob.
+            continue;
+        }
+        known.insert(path.clone());
+        if (info.live_bytes, info.live_blobs) != (bytes, blobs) {
+            c.found(
+                "pack-count",
+                format!(
+                    "{} is counted as {} live blobs of {} bytes; its references add up to {blobs} of {bytes}",
+                    path.display(),
+                    info.live_blobs,
+                    info.live_bytes
+                ),
+                Some("recounted".into()),
+            );
+            let fixed = PackInfo {
+                live_bytes: bytes,
+                live_blobs: blobs,
+                ..*info
+            };
+            c.txn.batch.insert(super::pack_key(id), fixed.encode());
+        }
+    }
+    for (&id, &(bytes, blobs)) in &live {
+        if infos.contains_key(&id) {
+            continue;
+        }
+        let path = c.store.packs().path(id);
+        let header = FileSource::open(&path)
+            .ok()
+            .and_then(|f| super::pack::read_header(&f).ok());
+        let fix = header.as_ref().map(|(_, profile, _, _)| {
+            c.txn.batch.insert(
+                super::pack_key(id),
+                PackInfo {
+                    profile: *profile,
+                    live_bytes: bytes,
+                    live_blobs: blobs,
+                }
+                .encode(),
+            );
+            "entry added from the pack's header".to_string()
+        });
+        if fix.is_some() {
+            known.insert(path.clone());
+        }
+        c.found(
+            "missing-pack-entry",
+            format!(
+                "{} is referenced but the index has no entry for it",
+                path.display()
+            ),
+            fix,
+        );
+    }
+    Ok(known)
+}
+
 /// Repair's version of the daemon's reaper (the index that stopped needing these
 /// files is durable, since before the crash): delete the files nothing refers to, then
 /// drop the entries, durably.
@@ -189,6 +347,7 @@ fn reap(c: &Checker, graves: &Graves) -> Result<()> {
     let mut txn = Txn::default();
     for (ino, tag, path) in graves {
         let in_use = match c.store.get(*ino)? {
+            None if *ino == super::PACK_GRAVE => !c.store.pack_refs(*tag)?.is_empty(),
             None => false,
             Some(i) => *tag == super::GRAVE_CACHE || i.blob.is_some_and(|b| b.seq == *tag),
         };
@@ -347,6 +506,9 @@ fn check_key_shapes(c: &mut Checker) -> Result<()> {
             Some(b'g') => k.len() == 17,
             Some(b'h') => k.len() == 33 && super::decode_content_hint(&v).is_some(),
             Some(b'd' | b'x') => k.len() > 9,
+            Some(b'P') => k.len() == 5,
+            Some(b'k') => k.len() == 9 && super::PackInfo::decode(&v).is_some(),
+            Some(b'R') => k.len() == 25 && v.len() == 8,
             Some(b'c') => continue,
             Some(b'm') => META_KEYS.contains(&&k[..]),
             _ => {
@@ -601,19 +763,27 @@ fn check_files(c: &mut Checker, inodes: &HashMap<u64, Inode>) -> Result<HashSet<
         let mut blob_ok = false;
         let mut blob_reported = false;
         if let Some(b) = inode.blob {
-            let path = c.store.blob_path(ino, b.seq);
-            match check_blob(c, inode, &path, b.stored_size) {
+            let path = match b.pack {
+                Some(slot) => c.store.packs().path(slot.pack),
+                None => c.store.blob_path(ino, b.seq),
+            };
+            match check_blob(c, ino, inode, &b) {
                 None => {
                     blob_ok = true;
                     use std::os::unix::fs::MetadataExt;
-                    if std::fs::metadata(&path).is_ok_and(|m| m.nlink() > 1) {
+                    let shared = match b.pack {
+                        Some(slot) => c.store.slot_refs(slot)?.len() > 1,
+                        None => std::fs::metadata(&path).is_ok_and(|m| m.nlink() > 1),
+                    };
+                    if shared {
                         c.report.shared_blobs += 1;
                     }
                     referenced.insert(path);
                 }
                 Some((code, why)) => {
                     blob_reported = true;
-                    let detail = format!("inode {ino}: blob {} {why}", path.display());
+                    let detail =
+                        format!("inode {ino}: blob {} {why}", c.store.blob_display(ino, &b));
                     // The blob is unusable; what repair can do depends on the plaintext.
                     let fix = if inode.dirty && inode.cached && cache_len.is_some() {
                         Some("dropped it: the plaintext is newer".to_string())
@@ -632,7 +802,8 @@ fn check_files(c: &mut Checker, inodes: &HashMap<u64, Inode>) -> Result<HashSet<
                         if !queued.contains(&ino) {
                             c.txn.enqueue(ino, unix_ms(SystemTime::now()));
                         }
-                        if c.opts.repair && path.exists() {
+                        // A pack holds other files' blobs: only the reference goes.
+                        if c.opts.repair && path.exists() && b.pack.is_none() {
                             c.rescue_after_commit.push(path.clone());
                         }
                     }
@@ -727,10 +898,14 @@ fn check_content_hints(c: &mut Checker, referenced: &HashSet<PathBuf>) -> Result
     for r in c.store.content_hints() {
         let (hash, v) = r?;
         // Malformed ones are check_key_shapes' findings.
-        let Some((ino, seq)) = super::decode_content_hint(&v) else {
+        let Some(hint) = super::decode_content_hint(&v) else {
             continue;
         };
-        if !referenced.contains(&c.store.blob_path(ino, seq)) {
+        let live = match hint.packed {
+            Some((slot, _)) => !c.store.slot_refs(slot)?.is_empty(),
+            None => referenced.contains(&c.store.blob_path(hint.ino, hint.seq)),
+        };
+        if !live {
             stale.push(hash);
         }
     }
@@ -745,18 +920,23 @@ fn check_content_hints(c: &mut Checker, referenced: &HashSet<PathBuf>) -> Result
 
 fn check_blob(
     c: &mut Checker,
+    ino: u64,
     inode: &Inode,
-    path: &Path,
-    stored: u64,
+    b: &super::BlobRef,
 ) -> Option<(&'static str, String)> {
     c.report.blobs_checked += 1;
+    let stored = match b.pack {
+        // A packed blob reads as the version-1 blob it was made from.
+        Some(_) => None,
+        None => Some(b.stored_size),
+    };
     // Read a region at a time: a blob can be as large as its file.
-    let blob = match FileSource::open(path) {
+    let blob = match c.store.open_blob(ino, b) {
         Ok(b) => b,
         Err(e) => return Some(("missing-blob", format!("cannot be read: {e}"))),
     };
-    let why = if blob.len() != stored {
-        format!("has {} bytes, the index says {stored}", blob.len())
+    let why = if stored.is_some_and(|s| blob.len() != s) {
+        format!("has {} bytes, the index says {}", blob.len(), b.stored_size)
     } else {
         match Header::read_from(&blob) {
             Err(e) => e.to_string(),
@@ -910,6 +1090,10 @@ fn check_directories(c: &mut Checker, referenced: &HashSet<PathBuf>) -> Result<(
         .file_dirs(true)
         .into_iter()
         .map(|d| (d, "orphan-blob"))
+        .chain(std::iter::once((
+            c.store.packs().dir().to_path_buf(),
+            "orphan-pack",
+        )))
         .chain(
             c.store
                 .file_dirs(false)

@@ -23,18 +23,20 @@ pub mod backends;
 pub mod fsck;
 pub mod index;
 mod legacy;
+pub mod pack;
 pub mod perms;
 pub mod record;
 pub mod tally;
 pub mod watchdog;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
+pub use pack::{PackInfo, PackSlot};
 pub use record::{BlobRef, Inode, Kind};
 
 pub const ROOT_INO: u64 = 1;
@@ -85,12 +87,80 @@ impl StoreError {
 
 pub type Result<T> = std::result::Result<T, StoreError>;
 
-/// A content hint's value: the blob's inode and sequence number.
-pub fn decode_content_hint(v: &[u8]) -> Option<(u64, u64)> {
-    let ino = u64::from_le_bytes(v.get(..8)?.try_into().ok()?);
-    let seq = u64::from_le_bytes(v.get(8..16)?.try_into().ok()?);
-    (v.len() == 16).then_some((ino, seq))
+/// What a content hint names: the blob's inode and sequence number, and for a packed
+/// blob its slot and length.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Hint {
+    pub ino: u64,
+    pub seq: u64,
+    pub packed: Option<(PackSlot, u64)>,
 }
+
+/// A content hint's value: inode and sequence (16 bytes, a blob file), then for a
+/// packed blob its pack, offset and length (40 bytes in all).
+pub fn decode_content_hint(v: &[u8]) -> Option<Hint> {
+    let at =
+        |i: usize| -> Option<u64> { Some(u64::from_le_bytes(v.get(i..i + 8)?.try_into().ok()?)) };
+    let (ino, seq) = (at(0)?, at(8)?);
+    match v.len() {
+        16 => Some(Hint {
+            ino,
+            seq,
+            packed: None,
+        }),
+        40 => Some(Hint {
+            ino,
+            seq,
+            packed: Some((
+                PackSlot {
+                    pack: at(16)?,
+                    offset: at(24)?,
+                },
+                at(32)?,
+            )),
+        }),
+        _ => None,
+    }
+}
+
+fn profile_key(id: u32) -> [u8; 5] {
+    let mut k = [b'P'; 5];
+    k[1..].copy_from_slice(&id.to_be_bytes());
+    k
+}
+
+fn pack_key(id: u64) -> [u8; 9] {
+    let mut k = [b'k'; 9];
+    k[1..].copy_from_slice(&id.to_be_bytes());
+    k
+}
+
+/// A reference to a packed blob: pack, offset, referencing inode (value: the blob's
+/// length, u64 LE). The references of one blob are adjacent, those of one pack too.
+fn ref_key(slot: PackSlot, ino: u64) -> [u8; 25] {
+    let mut k = [b'R'; 25];
+    k[1..9].copy_from_slice(&slot.pack.to_be_bytes());
+    k[9..17].copy_from_slice(&slot.offset.to_be_bytes());
+    k[17..].copy_from_slice(&ino.to_be_bytes());
+    k
+}
+
+/// A reference key as read: (slot, inode).
+pub fn parse_ref_key(k: &[u8]) -> Option<(PackSlot, u64)> {
+    if k.len() != 25 || k[0] != b'R' {
+        return None;
+    }
+    Some((
+        PackSlot {
+            pack: u64::from_be_bytes(k[1..9].try_into().ok()?),
+            offset: u64::from_be_bytes(k[9..17].try_into().ok()?),
+        },
+        u64::from_be_bytes(k[17..].try_into().ok()?),
+    ))
+}
+
+/// Graveyard "inode" of packs: `g PACK_GRAVE <pack id>` deletes that pack file.
+pub const PACK_GRAVE: u64 = u64::MAX;
 
 fn inode_key(ino: u64) -> [u8; 9] {
     let mut k = [b'i'; 9];
@@ -179,7 +249,8 @@ const NEXT_BLOB_KEY: &[u8] = b"mnext_blob";
 const NEXT_COOKIE_KEY: &[u8] = b"mnext_cookie";
 /// Index layout: absent = 1 (no readdir cookies); 2 = every entry has a cookie;
 /// 3 = every inode with a name has a parent entry ('p'); 4 = a cookie's value holds
-/// the entry (child, kind, name), not only the name.
+/// the entry (child, kind, name), not only the name; 5 = blobs may be in packs (inode
+/// blob marker 2; keys 'P', 'k', 'R').
 const LAYOUT_KEY: &[u8] = b"mlayout";
 /// Present while clean copies made by layout 1 (never fsynced) are still to be checked
 /// against their blobs' size and BLAKE3 (by the next read-write recovery).
@@ -197,7 +268,7 @@ const META_KEYS: &[&[u8]] = &[
     CHECK_CLEAN_KEY,
     CLEAN_STOP_KEY,
 ];
-const LAYOUT: u64 = 4;
+const LAYOUT: u64 = 5;
 /// The first layout with readdir cookies.
 const LAYOUT_COOKIES: u64 = 2;
 /// The first layout whose cookie values hold the entry (child, kind, name), not just
@@ -249,6 +320,10 @@ pub struct Store {
     commits: AtomicU64,
     /// The index's disk use as last measured, and when (see `index_disk_bytes`).
     index_disk: std::sync::Mutex<Option<(std::time::Instant, u64)>>,
+    /// Pack files: profiles, open writers.
+    packs: pack::Packs,
+    /// Serializes the allocation of profile ids.
+    profile_lock: std::sync::Mutex<()>,
 }
 
 impl Drop for Store {
@@ -278,8 +353,15 @@ pub struct Txn {
 }
 
 enum Change {
-    Inode(u64, Option<tally::Totals>),
+    /// The inode's totals and its packed blob (slot, length), if any; None: deleted.
+    Inode(u64, Option<(tally::Totals, Option<(PackSlot, u64)>)>),
     Queue(u64, Option<u64>),
+}
+
+fn packed_of(inode: &Inode) -> Option<(PackSlot, u64)> {
+    inode
+        .blob
+        .and_then(|b| b.pack.map(|slot| (slot, b.stored_size)))
 }
 
 impl Txn {
@@ -304,8 +386,10 @@ impl Txn {
     pub fn put_inode(&mut self, ino: u64, inode: &Inode) {
         self.ops += 1;
         self.batch.insert(inode_key(ino), inode.encode());
-        self.changes
-            .push(Change::Inode(ino, Some(tally::Totals::of(inode))));
+        self.changes.push(Change::Inode(
+            ino,
+            Some((tally::Totals::of(inode), packed_of(inode))),
+        ));
     }
     pub fn del_inode(&mut self, ino: u64) {
         self.ops += 1;
@@ -334,17 +418,31 @@ impl Txn {
             self.batch.remove(cookie_key(parent, c));
         }
     }
-    /// Blob `<ino>-<seq>` is to be deleted once this batch is durable.
-    pub fn bury_blob(&mut self, ino: u64, seq: u64) {
-        self.ops += 1;
-        self.batch.insert(grave_key(ino, seq), &[][..]);
+    /// Blob `<ino>-<seq>` is to be deleted once this batch is durable. A packed blob
+    /// needs nothing: the inode record's change drops its reference (see
+    /// [`Store::commit`]), and its bytes go with its pack's compaction.
+    pub fn bury_blob(&mut self, ino: u64, blob: &BlobRef) {
+        if blob.pack.is_none() {
+            self.ops += 1;
+            self.batch.insert(grave_key(ino, blob.seq), &[][..]);
+        }
     }
-    /// Blob `<ino>-<seq>` holds the plaintext whose BLAKE3 is `hash` (see [`content_key`]).
-    pub fn put_content_hint(&mut self, hash: &[u8; 32], ino: u64, seq: u64) {
+    /// Pack file `id` is to be deleted once this batch is durable.
+    pub fn bury_pack(&mut self, id: u64) {
         self.ops += 1;
-        let mut v = [0u8; 16];
-        v[..8].copy_from_slice(&ino.to_le_bytes());
-        v[8..].copy_from_slice(&seq.to_le_bytes());
+        self.batch.insert(grave_key(PACK_GRAVE, id), &[][..]);
+        self.batch.remove(pack_key(id));
+    }
+    /// `blob` of `ino` holds the plaintext whose BLAKE3 is `hash` (see [`content_key`]).
+    pub fn put_content_hint(&mut self, hash: &[u8; 32], ino: u64, blob: &BlobRef) {
+        self.ops += 1;
+        let mut v = ino.to_le_bytes().to_vec();
+        v.extend_from_slice(&blob.seq.to_le_bytes());
+        if let Some(slot) = blob.pack {
+            v.extend_from_slice(&slot.pack.to_le_bytes());
+            v.extend_from_slice(&slot.offset.to_le_bytes());
+            v.extend_from_slice(&blob.stored_size.to_le_bytes());
+        }
         self.batch.insert(content_key(hash), v);
     }
     pub fn del_content_hint(&mut self, hash: &[u8; 32]) {
@@ -544,6 +642,35 @@ fn read_format(backing: &Path, read_only: bool) -> Result<Format> {
     }
 }
 
+/// The coding profiles the index holds ('P').
+fn load_profiles(db: &index::Index) -> Result<pack::ProfileTable> {
+    let mut t = pack::ProfileTable::default();
+    for r in db.scan_prefix(b"P") {
+        let (k, v) = r?;
+        let id = k
+            .get(1..5)
+            .filter(|_| k.len() == 5)
+            .and_then(|b| b.try_into().ok())
+            .map(u32::from_be_bytes);
+        let profile = crate::codec::compact::Profile::decode(&v);
+        match (id, profile) {
+            (Some(id), Ok(p)) => t.insert(id, p),
+            (_, Err(e)) => {
+                return Err(StoreError::Corrupt {
+                    what: format!("coding profile {}", codec_hex(&k)),
+                    why: e.to_string(),
+                })
+            }
+            (None, _) => {} // fsck reports a malformed key
+        }
+    }
+    Ok(t)
+}
+
+fn codec_hex(b: &[u8]) -> String {
+    crate::codec::hex(b)
+}
+
 impl Store {
     /// Open (initializing an empty directory) the backing directory.
     pub fn open(backing: &Path) -> Result<Store> {
@@ -586,6 +713,7 @@ impl Store {
             use std::os::unix::fs::DirBuilderExt;
             let mut mkdir = std::fs::DirBuilder::new();
             mkdir.recursive(true).mode(0o700);
+            mkdir.create(backing.join(pack::PACK_DIR))?;
             for top in ["blobs", "cache"] {
                 mkdir.create(backing.join(top))?;
                 if fanout {
@@ -648,6 +776,8 @@ impl Store {
             watch: Default::default(),
             commits: AtomicU64::new(0),
             index_disk: Default::default(),
+            packs: pack::Packs::new(backing, load_profiles(&db)?),
+            profile_lock: Default::default(),
             db,
             backing: backing.to_path_buf(),
         };
@@ -835,6 +965,14 @@ impl Store {
     /// (layout 2), the entry in every cookie's value (layout 3).
     fn migrate(&mut self, from: u64) -> Result<()> {
         let mut txn = Txn::default();
+        if from >= LAYOUT_COOKIE_ENTRIES {
+            // Layout 5 only adds keys.
+            txn.batch.insert(LAYOUT_KEY, LAYOUT.to_le_bytes());
+            self.commit(txn, true)?;
+            self.layout = LAYOUT;
+            log::info!("index: layout {from} -> {LAYOUT} (blobs may be packed)");
+            return Ok(());
+        }
         let (mut cookies, mut parents) = (0u64, 0u64);
         for r in self.db.scan_prefix(b"d") {
             let (k, v) = r?;
@@ -969,7 +1107,9 @@ impl Store {
 
     /// The path a graveyard entry names.
     pub fn grave_path(&self, ino: u64, tag: u64) -> PathBuf {
-        if tag == GRAVE_CACHE {
+        if ino == PACK_GRAVE {
+            self.packs.path(tag)
+        } else if tag == GRAVE_CACHE {
             self.cache_path(ino)
         } else {
             self.blob_path(ino, tag)
@@ -994,24 +1134,40 @@ impl Store {
         Ok(seq)
     }
 
-    pub fn commit(&self, txn: Txn, durable: bool) -> Result<()> {
+    pub fn commit(&self, mut txn: Txn, durable: bool) -> Result<()> {
         let _w = self.watch.enter("commit");
         {
             // Under the tally's lock, so that the old values read here are the ones
             // this batch replaces (commits are serialized; applying is in memory).
             let mut tally = self.tally.lock().unwrap_or_else(|p| p.into_inner());
             let mut totals = tally.totals;
-            let mut seen: HashMap<u64, tally::Totals> = HashMap::new();
+            type Now = (tally::Totals, Option<(PackSlot, u64)>);
+            let mut seen: HashMap<u64, Now> = HashMap::new();
+            // Packed blobs whose references change: slot -> (length, inode -> now refers).
+            let mut refs: BTreeMap<PackSlot, (u64, BTreeMap<u64, bool>)> = BTreeMap::new();
             for c in &txn.changes {
                 if let Change::Inode(ino, new) = c {
                     let old = match seen.get(ino) {
                         Some(t) => *t,
-                        None => self.totals_of(*ino)?,
+                        None => self.state_of(*ino)?,
                     };
-                    let new = new.unwrap_or_default();
-                    totals.replace(&old, &new);
+                    let new: Now = new.unwrap_or_default();
+                    totals.replace(&old.0, &new.0);
+                    if old.1 != new.1 {
+                        for (side, refers) in [(old.1, false), (new.1, true)] {
+                            if let Some((slot, len)) = side {
+                                refs.entry(slot)
+                                    .or_insert((len, BTreeMap::new()))
+                                    .1
+                                    .insert(*ino, refers);
+                            }
+                        }
+                    }
                     seen.insert(*ino, new);
                 }
+            }
+            if !refs.is_empty() {
+                self.account_refs(&mut txn.batch, refs)?;
             }
             self.checked(self.db.apply(txn.batch))?;
             self.commits.fetch_add(1, Ordering::Relaxed);
@@ -1019,7 +1175,7 @@ impl Store {
             for c in txn.changes {
                 match c {
                     Change::Queue(ino, due) => tally.set_due(ino, due),
-                    Change::Inode(ino, now) => tally.set_inode(ino, now.as_ref()),
+                    Change::Inode(ino, now) => tally.set_inode(ino, now.map(|n| n.0).as_ref()),
                 }
             }
         }
@@ -1027,6 +1183,232 @@ impl Store {
             self.checked(self.db.flush())?;
         }
         Ok(())
+    }
+
+    /// Add to `batch` the reference keys of packed blobs whose referrers change, and
+    /// the live counts of their packs: a blob counts as live while any inode refers to
+    /// it (equal files share one). Called under the tally's lock (commits serialized).
+    fn account_refs(
+        &self,
+        batch: &mut index::Batch,
+        refs: BTreeMap<PackSlot, (u64, BTreeMap<u64, bool>)>,
+    ) -> Result<()> {
+        let mut infos: HashMap<u64, PackInfo> = HashMap::new();
+        for (slot, (len, changes)) in refs {
+            let mut holders: std::collections::BTreeSet<u64> =
+                self.slot_refs(slot)?.into_iter().collect();
+            let before = !holders.is_empty();
+            for (ino, refers) in changes {
+                if refers {
+                    holders.insert(ino);
+                    batch.insert(ref_key(slot, ino), len.to_le_bytes());
+                } else {
+                    holders.remove(&ino);
+                    batch.remove(ref_key(slot, ino));
+                }
+            }
+            let after = !holders.is_empty();
+            if before == after {
+                continue;
+            }
+            let info = match infos.entry(slot.pack) {
+                std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+                std::collections::hash_map::Entry::Vacant(e) => {
+                    let info = self.pack_info(slot.pack)?.unwrap_or_else(|| {
+                        log::warn!(
+                            "index: pack {} has no pack entry; counting it from here (fsck checks it)",
+                            pack::pack_name(slot.pack)
+                        );
+                        PackInfo::default()
+                    });
+                    e.insert(info)
+                }
+            };
+            let bytes = len + pack::RECORD_HEADER;
+            if after {
+                info.live_bytes += bytes;
+                info.live_blobs += 1;
+            } else {
+                info.live_bytes = info.live_bytes.saturating_sub(bytes);
+                info.live_blobs = info.live_blobs.saturating_sub(1);
+            }
+        }
+        for (id, info) in infos {
+            batch.insert(pack_key(id), info.encode());
+        }
+        Ok(())
+    }
+
+    /// The inodes referring to the packed blob at `slot`.
+    pub fn slot_refs(&self, slot: PackSlot) -> Result<Vec<u64>> {
+        let mut out = Vec::new();
+        for r in self.db.scan_prefix(&ref_key(slot, 0)[..17]).keys() {
+            if let Some((_, ino)) = parse_ref_key(&r?) {
+                out.push(ino);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Every reference into pack `id`: (slot, inode, length), in slot order.
+    pub fn pack_refs(&self, id: u64) -> Result<Vec<(PackSlot, u64, u64)>> {
+        let mut out = Vec::new();
+        for r in self.db.scan_prefix(
+            &ref_key(
+                PackSlot {
+                    pack: id,
+                    offset: 0,
+                },
+                0,
+            )[..9],
+        ) {
+            let (k, v) = r?;
+            if let (Some((slot, ino)), Ok(len)) = (parse_ref_key(&k), <[u8; 8]>::try_from(&v[..])) {
+                out.push((slot, ino, u64::from_le_bytes(len)));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Every reference to a packed blob (for fsck): (slot, inode, length or None if the
+    /// value is malformed).
+    pub fn all_refs(&self) -> impl Iterator<Item = Result<(PackSlot, u64, Option<u64>)>> + '_ {
+        self.db.scan_prefix(b"R").filter_map(|r| match r {
+            Err(e) => Some(Err(e.into())),
+            Ok((k, v)) => parse_ref_key(&k).map(|(slot, ino)| {
+                Ok((
+                    slot,
+                    ino,
+                    <[u8; 8]>::try_from(&v[..]).ok().map(u64::from_le_bytes),
+                ))
+            }),
+        })
+    }
+
+    pub fn pack_info(&self, id: u64) -> Result<Option<PackInfo>> {
+        Ok(self
+            .db
+            .get(pack_key(id))?
+            .and_then(|v| PackInfo::decode(&v)))
+    }
+
+    /// Every pack the index knows, with its counts: O(packs), a pack holding MiB.
+    pub fn pack_infos(&self) -> Result<Vec<(u64, Option<PackInfo>)>> {
+        let mut out = Vec::new();
+        for r in self.db.scan_prefix(b"k") {
+            let (k, v) = r?;
+            if let Some(id) = ino_from(&k).filter(|_| k.len() == 9) {
+                out.push((id, PackInfo::decode(&v)));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Pack files: how many, what they occupy on disk (blocks), and the bytes of them
+    /// still referenced. O(packs): one stat each.
+    pub fn pack_usage(&self) -> Result<(u64, u64, u64)> {
+        use std::os::unix::fs::MetadataExt;
+        let (mut n, mut disk, mut live) = (0, 0, 0);
+        for (id, info) in self.pack_infos()? {
+            if let Ok(m) = std::fs::metadata(self.packs.path(id)) {
+                n += 1;
+                disk += m.blocks() * 512;
+            }
+            live += info.map_or(0, |i| i.live_bytes);
+        }
+        Ok((n, disk, live))
+    }
+
+    pub fn packs(&self) -> &pack::Packs {
+        &self.packs
+    }
+
+    /// Open a file's blob for reading (a packed one as the version-1 blob it was made
+    /// from).
+    pub fn open_blob(&self, ino: u64, blob: &BlobRef) -> io::Result<pack::BlobSource> {
+        match blob.pack {
+            None => Ok(pack::BlobSource::File(
+                crate::codec::source::FileSource::open(&self.blob_path(ino, blob.seq))?,
+            )),
+            Some(slot) => Ok(pack::BlobSource::Packed(
+                self.packs.open(slot, blob.stored_size)?,
+            )),
+        }
+    }
+
+    /// Where a blob is, for messages.
+    pub fn blob_display(&self, ino: u64, blob: &BlobRef) -> String {
+        match blob.pack {
+            None => self.blob_path(ino, blob.seq).display().to_string(),
+            Some(slot) => format!(
+                "{} at {} ({} bytes)",
+                self.packs.path(slot.pack).display(),
+                slot.offset,
+                blob.stored_size
+            ),
+        }
+    }
+
+    /// Append the verified blob in `tmp` (made for `ino`) to a pack, if it is small
+    /// enough and its header packs losslessly. Returns its slot and packed length; the
+    /// pack is durable, the index not yet changed (the caller commits the reference).
+    pub fn pack_blob(&self, ino: u64, tmp: &Path) -> Result<Option<(pack::Pending<'_>, u64)>> {
+        use crate::codec::source::Source;
+        let src = crate::codec::source::FileSource::open(tmp)?;
+        if src.len() > pack::PACK_MAX_BLOB {
+            return Ok(None);
+        }
+        let bad = |e: crate::codec::container::FormatError| {
+            StoreError::Io(io::Error::new(io::ErrorKind::InvalidData, e.to_string()))
+        };
+        let (header, header_len) = crate::codec::container::Header::read_from(&src).map_err(bad)?;
+        let profile = crate::codec::compact::Profile::of(&header);
+        let profile_id = self.profile_id_for(&profile)?;
+        let Some(bytes) = pack::compact_blob(&src, &header, header_len, profile_id).map_err(bad)?
+        else {
+            log::warn!("a blob's header does not pack losslessly; it keeps a file of its own");
+            return Ok(None);
+        };
+        let pending = self
+            .packs
+            .append(profile_id, ino, &bytes, &|| self.new_pack(profile_id))?;
+        Ok(Some((pending, bytes.len() as u64)))
+    }
+
+    /// The id of `profile`, recorded durably in the index first if new.
+    fn profile_id_for(&self, profile: &crate::codec::compact::Profile) -> Result<u32> {
+        if let Some(id) = self.packs.profile_id(profile) {
+            return Ok(id);
+        }
+        let _g = self.profile_lock.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(id) = self.packs.profile_id(profile) {
+            return Ok(id);
+        }
+        let id = self.packs.profile_count() as u32 + 1;
+        let _w = self.watch.enter("profile");
+        self.checked(self.db.insert(profile_key(id), profile.encode()))?;
+        self.checked(self.db.flush())?;
+        self.packs.add_profile(id, profile.clone());
+        Ok(id)
+    }
+
+    /// A new pack of `profile`: its id allocated and its entry in the index, durably,
+    /// before the file is made (so every pack file is known to the index).
+    pub fn new_pack(&self, profile: u32) -> io::Result<u64> {
+        let to_io = |e: StoreError| io::Error::other(e.to_string());
+        let id = self.alloc_blob_seq().map_err(to_io)?;
+        let info = PackInfo {
+            profile,
+            ..Default::default()
+        };
+        let _w = self.watch.enter("pack");
+        {
+            let _t = self.tally.lock().unwrap_or_else(|p| p.into_inner());
+            self.checked(self.db.insert(pack_key(id), info.encode()))
+                .map_err(to_io)?;
+        }
+        self.checked(self.db.flush()).map_err(to_io)?;
+        Ok(id)
     }
 
     /// An index write's result; one the index refused because an earlier write to disk
@@ -1038,13 +1420,14 @@ impl Store {
         Ok(r?)
     }
 
-    /// What inode `ino` adds to the totals now (nothing if absent or unreadable).
-    fn totals_of(&self, ino: u64) -> Result<tally::Totals> {
+    /// What inode `ino` adds to the totals now, and its packed blob (nothing if absent
+    /// or unreadable).
+    fn state_of(&self, ino: u64) -> Result<(tally::Totals, Option<(PackSlot, u64)>)> {
         Ok(self
             .db
             .get(inode_key(ino))?
             .and_then(|v| Inode::decode(&v).ok())
-            .map(|i| tally::Totals::of(&i))
+            .map(|i| (tally::Totals::of(&i), packed_of(&i)))
             .unwrap_or_default())
     }
 
@@ -1119,15 +1502,15 @@ impl Store {
         self.checked(self.db.flush())
     }
 
-    /// The blob (ino, seq) the content hint for `hash` names, if any.
-    pub fn content_hint(&self, hash: &[u8; 32]) -> Result<Option<(u64, u64)>> {
+    /// The blob the content hint for `hash` names, if any.
+    pub fn content_hint(&self, hash: &[u8; 32]) -> Result<Option<Hint>> {
         let _w = self.watch.enter("content_hint");
         match self.db.get(content_key(hash))? {
             Some(v) => decode_content_hint(&v)
                 .map(Some)
                 .ok_or_else(|| StoreError::Corrupt {
                     what: format!("content hint {}", crate::codec::hex(&hash[..8])),
-                    why: format!("{} bytes, expected 16", v.len()),
+                    why: format!("{} bytes, expected 16 or 40", v.len()),
                 }),
             None => Ok(None),
         }
@@ -1223,7 +1606,7 @@ impl Store {
         if inode.kind == Kind::File {
             txn.bury_cache(ino);
             if let Some(b) = inode.blob {
-                txn.bury_blob(ino, b.seq);
+                txn.bury_blob(ino, &b);
             }
         }
         for name in self.xattr_names(ino)? {
@@ -1444,10 +1827,7 @@ mod tests {
             i.size = size;
             i.dirty = dirty;
             i.cached = cached;
-            i.blob = blob.map(|stored_size| BlobRef {
-                seq: 1,
-                stored_size,
-            });
+            i.blob = blob.map(|stored_size| BlobRef::file(1, stored_size));
             i
         };
         let mut t = Txn::default();
@@ -1494,5 +1874,59 @@ mod tests {
             }
         );
         assert_eq!(store.with_queue(|q| q.queued()), 7);
+    }
+
+    /// Every commit keeps the references to packed blobs and each pack's live counts
+    /// equal to what the inode records say: packing, sharing, rewriting, deleting.
+    #[test]
+    fn commits_count_references_to_packed_blobs() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path()).expect("open");
+        let pack = store.new_pack(1).expect("pack");
+        let slot = |offset| PackSlot { pack, offset };
+        let packed = |seq: u64, offset: u64, len: u64| {
+            let mut i = Inode::new(Kind::File, 0o644, 0, 0, SystemTime::now());
+            i.size = 10_000;
+            i.dirty = false;
+            i.blob = Some(BlobRef {
+                seq,
+                stored_size: len,
+                pack: Some(slot(offset)),
+            });
+            i
+        };
+        let info = || store.pack_info(pack).expect("info").expect("entry");
+        let mut t = Txn::default();
+        t.put_inode(10, &packed(1, 100, 300));
+        t.put_inode(11, &packed(2, 416, 500));
+        // Equal content: a second inode refers to the first blob.
+        t.put_inode(12, &packed(3, 100, 300));
+        store.commit(t, false).expect("commit");
+        let i = info();
+        assert_eq!((i.live_blobs, i.live_bytes), (2, 300 + 500 + 32), "{i:?}");
+        assert_eq!(store.slot_refs(slot(100)).expect("refs"), vec![10, 12]);
+        // One sharer goes: the blob is still live.
+        let mut t = Txn::default();
+        t.del_inode(10);
+        store.commit(t, false).expect("commit");
+        assert_eq!(info().live_blobs, 2);
+        // The other is rewritten (no blob) and inode 11 moves to another slot.
+        let mut t = Txn::default();
+        let mut dirty = packed(3, 100, 300);
+        dirty.blob = None;
+        dirty.dirty = true;
+        t.put_inode(12, &dirty);
+        t.put_inode(11, &packed(2, 1000, 500));
+        store.commit(t, false).expect("commit");
+        let i = info();
+        assert_eq!((i.live_blobs, i.live_bytes), (1, 516), "{i:?}");
+        assert!(store.slot_refs(slot(100)).expect("refs").is_empty());
+        assert_eq!(store.pack_refs(pack).expect("refs").len(), 1);
+        let mut t = Txn::default();
+        t.del_inode(11);
+        store.commit(t, false).expect("commit");
+        let i = info();
+        assert_eq!((i.live_blobs, i.live_bytes), (0, 0), "{i:?}");
+        assert_eq!(store.all_refs().count(), 0);
     }
 }

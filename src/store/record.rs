@@ -3,6 +3,8 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use super::pack::PackSlot;
+
 const RECORD_VERSION: u8 = 1;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -60,9 +62,22 @@ impl Kind {
 /// Where a compressed copy of a regular file lives.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BlobRef {
-    /// Unique per blob: the file is `blobs/<ino>-<seq>.nc06`.
+    /// Unique per blob: the file is `blobs/<ino>-<seq>.nc06` (unless packed).
     pub seq: u64,
     pub stored_size: u64,
+    /// In a pack (layout 5): the slot holding its `stored_size` bytes; None: a file of
+    /// its own.
+    pub pack: Option<PackSlot>,
+}
+
+impl BlobRef {
+    pub fn file(seq: u64, stored_size: u64) -> BlobRef {
+        BlobRef {
+            seq,
+            stored_size,
+            pack: None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -128,9 +143,13 @@ impl Inode {
         out.push(flags);
         match self.blob {
             Some(b) => {
-                out.push(1);
+                out.push(if b.pack.is_some() { 2 } else { 1 });
                 out.extend_from_slice(&b.seq.to_le_bytes());
                 out.extend_from_slice(&b.stored_size.to_le_bytes());
+                if let Some(s) = b.pack {
+                    out.extend_from_slice(&s.pack.to_le_bytes());
+                    out.extend_from_slice(&s.offset.to_le_bytes());
+                }
             }
             None => out.push(0),
         }
@@ -161,9 +180,14 @@ impl Inode {
         let flags = r.u8()?;
         let blob = match r.u8()? {
             0 => None,
-            1 => Some(BlobRef {
+            1 => Some(BlobRef::file(r.u64()?, r.u64()?)),
+            2 => Some(BlobRef {
                 seq: r.u64()?,
                 stored_size: r.u64()?,
+                pack: Some(PackSlot {
+                    pack: r.u64()?,
+                    offset: r.u64()?,
+                }),
             }),
             _ => return Err("bad blob marker".into()),
         };
@@ -300,13 +324,20 @@ mod tests {
     fn inode_round_trips() {
         let mut i = Inode::new(Kind::Symlink, 0o4755, 1000, 100, SystemTime::now());
         i.target = b"../some/where".to_vec();
-        i.blob = Some(BlobRef {
-            seq: 7,
-            stored_size: 1234,
-        });
+        i.blob = Some(BlobRef::file(7, 1234));
         i.atime = UNIX_EPOCH - Duration::from_millis(1500);
         let back = Inode::decode(&i.encode()).unwrap();
         assert_eq!(back, i);
+        let mut packed = i.clone();
+        packed.blob = Some(BlobRef {
+            seq: 8,
+            stored_size: 300,
+            pack: Some(PackSlot {
+                pack: 5,
+                offset: 4096,
+            }),
+        });
+        assert_eq!(Inode::decode(&packed.encode()).unwrap(), packed);
         for cut in 0..i.encode().len() {
             assert!(Inode::decode(&i.encode()[..cut]).is_err());
         }

@@ -55,6 +55,16 @@ pub fn on_disk(len: u64) -> u64 {
     len.div_ceil(unit).saturating_mul(unit)
 }
 
+/// What an inode's stored form occupies on the backing filesystem: a blob file or the
+/// plaintext in whole blocks, a packed blob its bytes in its pack (record header
+/// included).
+pub fn stored_disk(inode: &Inode) -> u64 {
+    match (inode.dirty, inode.blob) {
+        (false, Some(b)) if b.pack.is_some() => b.stored_size + super::pack::RECORD_HEADER,
+        _ => on_disk(stored_size(inode)),
+    }
+}
+
 impl Totals {
     pub fn of(i: &Inode) -> Totals {
         if i.kind != Kind::File {
@@ -67,7 +77,7 @@ impl Totals {
             logical: i.size,
             stored: stored_size(i),
             cached: if i.cached { i.size } else { 0 },
-            stored_disk: on_disk(stored_size(i)),
+            stored_disk: stored_disk(i),
             // A dirty file's plaintext is its stored form, counted above.
             clean_disk: if i.cached && !i.dirty {
                 on_disk(i.size)

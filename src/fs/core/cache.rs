@@ -132,7 +132,7 @@ impl Core {
 
     /// What the decompressor needs: the blob to read and the expected size, or None if
     /// the plaintext is already there.
-    pub(crate) fn blob_of(&self, ino: u64) -> FsResult<Option<(std::path::PathBuf, u64, BlobRef)>> {
+    pub(crate) fn blob_of(&self, ino: u64) -> FsResult<Option<(u64, BlobRef)>> {
         let _st = self.lock();
         let inode = self.get(ino)?;
         if inode.cached {
@@ -142,7 +142,7 @@ impl Core {
             log::error!("inode {ino} has neither plaintext nor blob; run `nacrithfs fsck`");
             libc::EIO
         })?;
-        Ok(Some((self.store.blob_path(ino, b.seq), inode.size, b)))
+        Ok(Some((inode.size, b)))
     }
 
     /// The decompressor wrote the plaintext to the temp path (or found it already there,

@@ -67,6 +67,7 @@ impl Core {
             return match value {
                 b"flush" => self.request_flush(),
                 b"evict" => self.evict_all().map(|_| ()),
+                b"compact" => self.compact_packs().map(|_| ()),
                 b"pause" => self.set_paused(true),
                 b"resume" => self.set_paused(false),
                 _ => Err(libc::EINVAL),
@@ -229,7 +230,11 @@ impl Core {
             t.cached,
         );
         let index = self.store.index_disk_bytes();
-        let (stored_disk, disk) = (t.stored_disk, t.stored_disk + t.clean_disk + index);
+        // Packed blobs count their own bytes in `stored_disk`; what their packs hold
+        // beyond that (blobs no file refers to any more, the last block) is added here.
+        let (packs, pack_disk, pack_live) = self.store.pack_usage().map_err(store_err)?;
+        let stored_disk = (t.stored_disk + pack_disk).saturating_sub(pack_live);
+        let disk = stored_disk + t.clean_disk + index;
         let compressed = files.saturating_sub(dirty);
         let secs = stats.busy.as_secs_f64();
         Ok(format!(
@@ -239,7 +244,8 @@ impl Core {
              compressed_since_mount={}\nbytes_in={}\nbytes_out={}\nbusy_seconds={secs:.1}\n\
              failures={}\nsuperseded={}\nverify_failures={}\ndecompressions={}\ndecompress_failures={}\n\
              symbols_coded={}\nregions_decoded={}\nchunk_jobs_queued={chunk_jobs}\nindex_commits={}\n\
-             compress_seconds={:.3}\ncoding_seconds={:.3}\nshared_files={}\nshared_bytes={}\npaused={}\n",
+             compress_seconds={:.3}\ncoding_seconds={:.3}\nshared_files={}\nshared_bytes={}\npaused={}\n\
+             packs={packs}\npack_disk_bytes={pack_disk}\npack_live_bytes={pack_live}\n",
             queued,
             stats.compressed_files,
             stats.bytes_in,

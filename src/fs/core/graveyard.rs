@@ -84,6 +84,8 @@ impl Core {
     /// stays so.
     fn grave_in_use(&self, ino: u64, tag: u64) -> Result<bool, StoreError> {
         Ok(match self.store.get(ino)? {
+            // A pack is buried with no reference left; one found again is kept.
+            None if ino == crate::store::PACK_GRAVE => !self.store.pack_refs(tag)?.is_empty(),
             None => false,
             Some(_) if tag == GRAVE_CACHE => true,
             Some(i) => i.blob.is_some_and(|b| b.seq == tag),

@@ -306,7 +306,7 @@ impl Core {
         inode.mtime = now;
         inode.ctime = now;
         if let Some(b) = inode.blob.take() {
-            txn.bury_blob(ino, b.seq);
+            txn.bury_blob(ino, &b);
         }
         inode.dirty = true;
         st.clean.remove(ino);
@@ -634,7 +634,7 @@ impl Core {
     /// blob's header (read without the lock). When the blob cannot be read (replaced
     /// meanwhile), everything is data, which POSIX allows.
     fn seek_in_blob(&self, ino: u64, offset: u64, data: bool) -> FsResult<i64> {
-        let Some((path, size, _)) = self.blob_of(ino)? else {
+        let Some((size, blob)) = self.blob_of(ino)? else {
             // Decoded meanwhile: ask again (the plaintext answers now).
             let whence = if data {
                 libc::SEEK_DATA
@@ -643,7 +643,9 @@ impl Core {
             };
             return self.lseek(ino, offset as i64, whence);
         };
-        let header = crate::codec::source::FileSource::open(&path)
+        let header = self
+            .store
+            .open_blob(ino, &blob)
             .ok()
             .and_then(|b| crate::codec::container::Header::read_from(&b).ok())
             .map(|(h, _)| h)

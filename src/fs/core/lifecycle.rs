@@ -119,6 +119,7 @@ impl Core {
             original,
             ref content,
             shared,
+            pack,
         } = *blob;
         let mut st = self.lock();
         self.compression_ended(&mut st, ino);
@@ -137,16 +138,28 @@ impl Core {
             st.stats.superseded += 1;
             return Ok(false);
         }
+        if let (true, Some(slot)) = (shared, pack) {
+            // The shared packed blob must still be referenced: compaction (under this
+            // lock) moves referenced blobs only, and drops packs nobody refers to.
+            if self.store.slot_refs(slot).map_err(store_err)?.is_empty() {
+                return Err(libc::EAGAIN);
+            }
+        }
         let mut txn = Txn::default();
         if let Some(old) = inode.blob {
-            txn.bury_blob(ino, old.seq);
+            txn.bury_blob(ino, &old);
         }
         inode.dirty = false;
-        inode.blob = Some(BlobRef { seq, stored_size });
+        let new = BlobRef {
+            seq,
+            stored_size,
+            pack,
+        };
+        inode.blob = Some(new);
         txn.put_inode(ino, &inode);
         txn.dequeue(ino);
         // The newest blob with this content: a later duplicate shares it.
-        txn.put_content_hint(content, ino, seq);
+        txn.put_content_hint(content, ino, &new);
         self.commit(txn, true)?;
         crate::crash::point("compress.after_commit");
         self.reap_soon();

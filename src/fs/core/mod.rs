@@ -21,6 +21,7 @@ use crate::pool::LazyPool;
 use crate::store::{unix_ms, BlobRef, Inode, Kind, Store, StoreError, Txn, ROOT_INO};
 
 mod cache;
+mod compact;
 mod control;
 mod graveyard;
 mod io;
@@ -156,6 +157,9 @@ pub struct NewBlob {
     pub content: [u8; 32],
     /// A second name of another file's blob (content-hash deduplication).
     pub shared: bool,
+    /// Where it was packed (or, shared, the slot of the blob it shares); None: its own
+    /// file `blobs/<ino>-<seq>.nc06`.
+    pub pack: Option<crate::store::PackSlot>,
 }
 
 struct Handle {
@@ -239,6 +243,8 @@ pub struct Core {
     /// The last census of blobs per backend and when it was taken (see
     /// [`Core::backends`]); its lock serializes censuses.
     census: Mutex<Option<(Instant, String)>>,
+    /// One compaction pass at a time (see `compact.rs`).
+    compacting: Mutex<()>,
     reap_wake: Condvar,
     materialize_tx: Sender<Need>,
     /// What writes, closes and reopens changed that the index does not have yet (see
@@ -325,6 +331,7 @@ impl Core {
             }),
             wake: Condvar::new(),
             reap_wanted: Mutex::new(false),
+            compacting: Mutex::new(()),
             census: Mutex::new(None),
             reap_wake: Condvar::new(),
             materialize_tx: tx,

@@ -19,9 +19,12 @@ enum Verdict {
 impl Core {
     /// A clean copy is the blob's content: its size and BLAKE3 are the header's.
     fn clean_copy_matches(&self, ino: u64, blob: BlobRef, size: u64) -> Result<(), String> {
-        let blob_path = self.store.blob_path(ino, blob.seq);
-        let blob = crate::codec::source::FileSource::open(&blob_path)
-            .map_err(|e| format!("its blob {} cannot be read ({e})", blob_path.display()))?;
+        let blob = self.store.open_blob(ino, &blob).map_err(|e| {
+            format!(
+                "its blob {} cannot be read ({e})",
+                self.store.blob_display(ino, &blob)
+            )
+        })?;
         let (header, _) = crate::codec::container::Header::read_from(&blob)
             .map_err(|e| format!("its blob's header is bad ({e})"))?;
         let unreadable = |e: std::io::Error| format!("cannot be read ({e})");
@@ -232,6 +235,22 @@ impl Core {
     /// for, rescued to `lost+found/` when not. Returns (removed, rescued).
     fn sweep(&self, inodes: &HashMap<u64, Inode>) -> Result<(usize, usize), StoreError> {
         let (mut removed, mut rescued) = (0, 0);
+        // A pack being made when the daemon stopped (its entry is in the index, its
+        // file not yet named): the temp file holds only a header. Packs themselves are
+        // never swept: the index knows each before it exists, and compaction drops them.
+        let packs = self.store.packs().dir();
+        if let Ok(entries) = std::fs::read_dir(packs) {
+            for e in entries.flatten() {
+                if e.file_name().to_string_lossy().ends_with(".tmp") {
+                    match std::fs::remove_file(e.path()) {
+                        Ok(()) => removed += 1,
+                        Err(err) => {
+                            log::warn!("recovery: cannot remove {}: {err}", e.path().display())
+                        }
+                    }
+                }
+            }
+        }
         for is_blob in [true, false] {
             for dir in self.store.file_dirs(is_blob) {
                 let mut changed = false;

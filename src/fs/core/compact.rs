@@ -1,0 +1,200 @@
+//! Pack compaction: the space of packed blobs nobody refers to any more (files deleted
+//! or rewritten) comes back by copying a pack's live blobs into the open pack and
+//! deleting the old pack. docs/DURABILITY.md ("Pack compaction") has the order of the
+//! durable steps; each is a crash point.
+
+use super::*;
+use crate::store::pack::{self, PACK_TARGET, RECORD_HEADER};
+use crate::store::PackSlot;
+
+/// What one pass did.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Compacted {
+    /// Packs copied and deleted, and packs deleted with nothing left in them.
+    pub packs_compacted: u64,
+    pub packs_dropped: u64,
+    /// Blobs copied into the open pack, and their bytes.
+    pub blobs_moved: u64,
+    pub bytes_moved: u64,
+    /// Bytes of pack files given back (their whole length).
+    pub bytes_freed: u64,
+}
+
+/// A sealed pack is compacted when under this share of it is still referenced...
+const LIVE_SHARE: f64 = 0.5;
+/// ...or when it is this small (a pack sealed early, by an unmount): merging it costs
+/// little and keeps the number of files down.
+const SMALL_PACK: u64 = PACK_TARGET / 8;
+
+impl Core {
+    /// One compaction pass over every sealed pack (O(packs), each a few MiB). Runs in
+    /// the compactor thread, and on the `compact` control command; one pass at a time.
+    pub fn compact_packs(&self) -> FsResult<Compacted> {
+        let mut done = Compacted::default();
+        if self.opts.read_only || self.is_paused() {
+            return Ok(done);
+        }
+        let _one = self.compacting.lock().unwrap_or_else(|p| p.into_inner());
+        let open = self.store.packs().open_packs();
+        let packs = self.store.pack_infos().map_err(store_err)?;
+        let mut small: Vec<u64> = Vec::new();
+        for (id, info) in packs {
+            if open.contains(&id) || self.store.packs().is_pending(id) || self.is_shutting_down() {
+                continue;
+            }
+            let Some(info) = info else {
+                continue; // malformed: fsck's
+            };
+            let path = self.store.packs().path(id);
+            let len = match std::fs::metadata(&path) {
+                Ok(m) => m.len(),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound && info.live_blobs == 0 => 0,
+                Err(e) => {
+                    log::error!("compaction: {}: {e}", path.display());
+                    continue;
+                }
+            };
+            if info.live_blobs == 0 {
+                if self.drop_pack(id)? {
+                    done.packs_dropped += 1;
+                    done.bytes_freed += len;
+                }
+            } else if (info.live_bytes as f64) < LIVE_SHARE * len as f64 {
+                self.compact_one(id, info.profile, &mut done)?;
+                done.bytes_freed += len;
+            } else if len < SMALL_PACK {
+                small.push(id);
+            }
+        }
+        // Small, mostly live packs are merged only when there are several of them.
+        if small.len() > 1 {
+            for id in small {
+                if let Ok(Some(info)) = self.store.pack_info(id) {
+                    let len = std::fs::metadata(self.store.packs().path(id)).map_or(0, |m| m.len());
+                    self.compact_one(id, info.profile, &mut done)?;
+                    done.bytes_freed += len;
+                }
+            }
+        }
+        if done.packs_compacted + done.packs_dropped > 0 {
+            log::info!(
+                "compaction: {} packs compacted, {} empty packs dropped; {} blobs ({} bytes) moved, {} bytes of packs given back",
+                done.packs_compacted,
+                done.packs_dropped,
+                done.blobs_moved,
+                done.bytes_moved,
+                done.bytes_freed
+            );
+        }
+        Ok(done)
+    }
+
+    /// Delete pack `id` if nothing refers to it (under the state lock, so no commit
+    /// adds a reference meanwhile): its index entry goes and its file is buried in one
+    /// durable batch; the reaper deletes the file.
+    fn drop_pack(&self, id: u64) -> FsResult<bool> {
+        let _st = self.lock();
+        // A blob appended to it may still be committed: not yet.
+        if self.store.packs().is_pending(id)
+            || !self.store.pack_refs(id).map_err(store_err)?.is_empty()
+        {
+            return Ok(false);
+        }
+        let mut txn = Txn::default();
+        txn.bury_pack(id);
+        self.commit(txn, true)?;
+        crate::crash::point("compact.after_bury");
+        self.reap_soon();
+        Ok(true)
+    }
+
+    /// Copy pack `id`'s referenced blobs into the open pack, switch their references in
+    /// one durable batch, then drop the pack.
+    fn compact_one(&self, id: u64, profile: u32, done: &mut Compacted) -> FsResult<()> {
+        let refs = self.store.pack_refs(id).map_err(store_err)?;
+        let path = self.store.packs().path(id);
+        let file = match std::fs::File::open(&path) {
+            Ok(f) => f,
+            Err(e) => {
+                log::error!(
+                    "compaction: {}: {e}; its blobs stay where they are",
+                    path.display()
+                );
+                return Ok(());
+            }
+        };
+        // Copied once per blob, whoever refers to it.
+        let mut moved: Vec<(PackSlot, PackSlot, u64, [u8; 32])> = Vec::new();
+        // The copies are pending until the batch that refers to them is committed.
+        let mut pending = Vec::new();
+        let mut last: Option<PackSlot> = None;
+        for (slot, ino, len) in refs {
+            if last == Some(slot) {
+                continue;
+            }
+            last = Some(slot);
+            let copied = (|| -> std::io::Result<(PackSlot, [u8; 32])> {
+                use std::os::unix::fs::FileExt;
+                let mut bytes = vec![0u8; len as usize];
+                file.read_exact_at(&mut bytes, slot.offset)?;
+                // The compact header's checksum: a damaged blob is not spread further
+                // (it stays where it is, for fsck to report).
+                let (c, _) = crate::codec::compact::parse(&bytes)
+                    .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
+                let to = self
+                    .store
+                    .packs()
+                    .append(profile, ino, &bytes, &|| self.store.new_pack(profile))?;
+                let slot = to.slot;
+                pending.push(to);
+                Ok((slot, c.checksum))
+            })();
+            match copied {
+                Ok((to, content)) => moved.push((slot, to, len, content)),
+                Err(e) => {
+                    log::error!(
+                        "compaction: the blob at {} of {} cannot be copied ({e}); the pack is kept",
+                        slot.offset,
+                        path.display()
+                    );
+                    return Ok(());
+                }
+            }
+        }
+        crate::crash::point("compact.after_copy");
+        {
+            let _st = self.lock();
+            let mut txn = Txn::default();
+            for (from, to, len, content) in &moved {
+                // Who refers to it now (a file may have shared it since the listing).
+                for ino in self.store.slot_refs(*from).map_err(store_err)? {
+                    let mut inode = self.get(ino)?;
+                    let Some(mut b) = inode.blob.filter(|b| b.pack == Some(*from)) else {
+                        continue;
+                    };
+                    b.pack = Some(*to);
+                    inode.blob = Some(b);
+                    txn.put_inode(ino, &inode);
+                    let hint = self.store.content_hint(content).ok().flatten();
+                    if hint.is_some_and(|h| h.packed.map(|p| p.0) == Some(*from)) {
+                        txn.put_content_hint(content, ino, &b);
+                    }
+                }
+                done.blobs_moved += 1;
+                done.bytes_moved += len + RECORD_HEADER;
+            }
+            self.commit(txn, true)?;
+        }
+        drop(pending);
+        crate::crash::point("compact.after_commit");
+        if self.drop_pack(id)? {
+            done.packs_compacted += 1;
+        } else {
+            log::warn!(
+                "compaction: {} is still referenced after its blobs were moved; kept",
+                pack::pack_name(id)
+            );
+        }
+        Ok(())
+    }
+}
