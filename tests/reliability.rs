@@ -101,14 +101,15 @@ fn read_err(path: &Path) -> std::io::Error {
     }
 }
 
-/// The fixtures of formats 1 and 2 (sled indexes): a read-only mount reads them as
+/// The fixtures of formats 1 and 2 (sled indexes) and 3 (fjall, layout 5: packed
+/// blobs with compact headers beside a blob file): a read-only mount reads them as
 /// they are and changes nothing; the first read-write open moves the index to fjall
 /// (format 3, flat for format 1), after which fsck --deep decodes every blob and a mount
 /// reads every file byte-exact, with its xattrs, links, modes and states.
 #[test]
 fn format_fixtures_mount_and_read_byte_exact() {
     let _llm = common::llm_lock();
-    for version in [1, 2] {
+    for version in [1, 2, 3] {
         let dir = tempfile::tempdir().expect("tempdir");
         let manifest = fixture_manifest(version);
         assert_eq!(manifest.len(), 8);

@@ -13,7 +13,9 @@
 //! encoder checks that round trip before it packs a blob (see `store::pack`).
 //! docs/FORMAT.md documents the layout.
 
-use super::container::{ChunkEntry, FormatError, Header, Segment, SegmentKind, MAGIC, MAX_HEADER};
+use super::container::{
+    segment_kind, ChunkEntry, Cursor, FormatError, Header, Segment, SegmentKind, MAGIC, MAX_HEADER,
+};
 
 /// The format version of a compact header.
 pub const COMPACT_VERSION: u16 = 2;
@@ -57,24 +59,15 @@ impl Profile {
     }
 
     pub fn decode(data: &[u8]) -> Result<Profile, FormatError> {
-        let mut r = Bytes { data, pos: 0 };
-        let model_fingerprint: [u8; 32] = r
-            .take(32)?
-            .try_into()
-            .map_err(|_| corrupt("profile cut short"))?;
+        let mut r = Cursor::new(data, 0);
+        let model_fingerprint = r.array32()?;
         let tag_len = r.u16()? as usize;
         let backend_tag = String::from_utf8(r.take(tag_len)?.to_vec())
             .map_err(|_| corrupt("backend tag is not UTF-8"))?;
         let n = r.u16()? as usize;
         let mut params = Vec::with_capacity(n.min(r.remaining() / 6));
         for _ in 0..n {
-            let id = r.u16()?;
-            let v = u32::from_le_bytes(
-                r.take(4)?
-                    .try_into()
-                    .map_err(|_| corrupt("profile cut short"))?,
-            );
-            params.push((id, v));
+            params.push((r.u16()?, r.u32()?));
         }
         if r.remaining() != 0 {
             return Err(corrupt("unexpected bytes after the coding profile"));
@@ -178,11 +171,7 @@ pub fn announced_len(start: &[u8]) -> Result<usize, FormatError> {
             "blob in a pack has header version {version}, expected {COMPACT_VERSION}"
         )));
     }
-    let mut r = Bytes {
-        data: start,
-        pos: 6,
-    };
-    let len = r.varint()?;
+    let len = Cursor::new(start, 6).varint()?;
     if !(6 + 1 + 4..=MAX_HEADER).contains(&len) {
         return Err(corrupt(format!(
             "compact header length {len} is impossible"
@@ -207,17 +196,11 @@ pub fn parse(data: &[u8]) -> Result<(Compact, usize), FormatError> {
     if crc32fast::hash(&data[..len - 4]) != stored_crc && !cfg!(fuzzing) {
         return Err(corrupt("compact header checksum mismatch"));
     }
-    let mut r = Bytes {
-        data: &data[..len - 4],
-        pos: 6,
-    };
+    let mut r = Cursor::new(&data[..len - 4], 6);
     r.varint()?;
     let profile_id = u32::try_from(r.varint()?).map_err(|_| corrupt("profile id over 2^32"))?;
     let original_len = r.varint()?;
-    let checksum: [u8; 32] = r
-        .take(32)?
-        .try_into()
-        .map_err(|_| corrupt("header cut short"))?;
+    let checksum = r.array32()?;
     let n_segments = r.varint()?;
     // A segment takes at least 8 bytes (kind, two varints, CRC).
     if n_segments > (r.remaining() / 7) as u64 {
@@ -225,13 +208,7 @@ pub fn parse(data: &[u8]) -> Result<(Compact, usize), FormatError> {
     }
     let mut segments = Vec::with_capacity(n_segments as usize);
     for _ in 0..n_segments {
-        let kind = match r.u8()? {
-            0 => SegmentKind::Stored,
-            1 => SegmentKind::Zstd,
-            2 => SegmentKind::Llm,
-            3 => SegmentKind::Zero,
-            k => return Err(corrupt(format!("unknown segment kind {k}"))),
-        };
+        let kind = segment_kind(r.u8()?)?;
         let original_len = r.varint()?;
         let stored_len = r.varint()?;
         let crc = r.u32()?;
@@ -284,53 +261,6 @@ pub fn expand(c: Compact, profile: &Profile) -> Header {
         backend_tag: profile.backend_tag.clone(),
         params: profile.params.clone(),
         segments: c.segments,
-    }
-}
-
-struct Bytes<'a> {
-    data: &'a [u8],
-    pos: usize,
-}
-
-impl<'a> Bytes<'a> {
-    fn remaining(&self) -> usize {
-        self.data.len() - self.pos
-    }
-    fn take(&mut self, n: usize) -> Result<&'a [u8], FormatError> {
-        let end = self
-            .pos
-            .checked_add(n)
-            .filter(|&e| e <= self.data.len())
-            .ok_or_else(|| FormatError::Truncated("header cut short".into()))?;
-        let s = &self.data[self.pos..end];
-        self.pos = end;
-        Ok(s)
-    }
-    fn u8(&mut self) -> Result<u8, FormatError> {
-        Ok(self.take(1)?[0])
-    }
-    fn u16(&mut self) -> Result<u16, FormatError> {
-        let b = self.take(2)?;
-        Ok(u16::from_le_bytes([b[0], b[1]]))
-    }
-    fn u32(&mut self) -> Result<u32, FormatError> {
-        let b = self.take(4)?;
-        Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-    }
-    fn varint(&mut self) -> Result<u64, FormatError> {
-        let mut v = 0u64;
-        for i in 0..10 {
-            let b = self.u8()?;
-            let bits = (b & 0x7f) as u64;
-            if i == 9 && bits > 1 {
-                return Err(corrupt("varint over 2^64"));
-            }
-            v |= bits << (7 * i);
-            if b & 0x80 == 0 {
-                return Ok(v);
-            }
-        }
-        Err(corrupt("varint over 10 bytes"))
     }
 }
 

@@ -237,13 +237,7 @@ impl Header {
         // Every sum of untrusted lengths is checked: later code slices by them.
         let (mut sum_original, mut sum_stored) = (0u64, 0u64);
         for _ in 0..n_segments {
-            let kind = match r.u8()? {
-                0 => SegmentKind::Stored,
-                1 => SegmentKind::Zstd,
-                2 => SegmentKind::Llm,
-                3 => SegmentKind::Zero,
-                k => return Err(corrupt(format!("unknown segment kind {k}"))),
-            };
+            let kind = segment_kind(r.u8()?)?;
             let original_len = r.u64()?;
             let stored_len = r.u64()?;
             let crc = r.u32()?;
@@ -334,16 +328,47 @@ impl Header {
     }
 }
 
-struct Cursor<'a> {
+/// Reads header fields in order (shared with the compact headers of `compact.rs`).
+pub(crate) struct Cursor<'a> {
     data: &'a [u8],
     pos: usize,
 }
 
+/// A segment kind byte.
+pub(crate) fn segment_kind(k: u8) -> Result<SegmentKind, FormatError> {
+    Ok(match k {
+        0 => SegmentKind::Stored,
+        1 => SegmentKind::Zstd,
+        2 => SegmentKind::Llm,
+        3 => SegmentKind::Zero,
+        k => return Err(corrupt(format!("unknown segment kind {k}"))),
+    })
+}
+
 impl<'a> Cursor<'a> {
-    fn remaining(&self) -> usize {
+    pub(crate) fn new(data: &'a [u8], pos: usize) -> Cursor<'a> {
+        Cursor { data, pos }
+    }
+    pub(crate) fn remaining(&self) -> usize {
         self.data.len() - self.pos
     }
-    fn take(&mut self, n: usize) -> Result<&'a [u8], FormatError> {
+    /// An unsigned LEB128 number (at most 10 bytes, at most 2^64 - 1).
+    pub(crate) fn varint(&mut self) -> Result<u64, FormatError> {
+        let mut v = 0u64;
+        for i in 0..10 {
+            let b = self.u8()?;
+            let bits = (b & 0x7f) as u64;
+            if i == 9 && bits > 1 {
+                return Err(corrupt("varint over 2^64"));
+            }
+            v |= bits << (7 * i);
+            if b & 0x80 == 0 {
+                return Ok(v);
+            }
+        }
+        Err(corrupt("varint over 10 bytes"))
+    }
+    pub(crate) fn take(&mut self, n: usize) -> Result<&'a [u8], FormatError> {
         if self.remaining() < n {
             return Err(corrupt("header fields run past its end"));
         }
@@ -351,14 +376,14 @@ impl<'a> Cursor<'a> {
         self.pos += n;
         Ok(s)
     }
-    fn u8(&mut self) -> Result<u8, FormatError> {
+    pub(crate) fn u8(&mut self) -> Result<u8, FormatError> {
         Ok(self.take(1)?[0])
     }
-    fn u16(&mut self) -> Result<u16, FormatError> {
+    pub(crate) fn u16(&mut self) -> Result<u16, FormatError> {
         let b = self.take(2)?;
         Ok(u16::from_le_bytes([b[0], b[1]]))
     }
-    fn u32(&mut self) -> Result<u32, FormatError> {
+    pub(crate) fn u32(&mut self) -> Result<u32, FormatError> {
         let b = self.take(4)?;
         Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
     }
@@ -367,7 +392,7 @@ impl<'a> Cursor<'a> {
         a.copy_from_slice(self.take(8)?);
         Ok(u64::from_le_bytes(a))
     }
-    fn array32(&mut self) -> Result<[u8; 32], FormatError> {
+    pub(crate) fn array32(&mut self) -> Result<[u8; 32], FormatError> {
         let mut a = [0u8; 32];
         a.copy_from_slice(self.take(32)?);
         Ok(a)
