@@ -135,6 +135,13 @@ impl Core {
             last = Some(slot);
             let copied = (|| -> std::io::Result<(PackSlot, [u8; 32])> {
                 use std::os::unix::fs::FileExt;
+                // Packed blobs are at most PACK_MAX_BLOB (a damaged index says more).
+                if len > pack::PACK_MAX_BLOB {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::InvalidData,
+                        format!("the index says {len} bytes, more than a packed blob holds"),
+                    ));
+                }
                 let mut bytes = vec![0u8; len as usize];
                 file.read_exact_at(&mut bytes, slot.offset)?;
                 // The compact header's checksum: a damaged blob is not spread further
