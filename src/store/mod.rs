@@ -657,7 +657,7 @@ fn load_profiles(db: &index::Index) -> Result<pack::ProfileTable> {
             (Some(id), Ok(p)) => t.insert(id, p),
             (_, Err(e)) => {
                 return Err(StoreError::Corrupt {
-                    what: format!("coding profile {}", codec_hex(&k)),
+                    what: format!("coding profile {}", crate::codec::hex(&k)),
                     why: e.to_string(),
                 })
             }
@@ -665,10 +665,6 @@ fn load_profiles(db: &index::Index) -> Result<pack::ProfileTable> {
         }
     }
     Ok(t)
-}
-
-fn codec_hex(b: &[u8]) -> String {
-    crate::codec::hex(b)
 }
 
 impl Store {
