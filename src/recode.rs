@@ -378,6 +378,7 @@ fn plaintext(
         };
         let decoded = (|| -> Result<FileSource, CodecError> {
             let blob = store.open_blob(c.ino, &c.blob)?;
+            store.make_file_dir(true, c.ino)?;
             let file = blobfile::spool_file(&store.blob_dir_of(c.ino), c.ino)?;
             let mut sink = FileSink::new(&file);
             // decode_to checks the CRCs and the BLAKE3 of the whole.
@@ -496,6 +497,7 @@ fn code_new_blob(
     let copts = CompressOptions::default();
     let target: &dyn Engine = &engines.target;
     let coded = (|| -> Result<(u64, bool), CodecError> {
+        store.make_file_dir(true, ino)?;
         let len = blobfile::write_tmp(&dir, ino, src, Some(target), &copts, count, &tmp)?;
         match blobfile::verify(&tmp, src, Some(target), count) {
             Ok(()) => Ok((len, false)),
@@ -554,7 +556,9 @@ fn link_blob(store: &Store, c: &Candidate, new: &Path, len: u64) -> Result<(), S
     let seq = store.alloc_blob_seq().map_err(|e| e.to_string())?;
     let path = store.blob_path(c.ino, seq);
     let tmp = path.with_extension("tmp");
-    let linked = std::fs::hard_link(new, &tmp)
+    let linked = store
+        .make_file_dir(true, c.ino)
+        .and_then(|()| std::fs::hard_link(new, &tmp))
         .and_then(|()| std::fs::rename(&tmp, &path))
         .and_then(|()| sync_dir(&store.blob_dir_of(c.ino)));
     if let Err(e) = linked {

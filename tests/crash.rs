@@ -146,9 +146,34 @@ enum When {
     InCompaction,
 }
 
-/// Turn a format-3 volume into the format-2 volume it would have been: the same keys
-/// in a sled index at `index/`, the marker "nacrithfs 2".
+/// Turn a format-4 volume into the format-2 volume it would have been: the same keys
+/// in a sled index at `index/`, the files moved from the subdirectories of 4096 inode
+/// numbers to those of the inode number's low byte, the marker "nacrithfs 2".
 fn to_format_2(backing: &Path) {
+    for top in ["blobs", "cache"] {
+        let dirs: Vec<PathBuf> = fs::read_dir(backing.join(top))
+            .expect("list")
+            .map(|e| e.expect("entry").path())
+            .filter(|p| p.is_dir())
+            .collect();
+        for dir in dirs {
+            for f in fs::read_dir(&dir).expect("list") {
+                let f = f.expect("entry").path();
+                let name = f.file_name().expect("name").to_string_lossy().into_owned();
+                let ino: u64 = name
+                    .split(['-', '.'])
+                    .next()
+                    .and_then(|n| n.parse().ok())
+                    .unwrap_or_else(|| panic!("{}: no inode number", f.display()));
+                let to = backing.join(top).join(format!("{:02x}", ino % 256));
+                fs::create_dir_all(&to).expect("mkdir");
+                fs::rename(&f, to.join(&name)).expect("move");
+            }
+            if fs::read_dir(&dir).expect("list").next().is_none() {
+                fs::remove_dir(&dir).expect("rmdir");
+            }
+        }
+    }
     let entries = {
         let store = nacrithfs::store::Store::open_existing(backing).expect("open the copy");
         store.raw_entries().expect("read the index")
@@ -446,6 +471,7 @@ fn cases() -> Vec<Case> {
         k("compact.after_copy"),
         k("compact.after_commit"),
         k("compact.after_bury"),
+        c("create", "shard.after_mkdir", create, created),
         c("create", "create.after_cache_file", create, created),
         c("create", "create.after_index", create, created),
         c(
@@ -542,6 +568,24 @@ fn cases() -> Vec<Case> {
             opts: OPTS,
         },
         Case {
+            op: "index rebuild",
+            point: "index_rebuild.after_copy",
+            run: needs_recovery,
+            allowed: recovering,
+            when: When::AtMount,
+            verify: nothing_more,
+            opts: OPTS,
+        },
+        Case {
+            op: "index rebuild",
+            point: "index_rebuild.after_exchange",
+            run: needs_recovery,
+            allowed: recovering,
+            when: When::AtMount,
+            verify: nothing_more,
+            opts: OPTS,
+        },
+        Case {
             op: "recovery",
             point: "recover.after_sweep",
             run: needs_recovery,
@@ -615,7 +659,11 @@ fn foreign_level() -> &'static str {
 
 /// Mount with the crash point armed; expect the daemon to die of it.
 fn run_to_crash(backing: &Path, mnt: &Path, case: &Case) {
-    let env = [("NACRITHFS_CRASH_AT", case.point)];
+    let mut env = vec![("NACRITHFS_CRASH_AT", case.point)];
+    if case.point.starts_with("index_rebuild.") {
+        // The template's journal is small: rebuild whatever the rule says.
+        env.push(("NACRITHFS_INDEX_REBUILD", "always"));
+    }
     let log = backing.with_extension("daemon.log");
     let mut raw = None;
     let mut daemon = None;

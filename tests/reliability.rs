@@ -101,15 +101,16 @@ fn read_err(path: &Path) -> std::io::Error {
     }
 }
 
-/// The fixtures of formats 1 and 2 (sled indexes) and 3 (fjall, layout 5: packed
-/// blobs with compact headers beside a blob file): a read-only mount reads them as
-/// they are and changes nothing; the first read-write open moves the index to fjall
-/// (format 3, flat for format 1), after which fsck --deep decodes every blob and a mount
+/// The fixtures of formats 1 and 2 (sled indexes), 3 (fjall, layout 5: packed blobs
+/// with compact headers beside a blob file) and 4 (as 3, files in subdirectories of
+/// 4096 inode numbers made on first use): a read-only mount reads them as they are and
+/// changes nothing; the first read-write open moves a sled index to fjall (format 3,
+/// flat for format 1), after which fsck --deep decodes every blob and a mount
 /// reads every file byte-exact, with its xattrs, links, modes and states.
 #[test]
 fn format_fixtures_mount_and_read_byte_exact() {
     let _llm = common::llm_lock();
-    for version in [1, 2, 3] {
+    for version in [1, 2, 3, 4] {
         let dir = tempfile::tempdir().expect("tempdir");
         let manifest = fixture_manifest(version);
         assert_eq!(manifest.len(), 8);
@@ -130,10 +131,10 @@ fn format_fixtures_mount_and_read_byte_exact() {
 
         let (backing, mnt) = fixture_copy_of(dir.path(), version);
         let marker = fs::read_to_string(backing.join("nacrithfs.format")).expect("marker");
-        let expected = if version == 1 {
-            "nacrithfs 3 flat\n"
-        } else {
-            "nacrithfs 3\n"
+        let expected = match version {
+            1 => "nacrithfs 3 flat\n",
+            4 => "nacrithfs 4\n",
+            _ => "nacrithfs 3\n",
         };
         assert_eq!(marker, expected, "format {version}: marker after the move");
         assert!(

@@ -302,22 +302,27 @@ fn only_a_mount_after_a_crash_scans_the_backing_files() {
     for i in 0..100 {
         fs::write(mnt.join(format!("f{i}")), format!("file {i}\n")).expect("write");
     }
-    // Format 3 (as 2): the files are in 256 subdirectories of cache/, none directly in it.
+    // Format 4: the files are in subdirectories of cache/ of 4096 inode numbers each,
+    // made on first use: these 100 (inodes 2 to 101) all in the first, none in cache/.
     let top: Vec<_> = fs::read_dir(backing.join("cache"))
         .expect("cache/")
         .map(|e| e.expect("entry").path())
         .collect();
-    assert_eq!(top.len(), 256, "cache/ holds {top:?}");
+    assert_eq!(
+        top,
+        vec![backing.join("cache/000000")],
+        "cache/ holds {top:?}"
+    );
     assert!(top.iter().all(|p| p.is_dir()), "files directly in cache/");
     let ino = std::os::unix::fs::MetadataExt::ino(&fs::metadata(mnt.join("f7")).expect("stat"));
-    let plain = backing.join(format!("cache/{:02x}/{ino}", ino % 256));
+    let plain = backing.join(format!("cache/{:06x}/{ino}", ino >> 12));
     assert_eq!(
         fs::read(&plain).expect("the cache file in its subdirectory"),
         b"file 7\n"
     );
     assert_eq!(
         fs::read_to_string(backing.join("nacrithfs.format")).expect("format marker"),
-        "nacrithfs 3\n"
+        "nacrithfs 4\n"
     );
     d.unmount();
     let stray = backing.join("cache/999999.tmp");

@@ -328,6 +328,12 @@ fn compress_file(
         let _ = std::fs::remove_file(&tmp);
         fail(why)
     };
+    if let Err(e) = core.store.make_file_dir(true, ino) {
+        return fail(format!(
+            "making the directory of {}: {e}",
+            blob_path.display()
+        ));
+    }
     let shared = if core.opts.dedup {
         share_equal_blob(core, engine, &content, src.len(), &tmp)
     } else {
@@ -779,11 +785,17 @@ impl Decoder<'_> {
             }
             _ => {}
         }
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .open(&tmp)
+        let file = self
+            .core
+            .store
+            .make_file_dir(false, ino)
+            .and_then(|()| {
+                std::fs::OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .create_new(true)
+                    .open(&tmp)
+            })
             .and_then(|f| f.set_len(size).map(|()| f))
             .map_err(|e| {
                 (

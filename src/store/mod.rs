@@ -25,6 +25,7 @@ pub mod index;
 mod legacy;
 pub mod pack;
 pub mod perms;
+mod rebuild;
 pub mod record;
 pub mod tally;
 pub mod watchdog;
@@ -41,10 +42,14 @@ pub use record::{BlobRef, Inode, Kind};
 
 pub const ROOT_INO: u64 = 1;
 const FORMAT_MARKER: &str = "nacrithfs.format";
-/// Format 3: the index in fjall ([`INDEX_DIR`]); blob and cache files in 256
-/// subdirectories each (`<xx>/`, the inode number's low byte), so no directory of the
-/// backing filesystem holds more than a 256th of the files.
-const FORMAT_LINE: &str = "nacrithfs 3\n";
+/// Format 4: the index in fjall ([`INDEX_DIR`]); blob and cache files in
+/// subdirectories of 4096 consecutive inode numbers each (`<ino / 4096, hex>/`), each
+/// made when its first file is, so a small volume pays for one or two directories and
+/// a big one has no directory of the backing filesystem with more than 4096 files.
+const FORMAT_LINE: &str = "nacrithfs 4\n";
+/// Format 3: as 4, but the subdirectories are the inode number's low byte (`<xx>/`),
+/// all 256 of each made at every read-write mount.
+const FORMAT_LINE_MOD: &str = "nacrithfs 3\n";
 /// Format 3 with blob and cache files flat: a volume made as format 1, moved to fjall.
 const FORMAT_LINE_FLAT: &str = "nacrithfs 3 flat\n";
 /// Formats 2 (subdirectories) and 1 (flat): the index in sled. Moved to format 3 by the
@@ -54,8 +59,10 @@ const FORMAT_LINE_SLED_FLAT: &str = "nacrithfs 1\n";
 /// The index of format 3, and where it is built while an older index is moved.
 const INDEX_DIR: &str = "index.fjall";
 const INDEX_TMP_DIR: &str = "index.fjall.tmp";
-/// Subdirectories of blobs/ and cache/ in format 2.
+/// Subdirectories of blobs/ and cache/ in formats 2 and 3.
 const FANOUT: u64 = 256;
+/// Inode numbers per subdirectory in format 4 (2^12).
+const RANGE_SHIFT: u32 = 12;
 /// Where a daemonized nacrithfs logs.
 pub const LOG_FILE: &str = "nacrithfs.log";
 
@@ -297,8 +304,11 @@ pub struct Store {
     next_ino: AtomicU64,
     next_blob: AtomicU64,
     next_cookie: AtomicU64,
-    /// Blob and cache files in subdirectories (format 2).
-    fanout: bool,
+    /// How blob and cache files are spread over subdirectories.
+    sharding: Sharding,
+    /// Format 4: the subdirectories known to exist durably (made or found, and their
+    /// parent synced, by this process).
+    made_shards: std::sync::Mutex<std::collections::HashSet<PathBuf>>,
     /// Every directory entry has a readdir cookie (layout 2). False only for an old
     /// volume opened read-only, which cannot be migrated.
     cookies: bool,
@@ -601,23 +611,45 @@ fn copy_tree(from: &Path, to: &Path) -> io::Result<()> {
 /// What the format marker says.
 #[derive(Clone, Copy, PartialEq)]
 enum Format {
-    /// No marker, empty directory: to be made format 3.
+    /// No marker, empty directory: to be made format 4.
     Fresh,
     /// The index in sled (format 1 flat, 2 with subdirectories).
-    Sled { fanout: bool },
-    /// The index in fjall.
-    Fjall { fanout: bool },
+    Sled { sharding: Sharding },
+    /// The index in fjall (formats 3 and 4).
+    Fjall { sharding: Sharding },
+}
+
+/// How blob and cache files are spread over subdirectories of blobs/ and cache/.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Sharding {
+    /// All in blobs/ and cache/ themselves (format 1; "nacrithfs 3 flat").
+    Flat,
+    /// `<ino mod 256, 2 hex digits>/`, all made at every read-write mount (formats 2, 3).
+    Mod256,
+    /// `<ino / 4096, at least 6 hex digits>/`, each made on first use (format 4).
+    Range,
 }
 
 fn read_format(backing: &Path, read_only: bool) -> Result<Format> {
     let marker = backing.join(FORMAT_MARKER);
     match std::fs::read_to_string(&marker) {
-        Ok(s) if s == FORMAT_LINE => Ok(Format::Fjall { fanout: true }),
-        Ok(s) if s == FORMAT_LINE_FLAT => Ok(Format::Fjall { fanout: false }),
-        Ok(s) if s == FORMAT_LINE_SLED => Ok(Format::Sled { fanout: true }),
-        Ok(s) if s == FORMAT_LINE_SLED_FLAT => Ok(Format::Sled { fanout: false }),
+        Ok(s) if s == FORMAT_LINE => Ok(Format::Fjall {
+            sharding: Sharding::Range,
+        }),
+        Ok(s) if s == FORMAT_LINE_MOD => Ok(Format::Fjall {
+            sharding: Sharding::Mod256,
+        }),
+        Ok(s) if s == FORMAT_LINE_FLAT => Ok(Format::Fjall {
+            sharding: Sharding::Flat,
+        }),
+        Ok(s) if s == FORMAT_LINE_SLED => Ok(Format::Sled {
+            sharding: Sharding::Mod256,
+        }),
+        Ok(s) if s == FORMAT_LINE_SLED_FLAT => Ok(Format::Sled {
+            sharding: Sharding::Flat,
+        }),
         Ok(s) => Err(StoreError::Setup(format!(
-            "{} says {:?}: this version reads formats \"nacrithfs 1\", \"nacrithfs 2\" and \"nacrithfs 3\"",
+            "{} says {:?}: this version reads formats \"nacrithfs 1\" to \"nacrithfs 4\"",
             marker.display(),
             s.trim()
         ))),
@@ -691,9 +723,10 @@ impl Store {
         }
         tally::set_alloc_unit(block_size(backing));
         let mut format = read_format(backing, read_only)?;
-        if let (Format::Sled { fanout }, false) = (format, read_only) {
-            let line = if fanout {
-                FORMAT_LINE
+        if let (Format::Sled { sharding }, false) = (format, read_only) {
+            // The files stay where they are: format 3 with the same subdirectories.
+            let line = if sharding == Sharding::Mod256 {
+                FORMAT_LINE_MOD
             } else {
                 FORMAT_LINE_FLAT
             };
@@ -701,9 +734,9 @@ impl Store {
             format = read_format(backing, read_only)?;
         }
         let fresh = format == Format::Fresh;
-        let fanout = match format {
-            Format::Fresh => true,
-            Format::Sled { fanout } | Format::Fjall { fanout } => fanout,
+        let sharding = match format {
+            Format::Fresh => Sharding::Range,
+            Format::Sled { sharding } | Format::Fjall { sharding } => sharding,
         };
         if !read_only {
             use std::os::unix::fs::DirBuilderExt;
@@ -712,7 +745,7 @@ impl Store {
             mkdir.create(backing.join(pack::PACK_DIR))?;
             for top in ["blobs", "cache"] {
                 mkdir.create(backing.join(top))?;
-                if fanout {
+                if sharding == Sharding::Mod256 {
                     for i in 0..FANOUT {
                         mkdir.create(backing.join(top).join(shard_name(i)))?;
                     }
@@ -731,13 +764,18 @@ impl Store {
                 let path = backing.join(leftover);
                 if !fresh && path.exists() {
                     log::info!(
-                        "index: removing {}, left by the move to format 3",
+                        "index: removing {}, left by the move to format 3 or an index rebuild",
                         path.display()
                     );
                     std::fs::remove_dir_all(&path)?;
                     sync_dir(backing)?;
                 }
             }
+            let db = if fresh {
+                db
+            } else {
+                rebuild::maybe(db, backing)?
+            };
             (db, None, None)
         };
         let read_counter = |key: &[u8], default: u64| -> Result<u64> {
@@ -765,7 +803,8 @@ impl Store {
             next_cookie: AtomicU64::new(read_counter(NEXT_COOKIE_KEY, FIRST_COOKIE)?),
             cookies: layout >= LAYOUT_COOKIES,
             layout,
-            fanout,
+            sharding,
+            made_shards: Default::default(),
             ro_tmp,
             _ro_lock: ro_lock,
             tally: Default::default(),
@@ -820,16 +859,46 @@ impl Store {
     /// The directory of blobs/ or cache/ (`top`) that holds inode `ino`'s files.
     fn shard(&self, top: &str, ino: u64) -> PathBuf {
         let dir = self.backing.join(top);
-        if self.fanout {
-            dir.join(shard_name(ino % FANOUT))
-        } else {
-            dir
+        match self.sharding {
+            Sharding::Flat => dir,
+            Sharding::Mod256 => dir.join(shard_name(ino % FANOUT)),
+            Sharding::Range => dir.join(format!("{:06x}", ino >> RANGE_SHIFT)),
         }
     }
 
-    /// Whether blob and cache files are in subdirectories (format 2).
-    pub fn fanout(&self) -> bool {
-        self.fanout
+    /// How blob and cache files are spread over subdirectories.
+    pub fn sharding(&self) -> Sharding {
+        self.sharding
+    }
+
+    /// Make sure inode `ino`'s directory in blobs/ (`blobs`) or cache/ exists durably
+    /// before a file is created in it: in format 4 it is made on first use, and its
+    /// parent synced before any file in it can be relied on (docs/DURABILITY.md,
+    /// "subdirectories"). Once per directory and process; a no-op in older formats,
+    /// which made theirs at the mount.
+    pub fn make_file_dir(&self, blobs: bool, ino: u64) -> io::Result<()> {
+        if self.sharding != Sharding::Range || self.ro_tmp.is_some() {
+            return Ok(());
+        }
+        let dir = self.shard(if blobs { "blobs" } else { "cache" }, ino);
+        // Held across the mkdir and the sync: a second caller must not find the
+        // directory made but its name not yet durable.
+        let mut made = self.made_shards.lock().unwrap_or_else(|p| p.into_inner());
+        if made.contains(&dir) {
+            return Ok(());
+        }
+        use std::os::unix::fs::DirBuilderExt;
+        match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(e),
+        }
+        crate::crash::point("shard.after_mkdir");
+        if let Some(parent) = dir.parent() {
+            sync_dir(parent)?;
+        }
+        made.insert(dir);
+        Ok(())
     }
 
     pub fn cache_path(&self, ino: u64) -> PathBuf {
@@ -858,22 +927,48 @@ impl Store {
     }
 
     /// Every directory that can hold files of blobs/ (`blobs`) or cache/: the top one
-    /// (where a format-2 volume keeps none) and its subdirectories.
+    /// (where a volume with subdirectories keeps none) and its subdirectories (in
+    /// format 4 those that exist; the top one alone if it cannot be listed, which its
+    /// own listing then reports).
     pub fn file_dirs(&self, blobs: bool) -> Vec<PathBuf> {
         let top = self.backing.join(if blobs { "blobs" } else { "cache" });
         let mut dirs = vec![top.clone()];
-        if self.fanout {
-            dirs.extend((0..FANOUT).map(|i| top.join(shard_name(i))));
+        match self.sharding {
+            Sharding::Flat => {}
+            Sharding::Mod256 => dirs.extend((0..FANOUT).map(|i| top.join(shard_name(i)))),
+            Sharding::Range => {
+                if let Ok(entries) = std::fs::read_dir(&top) {
+                    let mut subs: Vec<PathBuf> = entries
+                        .flatten()
+                        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                        .map(|e| e.path())
+                        .filter(|p| self.is_shard_dir(p))
+                        .collect();
+                    subs.sort();
+                    dirs.extend(subs);
+                }
+            }
         }
         dirs
     }
 
-    /// Whether `path` is one of the subdirectories [`Store::file_dirs`] lists.
+    /// Whether `path` is named as one of the subdirectories [`Store::file_dirs`] lists.
     pub fn is_shard_dir(&self, path: &Path) -> bool {
-        self.fanout
-            && path.file_name().and_then(|n| n.to_str()).is_some_and(|n| {
-                n.len() == 2 && u64::from_str_radix(n, 16).is_ok_and(|i| i < FANOUT)
-            })
+        let Some(n) = path.file_name().and_then(|n| n.to_str()) else {
+            return false;
+        };
+        let hex = |n: &str| {
+            n.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        };
+        match self.sharding {
+            Sharding::Flat => false,
+            Sharding::Mod256 => n.len() == 2 && hex(n),
+            // As [`Store::shard`] names them: at least 6 digits, no leading zero beyond.
+            Sharding::Range => {
+                n.len() >= 6 && n.len() <= 16 && hex(n) && (n.len() == 6 || !n.starts_with('0'))
+            }
+        }
     }
 
     /// Allocate an inode number; `txn` persists the counter with the new inode.
@@ -1874,6 +1969,53 @@ mod tests {
 
     /// Every commit keeps the references to packed blobs and each pack's live counts
     /// equal to what the inode records say: packing, sharing, rewriting, deleting.
+    /// Format 4: no subdirectory until a file needs one; then the one of its 4096
+    /// inode numbers, in cache/ or blobs/ only, listed by `file_dirs`.
+    #[test]
+    fn subdirectories_are_made_on_first_use() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path()).expect("open");
+        assert_eq!(store.sharding(), Sharding::Range);
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join(FORMAT_MARKER)).expect("marker"),
+            FORMAT_LINE
+        );
+        let listed = |top: &str| -> Vec<String> {
+            let mut v: Vec<String> = std::fs::read_dir(dir.path().join(top))
+                .expect("list")
+                .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+                .collect();
+            v.sort();
+            v
+        };
+        assert!(listed("cache").is_empty() && listed("blobs").is_empty());
+        for ino in [2, 4095, 4096, 5000, (1 << 36) + 7] {
+            store.make_file_dir(false, ino).expect("make");
+            store
+                .make_file_dir(false, ino)
+                .expect("again: nothing to do");
+        }
+        assert_eq!(listed("cache"), ["000000", "000001", "1000000"]);
+        assert!(listed("blobs").is_empty());
+        assert_eq!(store.cache_path(5000), dir.path().join("cache/000001/5000"));
+        assert_eq!(
+            store.blob_path(4095, 9),
+            dir.path().join("blobs/000000/4095-9.nc06")
+        );
+        let dirs = store.file_dirs(false);
+        assert_eq!(dirs.len(), 4, "{dirs:?}");
+        assert!(dirs[1..].iter().all(|d| store.is_shard_dir(d)));
+        for odd in ["00000", "0000001", "00000g", "stray"] {
+            assert!(!store.is_shard_dir(Path::new(odd)), "{odd}");
+        }
+        // Made again by hand after removal: found, not an error, in a new process.
+        drop(store);
+        std::fs::remove_dir(dir.path().join("cache/000001")).expect("rmdir");
+        let store = Store::open(dir.path()).expect("reopen");
+        store.make_file_dir(false, 4097).expect("remake");
+        std::fs::write(store.cache_path(4097), b"x").expect("a file in it");
+    }
+
     #[test]
     fn commits_count_references_to_packed_blobs() {
         let dir = tempfile::tempdir().expect("tempdir");

@@ -267,15 +267,18 @@ pub fn offline(
     (out.status, text)
 }
 
-/// Where the daemon keeps inode `ino`'s plaintext: `cache/<xx>/<ino>` (format 2, `<xx>`
-/// the low byte in hex), or `cache/<ino>` (format 1).
+/// Where the daemon keeps inode `ino`'s plaintext, as the volume's format says:
+/// `cache/<ino / 4096, 6 hex digits>/<ino>` (format 4), `cache/<xx>/<ino>` (formats 2
+/// and 3, `<xx>` the low byte in hex), or `cache/<ino>` (format 1, "3 flat").
 pub fn cache_file(backing: &Path, ino: u64) -> PathBuf {
-    let fanned = backing.join("cache").join(format!("{:02x}", ino % 256));
-    if fanned.is_dir() {
-        fanned.join(ino.to_string())
-    } else {
-        backing.join("cache").join(ino.to_string())
+    let format = fs::read_to_string(backing.join("nacrithfs.format")).unwrap_or_default();
+    let cache = backing.join("cache");
+    match format.trim() {
+        "nacrithfs 4" => cache.join(format!("{:06x}", ino >> 12)),
+        "nacrithfs 3" | "nacrithfs 2" => cache.join(format!("{:02x}", ino % 256)),
+        _ => cache,
     }
+    .join(ino.to_string())
 }
 
 /// Every file under `blobs/` or `cache/` (`top`), in either layout.

@@ -478,6 +478,7 @@ impl Core {
                     inode.cached = true;
                     self.mark_dirty_first(&mut st, ino, &mut inode, "truncate.after_dirty_mark")?;
                     if evicted {
+                        self.store.make_file_dir(false, ino).map_err(io_err)?;
                         File::create(self.store.cache_path(ino)).map_err(io_err)?;
                     }
                     st.live.entry(ino).or_default().version += 1;

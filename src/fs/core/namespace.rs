@@ -139,6 +139,7 @@ impl Core {
         if kind == Kind::File {
             // Not synced: until the file is fsynced, a missing cache file of a dirty
             // inode reads as empty (docs/DURABILITY.md, "create").
+            self.store.make_file_dir(false, ino).map_err(io_err)?;
             File::create(self.store.cache_path(ino)).map_err(io_err)?;
             crate::crash::point("create.after_cache_file");
         }

@@ -1,0 +1,178 @@
+//! Rebuilding the index into a fresh fjall database at a read-write open
+//! (docs/DURABILITY.md, "Index rebuild").
+//!
+//! fjall keeps every batch in its journal until the journal passes 64 MB, long after
+//! the batches are in its tables, and its tables keep the tombstones and old versions
+//! of what the volume went through: a corpus written once and then left cold carried
+//! ~1.3 KB of journal per file (bench-corpus --index-files), more than its packed blobs.
+//! When the journal takes more blocks than the tables and more than [`REBUILD_ABOVE`],
+//! the live keys are copied into `index.fjall.tmp`, which then takes the place of
+//! `index.fjall` in one `renameat2(RENAME_EXCHANGE)`: at every instant `index.fjall` is
+//! a whole index, the old one or the new one.
+//!
+//! `NACRITHFS_INDEX_REBUILD=always` (or `never`) overrides the rule (tests, operators).
+
+use std::path::Path;
+use std::time::Instant;
+
+use super::index::Index;
+use super::{open_index, sync_dir, Result, StoreError, INDEX_DIR, INDEX_TMP_DIR};
+
+/// Journal blocks below which the index is left as it is.
+const REBUILD_ABOVE: u64 = 1 << 20;
+
+/// Bytes of disk blocks under `dir`: (journal files at its top, everything else).
+fn index_blocks(dir: &Path) -> std::io::Result<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    let (mut journal, mut rest) = (0, 0);
+    let mut stack = vec![(dir.to_path_buf(), true)];
+    while let Some((d, top)) = stack.pop() {
+        for e in std::fs::read_dir(&d)? {
+            let e = e?;
+            let m = e.metadata()?;
+            if m.is_dir() {
+                stack.push((e.path(), false));
+            } else if top && e.path().extension().is_some_and(|x| x == "jnl") {
+                journal += m.blocks() * 512;
+            } else {
+                rest += m.blocks() * 512;
+            }
+        }
+    }
+    Ok((journal, rest))
+}
+
+/// Swap two directory entries atomically.
+fn exchange(a: &Path, b: &Path) -> std::io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = |p: &Path| {
+        std::ffi::CString::new(p.as_os_str().as_bytes())
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))
+    };
+    let (a, b) = (c(a)?, c(b)?);
+    // SAFETY: two valid NUL-terminated paths; AT_FDCWD for both directories.
+    let r = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            a.as_ptr(),
+            libc::AT_FDCWD,
+            b.as_ptr(),
+            libc::RENAME_EXCHANGE,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// `db` is the index of `backing`, just opened read-write (a leftover `index.fjall.tmp`
+/// already removed). Returns it, or the rebuilt one.
+pub(super) fn maybe(db: Index, backing: &Path) -> Result<Index> {
+    let dir = backing.join(INDEX_DIR);
+    let (journal, tables) = index_blocks(&dir)?;
+    let wanted = match std::env::var("NACRITHFS_INDEX_REBUILD").as_deref() {
+        Ok("always") => true,
+        Ok("never") => false,
+        _ => journal > REBUILD_ABOVE && journal > tables,
+    };
+    if !wanted {
+        return Ok(db);
+    }
+    rebuild(db, backing, journal + tables, journal)
+}
+
+/// Copy the live keys of `db` into a new index and put it in the old one's place.
+/// `before`, `journal`: the old index's blocks, for the log line.
+fn rebuild(db: Index, backing: &Path, before: u64, journal: u64) -> Result<Index> {
+    let dir = backing.join(INDEX_DIR);
+    let started = Instant::now();
+    let tmp = backing.join(INDEX_TMP_DIR);
+    // Straight into tables, in key order (no journal); synced, whole before it takes
+    // the name.
+    let copied = Index::open(&tmp)?.load_sorted(db.iter())?;
+    crate::crash::point("index_rebuild.after_copy");
+    // Closed (its threads joined) before its directory changes name under it.
+    drop(db);
+    match exchange(&tmp, &dir) {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+            // The backing filesystem cannot exchange names: keep the old index.
+            log::warn!(
+                "index: not rebuilt ({}: {e}); the journal stays",
+                backing.display()
+            );
+            std::fs::remove_dir_all(&tmp)?;
+            sync_dir(backing)?;
+            return open_index(&dir, backing);
+        }
+        Err(e) => {
+            return Err(StoreError::Setup(format!(
+                "index rebuild: exchanging {} and {}: {e}",
+                tmp.display(),
+                dir.display()
+            )))
+        }
+    }
+    sync_dir(backing)?;
+    crate::crash::point("index_rebuild.after_exchange");
+    // The old index, now under the temporary name (a crash leaves it to the next open,
+    // which removes it).
+    std::fs::remove_dir_all(&tmp)?;
+    sync_dir(backing)?;
+    let rebuilt = open_index(&dir, backing)?;
+    let (j2, t2) = index_blocks(&dir)?;
+    log::info!(
+        "index: rebuilt ({copied} keys, {:.1} s): {} KiB on disk instead of {} KiB ({} KiB of journal)",
+        started.elapsed().as_secs_f64(),
+        (j2 + t2) >> 10,
+        before >> 10,
+        journal >> 10
+    );
+    Ok(rebuilt)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::index::Batch;
+
+    /// Every key and value the same after a rebuild; the journal gone, the temporary
+    /// directory too, and the new index open (locked) under the old name.
+    #[test]
+    fn a_rebuilt_index_holds_the_same_keys_without_the_journal() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let backing = dir.path();
+        let db = Index::open(&backing.join(INDEX_DIR)).expect("open");
+        for i in 0..3000u32 {
+            let mut b = Batch::default();
+            b.insert(format!("k{i:05}"), vec![i as u8; 40]);
+            // History the rebuilt index does not need: a key written and removed.
+            b.insert(format!("q{i:05}"), b"queued");
+            db.apply(b).expect("apply");
+            let mut b = Batch::default();
+            b.remove(format!("q{i:05}"));
+            db.apply(b).expect("apply");
+        }
+        db.checkpoint().expect("checkpoint");
+        let all = |db: &Index| -> Vec<(Vec<u8>, Vec<u8>)> {
+            db.iter()
+                .map(|r| r.map(|(k, v)| (k.to_vec(), v.to_vec())).expect("read"))
+                .collect()
+        };
+        let before = all(&db);
+        assert_eq!(before.len(), 3000);
+        let (journal, _) = index_blocks(&backing.join(INDEX_DIR)).expect("blocks");
+        assert!(journal > 100_000, "journal {journal}");
+        let db = rebuild(db, backing, 0, journal).expect("rebuild");
+        assert_eq!(all(&db), before);
+        let (journal, _) = index_blocks(&backing.join(INDEX_DIR)).expect("blocks");
+        assert!(journal <= 8192, "journal after the rebuild {journal}");
+        assert!(!backing.join(INDEX_TMP_DIR).exists());
+        assert!(matches!(
+            Index::open(&backing.join(INDEX_DIR)),
+            Err(fjall::Error::Locked)
+        ));
+    }
+}
