@@ -5,10 +5,10 @@
 //! the batches are in its tables, and its tables keep the tombstones and old versions
 //! of what the volume went through: a corpus written once and then left cold carried
 //! ~1.3 KB of journal per file (bench-corpus --index-files), more than its packed blobs.
-//! When the journal takes more blocks than the tables and more than [`REBUILD_ABOVE`],
-//! the live keys are copied into `index.fjall.tmp`, which then takes the place of
-//! `index.fjall` in one `renameat2(RENAME_EXCHANGE)`: at every instant `index.fjall` is
-//! a whole index, the old one or the new one.
+//! When the journal takes more blocks than the tables and more than [`REBUILD_ABOVE`]
+//! (64 KiB), the live keys are copied into `index.fjall.tmp`, which then takes the
+//! place of `index.fjall` in one `renameat2(RENAME_EXCHANGE)`: at every instant
+//! `index.fjall` is a whole index, the old one or the new one.
 //!
 //! `NACRITHFS_INDEX_REBUILD=always` (or `never`) overrides the rule (tests, operators).
 
@@ -18,8 +18,11 @@ use std::time::Instant;
 use super::index::Index;
 use super::{open_index, sync_dir, Result, StoreError, INDEX_DIR, INDEX_TMP_DIR};
 
-/// Journal blocks below which the index is left as it is.
-const REBUILD_ABOVE: u64 = 1 << 20;
+/// Journal blocks below which the index is left as it is. A rebuild costs a few
+/// fsyncs and a copy of the live keys (milliseconds for thousands of files); the rule
+/// that the journal outweigh the tables keeps a big volume's index from being copied
+/// at every mount (its tables outgrow fjall's 64 MB journal).
+const REBUILD_ABOVE: u64 = 64 << 10;
 
 /// Bytes of disk blocks under `dir`: (journal files at its top, everything else).
 fn index_blocks(dir: &Path) -> std::io::Result<(u64, u64)> {
