@@ -205,3 +205,35 @@ fn small_files_are_packed_shared_compacted_and_checked() {
     assert_eq!(code, 4, "{out}");
     assert!(out.contains("bad-blob"), "{out}");
 }
+
+/// A content hint naming a packed blob that nobody refers to any more (its file was
+/// rewritten) is stale: a file that comes back to that content is coded, not shared
+/// (the commit would refuse the share, and the retry would find the same hint: fsx
+/// found 44 "committing the blob: errno 11" failures this way). No model needed:
+/// binary content goes to the classical codec and is packed like any small blob.
+#[test]
+fn content_that_comes_back_after_its_blob_was_dropped_is_compressed_again() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (backing, mnt) = new_volume(dir.path());
+    let d = Daemon::start(&backing, &mnt, "idle=3600");
+    let first = common::random_bytes(3000, 11);
+    let second = common::random_bytes(3000, 12);
+    let f = mnt.join("f.bin");
+    for (round, data) in [&first, &second, &first].into_iter().enumerate() {
+        fs::write(&f, data).expect("write");
+        admin("flush", &mnt);
+        assert_eq!(
+            xattr(&f, "user.nacrith.state"),
+            "compressed",
+            "round {round}"
+        );
+    }
+    assert_eq!(status_field(&mnt, "failures"), 0);
+    // Not shared: the only blob with that content had no reference left.
+    assert_eq!(status_field(&mnt, "shared_files"), 0);
+    admin("evict", &mnt);
+    assert!(fs::read(&f).expect("read") == first);
+    d.unmount();
+    let (code, out) = fsck(&["--deep"], &backing);
+    assert_eq!(code, 0, "{out}");
+}

@@ -470,6 +470,14 @@ fn share_equal_blob(
     tmp: &std::path::Path,
 ) -> Option<Shared> {
     let hint = core.store.content_hint(content).ok()??;
+    if let Some((slot, _)) = hint.packed {
+        // A packed blob nobody refers to any more (the file that had it was rewritten
+        // or deleted; hints are advisory) cannot be shared: the commit would refuse it
+        // (EAGAIN) at every retry. Coded instead, the file's blob becomes the hint.
+        if core.store.slot_refs(slot).ok()?.is_empty() {
+            return None;
+        }
+    }
     let blob_ref = match hint.packed {
         Some((slot, len)) => crate::store::BlobRef {
             seq: hint.seq,
