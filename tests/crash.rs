@@ -418,6 +418,16 @@ fn cases() -> Vec<Case> {
         opts,
     };
 
+    // At the mount after a kill -9 that left work for recovery.
+    let m = |op, point| Case {
+        op,
+        point,
+        run: needs_recovery,
+        allowed: recovering,
+        when: When::AtMount,
+        verify: nothing_more,
+        opts: OPTS,
+    };
     let c = |op, point, run: fn(&Path), allowed: fn() -> Allowed| Case {
         op,
         point,
@@ -558,42 +568,10 @@ fn cases() -> Vec<Case> {
             flush_a_copy,
             copied,
         ),
-        Case {
-            op: "recovery",
-            point: "recover.after_commit",
-            run: needs_recovery,
-            allowed: recovering,
-            when: When::AtMount,
-            verify: nothing_more,
-            opts: OPTS,
-        },
-        Case {
-            op: "index rebuild",
-            point: "index_rebuild.after_copy",
-            run: needs_recovery,
-            allowed: recovering,
-            when: When::AtMount,
-            verify: nothing_more,
-            opts: OPTS,
-        },
-        Case {
-            op: "index rebuild",
-            point: "index_rebuild.after_exchange",
-            run: needs_recovery,
-            allowed: recovering,
-            when: When::AtMount,
-            verify: nothing_more,
-            opts: OPTS,
-        },
-        Case {
-            op: "recovery",
-            point: "recover.after_sweep",
-            run: needs_recovery,
-            allowed: recovering,
-            when: When::AtMount,
-            verify: nothing_more,
-            opts: OPTS,
-        },
+        m("recovery", "recover.after_commit"),
+        m("index rebuild", "index_rebuild.after_copy"),
+        m("index rebuild", "index_rebuild.after_exchange"),
+        m("recovery", "recover.after_sweep"),
         Case {
             op: "move to format 3",
             point: "migrate.after_copy",
