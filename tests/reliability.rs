@@ -128,6 +128,19 @@ fn format_fixtures_mount_and_read_byte_exact() {
             before,
             "format {version}: the read-only mount changed the backing directory"
         );
+        // A check (no --repair) finds the old volume clean and changes nothing in it
+        // either: no move to the current format, no index rebuild (asked for always).
+        let (status, out) = fsck_env(&[], &untouched, &[("NACRITHFS_INDEX_REBUILD", "always")]);
+        assert_eq!(
+            status.code(),
+            Some(0),
+            "format {version}: fsck of the untouched fixture:\n{out}"
+        );
+        assert_eq!(
+            tree_listing(&untouched),
+            before,
+            "format {version}: a check-only fsck changed the backing directory"
+        );
 
         let (backing, mnt) = fixture_copy_of(dir.path(), version);
         let marker = fs::read_to_string(backing.join("nacrithfs.format")).expect("marker");

@@ -39,7 +39,8 @@ usage:
                                  textfile collector: written atomically to PATH, once
                                  or every SECONDS)
   nacrithfs fsck BACKING [--repair] [--deep] [--model PATH]
-                                 check an unmounted backing directory; --repair fixes
+                                 check an unmounted backing directory (writing nothing
+                                 in it); --repair fixes
                                  what can be fixed without losing data, --deep decodes
                                  LLM blobs too (loads the model). Exit 0 clean, 1 all
                                  repaired, 4 problems remain, 8 fsck itself failed.

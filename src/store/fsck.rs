@@ -106,7 +106,14 @@ impl Checker<'_> {
 
 /// Check (and optionally repair) an unmounted backing directory.
 pub fn fsck(backing: &Path, opts: FsckOptions<'_>) -> Result<Report> {
-    let store = Store::open_existing(backing)?;
+    // A check changes nothing in the backing directory: it reads a private copy of the
+    // index (as a read-only mount does), so an old volume is not moved to the current
+    // format, nor the index rebuilt or its journal replayed in place.
+    let store = if opts.repair {
+        Store::open_existing(backing)?
+    } else {
+        Store::open_existing_for_check(backing)?
+    };
     let mut c = Checker {
         store: &store,
         opts,
@@ -1149,14 +1156,25 @@ fn check_directories(c: &mut Checker, referenced: &HashSet<PathBuf>) -> Result<(
 impl Store {
     /// Open a backing directory that must already be one (fsck never initializes).
     pub fn open_existing(backing: &Path) -> Result<Store> {
-        if !backing.join(super::FORMAT_MARKER).is_file() {
-            return Err(StoreError::Setup(format!(
-                "{} is not a nacrithfs backing directory (no {})",
-                backing.display(),
-                super::FORMAT_MARKER
-            )));
-        }
+        Self::must_be_a_volume(backing)?;
         Store::open(backing)
+    }
+
+    /// [`Store::open_existing`] for a check ([`Store::open_for_check`]).
+    pub fn open_existing_for_check(backing: &Path) -> Result<Store> {
+        Self::must_be_a_volume(backing)?;
+        Store::open_for_check(backing)
+    }
+
+    fn must_be_a_volume(backing: &Path) -> Result<()> {
+        if backing.join(super::FORMAT_MARKER).is_file() {
+            return Ok(());
+        }
+        Err(StoreError::Setup(format!(
+            "{} is not a nacrithfs backing directory (no {})",
+            backing.display(),
+            super::FORMAT_MARKER
+        )))
     }
 
     /// Plant a raw index entry (fsck's tests build broken directories with it).

@@ -586,7 +586,7 @@ fn copy_index_for_reading(backing: &Path, sled: bool) -> Result<(PathBuf, File, 
         Err(e) => {
             let _ = std::fs::remove_dir_all(&dir);
             Err(StoreError::Setup(format!(
-                "copying the index of {} for a read-only mount into {}: {e}",
+                "copying the index of {} for reading into {}: {e}",
                 backing.display(),
                 dir.display()
             )))
@@ -702,16 +702,23 @@ fn load_profiles(db: &index::Index) -> Result<pack::ProfileTable> {
 impl Store {
     /// Open (initializing an empty directory) the backing directory.
     pub fn open(backing: &Path) -> Result<Store> {
-        Store::open_mode(backing, false)
+        Store::open_mode(backing, false, false)
     }
 
     /// Open for a read-only mount: nothing is migrated in the backing directory (an old
     /// volume lists its directories by position, as it always did).
     pub fn open_read_only(backing: &Path) -> Result<Store> {
-        Store::open_mode(backing, true)
+        Store::open_mode(backing, true, false)
     }
 
-    fn open_mode(backing: &Path, read_only: bool) -> Result<Store> {
+    /// Open for a check (fsck without --repair): as [`Store::open_read_only`], except
+    /// that the private copy of an older index is brought to the current layout, so
+    /// that the check sees the keys a read-write open would.
+    pub fn open_for_check(backing: &Path) -> Result<Store> {
+        Store::open_mode(backing, true, true)
+    }
+
+    fn open_mode(backing: &Path, read_only: bool, migrate_copy: bool) -> Result<Store> {
         let meta = std::fs::metadata(backing).map_err(|e| {
             StoreError::Setup(format!("backing directory {}: {e}", backing.display()))
         })?;
@@ -824,7 +831,8 @@ impl Store {
         }
         if fresh {
             store.db.insert(LAYOUT_KEY, LAYOUT.to_le_bytes())?;
-        } else if layout < LAYOUT && !read_only {
+        } else if layout < LAYOUT && (!read_only || migrate_copy) {
+            // (read-only: the private copy in ro_tmp, nothing in the backing directory)
             store.migrate(layout)?;
         }
         store.init_tally()?;
