@@ -724,6 +724,93 @@ fn full_backing_disk_gives_enospc_and_loses_nothing() {
     assert_eq!(code, 0, "{out}");
 }
 
+/// An index rebuild (docs/DURABILITY.md) only saves space: with no room for the copy (the
+/// disk full, or out of inodes half-way through the copy) the volume mounts with its old
+/// index and serves every file; once there is room, the rebuild happens.
+#[test]
+fn an_index_rebuild_without_room_keeps_the_old_index() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let small = dir.path().join("small");
+    let _tmpfs = Tmpfs::mount(&small, "16m");
+    let backing = small.join("backing");
+    fs::create_dir(&backing).expect("mkdir backing");
+    let mnt = dir.path().join("mnt");
+    let d = Daemon::start(&backing, &mnt, "idle=3600");
+    let files: Vec<(String, Vec<u8>)> = (0..50)
+        .map(|i| {
+            (
+                format!("f{i}"),
+                format!("file {i}\n").repeat(i + 1).into_bytes(),
+            )
+        })
+        .collect();
+    for (name, data) in &files {
+        fs::write(mnt.join(name), data).expect("write");
+    }
+    d.unmount();
+    let always = [("NACRITHFS_INDEX_REBUILD", "always")];
+    let serves_all = |when: &str| {
+        for (name, data) in &files {
+            let got = fs::read(mnt.join(name)).unwrap_or_else(|e| panic!("{when}: {name}: {e}"));
+            assert!(&got == data, "{when}: {name} reads back different bytes");
+        }
+    };
+
+    // No free block: the rebuild is not tried.
+    let (_, e) = fill(&small.join("fill"));
+    assert_eq!(e.raw_os_error(), Some(libc::ENOSPC), "{e}");
+    let d = Daemon::start_env(&backing, &mnt, "idle=3600", &always);
+    serves_all("on a full disk");
+    let log = d.log_text();
+    d.unmount();
+    assert!(
+        log.contains("index: not rebuilt") && log.contains("less free space"),
+        "{log}"
+    );
+    fs::remove_file(small.join("fill")).expect("rm fill");
+
+    // Free blocks but (almost) no inodes: the copy fails part of the way and is removed.
+    let used = {
+        let s = nix_statvfs(&small);
+        s.f_files - s.f_ffree
+    };
+    let remount = |opts: String| {
+        let out = Command::new("mount")
+            .args(["-o", &format!("remount,{opts}")])
+            .arg(&small)
+            .output()
+            .expect("mount -o remount");
+        assert!(
+            out.status.success(),
+            "remounting the tmpfs with {opts}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    remount(format!("nr_inodes={}", used + 2));
+    let d = Daemon::start_env(&backing, &mnt, "idle=3600", &always);
+    serves_all("out of inodes");
+    let log = d.log_text();
+    d.unmount();
+    assert!(
+        log.contains("index: not rebuilt (") && log.contains("No space left"),
+        "{log}"
+    );
+    assert!(
+        !backing.join("index.fjall.tmp").exists(),
+        "the failed copy was left behind"
+    );
+
+    // Room again: rebuilt, and the volume is whole.
+    remount("nr_inodes=100000".into());
+    let d = Daemon::start_env(&backing, &mnt, "idle=3600", &always);
+    serves_all("after the rebuild");
+    let log = d.log_text();
+    d.unmount();
+    assert!(log.contains("index: rebuilt ("), "{log}");
+    let (code, out) = fsck(&[], &backing);
+    assert_eq!(code, 0, "{out}");
+}
+
 fn nix_statvfs(p: &Path) -> libc::statvfs {
     use std::os::unix::ffi::OsStrExt;
     let c = std::ffi::CString::new(p.as_os_str().as_bytes()).expect("path");

@@ -92,9 +92,34 @@ fn rebuild(db: Index, backing: &Path, before: u64, journal: u64) -> Result<Index
     let dir = backing.join(INDEX_DIR);
     let started = Instant::now();
     let tmp = backing.join(INDEX_TMP_DIR);
+    // The rebuild only saves space: a volume whose disk has no room for the copy (the
+    // live keys are fewer than the old index's blocks) mounts with its index as it is.
+    match super::statvfs(backing) {
+        Ok(s) if s.f_bavail.saturating_mul(s.f_frsize) < before => {
+            log::warn!(
+                "index: not rebuilt: {} has less free space than the index's {} KiB; the journal stays",
+                backing.display(),
+                before >> 10
+            );
+            return Ok(db);
+        }
+        _ => {}
+    }
     // Straight into tables, in key order (no journal); synced, whole before it takes
     // the name.
-    let copied = Index::open(&tmp)?.load_sorted(db.iter())?;
+    let copy = (|| -> Result<u64> { Ok(Index::open(&tmp)?.load_sorted(db.iter())?) })();
+    let copied = match copy {
+        Ok(n) => n,
+        Err(e) => {
+            // A full disk, a quota, an I/O error: the old index is whole and still open.
+            log::warn!("index: not rebuilt ({e}); the journal stays");
+            // (Or the next open removes it.)
+            if std::fs::remove_dir_all(&tmp).is_ok() {
+                let _ = sync_dir(backing);
+            }
+            return Ok(db);
+        }
+    };
     crate::crash::point("index_rebuild.after_copy");
     // Closed (its threads joined) before its directory changes name under it.
     drop(db);
@@ -120,10 +145,12 @@ fn rebuild(db: Index, backing: &Path, before: u64, journal: u64) -> Result<Index
     }
     sync_dir(backing)?;
     crate::crash::point("index_rebuild.after_exchange");
-    // The old index, now under the temporary name (a crash leaves it to the next open,
-    // which removes it).
-    std::fs::remove_dir_all(&tmp)?;
-    sync_dir(backing)?;
+    // The old index, now under the temporary name (a crash, or a failure here, leaves
+    // it to the next open, which removes it).
+    match std::fs::remove_dir_all(&tmp).and_then(|()| sync_dir(backing)) {
+        Ok(()) => {}
+        Err(e) => log::warn!("index: removing the old index {}: {e}", tmp.display()),
+    }
     let rebuilt = open_index(&dir, backing)?;
     let (j2, t2) = index_blocks(&dir)?;
     log::info!(
