@@ -29,6 +29,7 @@ EXPECTED = {
     "packs": 195,
     "scale": 150,
     "durability": 120,
+    "reference": 100,
 }
 
 

@@ -197,6 +197,12 @@ impl Core {
                 st.stats.decompressions += 1;
                 Ok(())
             })();
+            if matches!(result, Err(e) if e != libc::EAGAIN) && !self.opts.read_only {
+                // The file was deleted while its read-ahead decoded (or the install
+                // failed): nothing will use the temp file, and a clean stop means the
+                // next mount does not scan for it (found by tests/reference.rs).
+                let _ = std::fs::remove_file(self.store.cache_tmp_path(ino));
+            }
         } else if result.is_err() {
             st.stats.decompress_failures += 1;
         }
