@@ -369,3 +369,72 @@ fn only_a_mount_after_a_crash_scans_the_backing_files() {
     assert_eq!(fs::read_dir(&mnt).expect("list").count(), 101);
     d.unmount();
 }
+
+/// An unmount while the model is compressing: the compressions stop within a step
+/// (their temp blobs removed), the stop is recorded as clean (so the next mount scans
+/// nothing), fsck finds nothing, and the files, still dirty and queued, are compressed
+/// after the next mount. (Compressions used to run on past the unmount's 3 s and die
+/// with the process: every unmount of a busy volume made the next mount scan every
+/// backing file, and fsck in between reported their temp files.)
+#[test]
+fn an_unmount_during_compression_stops_it_cleanly() {
+    let _llm = common::llm_lock();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (backing, mnt) = new_volume(dir.path());
+    let d = Daemon::start(&backing, &mnt, "idle=1");
+    let text = common::english(10_000);
+    let (a, b) = (&text[..5_000], &text[5_000..]);
+    fs::write(mnt.join("a.txt"), a).expect("write");
+    fs::write(mnt.join("b.txt"), b).expect("write");
+    let started = Instant::now();
+    while status_field(&mnt, "compressing") == 0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "no compression started:\n{}",
+            d.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Into the coding (the model loaded, lanes running).
+    while status_field(&mnt, "symbols_coded") == 0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "nothing coded"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(
+        status_field(&mnt, "compressed"),
+        0,
+        "too late: already done"
+    );
+    let log_path = d.log.clone();
+    d.unmount();
+    let log = fs::read_to_string(&log_path).expect("log");
+    assert!(log.contains("stopped by the unmount"), "{log}");
+    assert!(log.contains("clean stop recorded"), "{log}");
+    assert!(!log.contains("not waiting for"), "{log}");
+    let temps: Vec<_> = files_under(&backing, "blobs")
+        .into_iter()
+        .chain(files_under(&backing, "cache"))
+        .filter(|p| p.extension().is_some_and(|x| x == "tmp"))
+        .collect();
+    assert!(temps.is_empty(), "temp files left: {temps:?}");
+    let (code, out) = fsck(&[], &backing);
+    assert_eq!(code, 0, "{out}");
+
+    let d = Daemon::start(&backing, &mnt, "idle=3600");
+    assert!(
+        d.log_text()
+            .contains("the last stop was clean: backing files not scanned"),
+        "{}",
+        d.log_text()
+    );
+    assert_eq!(status_field(&mnt, "queued"), 2);
+    admin("flush", &mnt);
+    assert_eq!(status_field(&mnt, "compressed"), 2);
+    admin("evict", &mnt);
+    assert_eq!(fs::read(mnt.join("a.txt")).expect("read"), a);
+    assert_eq!(fs::read(mnt.join("b.txt")).expect("read"), b);
+    d.unmount();
+}

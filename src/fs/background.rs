@@ -33,9 +33,10 @@ impl Workers {
     /// After [`Core::shutdown`]: wait for the threads to stop, so no decode or reap is
     /// cut off by the process exit (leaving temp files in the backing directory) and the
     /// last reference to the core (and its read-only temp directory) goes away. The
-    /// decoder and the reaper stop within a second; a compressor in the middle of a file
-    /// is not waited for longer than `patience` (its uncommitted blob is harmless:
-    /// recovery deletes it at the next mount).
+    /// decoder and the reaper stop within a second, compressors within a model step (the
+    /// pool's background jobs are stopped by the shutdown); none is waited for longer
+    /// than `patience` (an uncommitted blob is harmless: recovery deletes it at the next
+    /// mount, which then scans, the stop not being recorded as clean).
     /// Returns whether every thread stopped.
     pub fn finish(self, patience: Duration) -> bool {
         let deadline = Instant::now() + patience;
@@ -217,6 +218,10 @@ fn compress_one(core: &Core, budget: &Budget, ino: u64, version: u64) {
     let start = Instant::now();
     let name = core.describe(ino);
     let fail = |why: String| {
+        if core.is_shutting_down() {
+            log::info!("compressing {name}: stopped by the unmount ({why}); it stays queued");
+            return core.compression_interrupted(ino);
+        }
         // The file is read while it is coded, not copied first: a write, truncation or
         // deletion meanwhile makes a short read or a verify mismatch that says nothing
         // about the coder. Such a compression is superseded, as at commit.

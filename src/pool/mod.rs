@@ -13,7 +13,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::path::Path;
-use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -117,6 +117,9 @@ struct Shared {
     /// worker to create its context takes a whole file's chunks while the others are
     /// still allocating theirs, and a 10-chunk file runs on one core.
     load: Vec<AtomicUsize>,
+    /// Set at unmount: callers of [`Engine::run`] stop waiting and cancel their jobs, so
+    /// that compressions end within a step instead of running on for minutes.
+    stop_background: AtomicBool,
 }
 
 const UNAVAILABLE: usize = usize::MAX;
@@ -199,6 +202,7 @@ impl LocalPool {
             wake: Condvar::new(),
             params: runtime.default_params(),
             load: (0..workers).map(|_| AtomicUsize::new(0)).collect(),
+            stop_background: AtomicBool::new(false),
         });
         let threads = (0..workers)
             .filter_map(|i| {
@@ -256,6 +260,13 @@ impl LocalPool {
         if let Err(e) = spawned {
             log::error!("cannot start a private coder thread: {e}");
         }
+    }
+
+    /// Make every [`Engine::run`] in progress or to come fail at once ("stopped"), its
+    /// jobs cancelled (their lanes freed at the next step). Reads, submitted directly,
+    /// go on.
+    pub fn stop_background(&self) {
+        self.shared.stop_background.store(true, Ordering::Relaxed);
     }
 
     /// Jobs waiting for a lane (not counting those running).
@@ -565,7 +576,7 @@ impl Engine for LocalPool {
         }
         // Only the workers hold senders now: if they all drop theirs, recv says so.
         drop(tx);
-        let answers = collect(&rx, n, &coded, progress);
+        let answers = collect(&rx, n, &coded, progress, &self.shared.stop_background);
         if answers.is_err() {
             // One chunk failed, so the file fails: its other chunks stop taking lanes.
             priority.store(CANCELLED, Ordering::Relaxed);
@@ -575,12 +586,13 @@ impl Engine for LocalPool {
 }
 
 /// The answers to jobs tagged `0..n`, in tag order, reporting symbols coded as they go;
-/// the first failure ends the wait.
+/// the first failure, or `stop`, ends the wait.
 fn collect(
     rx: &Receiver<Done>,
     n: usize,
     coded: &AtomicUsize,
     progress: &(dyn Fn(usize) + Sync),
+    stop: &AtomicBool,
 ) -> Result<Vec<ChunkOutput>, ModelError> {
     let mut out: Vec<Option<ChunkOutput>> = (0..n).map(|_| None).collect();
     let mut reported = 0;
@@ -594,6 +606,11 @@ fn collect(
             }
             Err(RecvTimeoutError::Timeout) => {}
             Err(RecvTimeoutError::Disconnected) => return Err(lost()),
+        }
+        if stop.load(Ordering::Relaxed) {
+            return Err(ModelError::Runtime(
+                "stopped: the filesystem is being unmounted".into(),
+            ));
         }
         let now = coded.load(Ordering::Relaxed);
         if now > reported {
@@ -612,6 +629,8 @@ pub struct LazyPool {
     workers: Option<usize>,
     lanes: usize,
     loaded: Mutex<Option<Arc<LocalPool>>>,
+    /// [`LazyPool::stop_background`] was called (applies to a pool loaded later too).
+    stopped: AtomicBool,
 }
 
 impl LazyPool {
@@ -621,6 +640,7 @@ impl LazyPool {
             workers,
             lanes,
             loaded: Mutex::new(None),
+            stopped: AtomicBool::new(false),
         }
     }
 
@@ -631,6 +651,16 @@ impl LazyPool {
             workers: Some(pool.workers),
             lanes: pool.lanes,
             loaded: Mutex::new(Some(Arc::new(pool))),
+            stopped: AtomicBool::new(false),
+        }
+    }
+
+    /// [`LocalPool::stop_background`], now or as soon as the model is loaded.
+    pub fn stop_background(&self) {
+        let slot = self.loaded.lock().unwrap_or_else(|p| p.into_inner());
+        self.stopped.store(true, Ordering::Relaxed);
+        if let Some(p) = slot.as_ref() {
+            p.stop_background();
         }
     }
 
@@ -654,6 +684,9 @@ impl LazyPool {
             return Ok(p.clone());
         }
         let pool = Arc::new(load(&self.path, self.workers, self.lanes)?);
+        if self.stopped.load(Ordering::Relaxed) {
+            pool.stop_background();
+        }
         log::info!(
             "model {} loaded ({}), backend {}, {} workers",
             self.path.display(),

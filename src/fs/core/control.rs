@@ -310,6 +310,10 @@ impl Core {
 
     pub fn shutdown(&self) {
         self.lock().shutting_down = true;
+        // Compressions in progress end within a step (their temp blobs removed), so the
+        // workers stop in time for the clean stop to be recorded: otherwise the next
+        // mount scans every backing file, and fsck meanwhile finds their temp files.
+        self.engine.stop_background();
         self.wake.notify_all();
         self.reap_soon();
         if self.opts.read_only {

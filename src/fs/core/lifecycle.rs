@@ -256,6 +256,13 @@ impl Core {
                 .is_ok_and(|i| i.kind == Kind::File && i.dirty && i.cached)
     }
 
+    /// A compression stopped by the unmount: the file stays dirty and queued (its
+    /// queue entry is dropped only by a commit), for the next mount.
+    pub(crate) fn compression_interrupted(&self, ino: u64) {
+        let mut st = self.lock();
+        self.compression_ended(&mut st, ino);
+    }
+
     /// A compression overtaken by a change to its file (which queues it again when it is
     /// closed): not a failure, as when `commit_blob` refuses.
     pub(crate) fn compression_superseded(&self, ino: u64) {
