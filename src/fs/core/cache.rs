@@ -55,15 +55,36 @@ impl CleanCopies {
     }
 }
 
+/// How long `evict` waits for reads in progress to let go of their files.
+const EVICT_PIN_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+
 impl Core {
     /// Drop every clean plaintext copy that no operation is using. Returns bytes freed.
+    /// A read pins its file from its start until its reply is sent, so a read that has
+    /// just answered its caller may hold a pin a moment longer: those are retried for up
+    /// to [`EVICT_PIN_WAIT`] (`nacrithfs evict` right after a read found one copy pinned
+    /// on a busy machine and left it).
     pub fn evict_all(&self) -> FsResult<u64> {
-        let mut st = self.lock();
-        if st.paused {
-            return Err(libc::EROFS);
+        let deadline = std::time::Instant::now() + EVICT_PIN_WAIT;
+        let mut freed = 0;
+        loop {
+            let mut st = self.lock();
+            if st.paused {
+                return Err(libc::EROFS);
+            }
+            let inos = st.clean.inos();
+            freed += self.evict_locked(&mut st, &inos)?;
+            let pinned = st
+                .clean
+                .inos()
+                .into_iter()
+                .any(|ino| st.live.get(&ino).is_some_and(|l| l.pins > 0));
+            drop(st);
+            if !pinned || std::time::Instant::now() >= deadline {
+                return Ok(freed);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
         }
-        let inos = st.clean.inos();
-        self.evict_locked(&mut st, &inos)
     }
 
     /// Evict these clean copies (those no operation is using): one durable index update
