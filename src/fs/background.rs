@@ -354,7 +354,8 @@ fn compress_file(
     // A shared blob was verified when it was first written; it is the same file.
     if core.opts.verify && shared.is_none() {
         if let Err(e) = verify_tmp(core, &tmp, src, Some(engine), &count) {
-            if core.changed_since(ino, version) {
+            // (An unmount stops the verifying decode: no verify failure, nothing stored.)
+            if core.changed_since(ino, version) || core.is_shutting_down() {
                 return fail(e.to_string());
             }
             // Invariant: never replace plaintext with a blob that did not decode back.
