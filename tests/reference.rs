@@ -153,15 +153,11 @@ struct Run<'a> {
 
 impl Run<'_> {
     fn fail(&self, what: String) -> ! {
-        let tail: Vec<&String> = self.log.iter().rev().take(80).collect();
-        let tail: Vec<&&String> = tail.iter().rev().collect();
+        let tail = &self.log[self.log.len().saturating_sub(80)..];
         panic!(
             "seed {}: {what}\nlast operations:\n{}",
             self.seed,
-            tail.iter()
-                .map(|s| s.as_str())
-                .collect::<Vec<_>>()
-                .join("\n")
+            tail.join("\n")
         );
     }
 

@@ -699,26 +699,38 @@ fn load_profiles(db: &index::Index) -> Result<pack::ProfileTable> {
     Ok(t)
 }
 
+/// How [`Store::open_mode`] opens a volume.
+#[derive(Clone, Copy, PartialEq)]
+enum OpenMode {
+    /// A mount, fsck --repair, recode: migrations, rebuild, recovery as needed.
+    ReadWrite,
+    /// A read-only mount: a private copy of the index, used as it is.
+    ReadOnly,
+    /// fsck without --repair: a private copy, brought to the current layout.
+    Check,
+}
+
 impl Store {
     /// Open (initializing an empty directory) the backing directory.
     pub fn open(backing: &Path) -> Result<Store> {
-        Store::open_mode(backing, false, false)
+        Store::open_mode(backing, OpenMode::ReadWrite)
     }
 
     /// Open for a read-only mount: nothing is migrated in the backing directory (an old
     /// volume lists its directories by position, as it always did).
     pub fn open_read_only(backing: &Path) -> Result<Store> {
-        Store::open_mode(backing, true, false)
+        Store::open_mode(backing, OpenMode::ReadOnly)
     }
 
     /// Open for a check (fsck without --repair): as [`Store::open_read_only`], except
     /// that the private copy of an older index is brought to the current layout, so
     /// that the check sees the keys a read-write open would.
     pub fn open_for_check(backing: &Path) -> Result<Store> {
-        Store::open_mode(backing, true, true)
+        Store::open_mode(backing, OpenMode::Check)
     }
 
-    fn open_mode(backing: &Path, read_only: bool, migrate_copy: bool) -> Result<Store> {
+    fn open_mode(backing: &Path, mode: OpenMode) -> Result<Store> {
+        let read_only = mode != OpenMode::ReadWrite;
         let meta = std::fs::metadata(backing).map_err(|e| {
             StoreError::Setup(format!("backing directory {}: {e}", backing.display()))
         })?;
@@ -831,8 +843,8 @@ impl Store {
         }
         if fresh {
             store.db.insert(LAYOUT_KEY, LAYOUT.to_le_bytes())?;
-        } else if layout < LAYOUT && (!read_only || migrate_copy) {
-            // (read-only: the private copy in ro_tmp, nothing in the backing directory)
+        } else if layout < LAYOUT && mode != OpenMode::ReadOnly {
+            // (a check: the private copy in ro_tmp, nothing in the backing directory)
             store.migrate(layout)?;
         }
         store.init_tally()?;
