@@ -55,15 +55,19 @@ impl CleanCopies {
     }
 }
 
-/// How long `evict` waits for reads in progress to let go of their files.
-const EVICT_PIN_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+/// How long `evict` waits for reads in progress to let go of their files, and for
+/// finished decodes to install their copies.
+const EVICT_PIN_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 impl Core {
     /// Drop every clean plaintext copy that no operation is using. Returns bytes freed.
     /// A read pins its file from its start until its reply is sent, so a read that has
     /// just answered its caller may hold a pin a moment longer: those are retried for up
     /// to [`EVICT_PIN_WAIT`] (`nacrithfs evict` right after a read found one copy pinned
-    /// on a busy machine and left it).
+    /// on a busy machine and left it). So is a decode whose every region is done: its
+    /// last reads were answered from it before its copy is installed, and a copy
+    /// installed just after the evict would outlive it (tests/crash.rs saw one decode
+    /// too few on the next mount).
     pub fn evict_all(&self) -> FsResult<u64> {
         let deadline = std::time::Instant::now() + EVICT_PIN_WAIT;
         let mut freed = 0;
@@ -78,7 +82,8 @@ impl Core {
                 .clean
                 .inos()
                 .into_iter()
-                .any(|ino| st.live.get(&ino).is_some_and(|l| l.pins > 0));
+                .any(|ino| st.live.get(&ino).is_some_and(|l| l.pins > 0))
+                || (!self.opts.read_only && st.partial.values().any(|p| p.complete()));
             drop(st);
             if !pinned || std::time::Instant::now() >= deadline {
                 return Ok(freed);
