@@ -476,6 +476,7 @@ fn cases() -> Vec<Case> {
         opts: OPTS_PACK,
     };
     vec![
+        p("pack.after_tmp", flush),
         p("pack.after_create", flush),
         p("pack.after_append", flush),
         k("compact.after_copy"),

@@ -443,6 +443,12 @@ impl Txn {
         self.batch.insert(grave_key(PACK_GRAVE, id), &[][..]);
         self.batch.remove(pack_key(id));
     }
+    /// Pack `id` never got its file (a crash between its entry and its rename) and
+    /// holds nothing: its entry goes.
+    pub fn forget_pack(&mut self, id: u64) {
+        self.ops += 1;
+        self.batch.remove(pack_key(id));
+    }
     /// `blob` of `ino` holds the plaintext whose BLAKE3 is `hash` (see [`content_key`]).
     pub fn put_content_hint(&mut self, hash: &[u8; 32], ino: u64, blob: &BlobRef) {
         self.ops += 1;

@@ -447,6 +447,7 @@ impl Packs {
             let path = self.path(id);
             let tmp = path.with_extension("tmp");
             super::write_durably(&tmp, &header)?;
+            crate::crash::point("pack.after_tmp");
             std::fs::rename(&tmp, &path)?;
             super::sync_dir(&self.dir)?;
             crate::crash::point("pack.after_create");

@@ -236,8 +236,9 @@ impl Core {
     fn sweep(&self, inodes: &HashMap<u64, Inode>) -> Result<(usize, usize), StoreError> {
         let (mut removed, mut rescued) = (0, 0);
         // A pack being made when the daemon stopped (its entry is in the index, its
-        // file not yet named): the temp file holds only a header. Packs themselves are
-        // never swept: the index knows each before it exists, and compaction drops them.
+        // file not yet named): the temp file holds only a header, and the entry, which
+        // nothing refers to, goes too. Packs themselves are never swept: the index
+        // knows each before it exists, and compaction drops them.
         let packs = self.store.packs().dir();
         if let Ok(entries) = std::fs::read_dir(packs) {
             for e in entries.flatten() {
@@ -250,6 +251,22 @@ impl Core {
                     }
                 }
             }
+        }
+        let mut txn = Txn::default();
+        for (id, info) in self.store.pack_infos()? {
+            let path = self.store.packs().path(id);
+            let missing = matches!(std::fs::symlink_metadata(&path),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound);
+            if info.is_some_and(|i| i.live_blobs == 0) && missing {
+                log::info!(
+                    "recovery: {} was being made when the daemon stopped; its empty entry is dropped",
+                    path.display()
+                );
+                txn.forget_pack(id);
+            }
+        }
+        if !txn.is_empty() {
+            self.store.commit(txn, true)?;
         }
         for is_blob in [true, false] {
             for dir in self.store.file_dirs(is_blob) {
