@@ -77,7 +77,11 @@ impl Core {
                 return Err(libc::EROFS);
             }
             let inos = st.clean.inos();
-            freed += self.evict_locked(&mut st, &inos)?;
+            let (bytes, gone) = self.evict_locked(&mut st, &inos)?;
+            freed += bytes;
+            drop(st);
+            self.delete_evicted(gone);
+            let st = self.lock();
             let pinned = st
                 .clean
                 .inos()
@@ -93,9 +97,11 @@ impl Core {
     }
 
     /// Evict these clean copies (those no operation is using): one durable index update
-    /// says they are gone, then the files go. A crash between the two leaves cache files
-    /// of evicted inodes, which recovery deletes (their blobs are the data).
-    pub(super) fn evict_locked(&self, st: &mut State, inos: &[u64]) -> FsResult<u64> {
+    /// says they are gone. Returns the bytes freed and the inodes whose cache files the
+    /// caller deletes with [`Core::delete_evicted`] once it has let go of the state lock
+    /// (deleting a large file takes a while). A crash before that leaves cache files of
+    /// evicted inodes, which recovery deletes (their blobs are the data).
+    pub(super) fn evict_locked(&self, st: &mut State, inos: &[u64]) -> FsResult<(u64, Vec<u64>)> {
         let mut txn = Txn::default();
         let mut gone = Vec::new();
         for &ino in inos {
@@ -114,23 +120,57 @@ impl Core {
             gone.push((ino, inode.size));
         }
         if gone.is_empty() {
-            return Ok(0);
+            return Ok((0, Vec::new()));
         }
         self.commit(txn, true)?;
         crate::crash::point("evict.after_index");
         let mut freed = 0;
-        for (ino, size) in gone {
+        for &(ino, size) in &gone {
             st.clean.remove(ino);
             if let Some(l) = st.live.get_mut(&ino) {
                 l.file = None;
             }
-            if let Err(e) = std::fs::remove_file(self.store.cache_path(ino)) {
-                log::warn!("evicting inode {ino}: {e}; recovery removes it");
-            }
+            st.evicting.insert(ino);
             freed += size;
         }
+        Ok((freed, gone.into_iter().map(|(ino, _)| ino).collect()))
+    }
+
+    /// Delete the cache files of inodes [`Core::evict_locked`] evicted (without the state
+    /// lock), then let whoever waits to make a new one at the same path go on.
+    fn delete_evicted(&self, gone: Vec<u64>) {
+        if gone.is_empty() {
+            return;
+        }
+        for &ino in &gone {
+            match std::fs::remove_file(self.store.cache_path(ino)) {
+                // Deleted meanwhile: the reaper took it with its inode.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => log::warn!("evicting inode {ino}: {e}; recovery removes it"),
+                Ok(()) => {}
+            }
+        }
         crate::crash::point("evict.after_delete");
-        Ok(freed)
+        let mut st = self.lock();
+        for ino in gone {
+            st.evicting.remove(&ino);
+        }
+        drop(st);
+        self.cache_path_free.notify_all();
+    }
+
+    /// Wait until no eviction is deleting `ino`'s cache file: whatever makes a cache
+    /// file for an inode that has none (a decode's install, a truncation of an evicted
+    /// file) calls this first, with the state lock, and keeps the lock until the file
+    /// is there.
+    pub(super) fn wait_cache_path_free<'a>(
+        &self,
+        st: MutexGuard<'a, State>,
+        ino: u64,
+    ) -> MutexGuard<'a, State> {
+        self.cache_path_free
+            .wait_while(st, |st| st.evicting.contains(&ino))
+            .unwrap_or_else(|p| p.into_inner())
     }
 
     /// Evict least recently used clean copies until the cache is under its cap.
@@ -151,8 +191,12 @@ impl Core {
             total = total.saturating_sub(size);
             chosen.push(ino);
         }
-        if let Err(e) = self.evict_locked(&mut st, &chosen) {
-            log::warn!("evicting clean copies for the cache cap: errno {e}");
+        match self.evict_locked(&mut st, &chosen) {
+            Ok((_, gone)) => {
+                drop(st);
+                self.delete_evicted(gone);
+            }
+            Err(e) => log::warn!("evicting clean copies for the cache cap: errno {e}"),
         }
     }
 
@@ -175,7 +219,8 @@ impl Core {
     /// `blob` None): install it if the file is still as it was, and hand the result to
     /// everyone waiting.
     pub(crate) fn materialized(&self, ino: u64, blob: Option<BlobRef>, result: FsResult<()>) {
-        let mut st = self.lock();
+        // An install makes the cache file: not while an eviction is deleting the last.
+        let mut st = self.wait_cache_path_free(self.lock(), ino);
         let mut result = result;
         if let (Err(_), Some(blob)) = (result, blob) {
             // A failure on a blob the file no longer uses (truncated or rewritten while it
@@ -189,40 +234,9 @@ impl Core {
             }
         }
         if let (Ok(()), Some(blob)) = (result, blob) {
-            result = (|| {
-                let mut inode = self.get(ino)?;
-                if inode.cached {
-                    let _ = std::fs::remove_file(self.store.cache_tmp_path(ino));
-                    return Ok(());
-                }
-                if inode.blob != Some(blob) {
-                    return Err(libc::EAGAIN);
-                }
-                if self.opts.read_only {
-                    // Nothing changes on disk: the decoded temp file (outside the backing
-                    // directory) stays a complete partial decode until unmount.
-                    if let Some(p) = st.partial.get_mut(&ino).filter(|p| p.blob == blob) {
-                        p.done.iter_mut().for_each(|d| *d = true);
-                        st.stats.decompressions += 1;
-                        return Ok(());
-                    }
-                    return Err(libc::EAGAIN);
-                }
-                // The temp file was fsynced and checked against the blob's BLAKE3; the
-                // rename is made durable before the index may say "cached", so a clean
-                // copy the index names is always whole.
-                std::fs::rename(self.store.cache_tmp_path(ino), self.store.cache_path(ino))
-                    .map_err(io_err)?;
-                crate::crash::point("decode.after_rename");
-                crate::store::sync_dir(&self.store.cache_dir_of(ino)).map_err(io_err)?;
-                crate::crash::point("decode.after_dir_sync");
-                inode.cached = true;
-                self.put(ino, &inode)?;
-                crate::crash::point("decode.after_index");
-                st.clean.insert(ino, inode.size);
-                st.stats.decompressions += 1;
-                Ok(())
-            })();
+            let (guard, r) = self.install_decoded(st, ino, blob);
+            st = guard;
+            result = r;
             if matches!(result, Err(e) if e != libc::EAGAIN) && !self.opts.read_only {
                 // The file was deleted while its read-ahead decoded (or the install
                 // failed): nothing will use the temp file, and a clean stop means the
@@ -251,6 +265,74 @@ impl Core {
             w(result);
         }
         self.enforce_cache_cap();
+    }
+
+    /// Make a finished decode of `blob` the file's clean copy (docs/DURABILITY.md,
+    /// "decompression install"), unless the file has moved on. The rename happens with
+    /// the state lock, so nothing else makes the cache file meanwhile; the directory
+    /// fsync, the slow step, without it: the index says "cached" only after the fsync,
+    /// and what changed meanwhile is looked at again first.
+    fn install_decoded<'a>(
+        &'a self,
+        mut st: MutexGuard<'a, State>,
+        ino: u64,
+        blob: BlobRef,
+    ) -> (MutexGuard<'a, State>, FsResult<()>) {
+        let inode = match self.get(ino) {
+            Ok(i) => i,
+            Err(e) => return (st, Err(e)),
+        };
+        if inode.cached {
+            let _ = std::fs::remove_file(self.store.cache_tmp_path(ino));
+            return (st, Ok(()));
+        }
+        if inode.blob != Some(blob) {
+            return (st, Err(libc::EAGAIN));
+        }
+        if self.opts.read_only {
+            // Nothing changes on disk: the decoded temp file (outside the backing
+            // directory) stays a complete partial decode until unmount.
+            if let Some(p) = st.partial.get_mut(&ino).filter(|p| p.blob == blob) {
+                p.done.iter_mut().for_each(|d| *d = true);
+                st.stats.decompressions += 1;
+                return (st, Ok(()));
+            }
+            return (st, Err(libc::EAGAIN));
+        }
+        // The temp file was fsynced and checked against the blob's BLAKE3; the rename is
+        // made durable before the index may say "cached", so a clean copy the index
+        // names is always whole.
+        let renamed = std::fs::rename(self.store.cache_tmp_path(ino), self.store.cache_path(ino));
+        if let Err(e) = renamed {
+            return (st, Err(io_err(e)));
+        }
+        crate::crash::point("decode.after_rename");
+        drop(st);
+        let synced = crate::store::sync_dir(&self.store.cache_dir_of(ino));
+        crate::crash::point("decode.after_dir_sync");
+        let mut st = self.lock();
+        let r = (|| {
+            // Deleted meanwhile (ENOENT): its grave, made after the rename, covers the
+            // cache file.
+            let mut inode = self.get(ino)?;
+            if inode.cached {
+                // Truncated meanwhile: the truncation's file (made over this one) is
+                // the content now.
+                return Ok(());
+            }
+            if synced.is_err() || inode.blob != Some(blob) {
+                // Not durable, or not this file's content any more: not a clean copy.
+                let _ = std::fs::remove_file(self.store.cache_path(ino));
+                return Err(synced.err().map_or(libc::EAGAIN, io_err));
+            }
+            inode.cached = true;
+            self.put(ino, &inode)?;
+            crate::crash::point("decode.after_index");
+            st.clean.insert(ino, inode.size);
+            st.stats.decompressions += 1;
+            Ok(())
+        })();
+        (st, r)
     }
 
     /// True the first time decoding this blob fails in this mount (so it is logged once),

@@ -460,7 +460,9 @@ impl Core {
         let truncated = match size {
             Some(size) => {
                 let file = {
-                    let mut st = self.lock();
+                    // A truncation of an evicted file makes its cache file: not while the
+                    // eviction is deleting the old one.
+                    let mut st = self.wait_cache_path_free(self.lock(), ino);
                     let mut inode = self.get(ino)?;
                     if inode.kind == Kind::Dir {
                         return Err(libc::EISDIR);

@@ -220,6 +220,10 @@ pub(crate) struct State {
     busy_since: Option<Instant>,
     /// Blobs whose decoding failed and was logged in this mount: (ino, blob seq).
     reported: std::collections::HashSet<(u64, u64)>,
+    /// Inodes whose evicted clean copy is being deleted, outside the state lock: nothing
+    /// may make a new cache file at that path until it is gone (see
+    /// [`Core::wait_cache_path_free`]).
+    evicting: std::collections::HashSet<u64>,
 }
 
 pub struct Core {
@@ -237,6 +241,8 @@ pub struct Core {
     state: Mutex<State>,
     /// Wakes the compressor (new due work, flush, shutdown).
     pub(crate) wake: Condvar,
+    /// An eviction's deletions are done (`State::evicting` shrank).
+    cache_path_free: Condvar,
     /// The graveyard has new entries (see `graveyard.rs`); its own lock, so it can be
     /// set with the state lock held.
     reap_wanted: Mutex<bool>,
@@ -328,8 +334,10 @@ impl Core {
                 paused: false,
                 busy_since: None,
                 reported: Default::default(),
+                evicting: Default::default(),
             }),
             wake: Condvar::new(),
+            cache_path_free: Condvar::new(),
             reap_wanted: Mutex::new(false),
             compacting: Mutex::new(()),
             census: Mutex::new(None),
