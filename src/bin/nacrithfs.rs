@@ -493,6 +493,11 @@ fn serve(
         Some(done) => log::info!("{done}"),
         None => {}
     }
+    nacrithfs::store::index::set_cache_bytes(m.opts.index_cache);
+    log::debug!(
+        "index block cache: {} MiB",
+        nacrithfs::store::index::cache_bytes() >> 20
+    );
     let store = if m.opts.read_only {
         Store::open_read_only(backing)
     } else {

@@ -38,6 +38,9 @@ pub struct FsOptions {
     /// An index call that has not returned after this long is a hung index: the daemon
     /// logs it and exits with [`EXIT_INDEX_HUNG`] for systemd to restart it (zero: never).
     pub index_timeout: Duration,
+    /// The index's block cache in bytes (`index_cache=`; 0: a sixteenth of the memory,
+    /// between 32 MiB and 1 GiB, see `store::index::default_cache_bytes`).
+    pub index_cache: u64,
     /// When a read or a listing updates atime (the kernel leaves it to the daemon).
     pub atime: Atime,
     /// Listings never update a directory's atime.
@@ -77,6 +80,7 @@ impl Default for FsOptions {
             verify: true,
             stream_reads: false,
             index_timeout: Duration::from_secs(30),
+            index_cache: 0,
             atime: Atime::Relative,
             nodiratime: false,
             acl: true,
@@ -169,6 +173,7 @@ impl FsOptions {
                     self.chunk_size = (parse_size(need(value)?)? as usize).clamp(1024, 1 << 24)
                 }
                 "index_timeout" => self.index_timeout = Duration::from_secs(number(value)?),
+                "index_cache" => self.index_cache = parse_size(need(value)?)?,
                 "compress_max" => self.compress_max = parse_size(need(value)?)?,
                 "head_chunk" => {
                     self.head_chunk = match parse_size(need(value)?)? as usize {
@@ -247,6 +252,9 @@ mod tests {
         assert_eq!(o.index_timeout, Duration::from_secs(30));
         o.apply("index_timeout=0").unwrap();
         assert_eq!(o.index_timeout, Duration::ZERO);
+        assert_eq!(o.index_cache, 0);
+        o.apply("index_cache=256M").unwrap();
+        assert_eq!(o.index_cache, 256 << 20);
         assert!(o.acl);
         o.apply("noacl").unwrap();
         assert!(!o.acl);
