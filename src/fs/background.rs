@@ -192,7 +192,7 @@ fn compressor(core: &Core, budget: &Budget) {
                 }
             }
             Ok(Err(wait)) => {
-                if !core.wait_for_work(wait) {
+                if !core.wait_for_due(wait) {
                     return;
                 }
             }

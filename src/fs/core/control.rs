@@ -340,6 +340,31 @@ impl Core {
         !st.shutting_down
     }
 
+    /// A compressor's wait for the next due entry, `wait` being how long until it is
+    /// due ([`Core::next_due`]): woken early only by an entry due sooner, a flush or a
+    /// shutdown (see `Core::sleepers`).
+    pub(crate) fn wait_for_due(&self, wait: Duration) -> bool {
+        use std::sync::atomic::Ordering::Relaxed;
+        let st = self.lock();
+        if st.shutting_down {
+            return false;
+        }
+        let at = unix_ms(SystemTime::now() + wait);
+        self.sleepers.fetch_add(1, Relaxed);
+        self.sleep_until
+            .store(self.sleep_until.load(Relaxed).min(at), Relaxed);
+        let (st, _) = self
+            .wake
+            .wait_timeout(st, wait)
+            .unwrap_or_else(|p| p.into_inner());
+        // The others' wake times are not kept: while some still sleep, every new due
+        // entry wakes them (extra wakes, never a missed one).
+        let left = self.sleepers.fetch_sub(1, Relaxed) - 1;
+        self.sleep_until
+            .store(if left == 0 { u64::MAX } else { 0 }, Relaxed);
+        !st.shutting_down
+    }
+
     pub(crate) fn is_shutting_down(&self) -> bool {
         self.lock().shutting_down
     }

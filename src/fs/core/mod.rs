@@ -241,6 +241,13 @@ pub struct Core {
     state: Mutex<State>,
     /// Wakes the compressor (new due work, flush, shutdown).
     pub(crate) wake: Condvar,
+    /// Compressors waiting in [`Core::wait_for_due`], and the earliest time (unix ms)
+    /// one of them wakes by itself (0: unknown, so any new due entry wakes them).
+    /// Changed and read with the state lock held: a file queued for later than that
+    /// wakes nobody (a close of each of 10^6 new files woke every compressor, which
+    /// took the state lock only to go back to sleep).
+    sleepers: std::sync::atomic::AtomicUsize,
+    sleep_until: std::sync::atomic::AtomicU64,
     /// An eviction's deletions are done (`State::evicting` shrank).
     cache_path_free: Condvar,
     /// The graveyard has new entries (see `graveyard.rs`); its own lock, so it can be
@@ -337,6 +344,8 @@ impl Core {
                 evicting: Default::default(),
             }),
             wake: Condvar::new(),
+            sleepers: std::sync::atomic::AtomicUsize::new(0),
+            sleep_until: std::sync::atomic::AtomicU64::new(u64::MAX),
             cache_path_free: Condvar::new(),
             reap_wanted: Mutex::new(false),
             compacting: Mutex::new(()),
@@ -435,7 +444,10 @@ impl Core {
     pub(crate) fn defer_queue(&self, ino: u64, due: Option<u64>) {
         self.store.set_due_in_memory(ino, due);
         self.unsynced().queue.insert(ino, due);
-        if due.is_some() {
+        use std::sync::atomic::Ordering::Relaxed;
+        if due
+            .is_some_and(|d| self.sleepers.load(Relaxed) > 0 && d < self.sleep_until.load(Relaxed))
+        {
             self.wake.notify_all();
         }
     }
