@@ -304,7 +304,11 @@ fn fsck_finds_and_repairs_every_planted_defect() {
             .put_name(&mut txn, 1, b"ghost", 500, nacrithfs::store::Kind::File)
             .expect("plant");
         // orphan inode: /empty loses its only name
-        store.del_name(&mut txn, 1, b"empty").expect("plant");
+        let (_, _, cookie) = store
+            .lookup_full(1, b"empty")
+            .expect("lookup")
+            .expect("/empty exists");
+        txn.del_dirent(1, b"empty", cookie);
         // an entry whose kind is not its inode's (the symlink listed as a file; its
         // cookie key agrees with the entry, so only the entry is at fault)
         let link = lookup(&["link-to-head"]);

@@ -1031,19 +1031,27 @@ impl Store {
         ino: u64,
         kind: Kind,
     ) -> Result<()> {
-        let cookie = match self.dirent_cookie(parent, name)? {
+        let cookie = self.dirent_cookie(parent, name)?;
+        self.put_name_with(txn, parent, name, ino, kind, cookie);
+        Ok(())
+    }
+
+    /// [`Store::put_name`] where the caller has just read the name's cookie
+    /// ([`Store::lookup_full`]; None: the name is new, or has none, and gets the next).
+    pub fn put_name_with(
+        &self,
+        txn: &mut Txn,
+        parent: u64,
+        name: &[u8],
+        ino: u64,
+        kind: Kind,
+        cookie: Option<u64>,
+    ) {
+        let cookie = match cookie {
             Some(c) => c,
             None => self.alloc_cookie(txn),
         };
         txn.put_dirent(parent, name, ino, kind, cookie);
-        Ok(())
-    }
-
-    /// Remove `parent/name` and its cookie.
-    pub fn del_name(&self, txn: &mut Txn, parent: u64, name: &[u8]) -> Result<()> {
-        let cookie = self.dirent_cookie(parent, name)?;
-        txn.del_dirent(parent, name, cookie);
-        Ok(())
     }
 
     /// Record a clean stop, durably (the daemon's last index write).
@@ -1655,17 +1663,32 @@ impl Store {
     }
 
     pub fn lookup(&self, parent: u64, name: &[u8]) -> Result<Option<(u64, Kind)>> {
+        Ok(self
+            .lookup_full(parent, name)?
+            .map(|(ino, kind, _)| (ino, kind)))
+    }
+
+    /// [`Store::lookup`] with the entry's readdir cookie (None: an entry of an index
+    /// layout before cookies), for a caller that then removes or replaces the entry
+    /// without reading it again.
+    pub fn lookup_full(
+        &self,
+        parent: u64,
+        name: &[u8],
+    ) -> Result<Option<(u64, Kind, Option<u64>)>> {
         let _w = self.watch.enter("lookup");
         match self.db.get(dirent_key(parent, name))? {
-            Some(v) => record::decode_dirent(&v)
-                .map(Some)
-                .ok_or_else(|| StoreError::Corrupt {
-                    what: format!(
-                        "entry {:?} of directory {parent}",
-                        String::from_utf8_lossy(name)
-                    ),
-                    why: "bad dirent".into(),
-                }),
+            Some(v) => {
+                record::decode_dirent_full(&v)
+                    .map(Some)
+                    .ok_or_else(|| StoreError::Corrupt {
+                        what: format!(
+                            "entry {:?} of directory {parent}",
+                            String::from_utf8_lossy(name)
+                        ),
+                        why: "bad dirent".into(),
+                    })
+            }
             None => Ok(None),
         }
     }

@@ -150,9 +150,9 @@ impl Core {
         if let (Some(default), Kind::Dir) = (&inherited, kind) {
             txn.put_xattr(ino, acl::DEFAULT, &default.to_bytes());
         }
+        // The name is new (looked up above, under the lock): the next cookie.
         self.store
-            .put_name(&mut txn, parent, name, ino, kind)
-            .map_err(store_err)?;
+            .put_name_with(&mut txn, parent, name, ino, kind, None);
         if kind == Kind::Dir {
             pdir.nlink += 1;
         }
@@ -204,8 +204,7 @@ impl Core {
         txn.put_inode(ino, &inode);
         txn.put_inode(newparent, &pdir);
         self.store
-            .put_name(&mut txn, newparent, newname, ino, inode.kind)
-            .map_err(store_err)?;
+            .put_name_with(&mut txn, newparent, newname, ino, inode.kind, None);
         self.commit(txn, false)?;
         crate::crash::point("link.after_index");
         Ok(Attr { ino, inode })
@@ -218,9 +217,9 @@ impl Core {
         }
         let mut st = self.lock();
         let mut pdir = self.dir(parent)?;
-        let (ino, _) = self
+        let (ino, _, cookie) = self
             .store
-            .lookup(parent, name)
+            .lookup_full(parent, name)
             .map_err(store_err)?
             .ok_or(libc::ENOENT)?;
         let mut inode = self.get(ino)?;
@@ -234,9 +233,7 @@ impl Core {
         }
         let now = SystemTime::now();
         let mut txn = Txn::default();
-        self.store
-            .del_name(&mut txn, parent, name)
-            .map_err(store_err)?;
+        txn.del_dirent(parent, name, cookie);
         if dir {
             pdir.nlink = pdir.nlink.saturating_sub(1);
             inode.nlink = 0;
@@ -303,31 +300,35 @@ impl Core {
         let mut st = self.lock();
         let mut dirs: HashMap<u64, Inode> = HashMap::new();
         dirs.insert(parent, self.dir(parent)?);
-        dirs.insert(newparent, self.dir(newparent)?);
+        if newparent != parent {
+            dirs.insert(newparent, self.dir(newparent)?);
+        }
         if dirs.get(&newparent).is_some_and(|d| d.nlink == 0) {
             return Err(libc::ENOENT);
         }
-        let (src, src_kind) = self
+        // Each name is read once: its entry and cookie serve the checks and the changes.
+        let (src, src_kind, src_cookie) = self
             .store
-            .lookup(parent, name)
+            .lookup_full(parent, name)
             .map_err(store_err)?
             .ok_or(libc::ENOENT)?;
-        let dst = self.store.lookup(newparent, newname).map_err(store_err)?;
+        let dst = self
+            .store
+            .lookup_full(newparent, newname)
+            .map_err(store_err)?;
         let now = SystemTime::now();
         let mut txn = Txn::default();
         let mut purge = None;
         if flags & libc::RENAME_EXCHANGE != 0 {
-            let (dst, dst_kind) = dst.ok_or(libc::ENOENT)?;
+            let (dst, dst_kind, dst_cookie) = dst.ok_or(libc::ENOENT)?;
             if parent == newparent && name == newname {
                 return Ok(());
             }
             // Both names exist throughout: each keeps its cookie.
             self.store
-                .put_name(&mut txn, parent, name, dst, dst_kind)
-                .map_err(store_err)?;
+                .put_name_with(&mut txn, parent, name, dst, dst_kind, src_cookie);
             self.store
-                .put_name(&mut txn, newparent, newname, src, src_kind)
-                .map_err(store_err)?;
+                .put_name_with(&mut txn, newparent, newname, src, src_kind, dst_cookie);
             if parent != newparent && (src_kind == Kind::Dir) != (dst_kind == Kind::Dir) {
                 let (gain, lose) = if src_kind == Kind::Dir {
                     (newparent, parent)
@@ -347,7 +348,8 @@ impl Core {
                 txn.put_inode(ino, &i);
             }
         } else {
-            if let Some((dst, dst_kind)) = dst {
+            let dst_cookie = dst.and_then(|(_, _, c)| c);
+            if let Some((dst, dst_kind, _)) = dst {
                 if flags & libc::RENAME_NOREPLACE != 0 {
                     return Err(libc::EEXIST);
                 }
@@ -377,13 +379,10 @@ impl Core {
                     purge = Some(dst);
                 }
             }
-            self.store
-                .del_name(&mut txn, parent, name)
-                .map_err(store_err)?;
+            txn.del_dirent(parent, name, src_cookie);
             // A replaced name keeps its cookie; a new one gets the next.
             self.store
-                .put_name(&mut txn, newparent, newname, src, src_kind)
-                .map_err(store_err)?;
+                .put_name_with(&mut txn, newparent, newname, src, src_kind, dst_cookie);
             if src_kind == Kind::Dir && parent != newparent {
                 if let Some(p) = dirs.get_mut(&parent) {
                     p.nlink = p.nlink.saturating_sub(1);
