@@ -591,7 +591,7 @@ fn switch_blob(store: &Store, c: &Candidate, new: BlobRef) -> Result<(), String>
     let mut txn = Txn::default();
     txn.put_inode(c.ino, &inode);
     txn.bury_blob(c.ino, &c.blob);
-    txn.put_content_hint(&c.header.checksum, c.ino, &new);
+    txn.put_content_hint(&c.header.checksum, c.ino);
     if let Err(e) = store.commit(txn, true) {
         return drop_new(e.to_string());
     }

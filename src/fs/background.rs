@@ -462,7 +462,7 @@ struct Shared {
     pack: Option<crate::store::PackSlot>,
 }
 
-/// Deduplication: if the content hint for `content` names a blob that still exists, holds
+/// Deduplication: if the content hint for `content` names a file whose blob still exists, holds
 /// this plaintext (its header's length and BLAKE3) and decodes with this model and
 /// backend, share it: a blob file gets a second name, `tmp` (a hard link: the backing
 /// filesystem counts the references, and the blocks are freed with the last name); a
@@ -475,24 +475,19 @@ fn share_equal_blob(
     size: u64,
     tmp: &std::path::Path,
 ) -> Option<Shared> {
-    let hint = core.store.content_hint(content).ok()??;
-    if let Some((slot, _)) = hint.packed {
-        // A packed blob nobody refers to any more (the file that had it was rewritten
-        // or deleted; hints are advisory) cannot be shared: the commit would refuse it
-        // (EAGAIN) at every retry. Coded instead, the file's blob becomes the hint.
+    // The file the hint names, as the index has it now (deleted or not compressed any
+    // more: nothing to share; rewritten since: its header's BLAKE3 differs, below).
+    let owner = core.store.content_hint(content).ok()??;
+    let blob_ref = core.store.get(owner).ok()??.blob?;
+    if let Some(slot) = blob_ref.pack {
+        // A packed blob nobody refers to any more (its file deleted or rewritten since
+        // the read above) cannot be shared: the commit would refuse it (EAGAIN) at
+        // every retry. Coded instead, the file's blob becomes the hint.
         if core.store.slot_refs(slot).ok()?.is_empty() {
             return None;
         }
     }
-    let blob_ref = match hint.packed {
-        Some((slot, len)) => crate::store::BlobRef {
-            seq: hint.seq,
-            stored_size: len,
-            pack: Some(slot),
-        },
-        None => crate::store::BlobRef::file(hint.seq, 0),
-    };
-    let blob = core.store.open_blob(hint.ino, &blob_ref).ok()?;
+    let blob = core.store.open_blob(owner, &blob_ref).ok()?;
     let (header, _) = codec::container::Header::read_from(&blob).ok()?;
     if header.original_len != size || header.checksum != *content {
         return None;
@@ -502,16 +497,16 @@ fn share_equal_blob(
     {
         return None;
     }
-    if let Some((slot, len)) = hint.packed {
+    if let Some(slot) = blob_ref.pack {
         return Some(Shared {
-            len,
-            owner: hint.ino,
+            len: blob_ref.stored_size,
+            owner,
             pack: Some(slot),
         });
     }
     // The blob's name may go (its file deleted) before the link: then there is nothing
     // to share and the file is coded.
-    let path = core.store.blob_path(hint.ino, hint.seq);
+    let path = core.store.blob_path(owner, blob_ref.seq);
     if let Err(e) = std::fs::hard_link(&path, tmp) {
         log::debug!("sharing {}: {e}", path.display());
         return None;
@@ -519,7 +514,7 @@ fn share_equal_blob(
     crate::crash::point("dedup.after_link");
     Some(Shared {
         len: blob.len(),
-        owner: hint.ino,
+        owner,
         pack: None,
     })
 }

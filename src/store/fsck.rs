@@ -129,7 +129,7 @@ pub fn fsck(backing: &Path, opts: FsckOptions<'_>) -> Result<Report> {
     let mut referenced = check_files(&mut c, &inodes)?;
     check_queue_and_xattrs(&mut c, &inodes)?;
     check_counters(&mut c, &inodes)?;
-    check_content_hints(&mut c, &referenced)?;
+    check_content_hints(&mut c)?;
     let graves = graveyard(&mut c, &referenced)?;
     let txn = std::mem::take(&mut c.txn);
     if c.opts.repair {
@@ -511,7 +511,7 @@ fn check_key_shapes(c: &mut Checker) -> Result<()> {
             Some(b'i' | b'p') => k.len() == 9,
             Some(b'q') => k.len() == 9 && v.len() == 8,
             Some(b'g') => k.len() == 17,
-            Some(b'h') => k.len() == 33 && super::decode_content_hint(&v).is_some(),
+            Some(b'h') => store.content_hint_well_formed(&k, &v),
             Some(b'd' | b'x') => k.len() > 9,
             Some(b'P') => k.len() == 5,
             Some(b'k') => k.len() == 9 && super::PackInfo::decode(&v).is_some(),
@@ -898,29 +898,23 @@ fn check_files(c: &mut Checker, inodes: &HashMap<u64, Inode>) -> Result<HashSet<
 /// None if the blob exists, has the recorded size, a sound header for this file's size,
 /// and (zstd-only, or with an engine) decodes to bytes matching its checksums; else a
 /// finding code and what is wrong.
-/// Content hints (deduplication) are advisory: one naming a blob the index no longer
-/// uses is counted (and dropped by a repair), never reported as a problem.
-fn check_content_hints(c: &mut Checker, referenced: &HashSet<PathBuf>) -> Result<()> {
+/// Content hints (deduplication) are advisory: one naming a file that is gone or has
+/// no blob is counted (and dropped by a repair), never reported as a problem.
+fn check_content_hints(c: &mut Checker) -> Result<()> {
     let mut stale = Vec::new();
     for r in c.store.content_hints() {
-        let (hash, v) = r?;
+        let (key, v) = r?;
         // Malformed ones are check_key_shapes' findings.
-        let Some(hint) = super::decode_content_hint(&v) else {
+        let Some(ino) = c.store.hint_owner(&v) else {
             continue;
         };
-        let live = match hint.packed {
-            Some((slot, _)) => !c.store.slot_refs(slot)?.is_empty(),
-            None => referenced.contains(&c.store.blob_path(hint.ino, hint.seq)),
-        };
-        if !live {
-            stale.push(hash);
+        if !c.store.get(ino)?.is_some_and(|i| i.blob.is_some()) {
+            stale.push(key);
         }
     }
     c.report.stale_hints = stale.len() as u64;
-    for hash in stale {
-        if let Ok(h) = <[u8; 32]>::try_from(&hash[..]) {
-            c.txn.del_content_hint(&h);
-        }
+    for key in stale {
+        c.txn.del_content_hint_key(&key);
     }
     Ok(())
 }

@@ -94,38 +94,29 @@ impl StoreError {
 
 pub type Result<T> = std::result::Result<T, StoreError>;
 
-/// What a content hint names: the blob's inode and sequence number, and for a packed
-/// blob its slot and length.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Hint {
-    pub ino: u64,
-    pub seq: u64,
-    pub packed: Option<(PackSlot, u64)>,
+/// A content hint's value (layout 6): the inode whose current blob held the plaintext,
+/// its u64 in little-endian without its trailing zero bytes (1 to 8 bytes).
+pub fn decode_content_hint(v: &[u8]) -> Option<u64> {
+    if v.is_empty() || v.len() > 8 {
+        return None;
+    }
+    let mut b = [0u8; 8];
+    b[..v.len()].copy_from_slice(v);
+    Some(u64::from_le_bytes(b))
 }
 
-/// A content hint's value: inode and sequence (16 bytes, a blob file), then for a
-/// packed blob its pack, offset and length (40 bytes in all).
-pub fn decode_content_hint(v: &[u8]) -> Option<Hint> {
-    let at =
-        |i: usize| -> Option<u64> { Some(u64::from_le_bytes(v.get(i..i + 8)?.try_into().ok()?)) };
-    let (ino, seq) = (at(0)?, at(8)?);
+fn encode_content_hint(ino: u64) -> Vec<u8> {
+    let b = ino.to_le_bytes();
+    let n = 8 - (ino.leading_zeros() / 8) as usize;
+    b[..n.max(1)].to_vec()
+}
+
+/// A content hint of layouts 5 and before: the blob's inode and sequence (16 bytes),
+/// then for a packed blob its pack, offset and length (40 bytes in all). Only its inode
+/// is kept when the index moves to layout 6.
+fn decode_old_content_hint(v: &[u8]) -> Option<u64> {
     match v.len() {
-        16 => Some(Hint {
-            ino,
-            seq,
-            packed: None,
-        }),
-        40 => Some(Hint {
-            ino,
-            seq,
-            packed: Some((
-                PackSlot {
-                    pack: at(16)?,
-                    offset: at(24)?,
-                },
-                at(32)?,
-            )),
-        }),
+        16 | 40 => Some(u64::from_le_bytes(v[..8].try_into().ok()?)),
         _ => None,
     }
 }
@@ -238,13 +229,18 @@ fn grave_key(ino: u64, tag: u64) -> [u8; 17] {
     k
 }
 
-/// A content hint: the BLAKE3 of a plaintext → a blob (`<ino>-<seq>`) that held it when
-/// it was committed, so an equal file shares that blob instead of being coded again.
-/// Advisory: the blob may be gone since (its file deleted or rewritten), and a user of
-/// the hint checks the blob's header before sharing it.
-fn content_key(hash: &[u8; 32]) -> [u8; 33] {
-    let mut k = [b'h'; 33];
-    k[1..].copy_from_slice(hash);
+/// Bytes of the BLAKE3 a content hint is keyed by. A hint is advisory and its user
+/// checks the named blob's header (length and the whole BLAKE3) before sharing it, so
+/// two contents with the same first 16 bytes only cost one of them its deduplication.
+pub const HINT_KEY_HASH: usize = 16;
+
+/// A content hint (layout 6): the BLAKE3 of a plaintext → the inode whose blob held it
+/// when it was committed, so an equal file shares that blob instead of being coded again.
+/// Advisory: the inode may be gone or rewritten since, and a user of the hint checks its
+/// blob's header before sharing it.
+fn content_key(hash: &[u8; 32]) -> [u8; 1 + HINT_KEY_HASH] {
+    let mut k = [b'h'; 1 + HINT_KEY_HASH];
+    k[1..].copy_from_slice(&hash[..HINT_KEY_HASH]);
     k
 }
 
@@ -257,7 +253,9 @@ const NEXT_COOKIE_KEY: &[u8] = b"mnext_cookie";
 /// Index layout: absent = 1 (no readdir cookies); 2 = every entry has a cookie;
 /// 3 = every inode with a name has a parent entry ('p'); 4 = a cookie's value holds
 /// the entry (child, kind, name), not only the name; 5 = blobs may be in packs (inode
-/// blob marker 2; keys 'P', 'k', 'R').
+/// blob marker 2; keys 'P', 'k', 'R'); 6 = content hints keyed by 16 bytes of the
+/// BLAKE3 and naming an inode (1-8 bytes), not a blob (33-byte keys, 16- or 40-byte
+/// values: about a third of a small file's index bytes).
 const LAYOUT_KEY: &[u8] = b"mlayout";
 /// Present while clean copies made by layout 1 (never fsynced) are still to be checked
 /// against their blobs' size and BLAKE3 (by the next read-write recovery).
@@ -275,12 +273,16 @@ const META_KEYS: &[&[u8]] = &[
     CHECK_CLEAN_KEY,
     CLEAN_STOP_KEY,
 ];
-const LAYOUT: u64 = 5;
+const LAYOUT: u64 = 6;
 /// The first layout with readdir cookies.
 const LAYOUT_COOKIES: u64 = 2;
 /// The first layout whose cookie values hold the entry (child, kind, name), not just
 /// its name: a listing reads no directory entry keys.
 const LAYOUT_COOKIE_ENTRIES: u64 = 4;
+/// The first layout whose content hints name an inode by 16 bytes of the BLAKE3.
+const LAYOUT_HINT_INODES: u64 = 6;
+/// Content hints rewritten per batch when an index moves to layout 6.
+const HINT_MIGRATION_BATCH: usize = 10_000;
 /// Cookies 1 and 2 are `.` and `..`.
 const FIRST_COOKIE: u64 = 3;
 
@@ -449,21 +451,19 @@ impl Txn {
         self.ops += 1;
         self.batch.remove(pack_key(id));
     }
-    /// `blob` of `ino` holds the plaintext whose BLAKE3 is `hash` (see [`content_key`]).
-    pub fn put_content_hint(&mut self, hash: &[u8; 32], ino: u64, blob: &BlobRef) {
+    /// The blob `ino` has now holds the plaintext whose BLAKE3 is `hash` (see
+    /// [`content_key`]).
+    pub fn put_content_hint(&mut self, hash: &[u8; 32], ino: u64) {
         self.ops += 1;
-        let mut v = ino.to_le_bytes().to_vec();
-        v.extend_from_slice(&blob.seq.to_le_bytes());
-        if let Some(slot) = blob.pack {
-            v.extend_from_slice(&slot.pack.to_le_bytes());
-            v.extend_from_slice(&slot.offset.to_le_bytes());
-            v.extend_from_slice(&blob.stored_size.to_le_bytes());
-        }
-        self.batch.insert(content_key(hash), v);
+        self.batch
+            .insert(content_key(hash), encode_content_hint(ino));
     }
-    pub fn del_content_hint(&mut self, hash: &[u8; 32]) {
+    /// Remove the content hint whose key is `key` (as [`Store::content_hints`] gives it).
+    pub fn del_content_hint_key(&mut self, key: &[u8]) {
         self.ops += 1;
-        self.batch.remove(content_key(hash));
+        let mut k = vec![b'h'];
+        k.extend_from_slice(key);
+        self.batch.remove(k);
     }
     /// The cache file of deleted inode `ino` is to be deleted once this batch is durable.
     pub fn bury_cache(&mut self, ino: u64) {
@@ -1085,17 +1085,24 @@ impl Store {
         txn.batch.remove(CHECK_CLEAN_KEY);
     }
 
-    /// Bring an older index to this layout, in one batch: readdir cookies for entries
-    /// without one (layout 1, in name order), parent entries for every named inode
-    /// (layout 2), the entry in every cookie's value (layout 3).
+    /// Bring an older index to this layout: its content hints first (layout 6, in
+    /// batches: they are advisory, and one rewritten twice after a crash is the same
+    /// key), then in one batch the readdir cookies for entries without one (layout 1, in
+    /// name order), parent entries for every named inode (layout 2), the entry in every
+    /// cookie's value (layout 3), and the layout.
     fn migrate(&mut self, from: u64) -> Result<()> {
+        let hints = if from < LAYOUT_HINT_INODES {
+            self.migrate_content_hints()?
+        } else {
+            0
+        };
         let mut txn = Txn::default();
         if from >= LAYOUT_COOKIE_ENTRIES {
-            // Layout 5 only adds keys.
+            // Layouts 5 and 6 only add keys, or change the hints (done above).
             txn.batch.insert(LAYOUT_KEY, LAYOUT.to_le_bytes());
             self.commit(txn, true)?;
             self.layout = LAYOUT;
-            log::info!("index: layout {from} -> {LAYOUT} (blobs may be packed)");
+            log::info!("index: layout {from} -> {LAYOUT} ({hints} content hints rewritten)");
             return Ok(());
         }
         let (mut cookies, mut parents) = (0u64, 0u64);
@@ -1137,6 +1144,37 @@ impl Store {
             "index: layout {from} -> {LAYOUT}: {cookies} directory entries given readdir cookies, {parents} parent entries"
         );
         Ok(())
+    }
+
+    /// Rewrite every content hint of layout 5 or before (a 33-byte key, a blob as its
+    /// value) as a layout-6 hint (16 bytes of the hash, the blob's inode). Returns how
+    /// many. Each batch removes the old keys it rewrites, so a crash in between leaves
+    /// only old keys still to do; a malformed one is left for fsck.
+    fn migrate_content_hints(&mut self) -> Result<u64> {
+        let (mut done, mut n) = (0u64, 0usize);
+        let mut txn = Txn::default();
+        // The scan reads a snapshot: the keys written meanwhile are not met again.
+        for r in self.db.scan_prefix(b"h") {
+            let (k, v) = r?;
+            let Some(ino) = decode_old_content_hint(&v).filter(|_| k.len() == 33) else {
+                continue;
+            };
+            let mut hash = [0u8; 32];
+            hash.copy_from_slice(&k[1..]);
+            txn.batch.remove(&k[..]);
+            txn.put_content_hint(&hash, ino);
+            n += 1;
+            if n == HINT_MIGRATION_BATCH {
+                self.commit(std::mem::take(&mut txn), false)?;
+                done += n as u64;
+                n = 0;
+            }
+        }
+        if n > 0 {
+            self.commit(txn, false)?;
+            done += n as u64;
+        }
+        Ok(done)
     }
 
     /// The directory and name `ino` was last given (None for the root, an inode without
@@ -1627,21 +1665,45 @@ impl Store {
         self.checked(self.db.flush())
     }
 
-    /// The blob the content hint for `hash` names, if any.
-    pub fn content_hint(&self, hash: &[u8; 32]) -> Result<Option<Hint>> {
+    /// The inode the content hint for `hash` names, if any (an index of layout 6; older
+    /// ones are only opened read-only without migrating, and have none to give).
+    pub fn content_hint(&self, hash: &[u8; 32]) -> Result<Option<u64>> {
         let _w = self.watch.enter("content_hint");
+        if self.layout < LAYOUT_HINT_INODES {
+            return Ok(None);
+        }
         match self.db.get(content_key(hash))? {
             Some(v) => decode_content_hint(&v)
                 .map(Some)
                 .ok_or_else(|| StoreError::Corrupt {
                     what: format!("content hint {}", crate::codec::hex(&hash[..8])),
-                    why: format!("{} bytes, expected 16 or 40", v.len()),
+                    why: format!("{} bytes, expected 1 to 8", v.len()),
                 }),
             None => Ok(None),
         }
     }
 
-    /// Every content hint: (hash, its value as stored), for fsck.
+    /// The inode a content hint's value (as [`Store::content_hints`] gives it) names,
+    /// in this index's layout.
+    pub fn hint_owner(&self, v: &[u8]) -> Option<u64> {
+        if self.layout < LAYOUT_HINT_INODES {
+            decode_old_content_hint(v)
+        } else {
+            decode_content_hint(v)
+        }
+    }
+
+    /// Whether a content hint's key and value have the shape this index's layout
+    /// writes (for fsck).
+    pub fn content_hint_well_formed(&self, key: &[u8], v: &[u8]) -> bool {
+        if self.layout < LAYOUT_HINT_INODES {
+            key.len() == 33 && decode_old_content_hint(v).is_some()
+        } else {
+            key.len() == 1 + HINT_KEY_HASH && decode_content_hint(v).is_some()
+        }
+    }
+
+    /// Every content hint: (its key without the kind byte, its value as stored), for fsck.
     pub fn content_hints(&self) -> impl Iterator<Item = Result<(Vec<u8>, Vec<u8>)>> + '_ {
         self.db.scan_prefix(b"h").map(|r| {
             r.map(|(k, v)| (k[1..].to_vec(), v.to_vec()))
@@ -1953,6 +2015,60 @@ mod tests {
         assert!(err.contains("in use by another nacrithfs daemon"), "{err}");
         drop(first);
         Store::open(dir.path()).expect("open again once the first is closed");
+    }
+
+    /// Layout 6 keys a content hint by 16 bytes of the hash and names an inode in 1-8
+    /// bytes; an index of layout 5 (33-byte keys, 16- or 40-byte values) has its hints
+    /// rewritten at the next read-write open, each naming the same inode as before.
+    #[test]
+    fn content_hints_name_inodes_and_old_ones_are_rewritten() {
+        for ino in [1u64, 0x7f, 0x80, 0x1_0000, u64::MAX] {
+            let v = encode_content_hint(ino);
+            assert!(!v.is_empty() && v.len() <= 8, "{ino}: {v:?}");
+            assert_eq!(decode_content_hint(&v), Some(ino));
+        }
+        assert_eq!(decode_content_hint(&[]), None);
+        assert_eq!(decode_content_hint(&[0; 9]), None);
+
+        let dir = tempfile::tempdir().expect("tempdir");
+        let hash = |i: u8| -> [u8; 32] { std::array::from_fn(|j| i.wrapping_mul(31) ^ j as u8) };
+        {
+            let store = Store::open(dir.path()).expect("open");
+            let mut t = Txn::default();
+            t.put_content_hint(&hash(0), 42);
+            store.commit(t, true).expect("commit");
+            assert_eq!(store.content_hint(&hash(0)).expect("read"), Some(42));
+            assert_eq!(store.content_hint(&hash(1)).expect("read"), None);
+            // Make it look like layout 5: old-shaped hints, the old layout number.
+            let mut t = Txn::default();
+            t.batch.remove(content_key(&hash(0)));
+            for i in 0..3u8 {
+                let mut k = vec![b'h'];
+                k.extend_from_slice(&hash(i));
+                let mut v = (100 + u64::from(i)).to_le_bytes().to_vec();
+                v.extend_from_slice(&7u64.to_le_bytes());
+                if i == 2 {
+                    v.extend_from_slice(&[0; 24]); // a packed blob's (pack, offset, length)
+                }
+                t.batch.insert(k, v);
+            }
+            t.batch.insert(LAYOUT_KEY, 5u64.to_le_bytes());
+            store.commit(t, true).expect("commit");
+        }
+        let store = Store::open(dir.path()).expect("reopen");
+        assert_eq!(store.layout, LAYOUT);
+        for i in 0..3u8 {
+            assert_eq!(
+                store.content_hint(&hash(i)).expect("read"),
+                Some(100 + u64::from(i))
+            );
+        }
+        let keys: Vec<(Vec<u8>, Vec<u8>)> =
+            store.content_hints().collect::<Result<_>>().expect("scan");
+        assert_eq!(keys.len(), 3, "old keys left: {keys:?}");
+        assert!(keys
+            .iter()
+            .all(|(k, v)| store.content_hint_well_formed(&[&[b'h'][..], k].concat(), v)));
     }
 
     /// The totals and the queue index that every commit keeps equal what a fresh count

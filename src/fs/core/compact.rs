@@ -124,7 +124,7 @@ impl Core {
             }
         };
         // Copied once per blob, whoever refers to it.
-        let mut moved: Vec<(PackSlot, PackSlot, u64, [u8; 32])> = Vec::new();
+        let mut moved: Vec<(PackSlot, PackSlot, u64)> = Vec::new();
         // The copies are pending until the batch that refers to them is committed.
         let mut pending = Vec::new();
         let mut last: Option<PackSlot> = None;
@@ -133,7 +133,7 @@ impl Core {
                 continue;
             }
             last = Some(slot);
-            let copied = (|| -> std::io::Result<(PackSlot, [u8; 32])> {
+            let copied = (|| -> std::io::Result<PackSlot> {
                 use std::os::unix::fs::FileExt;
                 // Packed blobs are at most PACK_MAX_BLOB (a damaged index says more).
                 if len > pack::PACK_MAX_BLOB {
@@ -146,7 +146,7 @@ impl Core {
                 file.read_exact_at(&mut bytes, slot.offset)?;
                 // The compact header's checksum: a damaged blob is not spread further
                 // (it stays where it is, for fsck to report).
-                let (c, _) = crate::codec::compact::parse(&bytes)
+                crate::codec::compact::parse(&bytes)
                     .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
                 let to = self
                     .store
@@ -154,10 +154,10 @@ impl Core {
                     .append(profile, ino, &bytes, &|| self.store.new_pack(profile))?;
                 let slot = to.slot;
                 pending.push(to);
-                Ok((slot, c.checksum))
+                Ok(slot)
             })();
             match copied {
-                Ok((to, content)) => moved.push((slot, to, len, content)),
+                Ok(to) => moved.push((slot, to, len)),
                 Err(e) => {
                     log::error!(
                         "compaction: the blob at {} of {} cannot be copied ({e}); the pack is kept",
@@ -172,7 +172,7 @@ impl Core {
         {
             let _st = self.lock();
             let mut txn = Txn::default();
-            for (from, to, len, content) in &moved {
+            for (from, to, len) in &moved {
                 // Who refers to it now (a file may have shared it since the listing).
                 for ino in self.store.slot_refs(*from).map_err(store_err)? {
                     let mut inode = self.get(ino)?;
@@ -181,11 +181,8 @@ impl Core {
                     };
                     b.pack = Some(*to);
                     inode.blob = Some(b);
+                    // (A content hint names the inode, so it follows the move.)
                     txn.put_inode(ino, &inode);
-                    let hint = self.store.content_hint(content).ok().flatten();
-                    if hint.is_some_and(|h| h.packed.map(|p| p.0) == Some(*from)) {
-                        txn.put_content_hint(content, ino, &b);
-                    }
                 }
                 done.blobs_moved += 1;
                 done.bytes_moved += len + RECORD_HEADER;

@@ -159,7 +159,7 @@ impl Core {
         txn.put_inode(ino, &inode);
         txn.dequeue(ino);
         // The newest blob with this content: a later duplicate shares it.
-        txn.put_content_hint(content, ino, &new);
+        txn.put_content_hint(content, ino);
         self.commit(txn, true)?;
         crate::crash::point("compress.after_commit");
         self.reap_soon();
