@@ -908,7 +908,7 @@ fn check_content_hints(c: &mut Checker) -> Result<()> {
         let Some(ino) = c.store.hint_owner(&v) else {
             continue;
         };
-        if !c.store.get(ino)?.is_some_and(|i| i.blob.is_some()) {
+        if c.store.get(ino)?.is_none_or(|i| i.blob.is_none()) {
             stale.push(key);
         }
     }

@@ -255,7 +255,8 @@ const NEXT_COOKIE_KEY: &[u8] = b"mnext_cookie";
 /// the entry (child, kind, name), not only the name; 5 = blobs may be in packs (inode
 /// blob marker 2; keys 'P', 'k', 'R'); 6 = content hints keyed by 16 bytes of the
 /// BLAKE3 and naming an inode (1-8 bytes), not a blob (33-byte keys, 16- or 40-byte
-/// values: about a third of a small file's index bytes).
+/// values: about a third of a small file's index bytes), and inode records of version
+/// 2 (varints: ~35 bytes for a packed file instead of 114; version 1 still decodes).
 const LAYOUT_KEY: &[u8] = b"mlayout";
 /// Present while clean copies made by layout 1 (never fsynced) are still to be checked
 /// against their blobs' size and BLAKE3 (by the next read-write recovery).

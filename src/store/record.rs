@@ -5,7 +5,12 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use super::pack::PackSlot;
 
-const RECORD_VERSION: u8 = 1;
+/// Version 1: fixed-width fields (114 bytes for a packed file). Version 2 (index layout
+/// 6): the same fields as varints, and atime, ctime and crtime as offsets from mtime or
+/// "equal to it" (about 35 bytes for a packed file). Both decode; records are written in
+/// version 2.
+const RECORD_V1: u8 = 1;
+const RECORD_V2: u8 = 2;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
@@ -124,46 +129,130 @@ impl Inode {
         }
     }
 
+    /// The record in version 2 (see [`RECORD_V2`]):
+    ///
+    /// ```text
+    /// version u8 = 2, kind u8, flags u8 (1 cached, 2 dirty), varint perm, uid, gid,
+    /// nlink, size; mtime: varint zigzag seconds, varint nanoseconds; u8 "same" bits
+    /// (1 atime, 2 ctime, 4 crtime equal to mtime), then for each of atime, ctime,
+    /// crtime that is not: varint zigzag (its seconds - mtime's, as i128), varint
+    /// nanoseconds; varint rdev; blob marker u8 (0 none, 1 file, 2 packed), then varint
+    /// seq, stored size, and for a packed blob varint pack, offset; varint target
+    /// length, target
+    /// ```
     pub fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(96 + self.target.len());
-        out.push(RECORD_VERSION);
+        let mut out = Vec::with_capacity(48 + self.target.len());
+        out.push(RECORD_V2);
         out.push(self.kind.code());
-        out.extend_from_slice(&self.perm.to_le_bytes());
-        out.extend_from_slice(&self.uid.to_le_bytes());
-        out.extend_from_slice(&self.gid.to_le_bytes());
-        out.extend_from_slice(&self.nlink.to_le_bytes());
-        out.extend_from_slice(&self.size.to_le_bytes());
-        for t in [self.atime, self.mtime, self.ctime, self.crtime] {
-            let (s, n) = split_time(t);
-            out.extend_from_slice(&s.to_le_bytes());
-            out.extend_from_slice(&n.to_le_bytes());
+        out.push(u8::from(self.cached) | (u8::from(self.dirty) << 1));
+        for v in [
+            self.perm as u64,
+            self.uid as u64,
+            self.gid as u64,
+            self.nlink as u64,
+        ] {
+            put_varint(&mut out, v as u128);
         }
-        out.extend_from_slice(&self.rdev.to_le_bytes());
-        let flags = u8::from(self.cached) | (u8::from(self.dirty) << 1);
-        out.push(flags);
+        put_varint(&mut out, self.size as u128);
+        let (ms, mn) = split_time(self.mtime);
+        put_varint(&mut out, zigzag(ms as i128));
+        put_varint(&mut out, mn as u128);
+        let others = [self.atime, self.ctime, self.crtime];
+        let mut same = 0u8;
+        for (i, t) in others.iter().enumerate() {
+            if *t == self.mtime {
+                same |= 1 << i;
+            }
+        }
+        out.push(same);
+        for (i, t) in others.iter().enumerate() {
+            if same & (1 << i) == 0 {
+                let (s, n) = split_time(*t);
+                put_varint(&mut out, zigzag(s as i128 - ms as i128));
+                put_varint(&mut out, n as u128);
+            }
+        }
+        put_varint(&mut out, self.rdev as u128);
         match self.blob {
             Some(b) => {
                 out.push(if b.pack.is_some() { 2 } else { 1 });
-                out.extend_from_slice(&b.seq.to_le_bytes());
-                out.extend_from_slice(&b.stored_size.to_le_bytes());
+                put_varint(&mut out, b.seq as u128);
+                put_varint(&mut out, b.stored_size as u128);
                 if let Some(s) = b.pack {
-                    out.extend_from_slice(&s.pack.to_le_bytes());
-                    out.extend_from_slice(&s.offset.to_le_bytes());
+                    put_varint(&mut out, s.pack as u128);
+                    put_varint(&mut out, s.offset as u128);
                 }
             }
             None => out.push(0),
         }
-        out.extend_from_slice(&(self.target.len() as u32).to_le_bytes());
+        put_varint(&mut out, self.target.len() as u128);
         out.extend_from_slice(&self.target);
         out
     }
 
     pub fn decode(data: &[u8]) -> Result<Inode, String> {
-        let mut r = Reader { data, pos: 0 };
-        let version = r.u8()?;
-        if version != RECORD_VERSION {
-            return Err(format!("unknown inode record version {version}"));
+        match data.first() {
+            Some(&RECORD_V1) => Inode::decode_v1(data),
+            Some(&RECORD_V2) => Inode::decode_v2(data),
+            Some(v) => Err(format!("unknown inode record version {v}")),
+            None => Err("record truncated".into()),
         }
+    }
+
+    fn decode_v2(data: &[u8]) -> Result<Inode, String> {
+        let mut r = Reader { data, pos: 1 };
+        let kind = Kind::from_code(r.u8()?).ok_or("unknown inode kind")?;
+        let flags = r.u8()?;
+        if flags & !3 != 0 {
+            return Err("unknown inode flags".into());
+        }
+        let perm = r.var_u64()?.try_into().map_err(|_| "perm out of range")?;
+        let uid = r.var_u32()?;
+        let gid = r.var_u32()?;
+        let nlink = r.var_u32()?;
+        let size = r.var_u64()?;
+        let ms = i64::try_from(unzigzag(r.var()?)).map_err(|_| "mtime out of range")?;
+        let mtime = join_time(ms, r.var_u32()?);
+        let same = r.u8()?;
+        if same & !7 != 0 {
+            return Err("unknown time bits".into());
+        }
+        let mut others = [mtime; 3];
+        for (i, t) in others.iter_mut().enumerate() {
+            if same & (1 << i) == 0 {
+                let s = unzigzag(r.var()?)
+                    .checked_add(ms as i128)
+                    .and_then(|s| i64::try_from(s).ok())
+                    .ok_or("time out of range")?;
+                *t = join_time(s, r.var_u32()?);
+            }
+        }
+        let rdev = r.var_u32()?;
+        let blob = r.blob(Reader::var_u64)?;
+        let tlen = usize::try_from(r.var_u64()?).map_err(|_| "target length out of range")?;
+        let target = r.target(tlen)?;
+        Ok(Inode {
+            kind,
+            perm,
+            uid,
+            gid,
+            nlink,
+            size,
+            atime: others[0],
+            mtime,
+            ctime: others[1],
+            crtime: others[2],
+            rdev,
+            cached: flags & 1 != 0,
+            dirty: flags & 2 != 0,
+            blob,
+            target,
+        })
+    }
+
+    /// A version-1 record (index layouts 1-5).
+    fn decode_v1(data: &[u8]) -> Result<Inode, String> {
+        let mut r = Reader { data, pos: 1 };
         let kind = Kind::from_code(r.u8()?).ok_or("unknown inode kind")?;
         let perm = u16::from_le_bytes(r.array()?);
         let uid = r.u32()?;
@@ -178,24 +267,9 @@ impl Inode {
         }
         let rdev = r.u32()?;
         let flags = r.u8()?;
-        let blob = match r.u8()? {
-            0 => None,
-            1 => Some(BlobRef::file(r.u64()?, r.u64()?)),
-            2 => Some(BlobRef {
-                seq: r.u64()?,
-                stored_size: r.u64()?,
-                pack: Some(PackSlot {
-                    pack: r.u64()?,
-                    offset: r.u64()?,
-                }),
-            }),
-            _ => return Err("bad blob marker".into()),
-        };
+        let blob = r.blob(Reader::u64)?;
         let tlen = r.u32()? as usize;
-        let target = r.bytes(tlen)?.to_vec();
-        if r.pos != data.len() {
-            return Err("trailing bytes in inode record".into());
-        }
+        let target = r.target(tlen)?;
         Ok(Inode {
             kind,
             perm,
@@ -214,6 +288,22 @@ impl Inode {
             target,
         })
     }
+}
+
+fn put_varint(out: &mut Vec<u8>, mut v: u128) {
+    while v >= 0x80 {
+        out.push((v as u8) | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
+}
+
+fn zigzag(v: i128) -> u128 {
+    ((v << 1) ^ (v >> 127)) as u128
+}
+
+fn unzigzag(v: u128) -> i128 {
+    ((v >> 1) as i128) ^ -((v & 1) as i128)
 }
 
 fn split_time(t: SystemTime) -> (i64, u32) {
@@ -268,6 +358,57 @@ impl<'a> Reader<'a> {
     fn u64(&mut self) -> Result<u64, String> {
         Ok(u64::from_le_bytes(self.array()?))
     }
+    /// A varint of at most 19 bytes (what a u128 needs); more is refused, as is a
+    /// value that does not fit.
+    fn var(&mut self) -> Result<u128, String> {
+        let mut v = 0u128;
+        for i in 0..19 {
+            let b = self.u8()?;
+            let part = (b & 0x7f) as u128;
+            if i == 18 && part > 0x3 {
+                return Err("varint out of range".into());
+            }
+            v |= part << (7 * i);
+            if b & 0x80 == 0 {
+                return Ok(v);
+            }
+        }
+        Err("varint too long".into())
+    }
+    /// The blob marker and its fields, each integer read by `int` (fixed-width in
+    /// version 1, varints in version 2).
+    fn blob(
+        &mut self,
+        int: fn(&mut Self) -> Result<u64, String>,
+    ) -> Result<Option<BlobRef>, String> {
+        Ok(match self.u8()? {
+            0 => None,
+            1 => Some(BlobRef::file(int(self)?, int(self)?)),
+            2 => Some(BlobRef {
+                seq: int(self)?,
+                stored_size: int(self)?,
+                pack: Some(PackSlot {
+                    pack: int(self)?,
+                    offset: int(self)?,
+                }),
+            }),
+            _ => return Err("bad blob marker".into()),
+        })
+    }
+    /// The symlink target, `len` bytes that end the record.
+    fn target(&mut self, len: usize) -> Result<Vec<u8>, String> {
+        let target = self.bytes(len)?.to_vec();
+        if self.pos != self.data.len() {
+            return Err("trailing bytes in inode record".into());
+        }
+        Ok(target)
+    }
+    fn var_u64(&mut self) -> Result<u64, String> {
+        u64::try_from(self.var()?).map_err(|_| "varint out of range".into())
+    }
+    fn var_u32(&mut self) -> Result<u32, String> {
+        u32::try_from(self.var()?).map_err(|_| "varint out of range".into())
+    }
 }
 
 /// Directory entry value: child inode, kind and readdir cookie (17 bytes). Layout-1
@@ -319,6 +460,87 @@ pub fn decode_dirent_full(v: &[u8]) -> Option<(u64, Kind, Option<u64>)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Version 1 as layouts 1-5 wrote it (the encoder this version no longer has).
+    fn encode_v1(i: &Inode) -> Vec<u8> {
+        let mut out = vec![RECORD_V1, i.kind.code()];
+        out.extend_from_slice(&i.perm.to_le_bytes());
+        out.extend_from_slice(&i.uid.to_le_bytes());
+        out.extend_from_slice(&i.gid.to_le_bytes());
+        out.extend_from_slice(&i.nlink.to_le_bytes());
+        out.extend_from_slice(&i.size.to_le_bytes());
+        for t in [i.atime, i.mtime, i.ctime, i.crtime] {
+            let (s, n) = split_time(t);
+            out.extend_from_slice(&s.to_le_bytes());
+            out.extend_from_slice(&n.to_le_bytes());
+        }
+        out.extend_from_slice(&i.rdev.to_le_bytes());
+        out.push(u8::from(i.cached) | (u8::from(i.dirty) << 1));
+        match i.blob {
+            Some(b) => {
+                out.push(if b.pack.is_some() { 2 } else { 1 });
+                out.extend_from_slice(&b.seq.to_le_bytes());
+                out.extend_from_slice(&b.stored_size.to_le_bytes());
+                if let Some(s) = b.pack {
+                    out.extend_from_slice(&s.pack.to_le_bytes());
+                    out.extend_from_slice(&s.offset.to_le_bytes());
+                }
+            }
+            None => out.push(0),
+        }
+        out.extend_from_slice(&(i.target.len() as u32).to_le_bytes());
+        out.extend_from_slice(&i.target);
+        out
+    }
+
+    /// Version 2 round-trips every field, extreme times and sizes included, and is
+    /// much shorter than version 1; version 1 records still decode to the same inode.
+    #[test]
+    fn version_2_round_trips_and_version_1_still_decodes() {
+        let now = UNIX_EPOCH + Duration::new(1_764_800_000, 123_456_789);
+        let mut packed = Inode::new(Kind::File, 0o644, 0, 0, now);
+        packed.size = 3000;
+        packed.cached = false;
+        packed.dirty = false;
+        packed.atime = now + Duration::from_nanos(17);
+        packed.blob = Some(BlobRef {
+            seq: 40_000,
+            stored_size: 600,
+            pack: Some(PackSlot {
+                pack: 3,
+                offset: 5_000_000,
+            }),
+        });
+        let v2 = packed.encode();
+        assert_eq!(v2[0], RECORD_V2);
+        assert!(v2.len() <= 40, "{} bytes", v2.len());
+        assert_eq!(encode_v1(&packed).len(), 114);
+        let mut odd = Inode::new(Kind::CharDev, 0o7777, u32::MAX, u32::MAX, now);
+        odd.nlink = u32::MAX;
+        odd.size = u64::MAX;
+        odd.rdev = u32::MAX;
+        odd.atime = UNIX_EPOCH - Duration::from_millis(1500);
+        odd.ctime = UNIX_EPOCH + Duration::new(i64::MAX as u64, 999_999_999);
+        odd.crtime = UNIX_EPOCH - Duration::from_secs(i64::MAX as u64);
+        odd.blob = Some(BlobRef::file(u64::MAX, u64::MAX));
+        let mut link = Inode::new(Kind::Symlink, 0o777, 1000, 100, now);
+        link.target = vec![b'x'; 300];
+        for i in [&packed, &odd, &link] {
+            assert_eq!(Inode::decode(&i.encode()).as_ref(), Ok(i));
+            assert_eq!(Inode::decode(&encode_v1(i)).as_ref(), Ok(i));
+            let e = i.encode();
+            for cut in 0..e.len() {
+                assert!(Inode::decode(&e[..cut]).is_err(), "cut at {cut}");
+            }
+        }
+        // Overlong and out-of-range varints are refused, not wrapped.
+        let mut bad = vec![RECORD_V2, 1, 0];
+        bad.extend_from_slice(&[0xff; 20]);
+        assert!(Inode::decode(&bad).is_err());
+        let mut big_uid = vec![RECORD_V2, 1, 0, 0];
+        put_varint(&mut big_uid, u32::MAX as u128 + 1);
+        assert!(Inode::decode(&big_uid).is_err());
+    }
 
     #[test]
     fn inode_round_trips() {
