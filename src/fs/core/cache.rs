@@ -55,21 +55,24 @@ impl CleanCopies {
     }
 }
 
-/// How long `evict` waits for reads in progress to let go of their files, and for
-/// finished decodes to install their copies.
+/// How long `evict` waits for reads in progress to let go of their files.
 const EVICT_PIN_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+/// How long it waits for finished decodes to install their copies: bounded work (an
+/// fsync, a BLAKE3 pass, a rename and an index update), but on a loaded disk an fsync
+/// alone can take seconds.
+const EVICT_INSTALL_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
 
 impl Core {
     /// Drop every clean plaintext copy that no operation is using. Returns bytes freed.
     /// A read pins its file from its start until its reply is sent, so a read that has
     /// just answered its caller may hold a pin a moment longer: those are retried for up
     /// to [`EVICT_PIN_WAIT`] (`nacrithfs evict` right after a read found one copy pinned
-    /// on a busy machine and left it). So is a decode whose every region is done: its
-    /// last reads were answered from it before its copy is installed, and a copy
-    /// installed just after the evict would outlive it (tests/crash.rs saw one decode
-    /// too few on the next mount).
+    /// on a busy machine and left it). A decode whose every region is done is waited
+    /// for up to [`EVICT_INSTALL_WAIT`]: its last reads were answered from it before its
+    /// copy is installed, and a copy installed just after the evict would outlive it
+    /// (tests/crash.rs saw one decode too few on the next mount). What stays is logged.
     pub fn evict_all(&self) -> FsResult<u64> {
-        let deadline = std::time::Instant::now() + EVICT_PIN_WAIT;
+        let start = std::time::Instant::now();
         let mut freed = 0;
         loop {
             let mut st = self.lock();
@@ -86,13 +89,51 @@ impl Core {
                 .clean
                 .inos()
                 .into_iter()
-                .any(|ino| st.live.get(&ino).is_some_and(|l| l.pins > 0))
-                || (!self.opts.read_only && st.partial.values().any(|p| p.complete()));
+                .any(|ino| st.live.get(&ino).is_some_and(|l| l.pins > 0));
+            let installing = !self.opts.read_only && st.partial.values().any(|p| p.complete());
             drop(st);
-            if !pinned || std::time::Instant::now() >= deadline {
+            let waited = start.elapsed();
+            let wait =
+                (pinned && waited < EVICT_PIN_WAIT) || (installing && waited < EVICT_INSTALL_WAIT);
+            if !wait {
+                self.log_kept_copies();
                 return Ok(freed);
             }
             std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+
+    /// After an evict: say which clean copies stayed and why (an evict that leaves a
+    /// copy is legal, but a test or an operator expecting none needs to know which).
+    fn log_kept_copies(&self) {
+        let st = self.lock();
+        let mut kept: Vec<String> = st
+            .clean
+            .inos()
+            .into_iter()
+            .map(|ino| {
+                let why = if st.compressing.contains(&ino) {
+                    "being compressed"
+                } else if st.live.get(&ino).is_some_and(|l| l.pins > 0) {
+                    "in use by a read or write"
+                } else {
+                    "busy"
+                };
+                format!("inode {ino} ({why})")
+            })
+            .collect();
+        kept.extend(
+            st.partial
+                .iter()
+                .filter(|(_, p)| p.complete())
+                .map(|(ino, _)| format!("inode {ino} (its decode is being installed)")),
+        );
+        if !kept.is_empty() {
+            log::info!(
+                "evict: {} clean copies kept: {}",
+                kept.len(),
+                kept.join(", ")
+            );
         }
     }
 
