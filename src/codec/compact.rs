@@ -1,10 +1,10 @@
-//! Compact NC06 headers (blob format version 2), for blobs kept in pack files.
+//! Compact NC06 headers (blob format versions 2 and 3), for blobs kept in pack files.
 //!
 //! A version-1 header repeats the coding profile (model fingerprint, backend tag, coder
 //! parameters: ~200 bytes) in every blob and writes every length as a u64. A compact
 //! header refers to the profile by a small id (the pack that holds the blob names it in
 //! its own header, and the volume's index keeps the table) and writes lengths as LEB128
-//! varints: a one-chunk text blob's header is ~70 bytes instead of ~295.
+//! varints: a one-chunk text blob's header is ~59 bytes instead of ~295.
 //!
 //! A compact header is a lossless transformation of a version-1 header: [`expand`] with
 //! its profile gives back the same [`Header`], so [`Header::to_bytes`] rebuilds the
@@ -17,8 +17,13 @@ use super::container::{
     segment_kind, ChunkEntry, Cursor, FormatError, Header, Segment, SegmentKind, MAGIC, MAX_HEADER,
 };
 
-/// The format version of a compact header.
-pub const COMPACT_VERSION: u16 = 2;
+/// The format version of the compact headers written now. Version 3 is version 2 with
+/// one shortcut: an llm segment of a single chunk (most small files) writes chunk count
+/// 0 and the chunk's symbol count only, since the chunk's length, stored length and
+/// CRC-32 are the segment's (8 bytes less per blob). Both versions are read.
+pub const COMPACT_VERSION: u16 = 3;
+/// The oldest compact header version read.
+const COMPACT_VERSION_MIN: u16 = 2;
 
 /// What a version-1 header says about how it was coded, apart from the file itself.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -105,14 +110,21 @@ fn put_varint(b: &mut Vec<u8>, mut v: u64) {
 /// Encode `h`'s file-specific fields with `profile_id` in place of its profile.
 ///
 /// ```text
-/// "NC06"  version u16 = 2  varint H (bytes from 0 through the CRC)
+/// "NC06"  version u16 = 3  varint H (bytes from 0 through the CRC)
 /// varint profile id  varint original length  BLAKE3 (32)  varint segment count
 /// per segment: kind u8, varint original length, varint stored length, CRC-32 u32;
-///   llm only: varint chunk count, per chunk varint original length, varint symbols,
-///   varint stored length, CRC-32 u32
+///   llm only: varint chunk count C, then
+///     C = 0 (version 3): varint symbols of the one chunk, which is the whole segment
+///     else: per chunk varint original length, varint symbols, varint stored
+///     length, CRC-32 u32
 /// CRC-32 of everything before it
 /// ```
 pub fn encode(h: &Header, profile_id: u32) -> Vec<u8> {
+    encode_version(h, profile_id, COMPACT_VERSION)
+}
+
+/// [`encode`] as `version` wrote it (tests keep version 2's bytes reachable).
+fn encode_version(h: &Header, profile_id: u32, version: u16) -> Vec<u8> {
     let mut body = Vec::with_capacity(64 + h.segments.len() * 16);
     put_varint(&mut body, profile_id as u64);
     put_varint(&mut body, h.original_len);
@@ -124,6 +136,19 @@ pub fn encode(h: &Header, profile_id: u32) -> Vec<u8> {
         put_varint(&mut body, s.stored_len);
         body.extend_from_slice(&s.crc.to_le_bytes());
         if s.kind == SegmentKind::Llm {
+            let whole = match s.chunks.as_slice() {
+                [c] if version >= 3 => Some(c),
+                _ => None,
+            };
+            if let Some(c) = whole.filter(|c| {
+                c.original_len as u64 == s.original_len
+                    && c.stored_len as u64 == s.stored_len
+                    && c.crc == s.crc
+            }) {
+                put_varint(&mut body, 0);
+                put_varint(&mut body, c.n_symbols as u64);
+                continue;
+            }
             put_varint(&mut body, s.chunks.len() as u64);
             for c in &s.chunks {
                 put_varint(&mut body, c.original_len as u64);
@@ -146,7 +171,7 @@ pub fn encode(h: &Header, profile_id: u32) -> Vec<u8> {
     };
     let mut b = Vec::with_capacity(total);
     b.extend_from_slice(MAGIC);
-    b.extend_from_slice(&COMPACT_VERSION.to_le_bytes());
+    b.extend_from_slice(&version.to_le_bytes());
     put_varint(&mut b, total as u64);
     b.extend_from_slice(&body);
     let crc = crc32fast::hash(&b);
@@ -166,9 +191,9 @@ pub fn announced_len(start: &[u8]) -> Result<usize, FormatError> {
         return Err(FormatError::NotNc06(magic));
     }
     let version = u16::from_le_bytes([start[4], start[5]]);
-    if version != COMPACT_VERSION {
+    if !(COMPACT_VERSION_MIN..=COMPACT_VERSION).contains(&version) {
         return Err(corrupt(format!(
-            "blob in a pack has header version {version}, expected {COMPACT_VERSION}"
+            "blob in a pack has header version {version}; this build reads {COMPACT_VERSION_MIN} to {COMPACT_VERSION}"
         )));
     }
     let len = Cursor::new(start, 6).varint()?;
@@ -196,6 +221,7 @@ pub fn parse(data: &[u8]) -> Result<(Compact, usize), FormatError> {
     if crc32fast::hash(&data[..len - 4]) != stored_crc && !cfg!(fuzzing) {
         return Err(corrupt("compact header checksum mismatch"));
     }
+    let version = u16::from_le_bytes([data[4], data[5]]);
     let mut r = Cursor::new(&data[..len - 4], 6);
     r.varint()?;
     let profile_id = u32::try_from(r.varint()?).map_err(|_| corrupt("profile id over 2^32"))?;
@@ -214,20 +240,30 @@ pub fn parse(data: &[u8]) -> Result<(Compact, usize), FormatError> {
         let crc = r.u32()?;
         let mut chunks = Vec::new();
         if kind == SegmentKind::Llm {
+            let field = |v: u64| u32::try_from(v).map_err(|_| corrupt("chunk field over 2^32"));
             let n = r.varint()?;
-            // A chunk takes at least 7 bytes.
-            if n > (r.remaining() / 7) as u64 {
-                return Err(corrupt("chunk count does not fit the header"));
-            }
-            chunks.reserve(n as usize);
-            for _ in 0..n {
-                let field = |v: u64| u32::try_from(v).map_err(|_| corrupt("chunk field over 2^32"));
+            if n == 0 && version >= 3 {
+                // The one chunk is the whole segment.
                 chunks.push(ChunkEntry {
-                    original_len: field(r.varint()?)?,
+                    original_len: field(original_len)?,
                     n_symbols: field(r.varint()?)?,
-                    stored_len: field(r.varint()?)?,
-                    crc: r.u32()?,
+                    stored_len: field(stored_len)?,
+                    crc,
                 });
+            } else {
+                // A chunk takes at least 7 bytes.
+                if n > (r.remaining() / 7) as u64 {
+                    return Err(corrupt("chunk count does not fit the header"));
+                }
+                chunks.reserve(n as usize);
+                for _ in 0..n {
+                    chunks.push(ChunkEntry {
+                        original_len: field(r.varint()?)?,
+                        n_symbols: field(r.varint()?)?,
+                        stored_len: field(r.varint()?)?,
+                        crc: r.u32()?,
+                    });
+                }
             }
         }
         segments.push(Segment {
@@ -342,6 +378,63 @@ mod tests {
                 h.to_bytes().len()
             );
         }
+    }
+
+    /// A segment of one chunk that is the whole segment (as the encoder makes them).
+    fn llm_whole(original_len: u32, n_symbols: u32, stored_len: u32) -> Segment {
+        let mut s = llm(&[(original_len, n_symbols, stored_len)]);
+        s.crc = s.chunks[0].crc;
+        s
+    }
+
+    #[test]
+    fn version_3_drops_a_whole_segment_chunk_and_version_2_still_reads() {
+        let cases = [
+            header(vec![llm_whole(3000, 830, 358)]),
+            header(vec![
+                llm_whole(300, 80, 40),
+                Segment {
+                    kind: SegmentKind::Zstd,
+                    original_len: 600,
+                    stored_len: 611,
+                    crc: 1,
+                    chunks: vec![],
+                },
+                llm_whole(1 << 20, 250_000, 100_000),
+            ]),
+            // One chunk whose CRC differs from the segment's: written in full.
+            header(vec![llm(&[(4096, 900, 400)])]),
+        ];
+        for h in cases {
+            let profile = Profile::of(&h);
+            let v3 = encode(&h, 7);
+            let v2 = encode_version(&h, 7, 2);
+            for c in [&v3, &v2] {
+                let (parsed, len) = parse(c).expect("parse");
+                assert_eq!(len, c.len());
+                assert_eq!(expand(parsed, &profile).to_bytes(), h.to_bytes());
+            }
+            let whole = h
+                .segments
+                .iter()
+                .filter(|s| s.chunks.len() == 1 && s.chunks[0].crc == s.crc)
+                .count();
+            assert!(
+                v2.len() - v3.len() >= 7 * whole,
+                "{whole} whole-segment chunks: {} vs {} bytes",
+                v3.len(),
+                v2.len()
+            );
+        }
+        // The bytes of a version-3 header are the format (docs/FORMAT.md): a change
+        // here is a format change, and packs already written must still read.
+        let golden = encode(&header(vec![llm_whole(3000, 830, 358)]), 1);
+        let hex: String = golden.iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(
+            hex,
+            "4e43303603003b01b8170707070707070707070707070707070707070707070707070707070707070707\
+             0102b817e602de0a000000be069085394e"
+        );
     }
 
     #[test]

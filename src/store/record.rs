@@ -514,6 +514,13 @@ mod tests {
         let v2 = packed.encode();
         assert_eq!(v2[0], RECORD_V2);
         assert!(v2.len() <= 40, "{} bytes", v2.len());
+        // These bytes are the format (docs/FORMAT.md): indexes written with them must
+        // keep decoding, so a change here is a format change.
+        let hex: String = v2.iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(
+            hex,
+            "020100a403000001b81780d885930d959aef3a0600a69aef3a0002c0b802d80403c096b10200"
+        );
         assert_eq!(encode_v1(&packed).len(), 114);
         let mut odd = Inode::new(Kind::CharDev, 0o7777, u32::MAX, u32::MAX, now);
         odd.nlink = u32::MAX;
