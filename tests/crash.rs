@@ -148,8 +148,10 @@ enum When {
 
 /// Turn a format-4 volume into the format-2 volume it would have been: the same keys
 /// in a sled index at `index/`, the files moved from the subdirectories of 4096 inode
-/// numbers to those of the inode number's low byte, the marker "nacrithfs 2".
-fn to_format_2(backing: &Path) {
+/// numbers to those of the inode number's low byte, the marker "nacrithfs 2". With
+/// `layout_6`, its index as layout 6 had it too: parent entries ('p': directory and
+/// name) in place of up entries ('u': directory and cookie).
+fn to_format_2(backing: &Path, layout_6: bool) {
     for top in ["blobs", "cache"] {
         let dirs: Vec<PathBuf> = fs::read_dir(backing.join(top))
             .expect("list")
@@ -174,10 +176,37 @@ fn to_format_2(backing: &Path) {
             }
         }
     }
-    let entries = {
+    let mut entries = {
         let store = nacrithfs::store::Store::open_existing(backing).expect("open the copy");
         store.raw_entries().expect("read the index")
     };
+    if layout_6 {
+        let cookies: BTreeMap<Vec<u8>, Vec<u8>> = entries
+            .iter()
+            .filter(|(k, _)| k[0] == b'c')
+            .cloned()
+            .collect();
+        let mut ups = 0;
+        for (k, v) in entries.iter_mut() {
+            if k[0] == b'u' {
+                let (parent, cookie) = nacrithfs::store::record::decode_up(v).expect("an up entry");
+                let mut ck = vec![b'c'];
+                ck.extend_from_slice(&parent.to_be_bytes());
+                ck.extend_from_slice(&cookie.to_be_bytes());
+                let entry = &cookies[&ck];
+                let (_, _, name) =
+                    nacrithfs::store::record::decode_cookie(entry).expect("a cookie entry");
+                k[0] = b'p';
+                let mut old = parent.to_le_bytes().to_vec();
+                old.extend_from_slice(name);
+                *v = old;
+                ups += 1;
+            } else if k == b"mlayout" {
+                *v = 6u64.to_le_bytes().to_vec();
+            }
+        }
+        assert!(ups >= 5, "{ups} up entries in the template");
+    }
     fs::remove_dir_all(backing.join("index.fjall")).expect("remove index.fjall");
     let db = sled::open(backing.join("index")).expect("create a sled index");
     for (k, v) in entries {
@@ -601,6 +630,15 @@ fn cases() -> Vec<Case> {
             opts: OPTS,
         },
         Case {
+            op: "move to layout 7",
+            point: "layout7.after_batch",
+            run: |_| {},
+            allowed: unchanged,
+            when: When::InMigration,
+            verify: nothing_more,
+            opts: OPTS,
+        },
+        Case {
             op: "fsck --repair",
             point: "fsck.after_commit",
             run: needs_recovery,
@@ -717,7 +755,7 @@ fn run_to_crash(backing: &Path, mnt: &Path, case: &Case) {
             (case.run)(mnt);
             d.kill9();
         } else {
-            to_format_2(backing);
+            to_format_2(backing, case.point.starts_with("layout7."));
         }
         raw = Some(
             Command::new(BIN)

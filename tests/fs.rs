@@ -74,7 +74,7 @@ fn write_flush_compress_evict_remount_read_back() {
         files.len()
     )));
     check_status_json_and_metrics(&mnt, files.len());
-    // Log lines name files by path, found by walking up the parent entries.
+    // Log lines name files by path, found by walking up the up entries.
     let log = d.log_text();
     assert!(log.contains("compressed /notes/a.txt: "), "{log}");
     for (name, data) in &files {

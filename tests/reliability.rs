@@ -415,7 +415,7 @@ fn fsck_finds_and_repairs_every_planted_defect() {
             "fsck did not report {code}:\n{out}"
         );
     }
-    // (The dangling entry's cookie key is stale too, and so is the parent entry it
+    // (The dangling entry's cookie key is stale too, and so is the up entry it
     // planted for the missing inode.)
     assert!(out.contains("18 problems, 0 repaired"), "{out}");
     assert!(

@@ -508,7 +508,11 @@ fn check_key_shapes(c: &mut Checker) -> Result<()> {
     for r in store.db.iter() {
         let (k, v) = r?;
         let ok = match k.first() {
-            Some(b'i' | b'p') => k.len() == 9,
+            Some(b'i') => k.len() == 9,
+            // Parent entries until layout 7 (which removes the last before it is
+            // written), up entries since (and in an index on its way to it).
+            Some(b'p') => k.len() == 9 && store.layout < super::LAYOUT_UP_ENTRIES,
+            Some(b'u') => k.len() == 9 && record::decode_up(&v).is_some(),
             Some(b'q') => k.len() == 9 && v.len() == 8,
             Some(b'g') => k.len() == 17,
             Some(b'h') => store.content_hint_well_formed(&k, &v),
@@ -963,14 +967,17 @@ fn check_blob(
 }
 
 fn check_queue_and_xattrs(c: &mut Checker, inodes: &HashMap<u64, Inode>) -> Result<()> {
-    // Parent entries are advisory (a path for log lines, checked before use), but one
-    // of an inode that is gone is garbage.
-    let parents: Vec<_> = c
+    // Parent and up entries are advisory (a path for log lines, checked before use),
+    // but one of an inode that is gone is garbage.
+    let mut parents: Vec<_> = c
         .store
         .db
         .scan_prefix(b"p")
         .keys()
         .collect::<std::result::Result<_, _>>()?;
+    for k in c.store.db.scan_prefix(b"u").keys() {
+        parents.push(k?);
+    }
     for k in parents.into_iter().filter(|k| k.len() == 9) {
         let ino = ino_from(&k).unwrap_or(0);
         // (An inode this repair made, /lost+found, is in the index but not in `inodes`.)
@@ -978,7 +985,14 @@ fn check_queue_and_xattrs(c: &mut Checker, inodes: &HashMap<u64, Inode>) -> Resu
         if !exists {
             c.found(
                 "stale-parent",
-                format!("a parent entry names inode {ino}, which does not exist"),
+                format!(
+                    "{} names inode {ino}, which does not exist",
+                    if k[0] == b'u' {
+                        "an up entry"
+                    } else {
+                        "a parent entry"
+                    }
+                ),
                 Some("removed".into()),
             );
             c.txn.batch.remove(&k[..]);

@@ -207,13 +207,26 @@ fn cookie_key(parent: u64, cookie: u64) -> [u8; 17] {
 
 /// An inode's parent directory and its name there (the newest name given to it), so a
 /// path is found by walking up: O(depth), not a scan of every entry. Advisory: once
-/// that name is gone (a hard link removed) it is stale, and readers check it.
+/// that name is gone (a hard link removed) it is stale, and readers check it. Layouts
+/// 3-6; read from an older index opened read-only, rewritten as up entries otherwise.
 fn parent_key(ino: u64) -> [u8; 9] {
     let mut k = [b'p'; 9];
     k[1..].copy_from_slice(&ino.to_be_bytes());
     k
 }
 
+/// An inode's up entry (layout 7, in place of [`parent_key`]): the directory and the
+/// readdir cookie of the name it was last given ([`record::encode_up`]); the name is
+/// read from that cookie's entry, which goes when the name goes, so a stale up entry
+/// finds no entry naming the inode. Two varints instead of a u64 and the whole name.
+fn up_key(ino: u64) -> [u8; 9] {
+    let mut k = [b'u'; 9];
+    k[1..].copy_from_slice(&ino.to_be_bytes());
+    k
+}
+
+/// A parent entry's value as layouts 3-6 wrote it (tests make old indexes with it).
+#[cfg(test)]
 fn encode_parent(parent: u64, name: &[u8]) -> Vec<u8> {
     let mut v = parent.to_le_bytes().to_vec();
     v.extend_from_slice(name);
@@ -256,7 +269,9 @@ const NEXT_COOKIE_KEY: &[u8] = b"mnext_cookie";
 /// blob marker 2; keys 'P', 'k', 'R'); 6 = content hints keyed by 16 bytes of the
 /// BLAKE3 and naming an inode (1-8 bytes), not a blob (33-byte keys, 16- or 40-byte
 /// values: about a third of a small file's index bytes), and inode records of version
-/// 2 (varints: ~35 bytes for a packed file instead of 114; version 1 still decodes).
+/// 2 (varints: ~35 bytes for a packed file instead of 114; version 1 still decodes);
+/// 7 = up entries ('u': directory and cookie, two varints) in place of parent entries
+/// ('p': directory and the whole name, a third copy of it).
 const LAYOUT_KEY: &[u8] = b"mlayout";
 /// Present while clean copies made by layout 1 (never fsynced) are still to be checked
 /// against their blobs' size and BLAKE3 (by the next read-write recovery).
@@ -274,7 +289,7 @@ const META_KEYS: &[&[u8]] = &[
     CHECK_CLEAN_KEY,
     CLEAN_STOP_KEY,
 ];
-const LAYOUT: u64 = 6;
+const LAYOUT: u64 = 7;
 /// The first layout with readdir cookies.
 const LAYOUT_COOKIES: u64 = 2;
 /// The first layout whose cookie values hold the entry (child, kind, name), not just
@@ -282,8 +297,11 @@ const LAYOUT_COOKIES: u64 = 2;
 const LAYOUT_COOKIE_ENTRIES: u64 = 4;
 /// The first layout whose content hints name an inode by 16 bytes of the BLAKE3.
 const LAYOUT_HINT_INODES: u64 = 6;
-/// Content hints rewritten per batch when an index moves to layout 6.
-const HINT_MIGRATION_BATCH: usize = 10_000;
+/// The first layout with up entries ('u') instead of parent entries ('p').
+const LAYOUT_UP_ENTRIES: u64 = 7;
+/// Keys rewritten per batch when an index moves to layout 6 (content hints) or 7
+/// (parent entries).
+const MIGRATION_BATCH: usize = 10_000;
 /// Cookies 1 and 2 are `.` and `..`.
 const FIRST_COOKIE: u64 = 3;
 
@@ -407,7 +425,7 @@ impl Txn {
     pub fn del_inode(&mut self, ino: u64) {
         self.ops += 1;
         self.batch.remove(inode_key(ino));
-        self.batch.remove(parent_key(ino));
+        self.batch.remove(up_key(ino));
         self.changes.push(Change::Inode(ino, None));
     }
     /// An entry with its readdir cookie (see [`Store::put_name`], which picks it).
@@ -422,7 +440,7 @@ impl Txn {
             record::encode_cookie(ino, kind, name),
         );
         self.batch
-            .insert(parent_key(ino), encode_parent(parent, name));
+            .insert(up_key(ino), record::encode_up(parent, cookie));
     }
     pub fn del_dirent(&mut self, parent: u64, name: &[u8], cookie: Option<u64>) {
         self.ops += 1;
@@ -1097,13 +1115,23 @@ impl Store {
         } else {
             0
         };
+        // Before the rest: layouts 1 and 2 have no parent entries, and the pass over
+        // the entries below gives every named inode its up entry.
+        let ups = if from < LAYOUT_UP_ENTRIES {
+            self.migrate_parent_entries()?
+        } else {
+            0
+        };
         let mut txn = Txn::default();
         if from >= LAYOUT_COOKIE_ENTRIES {
-            // Layouts 5 and 6 only add keys, or change the hints (done above).
+            // Layouts 5 to 7 only add keys, or change the hints and parent entries
+            // (done above).
             txn.batch.insert(LAYOUT_KEY, LAYOUT.to_le_bytes());
             self.commit(txn, true)?;
             self.layout = LAYOUT;
-            log::info!("index: layout {from} -> {LAYOUT} ({hints} content hints rewritten)");
+            log::info!(
+                "index: layout {from} -> {LAYOUT} ({hints} content hints and {ups} parent entries rewritten)"
+            );
             return Ok(());
         }
         let (mut cookies, mut parents) = (0u64, 0u64);
@@ -1121,8 +1149,7 @@ impl Store {
                     cookies += 1;
                 }
                 Some(c) => {
-                    txn.batch
-                        .insert(parent_key(ino), encode_parent(parent, &k[9..]));
+                    txn.batch.insert(up_key(ino), record::encode_up(parent, c));
                     txn.batch.insert(
                         cookie_key(parent, c),
                         record::encode_cookie(ino, kind, &k[9..]),
@@ -1165,7 +1192,7 @@ impl Store {
             txn.batch.remove(&k[..]);
             txn.put_content_hint(&hash, ino);
             n += 1;
-            if n == HINT_MIGRATION_BATCH {
+            if n == MIGRATION_BATCH {
                 self.commit(std::mem::take(&mut txn), false)?;
                 done += n as u64;
                 n = 0;
@@ -1178,15 +1205,83 @@ impl Store {
         Ok(done)
     }
 
-    /// The directory and name `ino` was last given (None for the root, an inode without
-    /// a name, or an index older than layout 3 opened read-only). Check it before use:
-    /// that name may have been removed since (a hard link).
-    pub fn parent_of(&self, ino: u64) -> Result<Option<(u64, Vec<u8>)>> {
+    /// Rewrite every parent entry of layouts 3-6 (directory and name) as an up entry
+    /// (directory and the name's cookie), in batches that each remove the parent
+    /// entries they rewrite: a crash in between leaves only parent entries still to
+    /// do. A parent entry whose name is gone (a removed hard link) or has no cookie is
+    /// only removed; a malformed one is left for fsck. Returns how many were rewritten.
+    fn migrate_parent_entries(&mut self) -> Result<u64> {
+        let (mut done, mut n) = (0u64, 0usize);
+        let mut txn = Txn::default();
+        // The scan reads a snapshot: the keys written meanwhile are not met again.
+        for r in self.db.scan_prefix(b"p") {
+            let (k, v) = r?;
+            let (Some(ino), Some(parent)) = (
+                ino_from(&k).filter(|_| k.len() == 9),
+                v.get(..8)
+                    .and_then(|p| Some(u64::from_le_bytes(p.try_into().ok()?))),
+            ) else {
+                continue;
+            };
+            txn.batch.remove(&k[..]);
+            let entry = self.db.get(dirent_key(parent, &v[8..]))?;
+            if let Some((child, _, Some(cookie))) =
+                entry.as_deref().and_then(record::decode_dirent_full)
+            {
+                if child == ino {
+                    txn.batch
+                        .insert(up_key(ino), record::encode_up(parent, cookie));
+                    done += 1;
+                }
+            }
+            n += 1;
+            if n == MIGRATION_BATCH {
+                self.commit(std::mem::take(&mut txn), false)?;
+                crate::crash::point("layout7.after_batch");
+                n = 0;
+            }
+        }
+        if n > 0 {
+            self.commit(txn, false)?;
+            crate::crash::point("layout7.after_batch");
+        }
+        Ok(done)
+    }
+
+    /// The directory, name and kind of the name `ino` was last given, checked to name
+    /// it now: None for the root, an inode without a name, one whose recorded name was
+    /// removed since (a hard link), or an index older than layout 3 opened read-only.
+    /// From layout 7 the name is the one its up entry's cookie names; an older index
+    /// opened read-only gives its parent entry's name (or, if its move to layout 7 was
+    /// cut off, its up entry's).
+    pub fn parent_of(&self, ino: u64) -> Result<Option<(u64, Vec<u8>, Kind)>> {
         let _w = self.watch.enter("get");
-        Ok(self.db.get(parent_key(ino))?.and_then(|v| {
-            let parent = u64::from_le_bytes(v.get(..8)?.try_into().ok()?);
-            Some((parent, v[8..].to_vec()))
-        }))
+        if self.layout < LAYOUT_UP_ENTRIES {
+            let old = self.db.get(parent_key(ino))?.and_then(|v| {
+                let parent = u64::from_le_bytes(v.get(..8)?.try_into().ok()?);
+                Some((parent, v[8..].to_vec()))
+            });
+            if let Some((parent, name)) = old {
+                return Ok(match self.lookup(parent, &name)? {
+                    Some((child, kind)) if child == ino => Some((parent, name, kind)),
+                    _ => None,
+                });
+            }
+        }
+        let Some((parent, cookie)) = self
+            .db
+            .get(up_key(ino))?
+            .and_then(|v| record::decode_up(&v))
+        else {
+            return Ok(None);
+        };
+        Ok(self
+            .db
+            .get(cookie_key(parent, cookie))?
+            .and_then(|v| match record::decode_cookie(&v) {
+                Some((child, kind, name)) if child == ino => Some((parent, name.to_vec(), kind)),
+                _ => None,
+            }))
     }
 
     /// Up to `max` entries of a directory whose cookie is above `after`, in cookie
@@ -2070,6 +2165,86 @@ mod tests {
         assert!(keys
             .iter()
             .all(|(k, v)| store.content_hint_well_formed(&[&[b'h'][..], k].concat(), v)));
+    }
+
+    /// Layout 7: a name's up entry gives the directory and the name through its cookie;
+    /// a layout-6 index's parent entries (a copy of the name) are rewritten at the
+    /// next read-write open, a stale one (its name gone or given to another inode)
+    /// dropped.
+    #[test]
+    fn up_entries_name_through_the_cookie_and_parent_entries_are_rewritten() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (a, b, sub) = (100u64, 101u64, 102u64);
+        {
+            let store = Store::open(dir.path()).expect("open");
+            let mut t = Txn::default();
+            store
+                .put_name(&mut t, ROOT_INO, b"sub", sub, Kind::Dir)
+                .expect("name");
+            store
+                .put_name(&mut t, sub, b"a.txt", a, Kind::File)
+                .expect("name");
+            store
+                .put_name(&mut t, ROOT_INO, b"b.txt", b, Kind::File)
+                .expect("name");
+            store.commit(t, true).expect("commit");
+            assert_eq!(
+                store.parent_of(a).expect("up"),
+                Some((sub, b"a.txt".to_vec(), Kind::File))
+            );
+            assert_eq!(
+                store.parent_of(sub).expect("up"),
+                Some((ROOT_INO, b"sub".to_vec(), Kind::Dir))
+            );
+            // The name removed: its up entry finds no cookie naming the inode.
+            let mut t = Txn::default();
+            let (_, _, cookie) = store
+                .lookup_full(ROOT_INO, b"b.txt")
+                .expect("lookup")
+                .expect("b");
+            t.del_dirent(ROOT_INO, b"b.txt", cookie);
+            store.commit(t, true).expect("commit");
+            assert_eq!(store.parent_of(b).expect("up"), None);
+            // Make it look like layout 6: parent entries with the names, one of them
+            // stale (b's name is gone), one malformed (left for fsck).
+            let mut t = Txn::default();
+            for ino in [a, b, sub] {
+                t.batch.remove(up_key(ino));
+            }
+            t.batch.insert(parent_key(a), encode_parent(sub, b"a.txt"));
+            t.batch
+                .insert(parent_key(sub), encode_parent(ROOT_INO, b"sub"));
+            t.batch
+                .insert(parent_key(b), encode_parent(ROOT_INO, b"b.txt"));
+            t.batch.insert(parent_key(7), vec![1, 2, 3]);
+            t.batch.insert(LAYOUT_KEY, 6u64.to_le_bytes());
+            store.commit(t, true).expect("commit");
+        }
+        let store = Store::open(dir.path()).expect("reopen");
+        assert_eq!(store.layout, LAYOUT);
+        assert_eq!(
+            store.parent_of(a).expect("up"),
+            Some((sub, b"a.txt".to_vec(), Kind::File))
+        );
+        assert_eq!(
+            store.parent_of(sub).expect("up"),
+            Some((ROOT_INO, b"sub".to_vec(), Kind::Dir))
+        );
+        assert_eq!(store.parent_of(b).expect("up"), None);
+        let keys = |prefix: &[u8]| -> Vec<Vec<u8>> {
+            store
+                .db
+                .scan_prefix(prefix)
+                .keys()
+                .map(|k| k.expect("scan").to_vec())
+                .collect()
+        };
+        assert_eq!(
+            keys(b"p"),
+            vec![parent_key(7).to_vec()],
+            "parent entries left"
+        );
+        assert_eq!(keys(b"u"), vec![up_key(a).to_vec(), up_key(sub).to_vec()]);
     }
 
     /// The totals and the queue index that every commit keeps equal what a fresh count

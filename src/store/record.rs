@@ -411,6 +411,25 @@ impl<'a> Reader<'a> {
     }
 }
 
+/// An up entry's value (layout 7): the directory holding the name an inode was last
+/// given, and that name's readdir cookie, as two varints (the name itself is in the
+/// cookie's value: layouts 3-6 kept a copy of it here).
+pub fn encode_up(parent: u64, cookie: u64) -> Vec<u8> {
+    let mut v = Vec::with_capacity(6);
+    put_varint(&mut v, parent as u128);
+    put_varint(&mut v, cookie as u128);
+    v
+}
+
+/// (directory, cookie) of an up entry; None unless the value is exactly two varints
+/// that fit a u64.
+pub fn decode_up(v: &[u8]) -> Option<(u64, u64)> {
+    let mut r = Reader { data: v, pos: 0 };
+    let parent = r.var_u64().ok()?;
+    let cookie = r.var_u64().ok()?;
+    (r.pos == v.len()).then_some((parent, cookie))
+}
+
 /// Directory entry value: child inode, kind and readdir cookie (17 bytes). Layout-1
 /// volumes wrote 9 bytes (no cookie); those still decode.
 pub fn encode_dirent(ino: u64, kind: Kind, cookie: u64) -> [u8; 17] {
@@ -547,6 +566,21 @@ mod tests {
         let mut big_uid = vec![RECORD_V2, 1, 0, 0];
         put_varint(&mut big_uid, u32::MAX as u128 + 1);
         assert!(Inode::decode(&big_uid).is_err());
+    }
+
+    #[test]
+    fn up_entries_are_two_varints() {
+        for (parent, cookie) in [(1, 3), (4096, 70_000), (u64::MAX, u64::MAX)] {
+            let v = encode_up(parent, cookie);
+            assert_eq!(decode_up(&v), Some((parent, cookie)));
+            for cut in 0..v.len() {
+                assert_eq!(decode_up(&v[..cut]), None, "cut at {cut}");
+            }
+            let mut long = v.clone();
+            long.push(0);
+            assert_eq!(decode_up(&long), None);
+        }
+        assert_eq!(encode_up(1, 3), [1, 3]);
     }
 
     #[test]

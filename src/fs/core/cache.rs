@@ -82,9 +82,11 @@ impl Core {
             let inos = st.clean.inos();
             let (bytes, gone) = self.evict_locked(&mut st, &inos)?;
             freed += bytes;
-            drop(st);
-            self.delete_evicted(gone);
-            let st = self.lock();
+            // Under the lock the eviction held: a copy installed or let go of after
+            // it is seen here and taken by the next pass. (Looked at under a second
+            // lock, an install that got the lock in between, often one that waited
+            // for this eviction's commit, was neither evicted nor waited for: CI saw
+            // one decode too few on the next mount.)
             let pinned = st
                 .clean
                 .inos()
@@ -92,6 +94,7 @@ impl Core {
                 .any(|ino| st.live.get(&ino).is_some_and(|l| l.pins > 0));
             let installing = !self.opts.read_only && st.partial.values().any(|p| p.complete());
             drop(st);
+            self.delete_evicted(gone);
             let waited = start.elapsed();
             let wait =
                 (pinned && waited < EVICT_PIN_WAIT) || (installing && waited < EVICT_INSTALL_WAIT);

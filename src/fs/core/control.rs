@@ -267,14 +267,13 @@ impl Core {
     }
 
     /// One path of `ino` (for log lines), or `inode N` if it has none: walked up through
-    /// the parent entries, each checked against the directory (O(depth), never a scan).
+    /// the up entries, each checked to still name it (O(depth), never a scan).
     pub fn describe(&self, ino: u64) -> String {
         let mut parts = Vec::new();
         let mut cur = ino;
         while cur != ROOT_INO && parts.len() < 256 {
             match self.store.parent_of(cur) {
-                Ok(Some((parent, name))) if matches!(self.store.lookup(parent, &name), Ok(Some((i, _))) if i == cur) =>
-                {
+                Ok(Some((parent, name, _))) => {
                     parts.push(String::from_utf8_lossy(&name).into_owned());
                     cur = parent;
                 }

@@ -47,16 +47,13 @@ impl Core {
         if ino == ROOT_INO {
             return self.getattr(ROOT_INO);
         }
-        let (parent, name) = self
-            .store
-            .parent_of(ino)
-            .map_err(store_err)?
-            .ok_or(libc::ENOENT)?;
-        match self.store.lookup(parent, &name).map_err(store_err)? {
-            Some((child, Kind::Dir)) if child == ino => self.getattr(parent),
-            // A directory has one name, and its parent entry is written with it.
+        match self.store.parent_of(ino).map_err(store_err)? {
+            Some((parent, _, Kind::Dir)) => self.getattr(parent),
+            // A directory has one name, and its up entry is written with it.
             _ => {
-                log::error!("directory {ino}: its parent entry is stale; run `nacrithfs fsck`");
+                log::error!(
+                    "directory {ino}: its up entry is missing or stale; run `nacrithfs fsck`"
+                );
                 Err(libc::ESTALE)
             }
         }
