@@ -255,7 +255,7 @@ pub fn fsck_mutated(data: &[u8], template: &Path, scratch: &Path) {
             match op % 7 {
                 0 | 1 => {
                     // A key of any kind: prefix, id, maybe a name or second id.
-                    let prefix = b"idcxqgmp"[input.u8().unwrap_or(0) as usize % 8];
+                    let prefix = b"idcxqgmpu"[input.u8().unwrap_or(0) as usize % 9];
                     let mut key = vec![prefix];
                     key.extend_from_slice(&input.u64().unwrap_or(1).to_be_bytes());
                     key.extend_from_slice(&input.bytes(16));

@@ -1115,9 +1115,11 @@ impl Store {
         } else {
             0
         };
-        // Before the rest: layouts 1 and 2 have no parent entries, and the pass over
-        // the entries below gives every named inode its up entry.
-        let ups = if from < LAYOUT_UP_ENTRIES {
+        // Layouts 4-6 in batches; below 4, the one batch further down removes the
+        // parent entries (layout 3) and gives every named inode its up entry (a batch
+        // of up entries committed alone would point at layout-3 cookie values, which
+        // hold only the name, and a read-only open in between would misread them).
+        let ups = if (LAYOUT_COOKIE_ENTRIES..LAYOUT_UP_ENTRIES).contains(&from) {
             self.migrate_parent_entries()?
         } else {
             0
@@ -1135,6 +1137,9 @@ impl Store {
             return Ok(());
         }
         let (mut cookies, mut parents) = (0u64, 0u64);
+        for k in self.db.scan_prefix(b"p").keys() {
+            txn.batch.remove(&k?[..]);
+        }
         for r in self.db.scan_prefix(b"d") {
             let (k, v) = r?;
             let (Some(parent), Some((ino, kind, cookie))) =
