@@ -371,6 +371,10 @@ fn fsck_finds_and_repairs_every_planted_defect() {
         store
             .raw_insert(&Store::cookie_key(1, 1), b"nobody")
             .expect("plant");
+        // a directory without its up entry (`..` of it would fail)
+        store
+            .raw_remove(&Store::up_key(lookup(&["data"])))
+            .expect("plant");
     }
     fs::copy(blobs.join("9-4.nc06"), blobs.join("9-3.nc06")).expect("superseded blob");
     fs::write(backing.join("cache/300"), b"deleted plaintext").expect("deleted plaintext");
@@ -405,6 +409,7 @@ fn fsck_finds_and_repairs_every_planted_defect() {
         "stale-parent",
         "bad-acl",
         "dirent-kind",
+        "stale-up",
     ];
     let (code, out) = fsck(&[], &backing);
     println!("{out}");
@@ -417,7 +422,7 @@ fn fsck_finds_and_repairs_every_planted_defect() {
     }
     // (The dangling entry's cookie key is stale too, and so is the up entry it
     // planted for the missing inode.)
-    assert!(out.contains("18 problems, 0 repaired"), "{out}");
+    assert!(out.contains("19 problems, 0 repaired"), "{out}");
     assert!(
         out.contains("2 deleted or superseded files await removal"),
         "{out}"
@@ -429,7 +434,7 @@ fn fsck_finds_and_repairs_every_planted_defect() {
     // The content of zeros.bin is gone (its only copy was the deleted blob): reported,
     // never "repaired" by inventing data.
     assert_eq!(code, 4, "{out}");
-    assert!(out.contains("18 problems, 17 repaired"), "{out}");
+    assert!(out.contains("19 problems, 18 repaired"), "{out}");
     assert!(
         out.contains("2 deleted or superseded files were removed"),
         "{out}"

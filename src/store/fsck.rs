@@ -124,8 +124,9 @@ pub fn fsck(backing: &Path, opts: FsckOptions<'_>) -> Result<Report> {
     check_key_shapes(&mut c)?;
     let inodes = read_inodes(&mut c)?;
     let names = check_dirents(&mut c, &inodes)?;
-    check_cookies(&mut c, &inodes, &names)?;
+    let cookies = check_cookies(&mut c, &inodes, &names)?;
     check_links(&mut c, &inodes, &names)?;
+    check_dir_up_entries(&mut c, &inodes, &names, &cookies)?;
     let mut referenced = check_files(&mut c, &inodes)?;
     check_queue_and_xattrs(&mut c, &inodes)?;
     check_counters(&mut c, &inodes)?;
@@ -371,11 +372,21 @@ fn reap(c: &Checker, graves: &Graves) -> Result<()> {
     c.store.commit(txn, true)
 }
 
+/// Per (directory, name): the readdir cookie the name has once the repair is committed,
+/// and whether it is new (given by this check).
+type FinalCookies = HashMap<(u64, Vec<u8>), (u64, bool)>;
+
 /// Every entry's readdir cookie has its `c` key (else readdir would never list it),
-/// and every `c` key names an entry that has that cookie.
-fn check_cookies(c: &mut Checker, inodes: &HashMap<u64, Inode>, names: &Names) -> Result<()> {
+/// and every `c` key names an entry that has that cookie. Returns the cookies as the
+/// repair leaves them.
+fn check_cookies(
+    c: &mut Checker,
+    inodes: &HashMap<u64, Inode>,
+    names: &Names,
+) -> Result<FinalCookies> {
+    let mut finals = FinalCookies::new();
     if !c.store.cookies {
-        return Ok(());
+        return Ok(finals);
     }
     let kept: HashSet<(u64, &[u8])> = names
         .values()
@@ -429,10 +440,12 @@ fn check_cookies(c: &mut Checker, inodes: &HashMap<u64, Inode>, names: &Names) -
             Some(ck) if by_cookie.get(&(parent, ck)).is_some_and(matches) => {
                 max_cookie = max_cookie.max(ck);
                 expected.insert((parent, ck));
+                finals.insert((parent, name.to_vec()), (ck, false));
             }
             Some(ck) => {
                 max_cookie = max_cookie.max(ck);
                 expected.insert((parent, ck));
+                finals.insert((parent, name.to_vec()), (ck, false));
                 let why = if by_cookie.contains_key(&(parent, ck)) {
                     "a cookie key that does not match it (readdir lists it wrong)"
                 } else {
@@ -460,6 +473,7 @@ fn check_cookies(c: &mut Checker, inodes: &HashMap<u64, Inode>, names: &Names) -
                     let ck = c.store.alloc_cookie(&mut c.txn);
                     c.txn.put_dirent(parent, name, ino, kind, ck);
                     expected.insert((parent, ck));
+                    finals.insert((parent, name.to_vec()), (ck, true));
                 }
             }
         }
@@ -495,7 +509,7 @@ fn check_cookies(c: &mut Checker, inodes: &HashMap<u64, Inode>, names: &Names) -
             .next_cookie
             .store(max_cookie + 1, std::sync::atomic::Ordering::SeqCst);
     }
-    Ok(())
+    Ok(finals)
 }
 
 /// Every key has a shape this index writes: a malformed key of a known kind (a wrong
@@ -635,6 +649,62 @@ fn check_dirents(c: &mut Checker, inodes: &HashMap<u64, Inode>) -> Result<Names>
         names.entry(child).or_default().push((parent, name));
     }
     Ok(names)
+}
+
+/// A directory's up entry names it (its parent and the readdir cookie of its name): a
+/// lookup of `..` goes through it (`Core::parent_dir`). One missing, or naming something
+/// else (say, moved from a malformed layout-6 parent entry), is rewritten from the
+/// directory's name and the cookie that name has once this repair is committed
+/// (`cookies`, from check_cookies). A name given a new cookie by check_cookies had its up
+/// entry rewritten there (one defect, one finding). Files' up entries only name them in
+/// log lines, and one left stale by a removed hard link is expected: not checked.
+fn check_dir_up_entries(
+    c: &mut Checker,
+    inodes: &HashMap<u64, Inode>,
+    names: &Names,
+    cookies: &FinalCookies,
+) -> Result<()> {
+    if c.store.layout < super::LAYOUT_UP_ENTRIES {
+        return Ok(());
+    }
+    let mut dirs: Vec<_> = names
+        .iter()
+        .filter(|(ino, _)| inodes.get(ino).is_some_and(|i| i.kind == Kind::Dir))
+        .collect();
+    dirs.sort_by_key(|(ino, _)| **ino);
+    for (&ino, ns) in dirs {
+        let up = c
+            .store
+            .db
+            .get(super::up_key(ino))?
+            .as_deref()
+            .and_then(record::decode_up);
+        let finals: Vec<_> = ns
+            .iter()
+            .filter_map(|(p, n)| cookies.get(&(*p, n.clone())).map(|f| (*p, n, *f)))
+            .collect();
+        if finals
+            .iter()
+            .any(|(p, _, (ck, fresh))| *fresh || up == Some((*p, *ck)))
+        {
+            continue;
+        }
+        let Some((parent, name, (cookie, _))) = finals.first() else {
+            continue;
+        };
+        c.found(
+            "stale-up",
+            format!(
+                "directory {ino} ({:?} in directory {parent}) has no up entry naming it (its `..` fails)",
+                String::from_utf8_lossy(name)
+            ),
+            Some("rewritten".into()),
+        );
+        c.txn
+            .batch
+            .insert(super::up_key(ino), record::encode_up(*parent, *cookie));
+    }
+    Ok(())
 }
 
 /// Link counts match the names; live inodes nothing names go to /lost+found.
@@ -969,12 +1039,16 @@ fn check_blob(
 fn check_queue_and_xattrs(c: &mut Checker, inodes: &HashMap<u64, Inode>) -> Result<()> {
     // Parent and up entries are advisory (a path for log lines, checked before use),
     // but one of an inode that is gone is garbage.
-    let mut parents: Vec<_> = c
-        .store
-        .db
-        .scan_prefix(b"p")
-        .keys()
-        .collect::<std::result::Result<_, _>>()?;
+    // (From layout 7 a 'p' key is a bad key, reported and removed as such.)
+    let mut parents: Vec<_> = if c.store.layout < super::LAYOUT_UP_ENTRIES {
+        c.store
+            .db
+            .scan_prefix(b"p")
+            .keys()
+            .collect::<std::result::Result<_, _>>()?
+    } else {
+        Vec::new()
+    };
     for k in c.store.db.scan_prefix(b"u").keys() {
         parents.push(k?);
     }
@@ -1214,6 +1288,11 @@ impl Store {
     #[doc(hidden)]
     pub fn dirent_key(parent: u64, name: &[u8]) -> Vec<u8> {
         dirent_key(parent, name)
+    }
+
+    #[doc(hidden)]
+    pub fn up_key(ino: u64) -> Vec<u8> {
+        super::up_key(ino).to_vec()
     }
 
     #[doc(hidden)]

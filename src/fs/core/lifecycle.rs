@@ -2,6 +2,9 @@
 
 use super::*;
 
+/// The due time of a file `nacrithfs flush` asked for: before any wall-clock time.
+const FLUSH_DUE: u64 = 0;
+
 impl Core {
     /// Queue `ino` (a dirty file) to be compressed after `delay`: in memory now, in the
     /// index at the next group commit (see [`Unsynced`]).
@@ -34,14 +37,16 @@ impl Core {
         }
         self.sync_metadata()?;
         let st = self.lock();
-        let now = unix_ms(SystemTime::now());
         let mut txn = Txn::default();
         // The dirty files from the in-memory tally: O(dirty), not a scan of the index.
+        // Due at the epoch, not at the wall clock's now: `nacrithfs flush` waits until
+        // nothing is due, and a backward step of the clock would otherwise make entries
+        // due "now" look not yet due, ending the wait early.
         for ino in self.store.dirty_files() {
             let due = self.store.queue_due(ino).map_err(store_err)?;
             let writing = st.live.get(&ino).is_some_and(|l| l.writers > 0) && due.is_none();
-            if !writing && due.is_none_or(|d| d > now) {
-                txn.enqueue(ino, now);
+            if !writing && due != Some(FLUSH_DUE) {
+                txn.enqueue(ino, FLUSH_DUE);
             }
         }
         self.commit(txn, false)?;
@@ -129,6 +134,9 @@ impl Core {
             Err(e) => return Err(e),
         };
         let current = st.live.get(&ino).map_or(0, |l| l.version);
+        // An unmount in progress does not refuse a finished compression: its commit is
+        // as durable as any, and the clean stop is recorded only after every
+        // compressor has stopped (so after this commit, or without it).
         if st.paused
             || current != version
             || !inode.dirty

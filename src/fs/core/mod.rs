@@ -585,6 +585,8 @@ mod tests {
         core.closed(ino).expect("close (FUSE FLUSH)");
         core.request_flush().expect("flush");
         assert_eq!(state(&core, ino), "queued", "closed, RELEASE not yet in");
+        // Due before any time the clock could step back to.
+        assert_eq!(core.store.queue_due(ino).expect("due"), Some(0));
 
         // Written again through a handle that stays open: the writer has it back.
         core.write(ino, fh, 5, b" again", false).expect("write");
