@@ -372,8 +372,10 @@ fn reap(c: &Checker, graves: &Graves) -> Result<()> {
     c.store.commit(txn, true)
 }
 
-/// Per (directory, name): the readdir cookie the name has once the repair is committed,
-/// and whether it is new (given by this check).
+/// Per (directory, name) of a subdirectory: the readdir cookie the name has once the
+/// repair is committed, and whether it is new (given by this check). Only
+/// subdirectories' names: their up entries are checked (a million files' names would be
+/// a second copy of `Names` in memory for nothing).
 type FinalCookies = HashMap<(u64, Vec<u8>), (u64, bool)>;
 
 /// Every entry's readdir cookie has its `c` key (else readdir would never list it),
@@ -423,6 +425,8 @@ fn check_cookies(
         let dirent =
             stored.map(|(ino, kind, ck)| (ino, inodes.get(&ino).map_or(kind, |i| i.kind), ck));
         let cookie = dirent.and_then(|(_, _, ck)| ck);
+        let subdir =
+            dirent.is_some_and(|(ino, _, _)| inodes.get(&ino).is_some_and(|i| i.kind == Kind::Dir));
         // The cookie key's value names this entry, and (layout 4) carries its child and
         // kind as they are in the entry: as stored (a wrong kind there is the entry's
         // fault, reported by check_dirents, whose repair rewrites both keys) or as the
@@ -440,12 +444,16 @@ fn check_cookies(
             Some(ck) if by_cookie.get(&(parent, ck)).is_some_and(matches) => {
                 max_cookie = max_cookie.max(ck);
                 expected.insert((parent, ck));
-                finals.insert((parent, name.to_vec()), (ck, false));
+                if subdir {
+                    finals.insert((parent, name.to_vec()), (ck, false));
+                }
             }
             Some(ck) => {
                 max_cookie = max_cookie.max(ck);
                 expected.insert((parent, ck));
-                finals.insert((parent, name.to_vec()), (ck, false));
+                if subdir {
+                    finals.insert((parent, name.to_vec()), (ck, false));
+                }
                 let why = if by_cookie.contains_key(&(parent, ck)) {
                     "a cookie key that does not match it (readdir lists it wrong)"
                 } else {
@@ -473,7 +481,9 @@ fn check_cookies(
                     let ck = c.store.alloc_cookie(&mut c.txn);
                     c.txn.put_dirent(parent, name, ino, kind, ck);
                     expected.insert((parent, ck));
-                    finals.insert((parent, name.to_vec()), (ck, true));
+                    if subdir {
+                        finals.insert((parent, name.to_vec()), (ck, true));
+                    }
                 }
             }
         }
