@@ -161,6 +161,30 @@ fn corrupt_truncated_and_foreign_blobs_fail_with_one_line() {
         "not an NC06 blob",
     );
     assert_one_line_error(&nacrith(&["info", "-"], Some(b"")), "truncated");
+
+    // A zero run claiming more bytes than any file holds: refused at once (it used to
+    // be hashed, zero by zero, before the output's length was ever set).
+    use nacrithfs::codec::container::{Header, Segment, SegmentKind};
+    let huge = Header {
+        original_len: u64::MAX,
+        checksum: [0; 32],
+        model_fingerprint: [0; 32],
+        backend_tag: String::new(),
+        params: vec![],
+        segments: vec![Segment {
+            kind: SegmentKind::Zero,
+            original_len: u64::MAX,
+            stored_len: 0,
+            crc: 0,
+            chunks: vec![],
+        }],
+    }
+    .to_bytes();
+    assert_one_line_error(
+        &nacrith(&["decompress", "-", "-o", out_s], Some(&huge)),
+        "bytes, which",
+    );
+    assert!(!out.exists(), "no output file after a refused blob");
 }
 
 #[test]

@@ -295,6 +295,15 @@ fn decompress(input: &Path, output: &Path, args: &ModelArgs, force_backend: bool
     } else {
         // Renamed over the output only once every check passed; zero runs stay holes.
         write_atomically(output, |file| {
+            // The whole length first: a blob claiming more than the filesystem holds
+            // (a zero run of exabytes) is refused now, not after hashing its zeros.
+            file.set_len(header.original_len).with_context(|| {
+                format!(
+                    "the blob holds {} bytes, which {} cannot",
+                    header.original_len,
+                    output.display()
+                )
+            })?;
             let mut sink = FileSink::new(file);
             codec::decode_to(&*blob, engine, &opts, &tick, &mut sink)?;
             Ok(sink.finish()?)

@@ -160,8 +160,13 @@ impl Header {
             // Too short for a header: let the parser say what it is.
             return Header::parse(&start[..n], Some(src.len()));
         }
+        if &start[..4] != MAGIC {
+            // Not a blob: say so without reading what its bytes 8..12 would announce
+            // (up to 4 GiB of some other file).
+            return Header::parse(&start, Some(src.len()));
+        }
         let header_len = u32::from_le_bytes([start[8], start[9], start[10], start[11]]) as u64;
-        if header_len > MAX_HEADER && &start[..4] == MAGIC {
+        if header_len > MAX_HEADER {
             return Err(corrupt(format!(
                 "header length {header_len} is over the {MAX_HEADER} this build reads"
             )));
@@ -508,5 +513,29 @@ mod tests {
     fn foreign_data_says_so() {
         let err = Header::parse(b"\x1f\x8b\x08\x00gzip data here", None).unwrap_err();
         assert!(err.to_string().contains("not an NC06 blob"));
+    }
+
+    /// A 4 GiB file that is not a blob, whose bytes 8..12 would announce a header of
+    /// 4 GiB: refused from its first 12 bytes, nothing more read or allocated.
+    #[test]
+    fn foreign_data_is_not_read_whole() {
+        struct Huge;
+        impl Source for Huge {
+            fn len(&self) -> u64 {
+                4 << 30
+            }
+            fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+                assert!(
+                    offset == 0 && buf.len() <= 12,
+                    "read {} at {offset}",
+                    buf.len()
+                );
+                buf.fill(0xff);
+                buf[..4].copy_from_slice(b"ZIP!");
+                Ok(())
+            }
+        }
+        let err = Header::read_from(&Huge).unwrap_err();
+        assert!(err.to_string().contains("not an NC06 blob"), "{err}");
     }
 }

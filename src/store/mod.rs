@@ -1648,7 +1648,13 @@ impl Store {
         if let Some(id) = self.packs.profile_id(profile) {
             return Ok(id);
         }
-        let id = self.packs.profile_count() as u32 + 1;
+        let id = self
+            .packs
+            .next_profile_id()
+            .ok_or_else(|| StoreError::Corrupt {
+                what: "coding profiles".into(),
+                why: "every profile id is taken".into(),
+            })?;
         let _w = self.watch.enter("profile");
         self.checked(self.db.insert(profile_key(id), profile.encode()))?;
         self.checked(self.db.flush())?;
@@ -1898,6 +1904,18 @@ impl Store {
         self.db
             .scan_prefix(xattr_prefix(ino))
             .map(|r| r.map(|(k, _)| k[9..].to_vec()).map_err(Into::into))
+            .collect()
+    }
+
+    /// The names of an inode's extended attributes with their values' lengths.
+    pub fn xattr_sizes(&self, ino: u64) -> Result<Vec<(Vec<u8>, usize)>> {
+        let _w = self.watch.enter("xattr");
+        self.db
+            .scan_prefix(xattr_prefix(ino))
+            .map(|r| {
+                r.map(|(k, v)| (k[9..].to_vec(), v.len()))
+                    .map_err(Into::into)
+            })
             .collect()
     }
 

@@ -311,12 +311,11 @@ impl Packs {
             .insert(id, p);
     }
 
-    pub fn profile_count(&self) -> usize {
-        self.profiles
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .by_id
-            .len()
+    /// The id a new profile gets: one past the largest known, so a gap in the ids (a
+    /// profile key lost) never makes a new profile take an id packs still name.
+    pub fn next_profile_id(&self) -> Option<u32> {
+        let t = self.profiles.lock().unwrap_or_else(|p| p.into_inner());
+        t.by_id.keys().max().map_or(Some(1), |m| m.checked_add(1))
     }
 
     /// The packs open for appending (never compacted while open).
@@ -348,8 +347,26 @@ impl Packs {
     /// Open the blob of `len` bytes at `slot`, checking its record header and compact
     /// header, as the version-1 blob it was made from.
     pub fn open(&self, slot: PackSlot, len: u64) -> io::Result<PackedBlob> {
+        // A packed blob is at most PACK_MAX_BLOB and inside its pack: a damaged index
+        // that says otherwise gets an error, not an allocation of what it says.
+        if len > PACK_MAX_BLOB {
+            return Err(bad(format!(
+                "the index says {len} bytes, more than a packed blob holds"
+            )));
+        }
         let path = self.path(slot.pack);
         let file = std::fs::File::open(&path)?;
+        let file_len = file.metadata()?.len();
+        if slot
+            .offset
+            .checked_add(len)
+            .is_none_or(|end| end > file_len)
+        {
+            return Err(bad(format!(
+                "the blob of {len} bytes at {} is past the pack's end ({file_len} bytes)",
+                slot.offset
+            )));
+        }
         let profile_id = self.profile_of_pack(slot.pack, &file)?;
         let at = slot
             .offset
@@ -515,4 +532,69 @@ pub fn compact_blob(
     let mut out = c;
     out.extend_from_slice(&payload);
     Ok(Some(out))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What a damaged index may say about a packed blob (its length, its place) is
+    /// checked before anything is read or allocated for it.
+    #[test]
+    fn a_slot_the_pack_cannot_hold_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::create_dir(dir.path().join(PACK_DIR)).expect("mkdir");
+        let mut t = ProfileTable::default();
+        t.insert(
+            1,
+            Profile {
+                model_fingerprint: [0; 32],
+                backend_tag: String::new(),
+                params: vec![],
+            },
+        );
+        let packs = Packs::new(dir.path(), t);
+        assert_eq!(packs.next_profile_id(), Some(2));
+        let blob = b"not a compact header, but bytes".to_vec();
+        let slot = packs.append(1, 7, &blob, &|| Ok(42)).expect("append").slot;
+        let len = blob.len() as u64;
+        let err = |slot, len| packs.open(slot, len).err().expect("refused").to_string();
+        let e = err(slot, PACK_MAX_BLOB + 1);
+        assert!(e.contains("more than a packed blob holds"), "{e}");
+        let e = err(slot, len + 1);
+        assert!(e.contains("past the pack's end"), "{e}");
+        let far = PackSlot {
+            pack: slot.pack,
+            offset: u64::MAX - 3,
+        };
+        let e = err(far, len);
+        assert!(e.contains("past the pack's end"), "{e}");
+        // The slot as written gets as far as the compact header.
+        let e = err(slot, len);
+        assert!(!e.contains("past the pack's end"), "{e}");
+    }
+
+    /// A gap in the profile ids (a key lost) never makes a new profile take an id.
+    #[test]
+    fn new_profile_ids_follow_the_largest() {
+        let p = |tag: &str| Profile {
+            model_fingerprint: [0; 32],
+            backend_tag: tag.into(),
+            params: vec![],
+        };
+        let mut t = ProfileTable::default();
+        t.insert(2, p("b"));
+        let packs = Packs::new(std::path::Path::new("/nonexistent"), t);
+        assert_eq!(packs.next_profile_id(), Some(3));
+        let mut t = ProfileTable::default();
+        t.insert(u32::MAX, p("c"));
+        assert_eq!(
+            Packs::new(std::path::Path::new("/x"), t).next_profile_id(),
+            None
+        );
+        assert_eq!(
+            Packs::new(std::path::Path::new("/x"), ProfileTable::default()).next_profile_id(),
+            Some(1)
+        );
+    }
 }
