@@ -437,12 +437,14 @@ pub fn metrics(mnt: &Path, textfile: Option<&Path>, interval: Option<u64>) -> Re
         // file would say the volume is fine.
         let text = Status::read(mnt)?.to_prometheus(mnt);
         let mut tmp = path.as_os_str().to_owned();
-        tmp.push(".tmp");
+        tmp.push(format!(".tmp.{}", std::process::id()));
         let tmp = std::path::PathBuf::from(tmp);
+        // A new file, never one that is there: in a directory others can write to, a
+        // link planted at the name would otherwise have root truncate its target.
+        let _ = std::fs::remove_file(&tmp);
         let written = std::fs::OpenOptions::new()
             .write(true)
-            .create(true)
-            .truncate(true)
+            .create_new(true)
             .open(&tmp)
             .and_then(|mut f| {
                 // Readable by the collector, whoever runs it.

@@ -678,8 +678,13 @@ impl Drop for Tmpfs {
 
 /// Write 64 KiB blocks to `path` until the disk is full; returns (bytes written, error).
 fn fill(path: &Path) -> (u64, std::io::Error) {
+    fill_with(path, 64 << 10)
+}
+
+/// `fill` in writes of `block` bytes.
+fn fill_with(path: &Path, block: usize) -> (u64, std::io::Error) {
     let mut f = File::create(path).unwrap_or_else(|e| panic!("create {}: {e}", path.display()));
-    let block = common::random_bytes(64 << 10, 99);
+    let block = common::random_bytes(block, 99);
     let mut n = 0u64;
     loop {
         if let Err(e) = f.write_all(&block).and_then(|_| f.sync_data()) {
@@ -715,10 +720,35 @@ fn full_backing_disk_gives_enospc_and_loses_nothing() {
     );
 
     // Writes through the mount stop at the reserve with ENOSPC.
+    File::create(mnt.join("fill-tail")).expect("create fill-tail");
     let (written, e) = fill(&mnt.join("fill"));
     println!("wrote {written} bytes through the mount, then: {e}");
     assert_eq!(e.raw_os_error(), Some(libc::ENOSPC), "{e}");
     assert!(written > 4 << 20, "only {written} bytes fit");
+    // So do new names and xattrs: index bytes are disk bytes too, and an index that
+    // cannot write its journal stops the daemon. (First the last KiBs, so that less
+    // than a new name's 4 KiB is left above the reserve; that file was made before.)
+    let (tail, e) = fill_with(&mnt.join("fill-tail"), 1024);
+    assert_eq!(e.raw_os_error(), Some(libc::ENOSPC), "{e}");
+    println!("and {tail} bytes more in 1 KiB writes");
+    let enospc = |what: &str, r: std::io::Result<()>| match r {
+        Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => {}
+        other => panic!("{what} at the reserve: {other:?}, expected ENOSPC"),
+    };
+    enospc("create", File::create(mnt.join("one-more")).map(|_| ()));
+    enospc("mkdir", fs::create_dir(mnt.join("one-more-dir")));
+    enospc(
+        "symlink",
+        std::os::unix::fs::symlink("target", mnt.join("one-more-link")),
+    );
+    enospc(
+        "link",
+        fs::hard_link(mnt.join("fill"), mnt.join("fill-link")),
+    );
+    enospc(
+        "setxattr",
+        set_xattr(&mnt.join("fill"), "user.big", &[7u8; 60000]),
+    );
     check_manifest(&mnt, &manifest, &[]);
 
     // Now fill the disk itself, from outside: a compression cannot write its blob.
@@ -742,6 +772,7 @@ fn full_backing_disk_gives_enospc_and_loses_nothing() {
     // Space comes back: the same mount compresses and everything reads back.
     fs::remove_file(small.join("outside")).expect("rm");
     fs::remove_file(mnt.join("fill")).expect("rm");
+    fs::remove_file(mnt.join("fill-tail")).expect("rm");
     admin("flush", &mnt);
     assert_eq!(
         xattr(&mnt.join("dirty.txt"), "user.nacrith.state"),

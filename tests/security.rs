@@ -234,8 +234,9 @@ fn the_backing_directory_is_private_and_checked() {
 }
 
 /// A write or fallocate by someone other than root drops setuid (and setgid with group
-/// execute), through direct-I/O (write-only) and page-cache (read-write) handles alike,
-/// as on ext4. Root's own writes keep them.
+/// execute), through write-only and read-write handles alike, as on ext4 (a setuid
+/// file's write-only handle is a page-cache one, so that the kernel's cached mode drops
+/// them too). Root's own writes keep them.
 #[test]
 fn writes_by_other_users_drop_setuid_and_setgid() {
     use std::os::unix::fs::PermissionsExt;
@@ -250,7 +251,7 @@ fn writes_by_other_users_drop_setuid_and_setgid() {
         p.to_string_lossy().into_owned()
     };
     let cases: [(&str, &[&str]); 4] = [
-        // dd opens O_WRONLY: a direct-I/O handle
+        // dd opens O_WRONLY (a direct-I/O handle, but for setuid and setgid files)
         (
             "direct.sh",
             &[
@@ -736,4 +737,158 @@ fn posix_acls_grant_and_deny_a_second_user() {
     let (code, _) = as_nobody(&["ls", &s]);
     assert_ne!(code, 0, "an ACL enforced under noacl");
     d.unmount();
+}
+
+/// What one user's requests can make the daemon hold: an inode's xattrs fit one
+/// listxattr and 1 MiB of values (ENOSPC beyond, as on ext4); the daemon's limit on open
+/// files is raised from whatever soft limit it was started with to the hard one, so a
+/// user holding many files open does not run it out of descriptors.
+#[test]
+fn one_users_xattrs_and_open_files_are_bounded() {
+    use std::io::Read;
+    use std::os::unix::process::CommandExt;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (backing, mnt) = new_volume(dir.path());
+    let mut hard = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: a valid rlimit to fill in.
+    assert_eq!(
+        unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut hard) },
+        0
+    );
+    assert!(hard.rlim_max > 2048, "hard limit {} too low", hard.rlim_max);
+    let d = Daemon::start_with(&backing, &mnt, "idle=3600", |c| {
+        // SAFETY: setrlimit is async-signal-safe; it runs in the child before exec.
+        unsafe {
+            c.pre_exec(move || {
+                let low = libc::rlimit {
+                    rlim_cur: 256,
+                    rlim_max: hard.rlim_max,
+                };
+                if libc::setrlimit(libc::RLIMIT_NOFILE, &low) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    });
+    let limits = fs::read_to_string(format!("/proc/{}/limits", d.child.id())).expect("limits");
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .expect("Max open files");
+    let nums: Vec<&str> = line.split_whitespace().skip(3).take(2).collect();
+    assert_eq!(nums[0], nums[1], "soft limit not raised: {line}");
+
+    // 1,000 files held open (more than the 256 the daemon started with), each read.
+    // SAFETY: raising this process's own soft limit to its hard one.
+    unsafe {
+        let mut mine = hard;
+        mine.rlim_cur = hard.rlim_max;
+        libc::setrlimit(libc::RLIMIT_NOFILE, &mine);
+    }
+    let mut open = Vec::new();
+    for i in 0..1000 {
+        let p = mnt.join(format!("f{i}"));
+        fs::write(&p, format!("file {i}\n")).expect("write");
+        let mut f = fs::File::open(&p).expect("open");
+        let mut s = String::new();
+        f.read_to_string(&mut s)
+            .unwrap_or_else(|e| panic!("read of f{i} with {i} files open: {e}"));
+        assert_eq!(s, format!("file {i}\n"));
+        open.push(f);
+    }
+    drop(open);
+
+    let f = mnt.join("x");
+    fs::write(&f, b"x").expect("write");
+    // Values: 16 of 64 KiB fit, a 17th does not; replacing one does.
+    let big = vec![b'v'; 65536];
+    for i in 0..16 {
+        set_xattr(&f, &format!("user.v{i}"), &big).unwrap_or_else(|e| panic!("user.v{i}: {e}"));
+    }
+    let e = set_xattr(&f, "user.v16", &big).expect_err("a 17th 64 KiB value");
+    assert_eq!(e.raw_os_error(), Some(libc::ENOSPC), "{e}");
+    set_xattr(&f, "user.v3", &big[..1000]).expect("replace a value");
+    set_xattr(&f, "user.v16", &big[..60000]).expect("what the smaller value left");
+    // Names: as many as one listxattr returns, then ENOSPC; all of them listed.
+    let g = mnt.join("y");
+    fs::write(&g, b"y").expect("write");
+    let name = |i: usize| format!("user.{i:0>240}");
+    let mut n = 0;
+    let e = loop {
+        match set_xattr(&g, &name(n), b"") {
+            Ok(()) => n += 1,
+            Err(e) => break e,
+        }
+        assert!(n < 1000, "no limit on names");
+    };
+    assert_eq!(e.raw_os_error(), Some(libc::ENOSPC), "{e}");
+    assert_eq!(n, 65536 / 246, "names that fit 64 KiB");
+    assert_eq!(list_xattrs(&g).len(), n);
+    // The file with them goes in one piece.
+    fs::remove_file(&g).expect("unlink");
+    d.unmount();
+    let (code, out) = fsck(&[], &backing);
+    assert_eq!(code, 0, "{out}");
+}
+
+/// An open racing an unlink of the file's last name either fails (ENOENT) or gives a
+/// handle that works until it is closed, never one that names a deleted inode.
+#[test]
+fn an_open_racing_the_last_unlink_gets_a_working_handle_or_enoent() {
+    use std::io::{Read, Seek, Write};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (backing, mnt) = new_volume(dir.path());
+    let d = Daemon::start(&backing, &mnt, "idle=3600");
+    let stop = Arc::new(AtomicBool::new(false));
+    let p = mnt.join("f");
+    let churn = {
+        let (stop, p) = (stop.clone(), p.clone());
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                fs::write(&p, b"data").expect("create");
+                match fs::remove_file(&p) {
+                    Ok(()) => {}
+                    Err(e) => panic!("unlink: {e}"),
+                }
+            }
+        })
+    };
+    let (mut opened, mut missing) = (0, 0);
+    for _ in 0..3000 {
+        match fs::OpenOptions::new().read(true).write(true).open(&p) {
+            Ok(mut f) => {
+                opened += 1;
+                // The handle reads and writes, whatever happened to the name.
+                f.write_all(b"more")
+                    .expect("write through a handle of an unlinked file");
+                f.rewind().expect("seek");
+                let mut got = Vec::new();
+                f.read_to_end(&mut got)
+                    .expect("read through a handle of an unlinked file");
+                // (Its creator may still be writing "data" into it, or truncating it.)
+                assert!(got.len() <= 4, "{got:?}");
+                f.metadata().expect("fstat");
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => missing += 1,
+            Err(e) => panic!("open: {e}"),
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    churn.join().expect("churn");
+    println!("{opened} opens got a handle, {missing} found no file");
+    assert!(
+        opened > 0 && missing > 0,
+        "{opened} / {missing}: no race was run"
+    );
+    let log = d.log_text();
+    assert!(!log.contains("ERROR"), "{log}");
+    d.unmount();
+    let (code, out) = fsck(&[], &backing);
+    assert_eq!(code, 0, "{out}");
 }

@@ -477,6 +477,32 @@ fn init_logging() {
 }
 
 /// Open the store, load the model, mount, report readiness, serve until unmounted.
+/// Every file with an open handle that has been read or written holds one descriptor
+/// of its cache file, so users of the mount, together, decide how many the daemon
+/// needs: the soft limit (often 1024) goes up to the hard one.
+fn raise_fd_limit() {
+    let mut r = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: a valid rlimit to fill in and then pass back.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) != 0 || r.rlim_cur >= r.rlim_max {
+            return;
+        }
+        let was = r.rlim_cur;
+        r.rlim_cur = r.rlim_max;
+        if libc::setrlimit(libc::RLIMIT_NOFILE, &r) == 0 {
+            log::debug!("open files: limit raised from {was} to {}", r.rlim_max);
+        } else {
+            log::warn!(
+                "open files: cannot raise the limit of {was}: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+    }
+}
+
 fn serve(
     m: &MountArgs,
     backing: &Path,
@@ -488,6 +514,7 @@ fn serve(
     // SAFETY: a valid, initialized signal set.
     unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &sigs, std::ptr::null_mut()) };
 
+    raise_fd_limit();
     match nacrithfs::store::perms::secure_backing(backing, m.opts.read_only)? {
         Some(done) if m.opts.read_only => log::warn!("{done}"),
         Some(done) => log::info!("{done}"),

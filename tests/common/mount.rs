@@ -39,18 +39,31 @@ impl Daemon {
 
     /// The same, with extra environment for the daemon (fault-injection hooks).
     pub fn start_env(backing: &Path, mnt: &Path, opts: &str, env: &[(&str, &str)]) -> Daemon {
+        Daemon::start_with(backing, mnt, opts, |c| {
+            c.envs(env.iter().copied());
+        })
+    }
+
+    /// The same, with the command prepared further by `prep` before it is spawned.
+    pub fn start_with(
+        backing: &Path,
+        mnt: &Path,
+        opts: &str,
+        prep: impl FnOnce(&mut Command),
+    ) -> Daemon {
         fs::create_dir_all(mnt).expect("create mount point");
         let log = backing.with_extension("daemon.log");
         let logf = File::create(&log).expect("daemon log");
-        let child = Command::new(BIN)
-            .arg(backing)
+        let mut cmd = Command::new(BIN);
+        cmd.arg(backing)
             .arg(mnt)
             .arg("-f")
             .args(["-o", opts])
-            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(logf)
+            .stderr(logf);
+        prep(&mut cmd);
+        let child = cmd
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {BIN}: {e}"));
         let mut d = Daemon {
@@ -154,6 +167,45 @@ pub fn xattr(path: &Path, name: &str) -> String {
     );
     buf.truncate(r as usize);
     String::from_utf8(buf).expect("utf-8 xattr")
+}
+
+/// setxattr(2) of `name` on `path`, its error as the kernel gave it.
+pub fn set_xattr(path: &Path, name: &str, value: &[u8]) -> std::io::Result<()> {
+    let p = CString::new(path.as_os_str().as_bytes()).expect("path");
+    let n = CString::new(name).expect("name");
+    // SAFETY: valid NUL-terminated strings and a value of the stated length.
+    let r = unsafe {
+        libc::setxattr(
+            p.as_ptr(),
+            n.as_ptr(),
+            value.as_ptr().cast(),
+            value.len(),
+            0,
+        )
+    };
+    if r != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// listxattr(2) of `path`: the names.
+pub fn list_xattrs(path: &Path) -> Vec<String> {
+    let p = CString::new(path.as_os_str().as_bytes()).expect("path");
+    let mut buf = vec![0u8; 65536];
+    // SAFETY: a valid string and buffer.
+    let r = unsafe { libc::listxattr(p.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+    assert!(
+        r >= 0,
+        "listxattr {}: {}",
+        path.display(),
+        std::io::Error::last_os_error()
+    );
+    buf.truncate(r as usize);
+    buf.split(|&b| b == 0)
+        .filter(|n| !n.is_empty())
+        .map(|n| String::from_utf8_lossy(n).into_owned())
+        .collect()
 }
 
 pub fn admin(cmd: &str, mnt: &Path) -> Output {

@@ -86,13 +86,25 @@ impl Core {
         if value.len() > 65536 {
             return Err(libc::E2BIG);
         }
+        // Index bytes count against the reserve as cache bytes do: a full index
+        // journal stops the daemon, so no user may fill the disk through xattrs.
+        self.check_space((name.len() + value.len()) as u64 + META_SPACE)?;
         let _st = self.lock();
         let mut inode = self.get(ino)?;
-        let exists = self
-            .store
-            .xattr_get(ino, name)
-            .map_err(store_err)?
-            .is_some();
+        let have = self.store.xattr_sizes(ino).map_err(store_err)?;
+        let old = have.iter().find(|(n, _)| n.as_slice() == name).map(|x| x.1);
+        let exists = old.is_some();
+        // An inode's names fit one listxattr (the kernel's XATTR_LIST_MAX), which also
+        // bounds what listing them and deleting the inode hold at once; its values
+        // XATTR_VALUES_MAX in all. Beyond either: ENOSPC, as ext4 says when they do not
+        // fit its inode.
+        let listed: usize = have.iter().map(|(n, _)| n.len() + 1).sum();
+        let values: usize = have.iter().map(|(_, v)| v).sum();
+        if (!exists && listed + name.len() + 1 > XATTR_LIST_MAX)
+            || values - old.unwrap_or(0) + value.len() > XATTR_VALUES_MAX
+        {
+            return Err(libc::ENOSPC);
+        }
         if flags & libc::XATTR_CREATE != 0 && exists {
             return Err(libc::EEXIST);
         }
@@ -112,6 +124,9 @@ impl Core {
     /// change in one index batch; an ACL the mode bits say in full is not stored.
     fn set_acl(&self, ino: u64, name: &[u8], value: &[u8], caller: Caller) -> FsResult<()> {
         let parsed = acl::Acl::parse(value)?;
+        if parsed.is_some() {
+            self.check_space(value.len() as u64 + META_SPACE)?;
+        }
         let _st = self.lock();
         let mut inode = self.get(ino)?;
         if inode.kind == Kind::Symlink || (name == acl::DEFAULT && inode.kind != Kind::Dir) {

@@ -8,14 +8,17 @@ impl Core {
     /// `O_TRUNC` (the kernel truncates with a SETATTR after the open), and a write that
     /// needs the old bytes decodes them then.
     pub fn open(&self, ino: u64, flags: i32) -> FsResult<Opened> {
-        let inode = self.get(ino)?;
         let mode = flags & libc::O_ACCMODE;
         let write = mode != libc::O_RDONLY;
         let direct_ok = self.direct_io_ok.load(std::sync::atomic::Ordering::Relaxed);
+        // The inode is read under the lock that the handle is counted under: an unlink
+        // of the last name between the two would delete the inode (nothing had it open)
+        // and leave this handle naming nothing.
+        let mut st = self.lock();
+        let inode = self.get(ino)?;
         let cold_reader =
             direct_ok && inode.kind == Kind::File && mode == libc::O_RDONLY && !inode.cached;
         let stream = cold_reader && self.opts.stream_reads;
-        let mut st = self.lock();
         let fh = st.next_fh;
         st.next_fh += 1;
         st.handles.insert(fh, Handle { ino, stream });
@@ -27,7 +30,13 @@ impl Core {
         drop(st);
         Ok(Opened {
             fh,
-            direct_io: cold_reader || (direct_ok && mode == libc::O_WRONLY),
+            // Not for a setuid or setgid file written: the daemon clears those bits on
+            // such a write, and the kernel, which does it for page-cache writes only,
+            // would go on showing (and exec honouring, with -o suid) its cached mode.
+            direct_io: cold_reader
+                || (direct_ok
+                    && mode == libc::O_WRONLY
+                    && inode.perm & (libc::S_ISUID | libc::S_ISGID) as u16 == 0),
         })
     }
 

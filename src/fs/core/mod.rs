@@ -44,6 +44,13 @@ pub const XATTR_CONTROL: &[u8] = b"user.nacrith.control";
 /// On the root only: blobs per backend (`nacrithfs status --backends`), a census.
 pub const XATTR_BACKENDS: &[u8] = b"user.nacrith.backends";
 const RESERVED_PREFIX: &[u8] = b"user.nacrith.";
+/// The most bytes of names (each with its NUL) one inode's xattrs have: one listxattr.
+const XATTR_LIST_MAX: usize = 65536;
+/// The most bytes of values one inode's xattrs hold together.
+const XATTR_VALUES_MAX: usize = 1 << 20;
+/// Free space a namespace or xattr change needs beyond the reserve (a cache file's
+/// inode, index bytes).
+const META_SPACE: u64 = 4096;
 /// A failed compression is retried after this long (the file stays plaintext).
 const RETRY_AFTER: Duration = Duration::from_secs(60);
 

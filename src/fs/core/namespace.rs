@@ -19,23 +19,39 @@ impl Core {
             return self.parent_dir(parent);
         }
         self.dir(parent)?;
+        if let Ok(a) = self.lookup_once(parent, name)? {
+            return Ok(a);
+        }
+        // The entry named an inode gone by the time it was read: a rename over the name
+        // or an unlink committed between the two reads, made without the lock (a
+        // reader may even see a batch half applied). Under the lock no commit is in
+        // progress, so a dangling entry then is real damage.
+        let _st = self.lock();
+        match self.lookup_once(parent, name)? {
+            Ok(a) => Ok(a),
+            Err(ino) => {
+                log::error!(
+                    "directory {parent}: entry {:?} points to missing inode {ino}; run `nacrithfs fsck`",
+                    String::from_utf8_lossy(name)
+                );
+                Err(libc::EIO)
+            }
+        }
+    }
+
+    /// One read of `name` in `parent` and of its inode: Err(ino) if the entry names an
+    /// inode that is not there.
+    fn lookup_once(&self, parent: u64, name: &[u8]) -> FsResult<Result<Attr, u64>> {
         let (ino, _) = self
             .store
             .lookup(parent, name)
             .map_err(store_err)?
             .ok_or(libc::ENOENT)?;
-        let inode = self.get(ino).map_err(|e| {
-            if e == libc::ENOENT {
-                log::error!(
-                    "directory {parent}: entry {:?} points to missing inode {ino}; run `nacrithfs fsck`",
-                    String::from_utf8_lossy(name)
-                );
-                libc::EIO
-            } else {
-                e
-            }
-        })?;
-        Ok(Attr { ino, inode })
+        match self.get(ino) {
+            Ok(inode) => Ok(Ok(Attr { ino, inode })),
+            Err(libc::ENOENT) => Ok(Err(ino)),
+            Err(e) => Err(e),
+        }
     }
 
     /// The directory holding directory `ino` (the root's is itself), from its parent
@@ -46,6 +62,16 @@ impl Core {
         }
         if ino == ROOT_INO {
             return self.getattr(ROOT_INO);
+        }
+        if let Some((parent, _, Kind::Dir)) = self.store.parent_of(ino).map_err(store_err)? {
+            return self.getattr(parent);
+        }
+        // Read again under the lock: a rename of the directory commits its new up entry
+        // and readdir cookie in one batch, which a read without the lock may see half
+        // applied.
+        let _st = self.lock();
+        if self.dir(ino)?.nlink == 0 {
+            return Err(libc::ENOENT);
         }
         match self.store.parent_of(ino).map_err(store_err)? {
             Some((parent, _, Kind::Dir)) => self.getattr(parent),
@@ -86,6 +112,8 @@ impl Core {
         } else {
             Kind::from_mode(mode).ok_or(libc::EINVAL)?
         };
+        // New names count against the reserve too (see `setxattr`).
+        self.check_space(META_SPACE + target.map_or(0, |t| t.len() as u64))?;
         let _st = self.lock();
         let mut pdir = self.dir(parent)?;
         if pdir.nlink == 0 {
@@ -137,7 +165,25 @@ impl Core {
             // Not synced: until the file is fsynced, a missing cache file of a dirty
             // inode reads as empty (docs/DURABILITY.md, "create").
             self.store.make_file_dir(false, ino).map_err(io_err)?;
-            File::create(self.store.cache_path(ino)).map_err(io_err)?;
+            // A new file, never a truncation: bytes already at this name (an inode
+            // number handed out again after a power cut lost its create, and a sweep
+            // that did not run) stay for recovery to place.
+            let path = self.store.cache_path(ino);
+            match std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&path)
+            {
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                    log::error!(
+                        "create: {} is already there for new inode {ino}; left alone for `nacrithfs fsck --repair` (it moves unreferenced files to lost+found)",
+                        path.display()
+                    );
+                    return Err(libc::EIO);
+                }
+                Err(e) => return Err(io_err(e)),
+            }
             crate::crash::point("create.after_cache_file");
         }
         txn.put_inode(ino, &inode);
@@ -171,6 +217,7 @@ impl Core {
 
     pub fn link(&self, ino: u64, newparent: u64, newname: &[u8]) -> FsResult<Attr> {
         Self::check_name(newname)?;
+        self.check_space(META_SPACE)?;
         let _st = self.lock();
         let mut inode = self.get(ino)?;
         if inode.kind == Kind::Dir {
@@ -409,8 +456,9 @@ impl Core {
     /// (rmdir, or renamed over) while open, as a file's does: `fstat` on it still works,
     /// with `nlink` 0, until the last handle goes ([`Core::release`]).
     pub fn opendir(&self, ino: u64) -> FsResult<u64> {
-        self.dir(ino)?;
+        // Checked under the lock the handle is counted under (see `open`).
         let mut st = self.lock();
+        self.dir(ino)?;
         let fh = st.next_fh;
         st.next_fh += 1;
         st.handles.insert(fh, Handle { ino, stream: false });
