@@ -174,6 +174,18 @@ impl Budget {
     }
 }
 
+/// Bytes of the budget a compression holds, given back when it is dropped.
+struct Taken<'a> {
+    budget: &'a Budget,
+    n: u64,
+}
+
+impl Drop for Taken<'_> {
+    fn drop(&mut self) {
+        self.budget.give(self.n);
+    }
+}
+
 fn compressor(core: &Core, budget: &Budget) {
     loop {
         if core.is_shutting_down() {
@@ -211,7 +223,9 @@ fn compress_one(core: &Core, budget: &Budget, ino: u64, version: u64) {
         Ok(Some(p)) => p,
         Ok(None) => return,
         Err(e) => {
-            log::error!("claiming inode {ino} for compression: errno {e}");
+            log::error!("claiming inode {ino} for compression: errno {e}; retried later");
+            // Queued for later, not due again at once (a compressor would spin on it).
+            core.compression_failed(ino);
             return;
         }
     };
@@ -246,9 +260,13 @@ fn compress_one(core: &Core, budget: &Budget, ino: u64, version: u64) {
         );
         return core.compression_skipped(ino);
     }
-    let taken = budget.take(size.min(codec::WINDOW as u64));
+    // Given back on every way out, a panic in the coder included (a budget kept by
+    // a panicked compression would stop every compressor after a few).
+    let _taken = Taken {
+        budget,
+        n: budget.take(size.min(codec::WINDOW as u64)),
+    };
     compress_file(core, ino, version, &name, &src, start, &fail);
-    budget.give(taken);
     core.count_compress_time(start.elapsed());
 }
 

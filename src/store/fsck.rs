@@ -1168,6 +1168,25 @@ fn check_counters(c: &mut Checker, inodes: &HashMap<u64, Inode>) -> Result<()> {
             max_seq = max_seq.max(b.seq);
         }
     }
+    // Pack ids come from the same counter: a pack's entry, its file, its grave (a
+    // new pack made at a number in use would replace a live pack's file).
+    for (id, _) in c.store.pack_infos()? {
+        max_seq = max_seq.max(id);
+    }
+    if let Ok(entries) = std::fs::read_dir(c.store.packs().dir()) {
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let stem = name.strip_suffix(".tmp").map(|s| format!("{s}.pack"));
+            if let Some(id) = super::pack::parse_pack_name(stem.as_deref().unwrap_or(&name)) {
+                max_seq = max_seq.max(id);
+            }
+        }
+    }
+    for (ino, tag) in c.store.graveyard()? {
+        if ino == super::PACK_GRAVE {
+            max_seq = max_seq.max(tag);
+        }
+    }
     let next_blob = c.store.next_blob.load(std::sync::atomic::Ordering::SeqCst);
     if next_blob <= max_seq {
         c.found(

@@ -1667,6 +1667,18 @@ impl Store {
     pub fn new_pack(&self, profile: u32) -> io::Result<u64> {
         let to_io = |e: StoreError| io::Error::other(e.to_string());
         let id = self.alloc_blob_seq().map_err(to_io)?;
+        // Never over a pack in use (a blob counter set back by damage; fsck sets it
+        // past every pack id).
+        if self
+            .db
+            .get(pack_key(id))
+            .map_err(|e| to_io(e.into()))?
+            .is_some()
+        {
+            return Err(io::Error::other(format!(
+                "pack number {id} is already in use: the blob counter is behind; run `nacrithfs fsck --repair`"
+            )));
+        }
         let info = PackInfo {
             profile,
             ..Default::default()

@@ -462,6 +462,12 @@ impl Packs {
                 .ok_or_else(|| bad(format!("profile {profile_id} is unknown")))?;
             let header = encode_header(id, profile_id, &profile);
             let path = self.path(id);
+            if path.exists() {
+                return Err(bad(format!(
+                    "{} is already there: the blob counter is behind; run `nacrithfs fsck --repair`",
+                    path.display()
+                )));
+            }
             let tmp = path.with_extension("tmp");
             super::write_durably(&tmp, &header)?;
             crate::crash::point("pack.after_tmp");

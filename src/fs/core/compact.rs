@@ -35,8 +35,13 @@ impl Core {
             return Ok(done);
         }
         let _one = self.compacting.lock().unwrap_or_else(|p| p.into_inner());
-        let open = self.store.packs().open_packs();
+        // The entries first, then the open packs: a pack is made (its entry written,
+        // then its file) with its writer's lock held until it is open, and the list of
+        // open packs takes that lock; so every pack listed here is either open by then
+        // or sealed. (In the other order, a pack made between the two listings was
+        // neither open nor yet pending: dropped as empty while its first blob went in.)
         let packs = self.store.pack_infos().map_err(store_err)?;
+        let open = self.store.packs().open_packs();
         let mut small: Vec<u64> = Vec::new();
         for (id, info) in packs {
             if open.contains(&id) || self.store.packs().is_pending(id) || self.is_shutting_down() {

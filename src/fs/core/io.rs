@@ -357,15 +357,26 @@ impl Core {
     /// lock (a write, fallocate): marked dirty first (durably, `point` after it), and its
     /// version bumped before the bytes change, so a compression that read the old bytes
     /// cannot commit (its version check fails) while the change is under way.
-    fn cache_file_to_change(&self, ino: u64, point: &'static str) -> FsResult<Arc<File>> {
+    pub(super) fn cache_file_to_change(
+        &self,
+        ino: u64,
+        point: &'static str,
+    ) -> FsResult<(Arc<File>, Change<'_>)> {
         let mut st = self.lock();
         let mut inode = self.get(ino)?;
         if !inode.cached {
             return Err(libc::ESTALE);
         }
         self.mark_dirty_first(&mut st, ino, &mut inode, point)?;
-        st.live.entry(ino).or_default().version += 1;
-        self.cache_file(&mut st, ino)
+        let mut change = Change::begin(self, &mut st, ino);
+        match self.cache_file(&mut st, ino) {
+            Ok(f) => Ok((f, change)),
+            Err(e) => {
+                // Ended here, under this lock (its drop would take the lock again).
+                change.end(&mut st);
+                Err(e)
+            }
+        }
     }
 
     pub(super) fn commit_content(&self, txn: Txn) -> FsResult<()> {
@@ -389,12 +400,13 @@ impl Core {
         let end = offset.checked_add(data.len() as u64).ok_or(libc::EFBIG)?;
         // A statvfs of the backing filesystem: outside the lock.
         self.check_space(data.len() as u64)?;
-        let file = self.cache_file_to_change(ino, "write.after_dirty_mark")?;
+        let (file, mut change) = self.cache_file_to_change(ino, "write.after_dirty_mark")?;
         // The bytes go to the cache file without the lock: a slow disk write stalls
         // this request only. The kernel orders writes and truncations of one file.
         file.write_all_at(data, offset).map_err(io_err)?;
         crate::crash::point("write.after_data");
         let mut st = self.lock();
+        change.end(&mut st);
         let mut inode = match self.get(ino) {
             Ok(i) => i,
             // Unlinked and released meanwhile: the bytes went to a deleted file.
@@ -466,6 +478,7 @@ impl Core {
         // lock across a setattr, so no write or other truncation of this file runs
         // meanwhile; a compression that read the old bytes cannot commit (the version
         // is bumped first), and a dirty file is never evicted.
+        let mut change = None;
         let truncated = match size {
             Some(size) => {
                 let file = {
@@ -492,8 +505,17 @@ impl Core {
                         self.store.make_file_dir(false, ino).map_err(io_err)?;
                         File::create(self.store.cache_path(ino)).map_err(io_err)?;
                     }
-                    st.live.entry(ino).or_default().version += 1;
-                    self.cache_file(&mut st, ino)?
+                    let mut c = Change::begin(self, &mut st, ino);
+                    match self.cache_file(&mut st, ino) {
+                        Ok(f) => {
+                            change = Some(c);
+                            f
+                        }
+                        Err(e) => {
+                            c.end(&mut st);
+                            return Err(e);
+                        }
+                    }
                 };
                 file.set_len(size).map_err(io_err)?;
                 crate::crash::point("truncate.after_data");
@@ -502,6 +524,9 @@ impl Core {
             None => None,
         };
         let mut st = self.lock();
+        if let Some(c) = change.as_mut() {
+            c.end(&mut st);
+        }
         let mut inode = self.get(ino)?;
         let now = SystemTime::now();
         let mut txn = Txn::default();
@@ -553,7 +578,7 @@ impl Core {
         if mode & libc::FALLOC_FL_PUNCH_HOLE == 0 {
             self.check_space(length)?;
         }
-        let file = self.cache_file_to_change(ino, "fallocate.after_dirty_mark")?;
+        let (file, mut change) = self.cache_file_to_change(ino, "fallocate.after_dirty_mark")?;
         // SAFETY: a valid open fd; plain integer arguments.
         let r = unsafe {
             libc::fallocate(
@@ -568,6 +593,7 @@ impl Core {
         }
         let len = file.metadata().map_err(io_err)?.len();
         let mut st = self.lock();
+        change.end(&mut st);
         let mut inode = match self.get(ino) {
             Ok(i) => i,
             // Unlinked and released meanwhile: the change went to a deleted file.
@@ -695,5 +721,46 @@ impl Core {
         s.f_bfree = s.f_bfree.saturating_sub(reserved);
         s.f_bavail = s.f_bavail.saturating_sub(reserved);
         Ok(s)
+    }
+}
+
+/// A change of a file's content under way without the lock (see `Live::changing`):
+/// begun under the lock before the bytes change, ended under the lock of the section
+/// that records the change, or on drop if that section is never reached (an error).
+pub(super) struct Change<'a> {
+    core: &'a Core,
+    ino: u64,
+    open: bool,
+}
+
+impl<'a> Change<'a> {
+    fn begin(core: &'a Core, st: &mut State, ino: u64) -> Change<'a> {
+        let live = st.live.entry(ino).or_default();
+        live.version += 1;
+        live.changing += 1;
+        Change {
+            core,
+            ino,
+            open: true,
+        }
+    }
+
+    fn end(&mut self, st: &mut State) {
+        if std::mem::take(&mut self.open) {
+            if let Some(l) = st.live.get_mut(&self.ino) {
+                l.changing = l.changing.saturating_sub(1);
+                // What a compression read before the change ended is not the file's.
+                l.version += 1;
+            }
+        }
+    }
+}
+
+impl Drop for Change<'_> {
+    fn drop(&mut self) {
+        if self.open {
+            let mut st = self.core.lock();
+            self.end(&mut st);
+        }
     }
 }

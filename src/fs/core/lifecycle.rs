@@ -133,17 +133,34 @@ impl Core {
             Err(libc::ENOENT) => return Ok(false),
             Err(e) => return Err(e),
         };
-        let current = st.live.get(&ino).map_or(0, |l| l.version);
+        let (current, changing) = st
+            .live
+            .get(&ino)
+            .map_or((0, 0), |l| (l.version, l.changing));
         // An unmount in progress does not refuse a finished compression: its commit is
         // as durable as any, and the clean stop is recorded only after every
         // compressor has stopped (so after this commit, or without it).
         if st.paused
             || current != version
+            || changing > 0
             || !inode.dirty
             || !inode.cached
             || inode.size != original
         {
             st.stats.superseded += 1;
+            if !st.paused && current == version && changing == 0 && inode.dirty && inode.cached {
+                // Nothing changed, yet the plaintext's length is not the file's (a
+                // write that failed half-way left the cache file longer): the next
+                // write puts it right; until then not every few seconds again.
+                log::warn!(
+                    "inode {ino}: its plaintext holds {original} bytes, the file {}; compressed again in {} s",
+                    inode.size,
+                    RETRY_AFTER.as_secs()
+                );
+                let mut txn = Txn::default();
+                txn.enqueue(ino, unix_ms(SystemTime::now() + RETRY_AFTER));
+                self.commit(txn, false)?;
+            }
             return Ok(false);
         }
         if let (true, Some(slot)) = (shared, pack) {
@@ -258,7 +275,12 @@ impl Core {
     /// its compression: the plaintext being coded is no longer the file's.
     pub(crate) fn changed_since(&self, ino: u64, version: u64) -> bool {
         let st = self.lock();
-        st.live.get(&ino).map_or(0, |l| l.version) != version
+        let (current, changing) = st
+            .live
+            .get(&ino)
+            .map_or((0, 0), |l| (l.version, l.changing));
+        current != version
+            || changing > 0
             || !self
                 .get(ino)
                 .is_ok_and(|i| i.kind == Kind::File && i.dirty && i.cached)

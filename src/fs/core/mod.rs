@@ -125,6 +125,11 @@ struct Live {
     writers: u32,
     /// Bumped by every change to the content; a compression commits only if unchanged.
     version: u64,
+    /// Changes of the content under way: a write's, fallocate's or truncation's bytes
+    /// going to the cache file between its two locked sections ([`Change`]). A
+    /// compression does not commit meanwhile: the version it read may already be the
+    /// bumped one, and the bytes it coded not yet the new ones.
+    changing: u32,
     /// Operations waiting on this file's plaintext; eviction leaves it alone meanwhile.
     pins: u32,
     file: Option<Arc<File>>,
@@ -567,6 +572,82 @@ mod tests {
     fn state(core: &Core, ino: u64) -> &'static str {
         let inode = core.get(ino).expect("inode");
         core.file_state(ino, &inode).expect("state")
+    }
+
+    /// A compression that read the file's version while a write's bytes were on their
+    /// way (between the write's two locked sections) does not commit: the bytes it coded
+    /// may not be the new ones, and the file would be called clean with a blob that is
+    /// not its content (then an eviction, before the write's second section, lost both).
+    #[test]
+    fn a_compression_never_commits_while_a_write_is_under_way() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let core = core(dir.path());
+        let ino = core
+            .mknod(ROOT_INO, b"f", libc::S_IFREG | 0o644, 0, 0, 0, 0, None)
+            .expect("create")
+            .ino;
+        let fh = core.open(ino, libc::O_RDWR).expect("open").fh;
+        core.write(ino, fh, 0, b"old", false).expect("write");
+        core.closed(ino).expect("close (FUSE FLUSH)");
+        core.request_flush().expect("flush");
+        // A write's first section: the change begun, its bytes not yet written.
+        let (file, change) = core
+            .cache_file_to_change(ino, "test.change")
+            .expect("change");
+        let (due, version) = core.next_due().expect("queue").expect("due");
+        assert_eq!(due, ino);
+        assert!(core.claim(ino).expect("claim").is_some());
+        assert!(core.changed_since(ino, version));
+        let blob = NewBlob {
+            seq: 1,
+            stored_size: 3,
+            original: 3,
+            content: [0; 32],
+            shared: false,
+            pack: None,
+        };
+        assert_eq!(core.commit_blob(ino, version, &blob), Ok(false));
+        assert!(core.get(ino).expect("inode").dirty);
+        // The write ends (its second section): a compression after it may commit.
+        drop(change);
+        drop(file);
+        core.write(ino, fh, 0, b"new", false).expect("write");
+        core.release(fh, true).expect("release");
+        core.request_flush().expect("flush");
+        let (_, version) = core.next_due().expect("queue").expect("due");
+        assert!(core.claim(ino).expect("claim").is_some());
+        assert!(!core.changed_since(ino, version));
+    }
+
+    /// A directory cannot be moved into itself or below itself, by rename or exchange
+    /// (the kernel refuses it before asking; this is the index's own guard).
+    #[test]
+    fn a_directory_never_moves_below_itself() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let core = core(dir.path());
+        let mkdir = |parent, name: &[u8]| {
+            core.mknod(parent, name, libc::S_IFDIR | 0o755, 0, 0, 0, 0, None)
+                .expect("mkdir")
+                .ino
+        };
+        let a = mkdir(ROOT_INO, b"a");
+        let b = mkdir(a, b"b");
+        let c = mkdir(b, b"c");
+        let x = mkdir(ROOT_INO, b"x");
+        assert_eq!(core.rename(ROOT_INO, b"a", c, b"a", 0), Err(libc::EINVAL));
+        assert_eq!(core.rename(ROOT_INO, b"a", a, b"a2", 0), Err(libc::EINVAL));
+        // Exchanging a with its grandchild c would put a below itself.
+        assert_eq!(
+            core.rename(b, b"c", ROOT_INO, b"a", libc::RENAME_EXCHANGE),
+            Err(libc::EINVAL)
+        );
+        // Beside itself and elsewhere: fine.
+        core.rename(b, b"c", ROOT_INO, b"c", 0)
+            .expect("c up to the root");
+        core.rename(ROOT_INO, b"a", x, b"a", 0).expect("a into x");
+        assert_eq!(core.rename(ROOT_INO, b"x", a, b"x", 0), Err(libc::EINVAL));
+        assert_eq!(core.lookup(x, b"a").expect("x/a").ino, a);
+        assert_eq!(core.lookup(a, b"b").expect("x/a/b").ino, b);
     }
 
     /// `write; close; nacrithfs flush` compresses the file even when the RELEASE of the

@@ -326,6 +326,32 @@ impl Core {
         self.reap_soon();
     }
 
+    /// Whether directory `anc` is `ino` or above it, by the up entries (O(depth)).
+    fn is_ancestor(&self, anc: u64, mut ino: u64) -> FsResult<bool> {
+        const MAX_DEPTH: usize = 1 << 16;
+        for _ in 0..MAX_DEPTH {
+            if ino == anc {
+                return Ok(true);
+            }
+            if ino == ROOT_INO {
+                return Ok(false);
+            }
+            match self.store.parent_of(ino).map_err(store_err)? {
+                Some((p, _, Kind::Dir)) => ino = p,
+                _ => {
+                    log::error!(
+                        "directory {ino}: its up entry is missing or stale; run `nacrithfs fsck`"
+                    );
+                    return Err(libc::EIO);
+                }
+            }
+        }
+        log::error!(
+            "directory {ino}: more than {MAX_DEPTH} directories above it (a cycle?); run `nacrithfs fsck`"
+        );
+        Err(libc::EIO)
+    }
+
     pub fn rename(
         &self,
         parent: u64,
@@ -360,6 +386,18 @@ impl Core {
             .store
             .lookup_full(newparent, newname)
             .map_err(store_err)?;
+        // A directory never moves into itself or below itself (the kernel refuses that
+        // first; the index would get a cycle cut off from the root).
+        if parent != newparent {
+            if src_kind == Kind::Dir && self.is_ancestor(src, newparent)? {
+                return Err(libc::EINVAL);
+            }
+            if let Some((d, Kind::Dir, _)) = dst {
+                if flags & libc::RENAME_EXCHANGE != 0 && self.is_ancestor(d, parent)? {
+                    return Err(libc::EINVAL);
+                }
+            }
+        }
         let now = SystemTime::now();
         let mut txn = Txn::default();
         let mut purge = None;
