@@ -349,6 +349,10 @@ fn fsck_finds_and_repairs_every_planted_defect() {
         let mut random = store.get(9).expect("get").expect("inode 9");
         random.nlink = 5;
         txn.put_inode(9, &random);
+        // and on gpl-tail.txt, whose blob is corrupted below: two fixes of one record
+        let mut tail = store.get(7).expect("get").expect("inode 7");
+        tail.nlink = 3;
+        txn.put_inode(7, &tail);
         // queue entry and xattr of an inode that does not exist
         txn.enqueue(400, 1);
         txn.put_xattr(400, b"user.stale", b"x");
@@ -422,7 +426,7 @@ fn fsck_finds_and_repairs_every_planted_defect() {
     }
     // (The dangling entry's cookie key is stale too, and so is the up entry it
     // planted for the missing inode.)
-    assert!(out.contains("19 problems, 0 repaired"), "{out}");
+    assert!(out.contains("20 problems, 0 repaired"), "{out}");
     assert!(
         out.contains("2 deleted or superseded files await removal"),
         "{out}"
@@ -434,7 +438,7 @@ fn fsck_finds_and_repairs_every_planted_defect() {
     // The content of zeros.bin is gone (its only copy was the deleted blob): reported,
     // never "repaired" by inventing data.
     assert_eq!(code, 4, "{out}");
-    assert!(out.contains("19 problems, 18 repaired"), "{out}");
+    assert!(out.contains("20 problems, 19 repaired"), "{out}");
     assert!(
         out.contains("2 deleted or superseded files were removed"),
         "{out}"

@@ -122,10 +122,10 @@ pub fn fsck(backing: &Path, opts: FsckOptions<'_>) -> Result<Report> {
         rescue_after_commit: Vec::new(),
     };
     check_key_shapes(&mut c)?;
-    let inodes = read_inodes(&mut c)?;
+    let mut inodes = read_inodes(&mut c)?;
     let names = check_dirents(&mut c, &inodes)?;
     let cookies = check_cookies(&mut c, &inodes, &names)?;
-    check_links(&mut c, &inodes, &names)?;
+    check_links(&mut c, &mut inodes, &names)?;
     check_dir_up_entries(&mut c, &inodes, &names, &cookies)?;
     let mut referenced = check_files(&mut c, &inodes)?;
     check_queue_and_xattrs(&mut c, &inodes)?;
@@ -718,7 +718,9 @@ fn check_dir_up_entries(
 }
 
 /// Link counts match the names; live inodes nothing names go to /lost+found.
-fn check_links(c: &mut Checker, inodes: &HashMap<u64, Inode>, names: &Names) -> Result<()> {
+/// The link counts fixed are also set in `inodes`, so that a later check that fixes the
+/// same record (check_files) writes both fixes: a batch keeps the last write of a key.
+fn check_links(c: &mut Checker, inodes: &mut HashMap<u64, Inode>, names: &Names) -> Result<()> {
     let mut subdirs: HashMap<u64, u32> = HashMap::new();
     for (ino, ns) in names {
         if inodes.get(ino).is_some_and(|i| i.kind == Kind::Dir) {
@@ -742,6 +744,7 @@ fn check_links(c: &mut Checker, inodes: &HashMap<u64, Inode>, names: &Names) -> 
             made_lost_found = true;
         }
     }
+    let mut fixes: Vec<(u64, Inode)> = Vec::new();
     let mut sorted: Vec<_> = inodes.iter().collect();
     sorted.sort_by_key(|(ino, _)| **ino);
     for (&ino, inode) in sorted {
@@ -767,7 +770,7 @@ fn check_links(c: &mut Checker, inodes: &HashMap<u64, Inode>, names: &Names) -> 
                 } else {
                     1
                 };
-                c.txn.put_inode(ino, &fixed);
+                fixes.push((ino, fixed));
                 c.store.put_name(
                     &mut c.txn,
                     lf,
@@ -791,7 +794,7 @@ fn check_links(c: &mut Checker, inodes: &HashMap<u64, Inode>, names: &Names) -> 
         if inode.nlink != want && was_right {
             let mut fixed = inode.clone();
             fixed.nlink = want;
-            c.txn.put_inode(ino, &fixed);
+            fixes.push((ino, fixed));
         } else if inode.nlink != want && Some(ino) != lost_found {
             c.found(
                 "link-count",
@@ -803,8 +806,12 @@ fn check_links(c: &mut Checker, inodes: &HashMap<u64, Inode>, names: &Names) -> 
             );
             let mut fixed = inode.clone();
             fixed.nlink = want;
-            c.txn.put_inode(ino, &fixed);
+            fixes.push((ino, fixed));
         }
+    }
+    for (ino, fixed) in fixes {
+        c.txn.put_inode(ino, &fixed);
+        inodes.insert(ino, fixed);
     }
     if let Some(lf) = lost_found {
         // Its own record was written by lost_found_inode; fix its count for what moved in.
