@@ -139,7 +139,7 @@ pub fn fsck(backing: &Path, opts: FsckOptions<'_>) -> Result<Report> {
         for path in std::mem::take(&mut c.rescue_after_commit) {
             c.rescue(&path)?;
         }
-        reap(&c, &graves)?;
+        reap(&c, &graves, &referenced)?;
     }
     // Pack references and counts, from the inode records as they are now (repaired).
     let packs = check_packs(&mut c)?;
@@ -348,14 +348,18 @@ fn check_packs(c: &mut Checker) -> Result<HashSet<PathBuf>> {
 /// Repair's version of the daemon's reaper (the index that stopped needing these
 /// files is durable, since before the crash): delete the files nothing refers to, then
 /// drop the entries, durably.
-fn reap(c: &Checker, graves: &Graves) -> Result<()> {
+fn reap(c: &Checker, graves: &Graves, referenced: &HashSet<PathBuf>) -> Result<()> {
     // Inode and blob numbers are never reused: a path no inode refers to now never
     // will be again. The repaired index is re-read, so a file fsck just gave back to
     // an inode is kept.
     let mut txn = Txn::default();
     for (ino, tag, path) in graves {
         let in_use = match c.store.get(*ino)? {
-            None if *ino == super::PACK_GRAVE => !c.store.pack_refs(*tag)?.is_empty(),
+            // A pack an inode record points into is kept even if its reference keys
+            // are gone (check_packs, after this, puts them back).
+            None if *ino == super::PACK_GRAVE => {
+                !c.store.pack_refs(*tag)?.is_empty() || referenced.contains(path)
+            }
             None => false,
             Some(i) => *tag == super::GRAVE_CACHE || i.blob.is_some_and(|b| b.seq == *tag),
         };

@@ -1483,7 +1483,20 @@ impl Store {
                             "index: pack {} has no pack entry; counting it from here (fsck checks it)",
                             pack::pack_name(slot.pack)
                         );
-                        PackInfo::default()
+                        // Its profile from its own header (0, unknown, if unreadable:
+                        // fsck reports it), so that the entry made here is the one
+                        // fsck would make.
+                        let profile = crate::codec::source::FileSource::open(
+                            &self.packs.path(slot.pack),
+                        )
+                        .ok()
+                        .and_then(|f| pack::read_header(&f).ok())
+                        .filter(|(id, ..)| *id == slot.pack)
+                        .map_or(0, |(_, profile, ..)| profile);
+                        PackInfo {
+                            profile,
+                            ..Default::default()
+                        }
                     });
                     e.insert(info)
                 }
