@@ -892,3 +892,36 @@ fn an_open_racing_the_last_unlink_gets_a_working_handle_or_enoent() {
     let (code, out) = fsck(&[], &backing);
     assert_eq!(code, 0, "{out}");
 }
+
+/// `trusted.*` xattrs are listed to root only, as ext4 lists them to CAP_SYS_ADMIN; other
+/// names to anyone who may read the file.
+#[test]
+fn trusted_xattr_names_are_listed_to_root_only() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (backing, mnt) = volume_other_users_can_reach(dir.path());
+    let d = Daemon::start(&backing, &mnt, "idle=3600,allow_other");
+    let f = mnt.join("f");
+    fs::write(&f, b"x").expect("write");
+    fs::set_permissions(&f, fs::Permissions::from_mode(0o644)).expect("chmod");
+    set_xattr(&f, "trusted.secret", b"1").expect("trusted.");
+    set_xattr(&f, "user.public", b"2").expect("user.");
+    let mut names = list_xattrs(&f);
+    names.sort();
+    assert_eq!(names, ["trusted.secret", "user.public"]);
+    let (code, text) = as_nobody(&[
+        "getfattr",
+        "--absolute-names",
+        "-d",
+        "-m",
+        "-",
+        &f.to_string_lossy(),
+    ]);
+    assert_eq!(code, 0, "{text}");
+    assert!(text.contains("user.public"), "{text}");
+    assert!(
+        !text.contains("trusted"),
+        "nobody sees trusted names: {text}"
+    );
+    d.unmount();
+}

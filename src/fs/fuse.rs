@@ -621,9 +621,11 @@ impl Filesystem for NacrithFs {
         });
     }
 
-    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+    fn listxattr(&self, req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
         guarded("listxattr", ino.0, || {
-            reply_xattr(reply, self.core.listxattr(ino.0), size);
+            // trusted.* names are listed to root only, as ext4 lists them to
+            // CAP_SYS_ADMIN (a FUSE request does not carry capabilities).
+            reply_xattr(reply, self.core.listxattr(ino.0, req.uid() == 0), size);
         });
     }
 

@@ -65,8 +65,9 @@ impl Core {
                     done.bytes_freed += len;
                 }
             } else if (info.live_bytes as f64) < LIVE_SHARE * len as f64 {
-                self.compact_one(id, info.profile, &mut done)?;
-                done.bytes_freed += len;
+                if self.compact_one(id, info.profile, &mut done)? {
+                    done.bytes_freed += len;
+                }
             } else if len < SMALL_PACK {
                 small.push(id);
             }
@@ -76,8 +77,9 @@ impl Core {
             for id in small {
                 if let Ok(Some(info)) = self.store.pack_info(id) {
                     let len = std::fs::metadata(self.store.packs().path(id)).map_or(0, |m| m.len());
-                    self.compact_one(id, info.profile, &mut done)?;
-                    done.bytes_freed += len;
+                    if self.compact_one(id, info.profile, &mut done)? {
+                        done.bytes_freed += len;
+                    }
                 }
             }
         }
@@ -115,9 +117,32 @@ impl Core {
 
     /// Copy pack `id`'s referenced blobs into the open pack, switch their references in
     /// one durable batch, then drop the pack.
-    fn compact_one(&self, id: u64, profile: u32, done: &mut Compacted) -> FsResult<()> {
-        let refs = self.store.pack_refs(id).map_err(store_err)?;
+    /// Returns whether the pack went (its bytes given back).
+    fn compact_one(&self, id: u64, profile: u32, done: &mut Compacted) -> FsResult<bool> {
         let path = self.store.packs().path(id);
+        // A reference whose inode is gone or refers elsewhere (a damaged index) would
+        // fail the commit below on every pass, each time after copying the blobs again
+        // (dead bytes in the open pack): such a pack is left as it is, for fsck. Checked
+        // under the state lock, where references and inode records agree.
+        {
+            let _st = self.lock();
+            for (slot, ino, _) in self.store.pack_refs(id).map_err(store_err)? {
+                let holds = match self.get(ino) {
+                    Ok(i) => i.blob.is_some_and(|b| b.pack == Some(slot)),
+                    Err(libc::ENOENT) => false,
+                    Err(e) => return Err(e),
+                };
+                if !holds {
+                    log::error!(
+                        "compaction: {} has a stale reference (inode {ino} at offset {}); not compacted: run `nacrithfs fsck --repair`",
+                        path.display(),
+                        slot.offset
+                    );
+                    return Ok(false);
+                }
+            }
+        }
+        let refs = self.store.pack_refs(id).map_err(store_err)?;
         let file = match std::fs::File::open(&path) {
             Ok(f) => f,
             Err(e) => {
@@ -125,7 +150,7 @@ impl Core {
                     "compaction: {}: {e}; its blobs stay where they are",
                     path.display()
                 );
-                return Ok(());
+                return Ok(false);
             }
         };
         // Copied once per blob, whoever refers to it.
@@ -169,7 +194,7 @@ impl Core {
                         slot.offset,
                         path.display()
                     );
-                    return Ok(());
+                    return Ok(false);
                 }
             }
         }
@@ -198,12 +223,13 @@ impl Core {
         crate::crash::point("compact.after_commit");
         if self.drop_pack(id)? {
             done.packs_compacted += 1;
+            Ok(true)
         } else {
             log::warn!(
                 "compaction: {} is still referenced after its blobs were moved; kept",
                 pack::pack_name(id)
             );
+            Ok(false)
         }
-        Ok(())
     }
 }

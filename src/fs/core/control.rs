@@ -165,10 +165,14 @@ impl Core {
         Ok(())
     }
 
-    pub fn listxattr(&self, ino: u64) -> FsResult<Vec<u8>> {
+    /// The names of `ino`'s xattrs, NUL-terminated; `trusted.*` only if `trusted`.
+    pub fn listxattr(&self, ino: u64, trusted: bool) -> FsResult<Vec<u8>> {
         self.get(ino)?;
         let mut out = Vec::new();
         for n in self.store.xattr_names(ino).map_err(store_err)? {
+            if !trusted && n.starts_with(b"trusted.") {
+                continue;
+            }
             out.extend_from_slice(&n);
             out.push(0);
         }

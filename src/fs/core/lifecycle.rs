@@ -70,7 +70,11 @@ impl Core {
                 // A file open for writing is still compressed if it has not been
                 // written since it was queued (a write takes it off the queue); the
                 // version check at commit catches a write that races the compression.
-                if st.compressing.contains(&ino) || st.deferred.contains(&ino) {
+                if st.compressing.contains(&ino)
+                    || st.deferred.contains(&ino)
+                    || st.live.get(&ino).is_some_and(|l| l.changing > 0)
+                {
+                    // (A change under way would make its commit refused.)
                     continue;
                 }
                 if due > now {
