@@ -122,24 +122,33 @@ impl Core {
         let path = self.store.packs().path(id);
         // A reference whose inode is gone or refers elsewhere (a damaged index) would
         // fail the commit below on every pass, each time after copying the blobs again
-        // (dead bytes in the open pack): such a pack is left as it is, for fsck. Checked
-        // under the state lock, where references and inode records agree.
-        {
+        // (dead bytes in the open pack): such a pack is left as it is, for fsck. Read
+        // without the state lock (a pack holds thousands of references); one that looks
+        // stale is read again under it, where references and inode records agree.
+        let holds = |slot: PackSlot, ino: u64| -> FsResult<bool> {
+            match self.get(ino) {
+                Ok(i) => Ok(i.blob.is_some_and(|b| b.pack == Some(slot))),
+                Err(libc::ENOENT) => Ok(false),
+                Err(e) => Err(e),
+            }
+        };
+        for (slot, ino, _) in self.store.pack_refs(id).map_err(store_err)? {
+            if holds(slot, ino)? {
+                continue;
+            }
             let _st = self.lock();
-            for (slot, ino, _) in self.store.pack_refs(id).map_err(store_err)? {
-                let holds = match self.get(ino) {
-                    Ok(i) => i.blob.is_some_and(|b| b.pack == Some(slot)),
-                    Err(libc::ENOENT) => false,
-                    Err(e) => return Err(e),
-                };
-                if !holds {
-                    log::error!(
-                        "compaction: {} has a stale reference (inode {ino} at offset {}); not compacted: run `nacrithfs fsck --repair`",
-                        path.display(),
-                        slot.offset
-                    );
-                    return Ok(false);
-                }
+            let still = self
+                .store
+                .slot_refs(slot)
+                .map_err(store_err)?
+                .contains(&ino);
+            if still && !holds(slot, ino)? {
+                log::error!(
+                    "compaction: {} has a stale reference (inode {ino} at offset {}); not compacted: run `nacrithfs fsck --repair`",
+                    path.display(),
+                    slot.offset
+                );
+                return Ok(false);
             }
         }
         let refs = self.store.pack_refs(id).map_err(store_err)?;
