@@ -47,9 +47,10 @@ pub fn point(name: &'static str) {
     }
 }
 
-/// Fault injection for the panic boundary (tests/security.rs): with
-/// `NACRITHFS_PANIC_IN=<request>` (a FUSE operation name such as `mkdir`), every such
-/// request panics inside its handler. Never set in normal use.
+/// Fault injection for the panic boundaries (tests/security.rs): with
+/// `NACRITHFS_PANIC_IN=<name>`, every pass through the point of that name panics: a FUSE
+/// operation's name (such as `mkdir`) inside its handler, or `compress.after_blob_tmp`
+/// in a compressor. Never set in normal use.
 pub fn panic_point(op: &str) {
     static PANIC_IN: OnceLock<Option<String>> = OnceLock::new();
     let armed = PANIC_IN.get_or_init(|| std::env::var("NACRITHFS_PANIC_IN").ok());

@@ -51,6 +51,41 @@ fn a_panic_in_a_request_handler_fails_that_request_only() {
     d.unmount();
 }
 
+/// A panic in a compressor (fault injection right after the new blob's temp file is
+/// written) leaves the file plaintext and readable, counts a failure, and leaves no temp
+/// or blob file behind (they used to stay until the next unclean mount's recovery).
+#[test]
+fn a_panic_in_a_compression_leaves_the_file_plaintext_and_no_files_behind() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (backing, mnt) = new_volume(dir.path());
+    let d = Daemon::start_env(
+        &backing,
+        &mnt,
+        "idle=0",
+        &[("NACRITHFS_PANIC_IN", "compress.after_blob_tmp")],
+    );
+    let data = b"A line of plain English text, coded by the model and then dropped.\n".repeat(8);
+    write_synced(&mnt.join("a.txt"), &data);
+    let panicked = |log: &str| log.contains("panicked; it stays uncompressed");
+    let start = std::time::Instant::now();
+    while !panicked(&d.log_text()) && start.elapsed() < std::time::Duration::from_secs(300) {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let log = d.log_text();
+    assert!(panicked(&log), "no compression panicked in 300 s:\n{log}");
+    assert!(log.contains("fault injection"), "{log}");
+    assert_eq!(fs::read(mnt.join("a.txt")).expect("read"), data);
+    assert!(status_field(&mnt, "failures") >= 1);
+    assert_eq!(status_field(&mnt, "compressed"), 0);
+    assert_eq!(status_field(&mnt, "dirty"), 1);
+    let left = files_under(&backing, "blobs");
+    assert!(left.is_empty(), "left behind: {left:?}");
+    d.unmount();
+    // Nothing for fsck to find either.
+    let (code, out) = fsck(&[], &backing);
+    assert_eq!(code, 0, "{out}");
+}
+
 /// A fresh volume whose parent (a 0700 temp directory) other users may traverse, so
 /// that `nobody` can reach the mount point.
 fn volume_other_users_can_reach(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf) {

@@ -299,6 +299,7 @@ fn code_into_tmp(
     core.count_coding_time(coding.elapsed());
     let len = len?;
     crate::crash::point("compress.after_blob_tmp");
+    crate::crash::panic_point("compress.after_blob_tmp");
     Ok(len)
 }
 
@@ -347,9 +348,10 @@ fn compress_file(
     };
     let blob_path = core.store.blob_path(ino, seq);
     let tmp = blob_path.with_extension("tmp");
-    let fail = |why: String| {
-        let _ = std::fs::remove_file(&tmp);
-        fail(why)
+    // Removed on every way out but a commit, a panic in the coder included.
+    let mut leftovers = Leftovers {
+        tmp: &tmp,
+        blob: Some(&blob_path),
     };
     if let Err(e) = core.store.make_file_dir(true, ino) {
         return fail(format!(
@@ -416,7 +418,6 @@ fn compress_file(
     };
     if pack.is_none() {
         if let Err(e) = publish_blob(&tmp, &blob_path) {
-            let _ = std::fs::remove_file(&blob_path);
             return fail(format!("writing {}: {e}", blob_path.display()));
         }
     }
@@ -428,7 +429,6 @@ fn compress_file(
         .sync_all()
         .and_then(|()| sync_dir(&core.store.cache_dir_of(ino)));
     if let Err(e) = synced {
-        let _ = std::fs::remove_file(&blob_path);
         return fail(format!("syncing {}: {e}", plain.display()));
     }
     crate::crash::point("compress.after_plain_sync");
@@ -445,6 +445,8 @@ fn compress_file(
     };
     match core.commit_blob(ino, version, &blob) {
         Ok(true) => {
+            // The index refers to it now: it stays.
+            leftovers.blob = None;
             if let Some(Shared { owner, .. }) = shared {
                 crate::crash::point("dedup.after_commit");
                 log::info!(
@@ -458,16 +460,28 @@ fn compress_file(
                 );
             }
         }
-        Ok(false) => {
-            log::debug!("{name} changed while compressing; blob dropped");
-            let _ = std::fs::remove_file(&blob_path);
-        }
-        Err(e) => {
-            let _ = std::fs::remove_file(&blob_path);
-            fail(format!("committing the blob: errno {e}"));
-        }
+        Ok(false) => log::debug!("{name} changed while compressing; blob dropped"),
+        Err(e) => fail(format!("committing the blob: errno {e}")),
     }
     core.enforce_cache_cap();
+}
+
+/// The files a compression made that nothing refers to yet: its temp blob, and its blob
+/// file until the commit names it. Removed when the compression ends however it ends (a
+/// panic in the coder included, which used to leave them until the next unclean mount's
+/// recovery); a crash leaves them to that recovery (docs/DURABILITY.md).
+struct Leftovers<'a> {
+    tmp: &'a std::path::Path,
+    blob: Option<&'a std::path::Path>,
+}
+
+impl Drop for Leftovers<'_> {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(self.tmp);
+        if let Some(b) = self.blob {
+            let _ = std::fs::remove_file(b);
+        }
+    }
 }
 
 /// A blob another file already stores with the same content.

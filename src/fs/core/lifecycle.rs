@@ -134,7 +134,11 @@ impl Core {
         self.compression_ended(&mut st, ino);
         let mut inode = match self.get(ino) {
             Ok(i) => i,
-            Err(libc::ENOENT) => return Ok(false),
+            // Deleted meanwhile: dropped like any compression of a file that changed.
+            Err(libc::ENOENT) => {
+                st.stats.superseded += 1;
+                return Ok(false);
+            }
             Err(e) => return Err(e),
         };
         let (current, changing) = st
@@ -210,8 +214,10 @@ impl Core {
         st.stats.failures += 1;
         let mut txn = Txn::default();
         txn.enqueue(ino, unix_ms(SystemTime::now() + RETRY_AFTER));
-        if let Err(e) = self.store.commit(txn, false) {
-            log::error!("requeue of inode {ino}: {e}");
+        // Through `Core::commit`, which drops a queue entry still waiting for the group
+        // commit (a close's): that one, written later, would make the retry early.
+        if let Err(e) = self.commit(txn, false) {
+            log::error!("requeue of inode {ino}: errno {e}");
         }
     }
 
@@ -270,8 +276,9 @@ impl Core {
         self.compression_ended(&mut st, ino);
         let mut txn = Txn::default();
         txn.dequeue(ino);
-        if let Err(e) = self.store.commit(txn, false) {
-            log::error!("dequeue of inode {ino}: {e}");
+        // (As in compression_failed: a pending group-commit entry must not requeue it.)
+        if let Err(e) = self.commit(txn, false) {
+            log::error!("dequeue of inode {ino}: errno {e}");
         }
     }
 

@@ -562,11 +562,13 @@ mod tests {
 
     /// A core over a fresh store; no background worker, and the model is never loaded.
     fn core(dir: &std::path::Path) -> Arc<Core> {
+        core_with(dir, FsOptions::default())
+    }
+
+    fn core_with(dir: &std::path::Path, opts: FsOptions) -> Arc<Core> {
         let store = Store::open(dir).expect("store");
         let engine = Arc::new(LazyPool::new(dir.join("no-model.gguf"), Some(1), 1));
-        Core::new(store, engine, FsOptions::default())
-            .expect("core")
-            .0
+        Core::new(store, engine, opts).expect("core").0
     }
 
     fn state(core: &Core, ino: u64) -> &'static str {
@@ -688,5 +690,74 @@ mod tests {
         core.release(fh, true).expect("release");
         core.request_flush().expect("flush");
         assert_eq!(state(&core, ino), "queued");
+    }
+
+    /// A failed compression is retried after RETRY_AFTER, not at once: a close's queue
+    /// entry still waiting for the group commit must not bring it back early.
+    #[test]
+    fn a_failed_compression_waits_for_its_retry_despite_a_pending_close() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let opts = FsOptions {
+            idle: Duration::ZERO,
+            ..FsOptions::default()
+        };
+        let core = core_with(dir.path(), opts);
+        let ino = core
+            .mknod(ROOT_INO, b"f", libc::S_IFREG | 0o644, 0, 0, 0, 0, None)
+            .expect("create")
+            .ino;
+        let fh = core.open(ino, libc::O_WRONLY).expect("open").fh;
+        core.write(ino, fh, 0, b"hello", false).expect("write");
+        // FUSE FLUSH with the handle still open: queued in memory, not yet in the index.
+        core.closed(ino).expect("close (FUSE FLUSH)");
+        let (due, _) = core
+            .next_due()
+            .expect("queue")
+            .expect("due at once (idle=0)");
+        assert_eq!(due, ino);
+        assert!(core.claim(ino).expect("claim").is_some());
+        core.compression_failed(ino);
+        core.sync_metadata().expect("group commit");
+        if let Ok((i, _)) = core.next_due().expect("queue") {
+            panic!("inode {i} handed out again right after its failure");
+        }
+        let retry = core.store.queue_due(ino).expect("due").expect("queued");
+        let now = unix_ms(SystemTime::now());
+        assert!(
+            retry >= now + RETRY_AFTER.as_millis() as u64 - 10_000,
+            "retry at {retry}, now {now}"
+        );
+        core.release(fh, true).expect("release");
+    }
+
+    /// A compression whose file was deleted meanwhile is dropped and counted as
+    /// superseded, like one whose file was written meanwhile.
+    #[test]
+    fn a_compression_of_a_file_deleted_meanwhile_counts_as_superseded() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let core = core(dir.path());
+        let ino = core
+            .mknod(ROOT_INO, b"f", libc::S_IFREG | 0o644, 0, 0, 0, 0, None)
+            .expect("create")
+            .ino;
+        let fh = core.open(ino, libc::O_WRONLY).expect("open").fh;
+        core.write(ino, fh, 0, b"gone soon", false).expect("write");
+        core.release(fh, true).expect("release");
+        core.request_flush().expect("flush");
+        let (_, version) = core.next_due().expect("queue").expect("due");
+        assert!(core.claim(ino).expect("claim").is_some());
+        core.remove(ROOT_INO, b"f", false).expect("unlink");
+        let blob = NewBlob {
+            seq: 1,
+            stored_size: 9,
+            original: 9,
+            content: [0; 32],
+            shared: false,
+            pack: None,
+        };
+        assert_eq!(core.commit_blob(ino, version, &blob), Ok(false));
+        let st = core.lock();
+        assert_eq!(st.stats.superseded, 1);
+        assert!(st.compressing.is_empty());
     }
 }
