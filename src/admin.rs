@@ -69,6 +69,7 @@ fn help(key: &str) -> &'static str {
         "chunk_jobs_queued" => "Chunk jobs waiting for a model lane.",
         "index_commits" => "Index batches committed since mount.",
         "paused" => "1 while remounted read-only: no compression commits, evictions or deletions.",
+        "read_only" => "1 if mounted with -o ro (a private copy of the index; never read-write).",
         "shared_files" => {
             "Files stored since mount as a second name of an equal file's blob (no coding)."
         }
@@ -217,6 +218,12 @@ pub fn control(mnt: &Path, what: &str) -> Result<(), String> {
     };
     if r != 0 {
         let e = std::io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::EROFS) {
+            return Err(format!(
+                "{}: {what} refused: the mount is read-only (remounted ro, or mounted -o ro)",
+                mnt.display()
+            ));
+        }
         if e.raw_os_error() == Some(libc::EPERM) {
             return Err(format!(
                 "{}: {what} refused: only root and the user who mounted it may {what} a nacrithfs volume",

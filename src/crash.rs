@@ -47,6 +47,23 @@ pub fn point(name: &'static str) {
     }
 }
 
+/// Fault injection for the daemon's liveness check (tests/scale.rs): with
+/// `NACRITHFS_STALL_LOCKED_IF=<path>`, a thread taking the state lock (`Core::lock`)
+/// while that file exists keeps it forever, as in a deadlock. Unset (always, in normal
+/// use), one initialized `OnceLock` read.
+pub fn stall_if_locked_injected() {
+    static IF: OnceLock<Option<std::path::PathBuf>> = OnceLock::new();
+    let armed = IF.get_or_init(|| std::env::var_os("NACRITHFS_STALL_LOCKED_IF").map(Into::into));
+    if let Some(path) = armed {
+        if path.exists() {
+            eprintln!("nacrithfs: fault injection: the state lock is kept forever");
+            loop {
+                std::thread::sleep(std::time::Duration::from_secs(3600));
+            }
+        }
+    }
+}
+
 /// Fault injection for the panic boundaries (tests/security.rs): with
 /// `NACRITHFS_PANIC_IN=<name>`, every pass through the point of that name panics: a FUSE
 /// operation's name (such as `mkdir`) inside its handler, or `compress.after_blob_tmp`

@@ -400,6 +400,10 @@ fn cases() -> Vec<Case> {
     fn flush(mnt: &Path) {
         let _ = admin_raw("flush", mnt);
     }
+    /// A clean unmount: the daemon dies in its stop, before the clean-stop record.
+    fn unmount(mnt: &Path) {
+        let _ = Command::new("umount").arg(mnt).status();
+    }
     /// A file equal to one already compressed: the flush makes it a second name of that
     /// file's blob instead of coding it.
     fn flush_a_copy(mnt: &Path) {
@@ -576,6 +580,7 @@ fn cases() -> Vec<Case> {
             release,
             released,
         ),
+        c("unmount", "stop.after_syncfs", unmount, unchanged),
         c("evict", "evict.after_index", evict, unchanged),
         c("evict", "evict.after_delete", evict, unchanged),
         c("decompress", "decode.after_rename", read_evicted, unchanged),

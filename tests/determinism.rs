@@ -285,3 +285,81 @@ fn shared_pool_lanes_join_leave_and_pause_without_changing_any_stream() {
     }
     println!("finish order (1000 = the urgent one, 2000 = the cancelled one): {order:?}");
 }
+
+/// Threads of this process with the given name (as `/proc/self/task/*/comm` has it).
+fn threads_named(name: &str) -> usize {
+    std::fs::read_dir("/proc/self/task")
+        .expect("/proc/self/task")
+        .filter_map(|e| std::fs::read_to_string(e.ok()?.path().join("comm")).ok())
+        .filter(|c| c.trim_end() == name)
+        .count()
+}
+
+/// Chunks of a blob coded with other parameters than the pool's (`nacrith --param`, or a
+/// hostile blob) run on one private thread, one context at a time, and each is
+/// answered: a blob of thousands of such chunks used to start a thread and a context
+/// for every one of them at once.
+#[test]
+fn chunks_with_other_parameters_share_one_private_thread() {
+    use nacrithfs::codec::lanes::{ChunkOutput, URGENT};
+    use nacrithfs::codec::{check_engine, chunk_bytes, chunk_job, Plan};
+    use nacrithfs::pool::{Done, Submit};
+    use std::sync::atomic::AtomicU8;
+    use std::sync::Arc;
+
+    let _g = llm_lock();
+    let pool = private_pool(1, 1, 1);
+    let data = english(2_400);
+    let mut params = pool.default_params();
+    params.set("ctx_keep", "384").expect("param");
+    params.set("ctx_len", "512").expect("param");
+    let opts = CompressOptions {
+        chunk_size: 300,
+        head_chunk: 0,
+        params: Some(params),
+        ..CompressOptions::default()
+    };
+    let blob =
+        codec::compress(&data, Some(&pool as &dyn Engine), &opts, &|_| {}).expect("compress");
+    let plan = Plan::of(&blob).expect("plan");
+    let params = check_engine(&plan.header, &pool, &DecompressOptions::default()).expect("engine");
+    assert!(plan.regions.len() >= 6, "{} chunks", plan.regions.len());
+    let before = threads_named("nacrith-private");
+    let (tx, rx) = crossbeam_channel::unbounded::<Done>();
+    for (i, r) in plan.regions.iter().enumerate() {
+        pool.submit(
+            &params,
+            Submit {
+                tag: i as u64,
+                job: chunk_job(&blob, r).expect("chunk job"),
+                priority: Arc::new(AtomicU8::new(URGENT)),
+                progress: None,
+                reply: tx.clone(),
+            },
+        );
+    }
+    let mut most = threads_named("nacrith-private") - before;
+    let mut done = 0;
+    while done < plan.regions.len() {
+        most = most.max(threads_named("nacrith-private") - before);
+        let Ok(d) = rx.recv_timeout(std::time::Duration::from_millis(20)) else {
+            continue;
+        };
+        let Ok(ChunkOutput::Decoded(symbols)) = d.result else {
+            panic!("chunk {} failed", d.tag);
+        };
+        let r = &plan.regions[d.tag as usize];
+        let bytes = chunk_bytes(pool.tokenizer(), symbols, r).expect("chunk bytes");
+        assert!(
+            bytes[..] == data[r.out.start as usize..r.out.end as usize],
+            "chunk {} decoded to different bytes",
+            d.tag
+        );
+        done += 1;
+    }
+    assert!(
+        most <= 1,
+        "{most} private coder threads at once for {} chunks",
+        plan.regions.len()
+    );
+}

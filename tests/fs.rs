@@ -902,6 +902,93 @@ fn atime_follows_relatime_strictatime_and_noatime() {
     }
 }
 
+/// `mount -o remount,HOW` as mount(8) does it: mount.fuse3 runs `nacrithfs SOURCE
+/// MOUNTPOINT -o remount,..` from PATH (this build first; mount(8) itself would find the
+/// installed copy).
+fn remount_via_helper(backing: &Path, mnt: &Path, how: &str) -> std::process::Output {
+    let bin_dir = Path::new(BIN).parent().expect("bin dir");
+    let path = format!(
+        "{}:{}",
+        bin_dir.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    Command::new("mount.fuse3")
+        .arg(backing)
+        .arg(mnt)
+        .args(["-t", "fuse.nacrithfs", "-o", &format!("remount,{how}")])
+        .env("PATH", &path)
+        .output()
+        .expect("mount.fuse3")
+}
+
+/// The options /proc/mounts shows for the mount at `m`.
+fn mount_opts(m: &Path) -> String {
+    let mounts = fs::read_to_string("/proc/mounts").expect("mounts");
+    let line = mounts
+        .lines()
+        .find(|l| l.split(' ').nth(1) == Some(m.to_str().expect("utf-8")))
+        .unwrap_or_else(|| panic!("{} not mounted", m.display()))
+        .to_string();
+    line.split(' ').nth(3).expect("options").to_string()
+}
+
+/// A daemon started with `-o ro` serves a private copy of the index and changes no file
+/// of the volume: `remount,rw` is refused (what it accepted would be lost at unmount)
+/// and the mount stays read-only; `evict` is refused; and a decode that takes the clean
+/// copies over this mount's `cache_size` evicts none of them (it used to delete the
+/// volume's clean copies, which the volume's own index still called cached).
+#[test]
+fn a_volume_mounted_read_only_stays_untouched() {
+    let _llm = common::llm_lock();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (backing, mnt) = new_volume(dir.path());
+    let a = common::english(2000);
+    let b = common::english(2500);
+    let d = Daemon::start(&backing, &mnt, "idle=3600,cache_size=64M");
+    write_synced(&mnt.join("a.txt"), &a);
+    write_synced(&mnt.join("b.txt"), &b);
+    admin("flush", &mnt);
+    admin("evict", &mnt);
+    // a.txt decoded again: a clean copy in the volume's cache/, b.txt's blob alone.
+    assert_eq!(fs::read(mnt.join("a.txt")).expect("read a"), a);
+    let ino_a = fs::metadata(mnt.join("a.txt")).expect("stat").ino();
+    d.unmount();
+    let copy_a = cache_file(&backing, ino_a);
+    assert!(
+        copy_a.exists(),
+        "no clean copy of a.txt at {}",
+        copy_a.display()
+    );
+
+    let d = Daemon::start(&backing, &mnt, "ro,cache_size=1");
+    // A decode on this mount: the clean copies are over its cap of 1 byte.
+    assert_eq!(fs::read(mnt.join("b.txt")).expect("read b"), b);
+    assert!(
+        copy_a.exists(),
+        "a read-only mount deleted the volume's clean copy"
+    );
+    let out = remount_via_helper(&backing, &mnt, "rw");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "remount,rw of an -o ro mount succeeded"
+    );
+    assert!(err.contains("stays read-only"), "{err}");
+    assert!(mount_opts(&mnt).starts_with("ro,"), "{}", mount_opts(&mnt));
+    let e = fs::create_dir(mnt.join("d")).expect_err("mkdir on a read-only mount");
+    assert_eq!(e.raw_os_error(), Some(libc::EROFS));
+    assert_eq!(fs::read(mnt.join("a.txt")).expect("read"), a);
+    d.unmount();
+
+    let d = Daemon::start(&backing, &mnt, "idle=3600");
+    assert_eq!(fs::read(mnt.join("a.txt")).expect("read a after"), a);
+    assert_eq!(fs::read(mnt.join("b.txt")).expect("read b after"), b);
+    assert!(!mnt.join("d").exists());
+    d.unmount();
+    let (code, text) = fsck(&[], &backing);
+    assert_eq!(code, 0, "{text}");
+}
+
 /// `mount -o remount,ro` and `remount,rw` (mount(8) runs this binary as its helper):
 /// the mount turns read-only with its files readable and its queue kept (nothing is
 /// compressed while read-only), then writable again, and the queue is compressed.
@@ -913,32 +1000,7 @@ fn remount_read_only_and_back_keeps_files_and_queue() {
     let d = Daemon::start(&backing, &mnt, "idle=1");
     let text = common::english(3000);
     write_synced(&mnt.join("a.txt"), &text);
-    // As mount(8) does it: mount.fuse3 runs `nacrithfs SOURCE MOUNTPOINT -o remount,..`
-    // from PATH (this build first; mount(8) itself would find the installed copy).
-    let remount = |how: &str| {
-        let bin_dir = Path::new(BIN).parent().expect("bin dir");
-        let path = format!(
-            "{}:{}",
-            bin_dir.display(),
-            std::env::var("PATH").unwrap_or_default()
-        );
-        Command::new("mount.fuse3")
-            .arg(&backing)
-            .arg(&mnt)
-            .args(["-t", "fuse.nacrithfs", "-o", &format!("remount,{how}")])
-            .env("PATH", &path)
-            .output()
-            .expect("mount.fuse3")
-    };
-    let mount_opts = |m: &Path| -> String {
-        let mounts = fs::read_to_string("/proc/mounts").expect("mounts");
-        let line = mounts
-            .lines()
-            .find(|l| l.split(' ').nth(1) == Some(m.to_str().expect("utf-8")))
-            .unwrap_or_else(|| panic!("{} not mounted", m.display()))
-            .to_string();
-        line.split(' ').nth(3).expect("options").to_string()
-    };
+    let remount = |how: &str| remount_via_helper(&backing, &mnt, how);
     let out = remount("ro");
     assert!(
         out.status.success(),

@@ -298,6 +298,32 @@ fn clean_copies_of_an_older_layout_are_checked_against_their_blobs() {
     d.unmount();
 }
 
+/// The same check when the blob itself cannot be read (here: gone): the clean copy may
+/// be the only readable content, so it is kept and served, and the log names fsck (it
+/// used to be distrusted like a bad copy, and then swept away with the file's data).
+#[test]
+fn a_clean_copy_whose_blob_is_unreadable_is_kept() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (backing, mnt) = fixture_copy(dir.path());
+    // Inode 7 is books/en/gpl-tail.txt, compressed with a clean copy.
+    fs::remove_file(backing.join("blobs/7-2.nc06")).expect("remove the blob");
+    let d = Daemon::start(&backing, &mnt, "idle=3600");
+    let log = d.log_text();
+    assert!(
+        log.contains("inode 7: its blob") && log.contains("its clean copy is kept, unchecked"),
+        "{log}"
+    );
+    let want: Vec<_> = fixture_manifest(1)
+        .into_iter()
+        .filter(|(p, _)| p == "books/en/gpl-tail.txt")
+        .collect();
+    assert_eq!(want.len(), 1, "the manifest names books/en/gpl-tail.txt");
+    check_manifest(&mnt, &want, &[]);
+    d.unmount();
+    let copy = cache_file(&backing, 7);
+    assert!(copy.exists(), "the clean copy {} was swept", copy.display());
+}
+
 #[test]
 fn fsck_finds_and_repairs_every_planted_defect() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -1576,4 +1602,46 @@ fn recode_moves_blobs_of_a_foreign_backend_to_this_one() {
     let log = d.log_text();
     d.unmount();
     assert!(!log.contains("ERROR"), "{log}");
+}
+
+/// fsck's exit codes are e2fsck's for what is not a check result too: a usage error is
+/// 16 and a check that could not run (no such directory, no model for --deep) is 8,
+/// never 1, which says "problems found, all repaired" to a script or a cron job.
+#[test]
+fn fsck_that_cannot_check_never_exits_with_all_repaired() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (backing, mnt) = new_volume(dir.path());
+    let d = Daemon::start(&backing, &mnt, "idle=3600");
+    std::fs::write(mnt.join("a.txt"), b"kept\n").expect("write");
+    d.unmount();
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(BIN)
+            .arg("fsck")
+            .args(args)
+            .output()
+            .expect("run nacrithfs fsck");
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let b = backing.to_str().expect("utf-8 path");
+    let missing = dir.path().join("no-such-dir");
+    let missing = missing.to_str().expect("utf-8 path");
+    for (args, code) in [
+        (vec![], 16),
+        (vec![b, "--bogus"], 16),
+        (vec![b, "--model"], 16),
+        (vec![b, b], 16),
+        (vec![missing], 8),
+        (vec![b, "--model", "/nonexistent/model.gguf"], 8),
+    ] {
+        let (got, err) = run(&args);
+        assert_eq!(got, Some(code), "fsck {args:?}: {err}");
+        assert!(err.starts_with("nacrithfs: fsck: "), "fsck {args:?}: {err}");
+        assert!(!err.contains("panicked"), "{err}");
+    }
+    // And the volume itself checks clean.
+    let (code, text) = fsck(&[], &backing);
+    assert_eq!(code, 0, "{text}");
 }

@@ -292,6 +292,124 @@ fn a_hung_index_ends_the_daemon_with_a_clear_error() {
     assert_eq!(code, 0, "fsck after the watchdog exit:\n{text}");
 }
 
+/// A daemon that stops answering though no index call hangs (its state lock held
+/// forever, fault injection) stops its pings to systemd's watchdog (`WATCHDOG=1` on
+/// `NOTIFY_SOCKET`), so that systemd kills and restarts it; it pinged while it answered.
+#[test]
+fn a_daemon_that_stops_answering_stops_its_watchdog_pings() {
+    use std::os::unix::net::UnixDatagram;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (backing, mnt) = new_volume(dir.path());
+    let sock_path = dir.path().join("notify.sock");
+    let sock = UnixDatagram::bind(&sock_path).expect("bind the notify socket");
+    sock.set_read_timeout(Some(Duration::from_millis(200)))
+        .expect("timeout");
+    let trigger = dir.path().join("stall");
+    let d = Daemon::start_env(
+        &backing,
+        &mnt,
+        "idle=3600",
+        &[
+            ("NOTIFY_SOCKET", sock_path.to_str().expect("utf-8 path")),
+            ("WATCHDOG_USEC", "10000000"),
+            (
+                "NACRITHFS_STALL_LOCKED_IF",
+                trigger.to_str().expect("utf-8 path"),
+            ),
+        ],
+    );
+    let pings_in = |secs: u64| {
+        let end = Instant::now() + Duration::from_secs(secs);
+        let mut n = 0;
+        let mut buf = [0u8; 256];
+        while Instant::now() < end {
+            if let Ok(len) = sock.recv(&mut buf) {
+                n += buf[..len]
+                    .split(|&b| b == b'\n')
+                    .filter(|l| *l == b"WATCHDOG=1")
+                    .count();
+            }
+        }
+        n
+    };
+    write_synced(&mnt.join("kept.txt"), b"written while it answered\n");
+    assert!(pings_in(4) >= 2, "no watchdog pings while answering");
+    fs::write(&trigger, b"").expect("arm the stall");
+    // A request takes the state lock and keeps it.
+    let probe = {
+        let p = mnt.join("probe.txt");
+        std::thread::spawn(move || fs::write(p, b"x"))
+    };
+    // (A ping already on its way may still come.)
+    pings_in(3);
+    assert_eq!(
+        pings_in(5),
+        0,
+        "pings went on while the daemon answered nothing"
+    );
+    let log = d.log_text();
+    assert!(log.contains("has not answered for"), "{log}");
+    fs::remove_file(&trigger).expect("disarm");
+    d.kill9();
+    assert!(probe.join().expect("probe thread").is_err());
+    let d = Daemon::start(&backing, &mnt, "idle=3600");
+    assert_eq!(
+        fs::read(mnt.join("kept.txt")).expect("read after restart"),
+        b"written while it answered\n"
+    );
+    d.unmount();
+}
+
+/// A mount after a clean stop scans nothing but looks at each dirty file's plaintext
+/// (O(dirty)): one shorter than the index says, or gone (what a power cut soon after
+/// the stop could leave on a filesystem that had not written it back), gives the file
+/// its size, so stat and read agree and the file compresses (its compression used to
+/// be refused for the size mismatch, every minute, for good).
+#[test]
+fn a_mount_after_a_clean_stop_takes_dirty_sizes_from_the_plaintexts() {
+    use std::os::unix::fs::MetadataExt;
+    let _llm = common::llm_lock();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (backing, mnt) = new_volume(dir.path());
+    let text = common::english(3000);
+    let d = Daemon::start(&backing, &mnt, "idle=3600");
+    write_synced(&mnt.join("short.txt"), &text);
+    write_synced(&mnt.join("gone.txt"), &text);
+    let ino = |name: &str| fs::metadata(mnt.join(name)).expect("stat").ino();
+    let (short, gone) = (ino("short.txt"), ino("gone.txt"));
+    d.unmount();
+    fs::OpenOptions::new()
+        .write(true)
+        .open(cache_file(&backing, short))
+        .expect("open the plaintext")
+        .set_len(1000)
+        .expect("shorten it");
+    fs::remove_file(cache_file(&backing, gone)).expect("remove a plaintext");
+
+    let d = Daemon::start(&backing, &mnt, "idle=3600");
+    let log = d.log_text();
+    assert!(
+        log.contains("the last stop was clean: backing files not scanned")
+            && log.contains("2 dirty sizes corrected"),
+        "{log}"
+    );
+    assert_eq!(
+        fs::metadata(mnt.join("short.txt")).expect("stat").len(),
+        1000
+    );
+    assert_eq!(fs::read(mnt.join("short.txt")).expect("read"), text[..1000]);
+    assert_eq!(fs::metadata(mnt.join("gone.txt")).expect("stat").len(), 0);
+    assert_eq!(fs::read(mnt.join("gone.txt")).expect("read"), b"");
+    admin("flush", &mnt);
+    assert_eq!(
+        xattr(&mnt.join("short.txt"), "user.nacrith.state"),
+        "compressed"
+    );
+    d.unmount();
+    let (code, text) = fsck(&[], &backing);
+    assert_eq!(code, 0, "{text}");
+}
+
 /// A mount after a clean unmount does not scan the backing files (a stray temp file
 /// planted meanwhile stays, as the log says); a mount after kill -9 does (it goes).
 #[test]

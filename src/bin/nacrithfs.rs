@@ -79,7 +79,13 @@ fn main() {
         }
         Some("fsck") => {
             set_private_umask();
-            fsck_main(&args[1..])
+            // Exit codes as e2fsck's: a failure is 8 and a usage error 16, never 1
+            // ("problems found, all repaired").
+            if let Err((code, e)) = fsck_main(&args[1..]) {
+                eprintln!("nacrithfs: fsck: {e}");
+                std::process::exit(code);
+            }
+            Ok(())
         }
         Some("recode") => {
             set_private_umask();
@@ -104,8 +110,18 @@ fn set_private_umask() {
     unsafe { libc::umask(nacrithfs::store::perms::UMASK as libc::mode_t) };
 }
 
-fn fsck_main(args: &[OsString]) -> Result<(), String> {
-    let usage = "usage: nacrithfs fsck BACKING [--repair] [--deep] [--model PATH]";
+/// Exit code of fsck for a usage error (e2fsck's).
+const FSCK_USAGE: i32 = 16;
+/// Exit code of fsck that could not check (e2fsck's "operational error").
+const FSCK_FAILED: i32 = 8;
+
+fn fsck_main(args: &[OsString]) -> Result<(), (i32, String)> {
+    let usage = || {
+        (
+            FSCK_USAGE,
+            "usage: nacrithfs fsck BACKING [--repair] [--deep] [--model PATH]".to_string(),
+        )
+    };
     let (mut backing, mut repair, mut deep, mut model) = (None, false, false, None);
     let mut it = args.iter();
     while let Some(a) = it.next() {
@@ -113,20 +129,24 @@ fn fsck_main(args: &[OsString]) -> Result<(), String> {
             Some("--repair") => repair = true,
             Some("--deep") => deep = true,
             Some("--model") => {
-                model = Some(PathBuf::from(it.next().ok_or(usage)?));
+                model = Some(PathBuf::from(it.next().ok_or_else(usage)?));
                 deep = true;
             }
-            Some(s) if s.starts_with('-') => return Err(format!("unknown flag {s}\n{usage}")),
+            Some(s) if s.starts_with('-') => {
+                let (code, u) = usage();
+                return Err((code, format!("unknown flag {s}\n{u}")));
+            }
             _ if backing.is_none() => backing = Some(PathBuf::from(a)),
-            _ => return Err(usage.into()),
+            _ => return Err(usage()),
         }
     }
-    let backing = backing.ok_or(usage)?;
+    let backing = backing.ok_or_else(usage)?;
     let pool = if deep {
-        let path = find_model(model.as_deref()).map_err(|e| e.to_string())?;
+        let failed = |e: String| (FSCK_FAILED, e);
+        let path = find_model(model.as_deref()).map_err(|e| failed(e.to_string()))?;
         Some(
             nacrithfs::pool::load(&path, None, nacrithfs::pool::DEFAULT_LANES)
-                .map_err(|e| e.to_string())?,
+                .map_err(|e| failed(e.to_string()))?,
         )
     } else {
         None
@@ -137,10 +157,7 @@ fn fsck_main(args: &[OsString]) -> Result<(), String> {
     };
     let report = match nacrithfs::store::fsck::fsck(&backing, opts) {
         Ok(r) => r,
-        Err(e) => {
-            eprintln!("nacrithfs: fsck: {e}");
-            std::process::exit(8);
-        }
+        Err(e) => return Err((FSCK_FAILED, e.to_string())),
     };
     for f in &report.findings {
         match &f.repaired {
@@ -582,8 +599,11 @@ fn serve(
 
     let result = session.run();
     sd_notify("STOPPING=1");
-    core.shutdown();
-    if workers.finish(std::time::Duration::from_secs(3)) && !m.opts.read_only {
+    let committed = core.shutdown();
+    if !committed && !m.opts.read_only {
+        log::warn!("the stop is not recorded as clean: the next mount scans the backing files");
+    }
+    if committed && workers.finish(std::time::Duration::from_secs(3)) && !m.opts.read_only {
         // Nothing runs any more and everything is committed: the next mount may skip
         // its scan of the backing files.
         match core.store.mark_clean_stop() {
@@ -601,13 +621,32 @@ fn serve(
 /// watchdog (`WatchdogSec=` in the unit) that this process is alive.
 fn watchdog(core: &std::sync::Weak<Core>, limit: std::time::Duration) {
     let ping = std::env::var_os("WATCHDOG_USEC").is_some();
+    let mut stuck_since: Option<std::time::Instant> = None;
+    let mut warned = std::time::Duration::ZERO;
     loop {
         std::thread::sleep(std::time::Duration::from_secs(1));
         let Some(core) = core.upgrade() else {
             return;
         };
         let (oldest, failed) = (core.store.watch().oldest(), core.store.watch().failed());
+        // A daemon whose requests cannot get the state lock answers nothing, though no
+        // index call may be in flight: no ping then, and systemd's own watchdog
+        // (`WatchdogSec=`) kills and restarts it.
+        let answers = !ping || core.answers(std::time::Duration::from_secs(1));
         drop(core);
+        if answers {
+            stuck_since = None;
+            warned = std::time::Duration::ZERO;
+        } else {
+            let since = *stuck_since.get_or_insert_with(std::time::Instant::now);
+            if since.elapsed() >= warned {
+                log::error!(
+                    "the daemon has not answered for {} s (its state lock is held): no watchdog ping to systemd, which restarts it after WatchdogSec",
+                    since.elapsed().as_secs()
+                );
+                warned = since.elapsed() + std::time::Duration::from_secs(30);
+            }
+        }
         if failed {
             log::error!(
                 "fatal: the index failed a write to disk and refuses every write since; exiting with status {EXIT_INDEX_HUNG} so that systemd restarts the daemon (the volume recovers from its last durable state)"
@@ -624,7 +663,7 @@ fn watchdog(core: &std::sync::Weak<Core>, limit: std::time::Duration) {
                 log::logger().flush();
                 std::process::exit(EXIT_INDEX_HUNG);
             }
-            _ if ping => sd_notify("WATCHDOG=1"),
+            _ if ping && answers => sd_notify("WATCHDOG=1"),
             _ => {}
         }
     }

@@ -837,7 +837,12 @@ impl Decoder<'_> {
                     .create_new(true)
                     .open(&tmp)
             })
-            .and_then(|f| f.set_len(size).map(|()| f))
+            .and_then(|f| {
+                // Made by us just now and of no use: not left for fsck to find.
+                f.set_len(size).map(|()| f).inspect_err(|_| {
+                    let _ = std::fs::remove_file(&tmp);
+                })
+            })
             .map_err(|e| {
                 (
                     e.raw_os_error().unwrap_or(libc::EIO),

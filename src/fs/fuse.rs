@@ -188,7 +188,8 @@ impl Filesystem for NacrithFs {
     }
 
     fn destroy(&mut self) {
-        self.core.shutdown();
+        // (Its result is the daemon's to act on, after the session: see serve.)
+        let _ = self.core.shutdown();
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {

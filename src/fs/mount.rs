@@ -140,9 +140,10 @@ pub fn unmount(mountpoint: &Path) {
 /// `mount -o remount,ro|rw MOUNTPOINT` (mount(8) hands it to this helper): change a live
 /// nacrithfs mount in place, as root. Read-only: the daemon is told to pause (no
 /// compression commits, evictions or deletions; everything pending committed and the
-/// index flushed), then the kernel makes the mount read-only. Read-write: the kernel
-/// first, then the daemon resumes. Flags the mount has (nosuid, nodev, ...) are kept;
-/// flags given with the remount are added.
+/// index flushed), then the kernel makes the mount read-only. Read-write (refused for a
+/// daemon started `-o ro`): the kernel, then the daemon resumes. Flags the mount has
+/// (nosuid, nodev, ...) are kept; flags given with the remount are added; other options
+/// (idle=, cache_size=, ...) are not changed by a remount (mount(8) passes fstab's).
 pub fn remount(mountpoint: &Path, opts: &FsOptions) -> Result<(), String> {
     let mounts = std::fs::read_to_string("/proc/self/mounts").map_err(|e| e.to_string())?;
     let wanted = mountpoint.as_os_str().as_bytes();
@@ -219,8 +220,20 @@ pub fn remount(mountpoint: &Path, opts: &FsOptions) -> Result<(), String> {
             return Err(e);
         }
     } else {
+        // A daemon started with `-o ro` serves a private copy of the index: what it
+        // accepted read-write would be lost at unmount. Asked first (status is readable
+        // on a read-only mount; the daemon refuses `resume` as well).
+        if crate::admin::Status::read(mountpoint)?.get("read_only") != 0 {
+            return Err(format!(
+                "{} was mounted with -o ro and stays read-only: unmount it and mount it read-write",
+                mountpoint.display()
+            ));
+        }
         kernel(flags)?;
-        crate::admin::control(mountpoint, "resume")?;
+        if let Err(e) = crate::admin::control(mountpoint, "resume") {
+            let _ = kernel(flags | libc::MS_RDONLY);
+            return Err(e);
+        }
     }
     Ok(())
 }

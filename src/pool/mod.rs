@@ -176,6 +176,10 @@ pub struct LocalPool {
     pub lanes: usize,
     shared: Arc<Shared>,
     threads: Vec<JoinHandle<()>>,
+    /// The queue of the one thread that runs jobs with other parameters than the shared
+    /// contexts' (started on first use): one private context at a time, whatever a blob
+    /// asks for (a hostile blob's thousands of chunks used to start a thread each).
+    private: Mutex<Option<Sender<(CoderParams, Submit)>>>,
 }
 
 impl LocalPool {
@@ -224,6 +228,7 @@ impl LocalPool {
             lanes,
             shared,
             threads,
+            private: Mutex::new(None),
         }
     }
 
@@ -245,20 +250,51 @@ impl LocalPool {
             self.shared.wake.notify_all();
             return;
         }
-        let rt = self.runtime.clone();
-        let params = params.clone();
-        let spawned = std::thread::Builder::new()
-            .name("nacrith-private".into())
-            .spawn(move || {
-                let mut out = run_private(&rt, &params, vec![s.job], 1, 1, &|_| {});
-                let result = out
-                    .as_mut()
-                    .map_err(|e| e.clone())
-                    .and_then(|v| v.pop().ok_or_else(lost));
-                let _ = s.reply.send(Done { tag: s.tag, result });
-            });
-        if let Err(e) = spawned {
-            log::error!("cannot start a private coder thread: {e}");
+        let mut private = self.private.lock().unwrap_or_else(|p| p.into_inner());
+        if private.is_none() {
+            let (tx, rx) = crossbeam_channel::unbounded::<(CoderParams, Submit)>();
+            let rt = self.runtime.clone();
+            let spawned = std::thread::Builder::new()
+                .name("nacrith-private".into())
+                .spawn(move || {
+                    for (params, s) in rx {
+                        let job = s.job;
+                        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                            run_private(&rt, &params, vec![job], 1, 1, &|_| {})
+                        }))
+                        .unwrap_or_else(|_| {
+                            Err(ModelError::Runtime("a private coder panicked".into()))
+                        })
+                        .and_then(|mut v| v.pop().ok_or_else(lost));
+                        let _ = s.reply.send(Done { tag: s.tag, result });
+                    }
+                });
+            match spawned {
+                Ok(_) => *private = Some(tx),
+                Err(e) => {
+                    drop(private);
+                    let why = format!("cannot start the private coder thread: {e}");
+                    log::error!("{why}");
+                    // Answered, never dropped: its reader would wait for it forever.
+                    let _ = s.reply.send(Done {
+                        tag: s.tag,
+                        result: Err(ModelError::Runtime(why)),
+                    });
+                    return;
+                }
+            }
+        }
+        if let Some(tx) = private.as_ref() {
+            if let Err(e) = tx.send((params.clone(), s)) {
+                let (_, s) = e.into_inner();
+                *private = None;
+                let _ = s.reply.send(Done {
+                    tag: s.tag,
+                    result: Err(ModelError::Runtime(
+                        "the private coder thread is gone".into(),
+                    )),
+                });
+            }
         }
     }
 

@@ -110,7 +110,12 @@ pub fn fsck(backing: &Path, opts: FsckOptions<'_>) -> Result<Report> {
     // index (as a read-only mount does), so an old volume is not moved to the current
     // format, nor the index rebuilt or its journal replayed in place.
     let store = if opts.repair {
-        Store::open_existing(backing)?
+        let store = Store::open_existing(backing)?;
+        // Before any change: a crash of this repair must not leave the next mount
+        // trusting a clean-stop record (it would skip the sweep of what the repair
+        // left half-done); that mount scans the backing files instead.
+        store.take_clean_stop()?;
+        store
     } else {
         Store::open_existing_for_check(backing)?
     };

@@ -76,7 +76,7 @@ impl Core {
         let mut freed = 0;
         loop {
             let mut st = self.lock();
-            if st.paused {
+            if st.paused || self.opts.read_only {
                 return Err(libc::EROFS);
             }
             let inos = st.clean.inos();
@@ -220,7 +220,8 @@ impl Core {
     /// Evict least recently used clean copies until the cache is under its cap.
     pub(crate) fn enforce_cache_cap(&self) {
         let mut st = self.lock();
-        if st.paused {
+        // (Read-only: the clean copies are the backing directory's, not ours to delete.)
+        if st.paused || self.opts.read_only {
             return;
         }
         let mut total = st.clean.total();

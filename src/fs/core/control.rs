@@ -69,6 +69,9 @@ impl Core {
                 b"evict" => self.evict_all().map(|_| ()),
                 b"compact" => self.compact_packs().map(|_| ()),
                 b"pause" => self.set_paused(true),
+                // A daemon started read-only serves a private copy of the index: what
+                // it accepted after a `remount,rw` would be lost at unmount.
+                b"resume" if self.opts.read_only => Err(libc::EROFS),
                 b"resume" => self.set_paused(false),
                 _ => Err(libc::EINVAL),
             };
@@ -263,7 +266,7 @@ impl Core {
              compressed_since_mount={}\nbytes_in={}\nbytes_out={}\nbusy_seconds={secs:.1}\n\
              failures={}\nsuperseded={}\nverify_failures={}\ndecompressions={}\ndecompress_failures={}\n\
              symbols_coded={}\nregions_decoded={}\nchunk_jobs_queued={chunk_jobs}\nindex_commits={}\n\
-             compress_seconds={:.3}\ncoding_seconds={:.3}\nshared_files={}\nshared_bytes={}\npaused={}\n\
+             compress_seconds={:.3}\ncoding_seconds={:.3}\nshared_files={}\nshared_bytes={}\npaused={}\nread_only={}\n\
              packs={packs}\npack_disk_bytes={pack_disk}\npack_live_bytes={pack_live}\n",
             queued,
             stats.compressed_files,
@@ -282,6 +285,7 @@ impl Core {
             stats.shared_files,
             stats.shared_bytes,
             u8::from(paused),
+            u8::from(self.opts.read_only),
         ))
     }
 
@@ -326,7 +330,10 @@ impl Core {
         self.lock().paused
     }
 
-    pub fn shutdown(&self) {
+    /// Stop: background work ends, everything pending is committed and flushed.
+    /// Returns whether every stop so far committed and flushed all of it (then, with the
+    /// workers joined, the stop may be recorded as clean).
+    pub fn shutdown(&self) -> bool {
         self.lock().shutting_down = true;
         // Compressions in progress end within a step (their temp blobs removed), so the
         // workers stop in time for the clean stop to be recorded: otherwise the next
@@ -335,15 +342,21 @@ impl Core {
         self.wake.notify_all();
         self.reap_soon();
         if self.opts.read_only {
-            return;
+            return true;
         }
+        let mut ok = true;
         if let Err(e) = self.sync_metadata() {
             log::error!("committing the sizes of files being written: errno {e}");
+            ok = false;
         }
         if let Err(e) = self.store.flush() {
             log::error!("final index flush: {e}");
+            ok = false;
         }
         self.reap();
+        let mut st = self.lock();
+        st.stop_failed |= !ok;
+        !st.stop_failed
     }
 
     pub(crate) fn wait_for_work(&self, wait: Duration) -> bool {

@@ -225,6 +225,9 @@ pub(crate) struct State {
     clean: cache::CleanCopies,
     pub(crate) stats: Stats,
     pub(crate) shutting_down: bool,
+    /// A stop's final commit or index flush failed: the stop is not recorded as clean
+    /// (the next mount must not trust sizes that never reached the index).
+    stop_failed: bool,
     /// Remounted read-only (`nacrithfs ... -o remount,ro`): no compression commits, no
     /// eviction, no deletion by the reaper until `remount,rw`.
     pub(crate) paused: bool,
@@ -350,6 +353,7 @@ impl Core {
                 clean: Default::default(),
                 stats: Stats::default(),
                 shutting_down: false,
+                stop_failed: false,
                 paused: false,
                 busy_since: None,
                 reported: Default::default(),
@@ -371,7 +375,26 @@ impl Core {
     }
 
     pub(crate) fn lock(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+        let st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        crate::crash::stall_if_locked_injected();
+        st
+    }
+
+    /// Whether the state lock, which nearly every request takes, came free within
+    /// `within` (polled, never waited on: a deadlocked daemon must not hang its own
+    /// watchdog). The daemon stops its systemd watchdog pings while it does not.
+    pub fn answers(&self, within: Duration) -> bool {
+        let start = Instant::now();
+        loop {
+            match self.state.try_lock() {
+                Ok(_) | Err(std::sync::TryLockError::Poisoned(_)) => return true,
+                Err(std::sync::TryLockError::WouldBlock) => {}
+            }
+            if start.elapsed() >= within {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
     }
 
     /// An inode as it is now: its record with what writes changed since (see

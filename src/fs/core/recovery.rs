@@ -16,28 +16,41 @@ enum Verdict {
     Rescue,
 }
 
+/// Why a clean copy could not be shown to be its blob's content.
+enum CopyCheck {
+    /// The copy differs from what the blob's header says: the blob is the content.
+    Differs(String),
+    /// The blob itself cannot be read: the copy may be the only readable content.
+    BlobUnreadable(String),
+}
+
 impl Core {
     /// A clean copy is the blob's content: its size and BLAKE3 are the header's.
-    fn clean_copy_matches(&self, ino: u64, blob: BlobRef, size: u64) -> Result<(), String> {
+    fn clean_copy_matches(&self, ino: u64, blob: BlobRef, size: u64) -> Result<(), CopyCheck> {
         let blob = self.store.open_blob(ino, &blob).map_err(|e| {
-            format!(
+            CopyCheck::BlobUnreadable(format!(
                 "its blob {} cannot be read ({e})",
                 self.store.blob_display(ino, &blob)
-            )
+            ))
         })?;
         let (header, _) = crate::codec::container::Header::read_from(&blob)
-            .map_err(|e| format!("its blob's header is bad ({e})"))?;
-        let unreadable = |e: std::io::Error| format!("cannot be read ({e})");
+            .map_err(|e| CopyCheck::BlobUnreadable(format!("its blob's header is bad ({e})")))?;
+        let unreadable = |e: std::io::Error| CopyCheck::Differs(format!("cannot be read ({e})"));
         let mut plain = File::open(self.store.cache_path(ino)).map_err(unreadable)?;
         let len = plain.metadata().map_err(unreadable)?.len();
         if len != header.original_len || header.original_len != size {
-            return Err(format!("has {len} bytes, the blob {}", header.original_len));
+            return Err(CopyCheck::Differs(format!(
+                "has {len} bytes, the blob {}",
+                header.original_len
+            )));
         }
         // Streamed: a clean copy can be far larger than memory allows.
         let mut hasher = blake3::Hasher::new();
         std::io::copy(&mut plain, &mut hasher).map_err(unreadable)?;
         if hasher.finalize().as_bytes() != &header.checksum {
-            return Err("does not match the blob's BLAKE3".into());
+            return Err(CopyCheck::Differs(
+                "does not match the blob's BLAKE3".into(),
+            ));
         }
         Ok(())
     }
@@ -135,13 +148,21 @@ impl Core {
             }
             if check_clean && inode.cached && !inode.dirty {
                 if let Some(b) = inode.blob {
-                    if let Err(why) = self.clean_copy_matches(ino, b, inode.size) {
-                        // The blob is the content; the plaintext is only a copy of it.
-                        log::warn!(
-                            "recovery: inode {ino}: its clean copy was never synced and {why}; it is decoded from its blob again"
-                        );
-                        inode.cached = false;
-                        distrusted += 1;
+                    match self.clean_copy_matches(ino, b, inode.size) {
+                        Ok(()) => {}
+                        Err(CopyCheck::Differs(why)) => {
+                            // The blob is the content; the plaintext is only a copy of it.
+                            log::warn!(
+                                "recovery: inode {ino}: its clean copy was never synced and {why}; it is decoded from its blob again"
+                            );
+                            inode.cached = false;
+                            distrusted += 1;
+                        }
+                        // Never delete what may be the only readable copy (fsck keeps
+                        // it too, and recompresses from it).
+                        Err(CopyCheck::BlobUnreadable(why)) => log::error!(
+                            "recovery: inode {ino}: {why}; its clean copy is kept, unchecked: run `nacrithfs fsck`"
+                        ),
                     }
                 }
             }
@@ -194,7 +215,10 @@ impl Core {
     /// backing files, and no pass over the index either. What it needs, the count at
     /// open (`Store::init_tally`) collected: clean copies for the cache cap, inodes
     /// without links (none, after a clean stop, unless a lazy unmount left them), dirty
-    /// files (a flush request's set) that are not queued.
+    /// files (a flush request's set) that are not queued. Each dirty file's plaintext is
+    /// looked at (O(dirty)), as after a crash: the stop synced the backing filesystem,
+    /// but its length is what a read returns and what a compression codes, so the size
+    /// follows it whatever happened to it meanwhile.
     fn recover_after_clean_stop(&self) -> Result<(), StoreError> {
         let now_ms = unix_ms(SystemTime::now());
         let latest = now_ms + self.opts.idle.as_millis() as u64;
@@ -206,17 +230,56 @@ impl Core {
             }
         }
         let (clean, unlinked) = self.store.take_open_scan();
-        let mut orphans = 0;
+        let mut orphans = HashSet::new();
         for ino in unlinked {
             if let Some(inode) = self.store.get(ino)? {
                 self.store.delete_inode(&mut txn, ino, &inode)?;
-                orphans += 1;
+                orphans.insert(ino);
             }
         }
+        let mut emptied_dirs = std::collections::BTreeSet::new();
+        let mut resized = 0;
         for ino in self.store.dirty_files() {
+            if orphans.contains(&ino) {
+                continue;
+            }
             if self.store.queue_due(ino)?.is_none() {
                 txn.enqueue(ino, latest);
             }
+            let Some(mut inode) = self.store.get(ino)? else {
+                continue;
+            };
+            if inode.kind != Kind::File || !inode.cached {
+                continue;
+            }
+            let cache = self.store.cache_path(ino);
+            let len = match std::fs::metadata(&cache) {
+                Ok(m) => m.len(),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    std::fs::File::create(&cache)?;
+                    emptied_dirs.insert(self.store.cache_dir_of(ino));
+                    0
+                }
+                Err(e) => {
+                    log::error!(
+                        "recovery: inode {ino}: cannot stat its plaintext {}: {e}; run `nacrithfs fsck`",
+                        cache.display()
+                    );
+                    continue;
+                }
+            };
+            if len != inode.size {
+                log::warn!(
+                    "recovery: inode {ino}: the index said {} bytes, its plaintext holds {len} (changed or lost after the clean stop); it has {len} now",
+                    inode.size
+                );
+                inode.size = len;
+                txn.put_inode(ino, &inode);
+                resized += 1;
+            }
+        }
+        for dir in &emptied_dirs {
+            crate::store::sync_dir(dir)?;
         }
         let mut st = self.lock();
         for (ino, size) in clean {
@@ -226,7 +289,8 @@ impl Core {
         self.store.commit(txn, true)?;
         self.reap();
         log::info!(
-            "recovery: the last stop was clean: backing files not scanned ({orphans} orphans deleted)"
+            "recovery: the last stop was clean: backing files not scanned ({} orphans deleted, {resized} dirty sizes corrected)",
+            orphans.len()
         );
         Ok(())
     }
