@@ -144,6 +144,8 @@ enum When {
     /// During `nacrithfs compact` on a mount of the volume `run` left (cleanly
     /// unmounted: its packs sealed).
     InCompaction,
+    /// During the first mount of an empty backing directory (its initialization).
+    AtInit,
 }
 
 /// Turn a format-4 volume into the format-2 volume it would have been: the same keys
@@ -644,6 +646,15 @@ fn cases() -> Vec<Case> {
             opts: OPTS,
         },
         Case {
+            op: "first mount",
+            point: "init.after_index",
+            run: |_| {},
+            allowed: unchanged,
+            when: When::AtInit,
+            verify: nothing_more,
+            opts: OPTS,
+        },
+        Case {
             op: "fsck --repair",
             point: "fsck.after_commit",
             run: needs_recovery,
@@ -855,7 +866,50 @@ fn check_links(mnt: &Path) {
     assert_eq!(a.nlink(), 2);
 }
 
+/// A first mount killed during its initialization (before the format marker): the next
+/// mount begins it again and serves; nothing is refused as "not a backing directory".
+fn run_init_case(case: &Case, dir: &Path) {
+    let backing = dir.join("backing");
+    let mnt = dir.join("mnt");
+    fs::create_dir_all(&backing).expect("backing");
+    fs::create_dir_all(&mnt).expect("mnt");
+    let log = dir.join("daemon.log");
+    let status = Command::new(BIN)
+        .arg(&backing)
+        .arg(&mnt)
+        .arg("-f")
+        .args(["-o", OPTS])
+        .env("NACRITHFS_CRASH_AT", case.point)
+        .stderr(File::create(&log).expect("log"))
+        .status()
+        .expect("run nacrithfs");
+    let text = fs::read_to_string(&log).unwrap_or_default();
+    assert_killed_at(case, "the daemon", status, &text);
+    assert!(
+        !backing.join("nacrithfs.format").exists(),
+        "the marker was written before {}",
+        case.point
+    );
+    if is_mounted(&mnt) {
+        let _ = Command::new("umount").arg("-l").arg(&mnt).status();
+    }
+    let d = Daemon::start(&backing, &mnt, OPTS);
+    write_synced(&mnt.join("first.txt"), b"the first file\n");
+    d.unmount();
+    let d = Daemon::start(&backing, &mnt, OPTS);
+    assert_eq!(
+        fs::read(mnt.join("first.txt")).expect("read"),
+        b"the first file\n"
+    );
+    d.unmount();
+    let (code, text) = fsck(&[], &backing);
+    assert_eq!(code, 0, "{}: fsck:\n{text}", case.point);
+}
+
 fn run_case(case: &Case, dir: &Path) {
+    if case.when == When::AtInit {
+        return run_init_case(case, dir);
+    }
     let backing = dir.join("backing");
     copy_tree(template(), &backing);
     let mnt = dir.join("mnt");

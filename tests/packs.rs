@@ -396,3 +396,82 @@ fn a_stale_reference_stops_compaction_of_its_pack_only() {
     let (code, out) = fsck(&["--deep"], &backing);
     assert_eq!(code, 0, "{out}");
 }
+
+/// One coding profile whose stored value does not decode kept the whole volume from
+/// opening, a mount and `fsck --repair` alike. Now the volume mounts (the packs of that
+/// profile give an error, logged), and `fsck --repair` restores the profile from a pack
+/// header, which carries it whole. No model needed.
+#[test]
+fn an_undecodable_profile_is_restored_from_a_pack_header() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (backing, mnt) = new_volume(dir.path());
+    let files: Vec<(String, Vec<u8>)> = (0..3)
+        .map(|i| (format!("f{i}.bin"), common::random_bytes(2000, 301 + 2 * i)))
+        .collect();
+    let d = Daemon::start(&backing, &mnt, "idle=3600");
+    for (name, data) in &files {
+        fs::write(mnt.join(name), data).expect("write");
+    }
+    admin("flush", &mnt);
+    admin("evict", &mnt);
+    d.unmount();
+    assert!(!pack_files(&backing).is_empty(), "nothing was packed");
+    {
+        let store = nacrithfs::store::Store::open_existing(&backing).expect("open");
+        store
+            .raw_insert(b"P\0\0\0\x01", b"\xff\xff\xff")
+            .expect("damage profile 1");
+    }
+    let d = Daemon::start(&backing, &mnt, "idle=3600");
+    let log = d.log_text();
+    assert!(log.contains("coding profile 1 does not decode"), "{log}");
+    assert!(
+        fs::read(mnt.join("f0.bin")).is_err(),
+        "a blob of an unknown profile was read"
+    );
+    d.unmount();
+    let (code, out) = fsck(&[], &backing);
+    assert_eq!(code, 4, "{out}");
+    assert!(out.contains("unknown-profile"), "{out}");
+    let (code, out) = fsck(&["--repair"], &backing);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("restored from the pack's header"), "{out}");
+    let (code, out) = fsck(&[], &backing);
+    assert_eq!(code, 0, "{out}");
+    let d = Daemon::start(&backing, &mnt, "idle=3600");
+    read_all(&mnt, &files, "after the repair");
+    d.unmount();
+}
+
+/// `stored_disk_bytes` (and `disk_bytes`) count a packed blob once however many equal
+/// files share it: a second copy of a stored file adds nothing to what the disk holds,
+/// and the status says so (it added the blob again per file). No model needed.
+#[test]
+fn a_shared_packed_blob_is_counted_once_on_disk() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (backing, mnt) = new_volume(dir.path());
+    let data = common::random_bytes(3000, 401);
+    let d = Daemon::start(&backing, &mnt, "idle=3600");
+    fs::write(mnt.join("a.bin"), &data).expect("write");
+    admin("flush", &mnt);
+    admin("evict", &mnt);
+    let before = status_field(&mnt, "stored_disk_bytes");
+    let packs = status_field(&mnt, "pack_disk_bytes");
+    assert!(packs > 0, "nothing was packed");
+    fs::write(mnt.join("copy.bin"), &data).expect("write the copy");
+    admin("flush", &mnt);
+    admin("evict", &mnt);
+    assert_eq!(
+        status_field(&mnt, "shared_files"),
+        1,
+        "the copy was not shared"
+    );
+    assert_eq!(status_field(&mnt, "pack_disk_bytes"), packs);
+    assert_eq!(
+        status_field(&mnt, "stored_disk_bytes"),
+        before,
+        "a shared blob counted twice"
+    );
+    assert_eq!(fs::read(mnt.join("copy.bin")).expect("read"), data);
+    d.unmount();
+}

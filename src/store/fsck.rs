@@ -127,6 +127,7 @@ pub fn fsck(backing: &Path, opts: FsckOptions<'_>) -> Result<Report> {
         rescue_after_commit: Vec::new(),
     };
     check_key_shapes(&mut c)?;
+    check_profiles(&mut c)?;
     let mut inodes = read_inodes(&mut c)?;
     let names = check_dirents(&mut c, &inodes)?;
     let cookies = check_cookies(&mut c, &inodes, &names)?;
@@ -262,6 +263,7 @@ fn check_packs(c: &mut Checker) -> Result<HashSet<PathBuf>> {
         }
     }
     let mut known = HashSet::new();
+    let mut reported = HashSet::new();
     let infos: BTreeMap<u64, Option<PackInfo>> = c.store.pack_infos()?.into_iter().collect();
     for (&id, info) in &infos {
         let path = c.store.packs().path(id);
@@ -269,7 +271,8 @@ fn check_packs(c: &mut Checker) -> Result<HashSet<PathBuf>> {
         let Some(info) = info else {
             continue; // check_key_shapes reported it
         };
-        if c.store.packs().profile(info.profile).is_none() {
+        if c.store.packs().profile(info.profile).is_none() && reported.insert(info.profile) {
+            // (check_profiles restored every profile a readable pack header carries.)
             c.found(
                 "unknown-profile",
                 format!(
@@ -550,7 +553,9 @@ fn check_key_shapes(c: &mut Checker) -> Result<()> {
             Some(b'g') => k.len() == 17,
             Some(b'h') => store.content_hint_well_formed(&k, &v),
             Some(b'd' | b'x') => k.len() > 9,
-            Some(b'P') => k.len() == 5,
+            // (An undecodable profile is restored from a pack header that has it,
+            // after the removal: see check_packs.)
+            Some(b'P') => k.len() == 5 && crate::codec::compact::Profile::decode(&v).is_ok(),
             Some(b'k') => k.len() == 9 && super::PackInfo::decode(&v).is_some(),
             Some(b'R') => k.len() == 25 && v.len() == 8,
             Some(b'c') => continue,
@@ -572,6 +577,44 @@ fn check_key_shapes(c: &mut Checker) -> Result<()> {
             );
             c.txn.batch.remove(k);
         }
+    }
+    Ok(())
+}
+
+/// A pack whose coding profile the index lacks (its key lost, or its value undecodable
+/// and removed above): each pack's header carries its profile whole (checksummed), so
+/// the index's copy comes back from it. Done before the blobs are checked, so that they
+/// are read with it (in memory for a check; in the first batch for a repair).
+fn check_profiles(c: &mut Checker) -> Result<()> {
+    let mut restored = HashSet::new();
+    for (id, info) in c.store.pack_infos()? {
+        let Some(info) = info else {
+            continue; // check_key_shapes reported it
+        };
+        if restored.contains(&info.profile) || c.store.packs().profile(info.profile).is_some() {
+            continue;
+        }
+        let path = c.store.packs().path(id);
+        let header = FileSource::open(&path)
+            .ok()
+            .and_then(|f| super::pack::read_header(&f).ok())
+            .filter(|(_, pid, _, _)| *pid == info.profile);
+        let Some((_, pid, profile, _)) = header else {
+            continue; // check_packs reports it
+        };
+        c.txn
+            .batch
+            .insert(super::profile_key(pid), profile.encode());
+        c.store.packs().learn_profile(pid, profile);
+        restored.insert(pid);
+        c.found(
+            "unknown-profile",
+            format!(
+                "{} holds coding profile {pid}, which the index does not have",
+                path.display()
+            ),
+            Some("restored from the pack's header".into()),
+        );
     }
     Ok(())
 }

@@ -685,13 +685,26 @@ fn read_format(backing: &Path, read_only: bool) -> Result<Format> {
             )))
         }
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            // The daemon's log may already be there: it is opened before the store.
-            let mut entries = std::fs::read_dir(backing)?;
-            if entries.any(|e| e.map_or(true, |e| e.file_name() != LOG_FILE)) {
-                return Err(StoreError::Setup(format!(
-                    "{} is not empty and is not a nacrithfs backing directory (no {FORMAT_MARKER}); use an empty directory",
-                    backing.display()
-                )));
+            // The daemon's log may already be there: it is opened before the store. So
+            // may what a first initialization cut off before its marker (written last)
+            // left: empty blobs/, cache/ and packs/, and an index that holds no file's
+            // data (none is stored while those are empty); it is begun again.
+            let empty = |p: &Path| std::fs::read_dir(p).is_ok_and(|mut d| d.next().is_none());
+            for e in std::fs::read_dir(backing)? {
+                let e = e?;
+                let name = e.file_name();
+                let begun = name == LOG_FILE
+                    || name == INDEX_DIR
+                    // (the marker's temp file: see write_durably)
+                    || name == "nacrithfs.tmp"
+                    || ((name == "blobs" || name == "cache" || name == pack::PACK_DIR)
+                        && empty(&e.path()));
+                if !begun {
+                    return Err(StoreError::Setup(format!(
+                        "{} is not empty and is not a nacrithfs backing directory (no {FORMAT_MARKER}); use an empty directory",
+                        backing.display()
+                    )));
+                }
             }
             Ok(Format::Fresh)
         }
@@ -712,11 +725,14 @@ fn load_profiles(db: &index::Index) -> Result<pack::ProfileTable> {
         let profile = crate::codec::compact::Profile::decode(&v);
         match (id, profile) {
             (Some(id), Ok(p)) => t.insert(id, p),
-            (_, Err(e)) => {
-                return Err(StoreError::Corrupt {
-                    what: format!("coding profile {}", crate::codec::hex(&k)),
-                    why: e.to_string(),
-                })
+            // One bad value must not keep the volume from opening (fsck --repair
+            // included): the packs of that profile give EIO until fsck --repair
+            // restores it from their headers, and its number is not given out again.
+            (Some(id), Err(e)) => {
+                log::error!(
+                    "index: coding profile {id} does not decode ({e}); its packs cannot be read: run `nacrithfs fsck --repair`"
+                );
+                t.unreadable.insert(id);
             }
             (None, _) => {} // fsck reports a malformed key
         }
@@ -834,7 +850,10 @@ impl Store {
                 None => default,
             })
         };
-        let layout = if fresh {
+        // A fresh volume's index may have been begun by an initialization cut off
+        // before its marker: then its layout is what it says, not assumed.
+        let begun = fresh && db.get(LAYOUT_KEY)?.is_some();
+        let layout = if fresh && !begun {
             LAYOUT
         } else {
             read_counter(LAYOUT_KEY, 1)?
@@ -866,7 +885,7 @@ impl Store {
                 backing.display()
             )));
         }
-        if fresh {
+        if fresh && !begun {
             store.db.insert(LAYOUT_KEY, LAYOUT.to_le_bytes())?;
         } else if layout < LAYOUT && mode != OpenMode::ReadOnly {
             // (a check: the private copy in ro_tmp, nothing in the backing directory)
@@ -882,6 +901,7 @@ impl Store {
             store.commit(txn, true)?;
         }
         if fresh {
+            crate::crash::point("init.after_index");
             write_durably(&backing.join(FORMAT_MARKER), FORMAT_LINE.as_bytes())?;
         }
         Ok(store)

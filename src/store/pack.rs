@@ -257,6 +257,8 @@ impl Drop for Pending<'_> {
 pub struct ProfileTable {
     pub by_id: HashMap<u32, Profile>,
     pub by_profile: HashMap<Profile, u32>,
+    /// Ids whose stored profile does not decode: never given out again.
+    pub unreadable: std::collections::HashSet<u32>,
 }
 
 impl ProfileTable {
@@ -313,9 +315,20 @@ impl Packs {
 
     /// The id a new profile gets: one past the largest known, so a gap in the ids (a
     /// profile key lost) never makes a new profile take an id packs still name.
+    /// Take a profile as the one of `id` (fsck, from a pack header that carries it).
+    pub fn learn_profile(&self, id: u32, p: Profile) {
+        let mut t = self.profiles.lock().unwrap_or_else(|p| p.into_inner());
+        t.unreadable.remove(&id);
+        t.insert(id, p);
+    }
+
     pub fn next_profile_id(&self) -> Option<u32> {
         let t = self.profiles.lock().unwrap_or_else(|p| p.into_inner());
-        t.by_id.keys().max().map_or(Some(1), |m| m.checked_add(1))
+        t.by_id
+            .keys()
+            .chain(t.unreadable.iter())
+            .max()
+            .map_or(Some(1), |m| m.checked_add(1))
     }
 
     /// The packs open for appending (never compacted while open).

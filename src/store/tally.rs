@@ -77,7 +77,12 @@ impl Totals {
             logical: i.size,
             stored: stored_size(i),
             cached: if i.cached { i.size } else { 0 },
-            stored_disk: stored_disk(i),
+            // Packed blobs are counted with their packs, once each however many equal
+            // files share one (a file's own share is its st_blocks: `stored_disk`).
+            stored_disk: match (i.dirty, i.blob) {
+                (false, Some(b)) if b.pack.is_some() => 0,
+                _ => stored_disk(i),
+            },
             // A dirty file's plaintext is its stored form, counted above.
             clean_disk: if i.cached && !i.dirty {
                 on_disk(i.size)

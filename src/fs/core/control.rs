@@ -252,10 +252,10 @@ impl Core {
             t.cached,
         );
         let index = self.store.index_disk_bytes();
-        // Packed blobs count their own bytes in `stored_disk`; what their packs hold
-        // beyond that (blobs no file refers to any more, the last block) is added here.
+        // Blob files and dirty plaintexts from the tally; packed blobs as the pack files
+        // that hold them (live or not, shared or not) occupy the disk.
         let (packs, pack_disk, pack_live) = self.store.pack_usage().map_err(store_err)?;
-        let stored_disk = (t.stored_disk + pack_disk).saturating_sub(pack_live);
+        let stored_disk = t.stored_disk + pack_disk;
         let disk = stored_disk + t.clean_disk + index;
         let compressed = files.saturating_sub(dirty);
         let secs = stats.busy.as_secs_f64();
