@@ -247,6 +247,7 @@ pub fn recode(backing: &Path, opts: &Options<'_>) -> Result<Report, RecodeError>
         other: OnceLock::new(),
     };
     let target_tag = engines.target.backend_tag().to_string();
+    let target_model = engines.target.fingerprint();
     // Equal content is coded once: grouped by the headers' BLAKE3 and length.
     // A blob of equal content already on the target (a rerun after a crash, or files
     // compressed there) is linked rather than coded again. Only what the grouping and
@@ -260,7 +261,12 @@ pub fn recode(backing: &Path, opts: &Options<'_>) -> Result<Report, RecodeError>
         }
         let key = (c.header.checksum, c.header.original_len);
         if c.header.backend_tag == target_tag {
-            on_target.insert(key, (c.ino, c.blob));
+            // Shared with equal files only if it is also the target's model: a blob of
+            // another model (a volume that holds two) would make their reads need a
+            // model that is not loaded. (Such a blob is on the target already: left.)
+            if c.header.model_fingerprint == target_model {
+                on_target.insert(key, (c.ino, c.blob));
+            }
         } else {
             c.header.segments = Vec::new();
             groups.entry(key).or_default().push(c);

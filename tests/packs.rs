@@ -475,3 +475,156 @@ fn a_shared_packed_blob_is_counted_once_on_disk() {
     assert_eq!(fs::read(mnt.join("copy.bin")).expect("read"), data);
     d.unmount();
 }
+
+/// A pack with one damaged blob is left as it is, with nothing copied: compaction used
+/// to copy the blobs before the damaged one, then give up, leaving those copies as dead
+/// bytes in the open pack, again at every pass. No model needed.
+#[test]
+fn a_damaged_blob_stops_compaction_before_anything_is_copied() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (backing, mnt) = new_volume(dir.path());
+    let files: Vec<(String, Vec<u8>)> = (0..6)
+        .map(|i| (format!("f{i}.bin"), common::random_bytes(3000, 501 + 2 * i)))
+        .collect();
+    let d = Daemon::start(&backing, &mnt, "idle=3600");
+    for (name, data) in &files {
+        fs::write(mnt.join(name), data).expect("write");
+    }
+    admin("flush", &mnt);
+    let inos: Vec<u64> = ["f0.bin", "f5.bin"]
+        .iter()
+        .map(|n| fs::metadata(mnt.join(n)).expect("stat").ino())
+        .collect();
+    d.unmount();
+    // The kept blob at the higher offset gets a damaged compact header.
+    let slots: Vec<_> = {
+        let store = nacrithfs::store::Store::open_existing(&backing).expect("open");
+        inos.iter()
+            .map(|&ino| {
+                let inode = store.get(ino).expect("get").expect("inode");
+                inode.blob.expect("compressed").pack.expect("packed")
+            })
+            .collect()
+    };
+    assert_eq!(slots[0].pack, slots[1].pack, "one pack for all six");
+    let last = *slots.iter().max_by_key(|s| s.offset).expect("two");
+    let pack = pack_files(&backing)
+        .into_iter()
+        .find(|p| {
+            p.file_name().and_then(|n| n.to_str()) == Some(&format!("{:016x}.pack", last.pack))
+        })
+        .expect("the pack file");
+    {
+        use std::os::unix::fs::FileExt;
+        let f = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&pack)
+            .expect("open the pack");
+        let mut b = [0u8; 1];
+        f.read_exact_at(&mut b, last.offset + 8).expect("read");
+        f.write_all_at(&[b[0] ^ 0xff], last.offset + 8)
+            .expect("damage");
+    }
+    let d = Daemon::start(&backing, &mnt, "idle=3600");
+    for (name, _) in &files[1..5] {
+        fs::remove_file(mnt.join(name)).expect("rm");
+    }
+    let before = lengths(&pack_files(&backing));
+    for _ in 0..3 {
+        let _ = admin_raw("compact", &mnt);
+    }
+    let after = lengths(&pack_files(&backing));
+    assert!(
+        after <= before,
+        "compaction passes grew the packs: {before} -> {after} bytes"
+    );
+    let log = d.log_text();
+    assert!(log.contains("cannot be copied"), "{log}");
+    d.unmount();
+}
+
+/// The small packs an unmount seals (one per coding profile: text, binary) are not
+/// copied into new packs at the next mount: merging needs two small packs of one
+/// profile. It used to copy both at every mount, for nothing.
+#[test]
+fn small_packs_of_different_profiles_are_left_alone() {
+    let _llm = common::llm_lock();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (backing, mnt) = new_volume(dir.path());
+    let d = Daemon::start(&backing, &mnt, "idle=3600");
+    let files: Vec<(String, Vec<u8>)> = vec![
+        ("a.txt".into(), common::english(1500)),
+        ("b.txt".into(), common::english(1200)[200..].to_vec()),
+        ("c.bin".into(), common::random_bytes(2000, 701)),
+        ("d.bin".into(), common::random_bytes(2000, 703)),
+    ];
+    for (name, data) in &files {
+        fs::write(mnt.join(name), data).expect("write");
+    }
+    admin("flush", &mnt);
+    d.unmount();
+    let packs = pack_files(&backing);
+    assert_eq!(packs.len(), 2, "one pack per profile: {packs:?}");
+    let d = Daemon::start(&backing, &mnt, "idle=3600");
+    let _ = admin_raw("compact", &mnt);
+    let log = d.log_text();
+    assert!(!log.contains("packs compacted"), "{log}");
+    assert_eq!(pack_files(&backing), packs);
+    admin("evict", &mnt);
+    read_all(&mnt, &files, "after a compaction pass");
+    d.unmount();
+}
+
+/// An inode record that cannot be read stops compaction of the pack it refers into
+/// only: later packs are still compacted (the pass used to end there, every time, for
+/// every pack after it). No model needed.
+#[test]
+fn an_unreadable_inode_record_stops_compaction_of_its_pack_only() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (backing, mnt) = new_volume(dir.path());
+    let batch = |tag: &str, seed: u64| -> Vec<(String, Vec<u8>)> {
+        (0..6)
+            .map(|i| {
+                (
+                    format!("{tag}{i}.bin"),
+                    common::random_bytes(3000, seed + 2 * i),
+                )
+            })
+            .collect()
+    };
+    let (a, b) = (batch("a", 801), batch("b", 901));
+    // Two sealed packs, one per mount: a's, then b's.
+    for files in [&a, &b] {
+        let d = Daemon::start(&backing, &mnt, "idle=3600");
+        for (name, data) in files.iter() {
+            fs::write(mnt.join(name), data).expect("write");
+        }
+        admin("flush", &mnt);
+        d.unmount();
+    }
+    assert_eq!(pack_files(&backing).len(), 2);
+    let d = Daemon::start(&backing, &mnt, "idle=3600");
+    let damaged = fs::metadata(mnt.join("a1.bin")).expect("stat").ino();
+    for name in ["a2", "a3", "a4", "a5", "b1", "b2", "b3", "b4", "b5"] {
+        fs::remove_file(mnt.join(format!("{name}.bin"))).expect("rm");
+    }
+    d.unmount();
+    {
+        let store = nacrithfs::store::Store::open_existing(&backing).expect("open");
+        let mut key = vec![b'i'];
+        key.extend_from_slice(&damaged.to_be_bytes());
+        store
+            .raw_insert(&key, b"\xff\xff")
+            .expect("damage an inode record");
+    }
+    let d = Daemon::start(&backing, &mnt, "idle=3600");
+    let _ = admin_raw("compact", &mnt);
+    std::thread::sleep(Duration::from_secs(2));
+    let log = d.log_text();
+    assert!(log.contains("whose record cannot be read"), "{log}");
+    assert!(log.contains("1 packs compacted"), "{log}");
+    admin("evict", &mnt);
+    read_all(&mnt, &[a[0].clone(), b[0].clone()], "after compaction");
+    d.unmount();
+}

@@ -225,17 +225,36 @@ impl Filesystem for NacrithFs {
     ) {
         guarded("setattr", ino.0, || {
             let core = self.core.clone();
-            let run = move |reply: ReplyAttr| match core.setattr(
-                ino.0,
-                mode,
-                uid,
-                gid,
-                size,
-                atime.map(time),
-                mtime.map(time),
-                ctime,
-            ) {
+            let attempt = {
+                let core = self.core.clone();
+                move || {
+                    core.setattr(
+                        ino.0,
+                        mode,
+                        uid,
+                        gid,
+                        size,
+                        atime.map(time),
+                        mtime.map(time),
+                        ctime,
+                    )
+                }
+            };
+            let run = move |reply: ReplyAttr| match attempt() {
                 Ok(a) => reply.attr(&TTL, &file_attr(&a)),
+                // The plaintext went away meanwhile (a clean copy removed from under the
+                // index, now marked evicted): once more, after decoding it again.
+                Err(libc::ESTALE) => {
+                    let again = attempt.clone();
+                    core.with_plain(
+                        ino.0,
+                        Box::new(move |r| match r.and_then(|()| again()) {
+                            Ok(a) => reply.attr(&TTL, &file_attr(&a)),
+                            Err(libc::ESTALE) => reply.error(Errno::EIO),
+                            Err(e) => reply.error(errno(e)),
+                        }),
+                    );
+                }
                 Err(e) => reply.error(errno(e)),
             };
             if size.is_some_and(|s| s > 0) {
@@ -697,10 +716,27 @@ impl Filesystem for NacrithFs {
             self.core.with_plain(
                 ino.0,
                 Box::new(move |r| {
-                    reply_empty(
-                        reply,
-                        r.and_then(|()| core.fallocate(ino.0, offset, length, mode, kill)),
-                    )
+                    match r.and_then(|()| core.fallocate(ino.0, offset, length, mode, kill)) {
+                        // The plaintext went away meanwhile (see setattr): once more.
+                        Err(libc::ESTALE) => {
+                            let c = core.clone();
+                            core.with_plain(
+                                ino.0,
+                                Box::new(move |r| {
+                                    let r = r.and_then(|()| {
+                                        c.fallocate(ino.0, offset, length, mode, kill)
+                                    });
+                                    reply_empty(
+                                        reply,
+                                        r.map_err(
+                                            |e| if e == libc::ESTALE { libc::EIO } else { e },
+                                        ),
+                                    )
+                                }),
+                            );
+                        }
+                        r => reply_empty(reply, r),
+                    }
                 }),
             );
         });

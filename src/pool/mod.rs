@@ -180,6 +180,8 @@ pub struct LocalPool {
     /// contexts' (started on first use): one private context at a time, whatever a blob
     /// asks for (a hostile blob's thousands of chunks used to start a thread each).
     private: Mutex<Option<Sender<(CoderParams, Submit)>>>,
+    /// Private threads started so far (one, unless one died).
+    private_started: AtomicUsize,
 }
 
 impl LocalPool {
@@ -229,6 +231,7 @@ impl LocalPool {
             shared,
             threads,
             private: Mutex::new(None),
+            private_started: AtomicUsize::new(0),
         }
     }
 
@@ -270,7 +273,10 @@ impl LocalPool {
                     }
                 });
             match spawned {
-                Ok(_) => *private = Some(tx),
+                Ok(_) => {
+                    self.private_started.fetch_add(1, Ordering::Relaxed);
+                    *private = Some(tx);
+                }
                 Err(e) => {
                     drop(private);
                     let why = format!("cannot start the private coder thread: {e}");
@@ -303,6 +309,11 @@ impl LocalPool {
     /// go on.
     pub fn stop_background(&self) {
         self.shared.stop_background.store(true, Ordering::Relaxed);
+    }
+
+    /// Threads started for jobs with other parameters than the pool's, so far.
+    pub fn private_threads_started(&self) -> usize {
+        self.private_started.load(Ordering::Relaxed)
     }
 
     /// Jobs waiting for a lane (not counting those running).

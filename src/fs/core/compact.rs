@@ -42,7 +42,8 @@ impl Core {
         // neither open nor yet pending: dropped as empty while its first blob went in.)
         let packs = self.store.pack_infos().map_err(store_err)?;
         let open = self.store.packs().open_packs();
-        let mut small: Vec<u64> = Vec::new();
+        // Small packs by coding profile: only packs of one profile merge into one.
+        let mut small: std::collections::BTreeMap<u32, Vec<u64>> = Default::default();
         for (id, info) in packs {
             if open.contains(&id) || self.store.packs().is_pending(id) || self.is_shutting_down() {
                 continue;
@@ -69,12 +70,14 @@ impl Core {
                     done.bytes_freed += len;
                 }
             } else if len < SMALL_PACK {
-                small.push(id);
+                small.entry(info.profile).or_default().push(id);
             }
         }
-        // Small, mostly live packs are merged only when there are several of them.
-        if small.len() > 1 {
-            for id in small {
+        // Small, mostly live packs are merged only when there are several of them of
+        // one profile (copying a profile's only one gains nothing: it was the case of
+        // every volume after every unmount, one small pack for text, one for binary).
+        for ids in small.into_values().filter(|ids| ids.len() > 1) {
+            for id in ids {
                 if let Ok(Some(info)) = self.store.pack_info(id) {
                     let len = std::fs::metadata(self.store.packs().path(id)).map_or(0, |m| m.len());
                     if self.compact_one(id, info.profile, &mut done)? {
@@ -132,9 +135,22 @@ impl Core {
                 Err(e) => Err(e),
             }
         };
+        // An inode record that cannot be read stops this pack only, like a stale
+        // reference (it used to end the whole pass, every pass, for every later pack).
+        let unreadable = |ino: u64, e: i32| {
+            log::error!(
+                "compaction: {} is referenced by inode {ino}, whose record cannot be read (errno {e}); not compacted: run `nacrithfs fsck`",
+                path.display()
+            );
+        };
         for (slot, ino, _) in self.store.pack_refs(id).map_err(store_err)? {
-            if holds(slot, ino)? {
-                continue;
+            match holds(slot, ino) {
+                Ok(true) => continue,
+                Ok(false) => {}
+                Err(e) => {
+                    unreadable(ino, e);
+                    return Ok(false);
+                }
             }
             let _st = self.lock();
             let still = self
@@ -142,7 +158,14 @@ impl Core {
                 .slot_refs(slot)
                 .map_err(store_err)?
                 .contains(&ino);
-            if still && !holds(slot, ino)? {
+            let stale = match holds(slot, ino) {
+                Ok(h) => still && !h,
+                Err(e) => {
+                    unreadable(ino, e);
+                    return Ok(false);
+                }
+            };
+            if stale {
                 log::error!(
                     "compaction: {} has a stale reference (inode {ino} at offset {}); not compacted: run `nacrithfs fsck --repair`",
                     path.display(),
@@ -162,17 +185,16 @@ impl Core {
                 return Ok(false);
             }
         };
-        // Copied once per blob, whoever refers to it.
-        let mut moved: Vec<(PackSlot, PackSlot, u64)> = Vec::new();
-        // The copies are pending until the batch that refers to them is committed.
-        let mut pending = Vec::new();
-        let mut last: Option<PackSlot> = None;
+        // Every blob read and checked before any is copied: a damaged one keeps the
+        // pack where it is with nothing appended (copying the good ones first left them
+        // as dead bytes in the open pack, again at every pass). Copied once per blob,
+        // whoever refers to it; a pack holds a few MiB.
+        let mut blobs: Vec<(PackSlot, u64, u64, Vec<u8>)> = Vec::new();
         for (slot, ino, len) in refs {
-            if last == Some(slot) {
+            if blobs.last().is_some_and(|b| b.0 == slot) {
                 continue;
             }
-            last = Some(slot);
-            let copied = (|| -> std::io::Result<PackSlot> {
+            let read = (|| -> std::io::Result<Vec<u8>> {
                 use std::os::unix::fs::FileExt;
                 // Packed blobs are at most PACK_MAX_BLOB (a damaged index says more).
                 if len > pack::PACK_MAX_BLOB {
@@ -187,16 +209,33 @@ impl Core {
                 // (it stays where it is, for fsck to report).
                 crate::codec::compact::parse(&bytes)
                     .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
-                let to = self
-                    .store
-                    .packs()
-                    .append(profile, ino, &bytes, &|| self.store.new_pack(profile))?;
-                let slot = to.slot;
-                pending.push(to);
-                Ok(slot)
+                Ok(bytes)
             })();
-            match copied {
-                Ok(to) => moved.push((slot, to, len)),
+            match read {
+                Ok(bytes) => blobs.push((slot, ino, len, bytes)),
+                Err(e) => {
+                    log::error!(
+                        "compaction: the blob at {} of {} cannot be copied ({e}); the pack is kept",
+                        slot.offset,
+                        path.display()
+                    );
+                    return Ok(false);
+                }
+            }
+        }
+        let mut moved: Vec<(PackSlot, PackSlot, u64)> = Vec::new();
+        // The copies are pending until the batch that refers to them is committed.
+        let mut pending = Vec::new();
+        for (slot, ino, len, bytes) in blobs {
+            let appended = self
+                .store
+                .packs()
+                .append(profile, ino, &bytes, &|| self.store.new_pack(profile));
+            match appended {
+                Ok(to) => {
+                    moved.push((slot, to.slot, len));
+                    pending.push(to);
+                }
                 Err(e) => {
                     log::error!(
                         "compaction: the blob at {} of {} cannot be copied ({e}); the pack is kept",

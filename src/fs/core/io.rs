@@ -105,17 +105,34 @@ impl Core {
         if let Some(f) = &live.file {
             return Ok(f.clone());
         }
-        let f = Arc::new(
-            OpenOptions::new()
-                .read(true)
-                // A read-only mount may be on read-only media.
-                .write(!self.opts.read_only)
-                .open(self.store.cache_path(ino))
-                .map_err(|e| {
-                    log::error!("inode {ino}: cannot open its plaintext: {e}");
-                    io_err(e)
-                })?,
-        );
+        let opened = OpenOptions::new()
+            .read(true)
+            // A read-only mount may be on read-only media.
+            .write(!self.opts.read_only)
+            .open(self.store.cache_path(ino));
+        let f = match opened {
+            Ok(f) => Arc::new(f),
+            Err(e) => {
+                log::error!("inode {ino}: cannot open its plaintext: {e}");
+                if e.kind() == std::io::ErrorKind::NotFound && !self.opts.read_only {
+                    // A clean copy gone from under the index (removed by hand): its
+                    // blob is the content. Not cached any more, durably: the caller's
+                    // retry decodes it (ESTALE), and nothing was changed before this
+                    // open (see cache_file_to_change).
+                    let mut inode = self.get(ino)?;
+                    if inode.cached && !inode.dirty && inode.blob.is_some() {
+                        inode.cached = false;
+                        let mut txn = Txn::default();
+                        txn.put_inode(ino, &inode);
+                        self.commit(txn, true)?;
+                        st.clean.remove(ino);
+                        log::warn!("inode {ino}: its clean copy is gone; it is decoded from its blob again");
+                        return Err(libc::ESTALE);
+                    }
+                }
+                return Err(io_err(e));
+            }
+        };
         if live.open > 0 {
             live.file = Some(f.clone());
         }
@@ -357,26 +374,24 @@ impl Core {
     /// lock (a write, fallocate): marked dirty first (durably, `point` after it), and its
     /// version bumped before the bytes change, so a compression that read the old bytes
     /// cannot commit (its version check fails) while the change is under way.
+    /// Also returns the file's size before the change.
     pub(super) fn cache_file_to_change(
         &self,
         ino: u64,
         point: &'static str,
-    ) -> FsResult<(Arc<File>, Change<'_>)> {
+    ) -> FsResult<(Arc<File>, Change<'_>, u64)> {
         let mut st = self.lock();
         let mut inode = self.get(ino)?;
         if !inode.cached {
             return Err(libc::ESTALE);
         }
+        // Opened before anything is marked: a cache file that cannot be opened leaves
+        // the file as it was (it used to be marked dirty first, its blob buried and
+        // reaped, and then the open failed: the content was gone).
+        let file = self.cache_file(&mut st, ino)?;
         self.mark_dirty_first(&mut st, ino, &mut inode, point)?;
-        let mut change = Change::begin(self, &mut st, ino);
-        match self.cache_file(&mut st, ino) {
-            Ok(f) => Ok((f, change)),
-            Err(e) => {
-                // Ended here, under this lock (its drop would take the lock again).
-                change.end(&mut st);
-                Err(e)
-            }
-        }
+        let change = Change::begin(self, &mut st, ino);
+        Ok((file, change, inode.size))
     }
 
     pub(super) fn commit_content(&self, txn: Txn) -> FsResult<()> {
@@ -400,10 +415,19 @@ impl Core {
         let end = offset.checked_add(data.len() as u64).ok_or(libc::EFBIG)?;
         // A statvfs of the backing filesystem: outside the lock.
         self.check_space(data.len() as u64)?;
-        let (file, mut change) = self.cache_file_to_change(ino, "write.after_dirty_mark")?;
+        let (file, mut change, before) =
+            self.cache_file_to_change(ino, "write.after_dirty_mark")?;
         // The bytes go to the cache file without the lock: a slow disk write stalls
         // this request only. The kernel orders writes and truncations of one file.
-        file.write_all_at(data, offset).map_err(io_err)?;
+        if let Err(e) = file.write_all_at(data, offset) {
+            // Bytes that reached the disk past the file's end before the failure would
+            // become part of the file (its size follows the cache file's length at a
+            // remount, and at fallocate): cut them off.
+            if end > before {
+                let _ = file.set_len(before);
+            }
+            return Err(io_err(e));
+        }
         crate::crash::point("write.after_data");
         let mut st = self.lock();
         change.end(&mut st);
@@ -493,29 +517,52 @@ impl Core {
                         return Err(libc::EINVAL);
                     }
                     // Truncation of an evicted file to zero needs no decompression.
-                    // The index first says (durably) dirty with a cache file; a
-                    // missing one reads as empty.
                     let evicted = !inode.cached;
                     if evicted && size != 0 {
                         return Err(libc::ESTALE);
                     }
-                    inode.cached = true;
-                    self.mark_dirty_first(&mut st, ino, &mut inode, "truncate.after_dirty_mark")?;
-                    if evicted {
+                    // The cache file first (made empty for an evicted file, opened),
+                    // and only then the index says (durably) dirty: a cache file that
+                    // cannot be made or opened leaves the file as it was, its blob
+                    // kept. (A crash between the two leaves an empty cache file of a
+                    // file that is not cached: recovery's sweep removes it, a decode's
+                    // install replaces it.)
+                    let plain = self.store.cache_path(ino);
+                    let made = if evicted {
                         self.store.make_file_dir(false, ino).map_err(io_err)?;
-                        File::create(self.store.cache_path(ino)).map_err(io_err)?;
-                    }
-                    let mut c = Change::begin(self, &mut st, ino);
-                    match self.cache_file(&mut st, ino) {
-                        Ok(f) => {
-                            change = Some(c);
-                            f
+                        File::create(&plain).map_err(io_err)?;
+                        true
+                    } else {
+                        false
+                    };
+                    let undo = |st: &mut State| {
+                        if made {
+                            if let Some(l) = st.live.get_mut(&ino) {
+                                l.file = None;
+                            }
+                            let _ = std::fs::remove_file(&plain);
                         }
+                    };
+                    let f = match self.cache_file(&mut st, ino) {
+                        Ok(f) => f,
                         Err(e) => {
-                            c.end(&mut st);
+                            undo(&mut st);
                             return Err(e);
                         }
+                    };
+                    inode.cached = true;
+                    let marked = self.mark_dirty_first(
+                        &mut st,
+                        ino,
+                        &mut inode,
+                        "truncate.after_dirty_mark",
+                    );
+                    if let Err(e) = marked {
+                        undo(&mut st);
+                        return Err(e);
                     }
+                    change = Some(Change::begin(self, &mut st, ino));
+                    f
                 };
                 file.set_len(size).map_err(io_err)?;
                 crate::crash::point("truncate.after_data");
@@ -578,7 +625,7 @@ impl Core {
         if mode & libc::FALLOC_FL_PUNCH_HOLE == 0 {
             self.check_space(length)?;
         }
-        let (file, mut change) = self.cache_file_to_change(ino, "fallocate.after_dirty_mark")?;
+        let (file, mut change, _) = self.cache_file_to_change(ino, "fallocate.after_dirty_mark")?;
         // SAFETY: a valid open fd; plain integer arguments.
         let r = unsafe {
             libc::fallocate(

@@ -616,7 +616,7 @@ mod tests {
         core.closed(ino).expect("close (FUSE FLUSH)");
         core.request_flush().expect("flush");
         // A write's first section: the change begun, its bytes not yet written.
-        let (file, change) = core
+        let (file, change, _) = core
             .cache_file_to_change(ino, "test.change")
             .expect("change");
         // No compressor is handed it meanwhile...
@@ -782,5 +782,72 @@ mod tests {
         let st = core.lock();
         assert_eq!(st.stats.superseded, 1);
         assert!(st.compressing.is_empty());
+    }
+
+    /// A file compressed (its blob committed) with its clean copy still cached.
+    fn compressed_file(core: &Core, name: &[u8], data: &[u8]) -> u64 {
+        let ino = core
+            .mknod(ROOT_INO, name, libc::S_IFREG | 0o644, 0, 0, 0, 0, None)
+            .expect("create")
+            .ino;
+        let fh = core.open(ino, libc::O_WRONLY).expect("open").fh;
+        core.write(ino, fh, 0, data, false).expect("write");
+        core.release(fh, true).expect("release");
+        core.request_flush().expect("flush");
+        let (_, version) = core.next_due().expect("queue").expect("due");
+        assert!(core.claim(ino).expect("claim").is_some());
+        let blob = NewBlob {
+            seq: 1,
+            stored_size: data.len() as u64,
+            original: data.len() as u64,
+            content: [0; 32],
+            shared: false,
+            pack: None,
+        };
+        assert_eq!(core.commit_blob(ino, version, &blob), Ok(true));
+        ino
+    }
+
+    /// A write to a clean file whose clean copy is gone (removed by hand) leaves the
+    /// file as it was: its blob kept, not dirty, no longer cached (so the next access
+    /// decodes it). It used to be marked dirty first, its blob buried for the reaper,
+    /// and only then the open failed: the content was lost.
+    #[test]
+    fn a_write_to_a_clean_file_whose_copy_is_gone_keeps_its_blob() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let core = core(dir.path());
+        let ino = compressed_file(&core, b"f", b"hello");
+        std::fs::remove_file(core.store.cache_path(ino)).expect("remove the clean copy");
+        let fh = core.open(ino, libc::O_RDWR).expect("open").fh;
+        assert_eq!(core.write(ino, fh, 0, b"x", false), Err(libc::ESTALE));
+        let inode = core.get(ino).expect("inode");
+        assert!(!inode.dirty, "marked dirty by a write that did not happen");
+        assert_eq!(inode.blob.map(|b| b.seq), Some(1), "the blob was dropped");
+        assert!(!inode.cached);
+        core.release(fh, false).expect("release");
+    }
+
+    /// A truncation to zero of an evicted file whose cache file cannot be made fails
+    /// and leaves the file as it was (its blob kept, not dirty); it used to bury the
+    /// blob first.
+    #[test]
+    fn a_failed_truncation_of_an_evicted_file_keeps_its_blob() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let core = core(dir.path());
+        let ino = compressed_file(&core, b"f", b"hello");
+        core.evict_all().expect("evict");
+        assert!(!core.get(ino).expect("inode").cached);
+        // Something in the way of the new cache file.
+        std::fs::create_dir(core.store.cache_path(ino)).expect("a directory in the way");
+        assert!(core
+            .setattr(ino, None, None, None, Some(0), None, None, None)
+            .is_err());
+        let inode = core.get(ino).expect("inode");
+        assert!(
+            !inode.dirty,
+            "marked dirty by a truncation that did not happen"
+        );
+        assert_eq!(inode.blob.map(|b| b.seq), Some(1), "the blob was dropped");
+        assert_eq!(inode.size, 5);
     }
 }
