@@ -189,6 +189,13 @@ impl Core {
         // pack where it is with nothing appended (copying the good ones first left them
         // as dead bytes in the open pack, again at every pass). Copied once per blob,
         // whoever refers to it; a pack holds a few MiB.
+        let cannot_copy = |slot: PackSlot, e: &std::io::Error| {
+            log::error!(
+                "compaction: the blob at {} of {} cannot be copied ({e}); the pack is kept",
+                slot.offset,
+                path.display()
+            );
+        };
         let mut blobs: Vec<(PackSlot, u64, u64, Vec<u8>)> = Vec::new();
         for (slot, ino, len) in refs {
             if blobs.last().is_some_and(|b| b.0 == slot) {
@@ -214,11 +221,7 @@ impl Core {
             match read {
                 Ok(bytes) => blobs.push((slot, ino, len, bytes)),
                 Err(e) => {
-                    log::error!(
-                        "compaction: the blob at {} of {} cannot be copied ({e}); the pack is kept",
-                        slot.offset,
-                        path.display()
-                    );
+                    cannot_copy(slot, &e);
                     return Ok(false);
                 }
             }
@@ -237,11 +240,7 @@ impl Core {
                     pending.push(to);
                 }
                 Err(e) => {
-                    log::error!(
-                        "compaction: the blob at {} of {} cannot be copied ({e}); the pack is kept",
-                        slot.offset,
-                        path.display()
-                    );
+                    cannot_copy(slot, &e);
                     return Ok(false);
                 }
             }
