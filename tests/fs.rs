@@ -989,6 +989,88 @@ fn a_volume_mounted_read_only_stays_untouched() {
     assert_eq!(code, 0, "{text}");
 }
 
+/// A read-only mount cannot install what it decodes in the backing directory, so it
+/// keeps each whole decode as a temp file in its private directory: those are held to
+/// `cache_size` like clean copies (least recently used first), and a file whose decode
+/// went is decoded again when read. (Before, a long-lived read-only mount kept every file
+/// it ever decoded until unmount.)
+#[test]
+fn a_read_only_mount_keeps_its_decodes_under_the_cache_cap() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (backing, mnt) = new_volume(dir.path());
+    let tmp = dir.path().join("tmp");
+    fs::create_dir(&tmp).expect("mkdir tmp");
+    const SIZE: usize = 64 << 10;
+    let files: Vec<(String, Vec<u8>)> = (0..6u64)
+        .map(|i| (format!("f{i}.bin"), common::random_bytes(SIZE, 201 + 2 * i)))
+        .collect();
+    let d = Daemon::start(&backing, &mnt, "idle=3600");
+    for (name, data) in &files {
+        write_synced(&mnt.join(name), data);
+    }
+    admin("flush", &mnt);
+    admin("evict", &mnt);
+    d.unmount();
+
+    let cap = 150 << 10; // two whole decodes fit, a third does not
+    let tmp_env = tmp.to_string_lossy().into_owned();
+    let d = Daemon::start_env(
+        &backing,
+        &mnt,
+        &format!("ro,cache_size={cap}"),
+        &[("TMPDIR", tmp_env.as_str())],
+    );
+    let decoded_bytes = || -> u64 {
+        let mut total = 0;
+        for dir in fs::read_dir(&tmp).expect("ls tmp").flatten() {
+            for f in fs::read_dir(dir.path()).into_iter().flatten().flatten() {
+                if f.file_name().to_string_lossy().ends_with(".tmp") {
+                    total += f.metadata().map_or(0, |m| m.len());
+                }
+            }
+        }
+        total
+    };
+    for round in 0..2 {
+        // (The kernel's page cache would answer the second round itself.)
+        fs::write("/proc/sys/vm/drop_caches", b"3\n").expect("drop_caches");
+        for (name, data) in &files {
+            assert_eq!(
+                &fs::read(mnt.join(name)).expect("read"),
+                data,
+                "{name}, round {round}"
+            );
+        }
+    }
+    // The cap is enforced right after each decode's readers are answered.
+    let start = Instant::now();
+    while decoded_bytes() > cap && start.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let kept = decoded_bytes();
+    assert!(
+        kept <= cap,
+        "{kept} bytes of decodes kept, over the cap of {cap}"
+    );
+    assert!(
+        kept > 0,
+        "no decode kept at all (the directory looked at: {})",
+        tmp.display()
+    );
+    // Every read of the second round found its decode gone (the six do not fit) and
+    // decoded it again.
+    let decoded = status_field(&mnt, "decompressions");
+    assert!(
+        decoded >= 12,
+        "{decoded} decompressions for 12 reads of evicted files"
+    );
+    assert_eq!(status_field(&mnt, "decompress_failures"), 0);
+    d.unmount();
+    assert_eq!(decoded_bytes(), 0, "decodes left behind after unmount");
+    let (code, text) = fsck(&[], &backing);
+    assert_eq!(code, 0, "{text}");
+}
+
 /// `mount -o remount,ro` and `remount,rw` (mount(8) runs this binary as its helper):
 /// the mount turns read-only with its files readable and its queue kept (nothing is
 /// compressed while read-only), then writable again, and the queue is compressed.

@@ -220,8 +220,12 @@ impl Core {
     /// Evict least recently used clean copies until the cache is under its cap.
     pub(crate) fn enforce_cache_cap(&self) {
         let mut st = self.lock();
-        // (Read-only: the clean copies are the backing directory's, not ours to delete.)
-        if st.paused || self.opts.read_only {
+        // (Read-only: the clean copies are the backing directory's, not ours to delete;
+        // the decodes this mount made are.)
+        if self.opts.read_only {
+            return self.cap_read_only_decodes(st);
+        }
+        if st.paused {
             return;
         }
         let mut total = st.clean.total();
@@ -242,6 +246,42 @@ impl Core {
                 self.delete_evicted(gone);
             }
             Err(e) => log::warn!("evicting clean copies for the cache cap: errno {e}"),
+        }
+    }
+
+    /// A read-only mount keeps each whole decode as its temp file (nothing may be
+    /// installed in the backing directory): past the cache cap, the least recently used
+    /// that no operation is using go, and a later read decodes the file again. Without
+    /// this a long-lived read-only mount of an archive kept every file it ever decoded.
+    fn cap_read_only_decodes(&self, mut st: MutexGuard<'_, State>) {
+        let cap = self.opts.cache_size;
+        let mut total = st.ro_decoded.total();
+        if total <= cap {
+            return;
+        }
+        let mut chosen = Vec::new();
+        for (ino, size) in st.ro_decoded.oldest() {
+            if total <= cap {
+                break;
+            }
+            let busy =
+                st.live.get(&ino).is_some_and(|l| l.pins > 0) || st.waiters.contains_key(&ino);
+            if !busy {
+                total = total.saturating_sub(size);
+                chosen.push(ino);
+            }
+        }
+        for &ino in &chosen {
+            st.ro_decoded.remove(ino);
+            if st.partial.get(&ino).is_some_and(|p| p.complete()) {
+                st.partial.remove(&ino);
+            }
+        }
+        drop(st);
+        // A reader that still holds the file by its handle reads on; the next decode of
+        // the same file makes a new one (create_new), never this one truncated.
+        for ino in chosen {
+            let _ = std::fs::remove_file(self.store.cache_tmp_path(ino));
         }
     }
 
@@ -294,6 +334,7 @@ impl Core {
         if let Some(blob) = blob.filter(|_| !(self.opts.read_only && result.is_ok())) {
             if st.partial.get(&ino).is_some_and(|p| p.blob == blob) {
                 st.partial.remove(&ino);
+                st.ro_decoded.remove(ino);
             }
         }
         if result == Err(libc::EAGAIN) {
@@ -339,6 +380,8 @@ impl Core {
             // directory) stays a complete partial decode until unmount.
             if let Some(p) = st.partial.get_mut(&ino).filter(|p| p.blob == blob) {
                 p.done.iter_mut().for_each(|d| *d = true);
+                let size = p.size;
+                st.ro_decoded.insert(ino, size);
                 st.stats.decompressions += 1;
                 return (st, Ok(()));
             }

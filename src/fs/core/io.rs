@@ -274,6 +274,7 @@ impl Core {
         let mut st = self.lock();
         if st.partial.get(&ino).is_some_and(|p| p.blob == blob) {
             st.partial.remove(&ino);
+            st.ro_decoded.remove(ino);
         }
     }
 
@@ -297,6 +298,7 @@ impl Core {
                 self.cache_file(&mut st, ino)?
             } else {
                 // The temp file has the file's length; what is read of it is decoded.
+                st.ro_decoded.touch(ino);
                 let Some(p) = st.partial.get(&ino).filter(|p| Some(p.blob) == inode.blob) else {
                     return Err(libc::ESTALE);
                 };

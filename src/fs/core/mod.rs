@@ -223,6 +223,9 @@ pub(crate) struct State {
     deferred: std::collections::HashSet<u64>,
     /// Clean cached copies by last use, for the cache cap.
     clean: cache::CleanCopies,
+    /// A read-only mount's whole decodes (temp files in its private directory, outside
+    /// the backing directory) by last use: the cache cap applies to them instead.
+    ro_decoded: cache::CleanCopies,
     pub(crate) stats: Stats,
     pub(crate) shutting_down: bool,
     /// A stop's final commit or index flush failed: the stop is not recorded as clean
@@ -351,6 +354,7 @@ impl Core {
                 coding: HashMap::new(),
                 deferred: Default::default(),
                 clean: Default::default(),
+                ro_decoded: Default::default(),
                 stats: Stats::default(),
                 shutting_down: false,
                 stop_failed: false,
