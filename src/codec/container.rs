@@ -11,6 +11,12 @@ const FIXED: usize = 4 + 2 + 2 + 4 + 8 + 32 + 32;
 /// The largest LLM chunk this build decodes (the encoder's chunk size is capped at it): a
 /// chunk is decoded in memory, so this bounds what one hostile chunk entry can cost.
 pub const MAX_CHUNK: u32 = 1 << 24;
+/// A bound on one LLM symbol's coded bytes, twice the most it can cost: a token of the
+/// floor frequency (1 of 2^24) in a range of over 2^30 narrows it to at least 63, about
+/// 26 bits of output, and an escaped byte adds at most 10. A chunk claiming more (plus
+/// the coder's final bits) is corrupt, so what a chunk entry makes a reader allocate is
+/// bounded by what it decodes.
+const MAX_STORED_PER_SYMBOL: u64 = 8;
 /// The largest header this build reads: 16 bytes per chunk of at least 1 KiB, so room
 /// for the chunk table of a file of over 16 TiB, and a bound on what a hostile header
 /// length makes a reader allocate.
@@ -266,9 +272,20 @@ impl Header {
                             c.original_len
                         )));
                     }
-                    // Every symbol yields at least one byte.
-                    if c.n_symbols > c.original_len || (c.original_len > 0 && c.n_symbols == 0) {
+                    // Every symbol yields at least one byte, and no chunk is empty (the
+                    // encoder never makes one; empty jobs would only tie up the lanes).
+                    if c.n_symbols > c.original_len || c.n_symbols == 0 {
                         return Err(corrupt("chunk symbol count is impossible"));
+                    }
+                    // A symbol never costs the coder more than ~34 bits (a token of the
+                    // floor frequency, 2^-24, in a range of over 2^30, plus an escaped
+                    // byte): a chunk claiming more stored bytes than twice that is not
+                    // read into memory.
+                    if c.stored_len as u64 > MAX_STORED_PER_SYMBOL * c.n_symbols as u64 + 16 {
+                        return Err(corrupt(format!(
+                            "a chunk of {} symbols claims {} stored bytes",
+                            c.n_symbols, c.stored_len
+                        )));
                     }
                     // At most 2^28 chunks of u32 lengths: these sums cannot overflow.
                     so += c.original_len as u64;
@@ -507,6 +524,61 @@ mod tests {
             let err = Header::parse(&bytes, blob_len).expect_err("wrapping lengths");
             assert!(err.to_string().contains("overflow"), "{err}");
         }
+    }
+
+    /// A header whose LLM chunk table is `chunks` (one segment, nothing else).
+    fn with_chunks(chunks: Vec<ChunkEntry>) -> Vec<u8> {
+        let original_len = chunks.iter().map(|c| c.original_len as u64).sum();
+        let stored_len = chunks.iter().map(|c| c.stored_len as u64).sum();
+        Header {
+            original_len,
+            segments: vec![Segment {
+                kind: SegmentKind::Llm,
+                original_len,
+                stored_len,
+                crc: 0,
+                chunks,
+            }],
+            ..sample()
+        }
+        .to_bytes()
+    }
+
+    fn chunk(original_len: u32, n_symbols: u32, stored_len: u32) -> ChunkEntry {
+        ChunkEntry {
+            original_len,
+            n_symbols,
+            stored_len,
+            crc: 0,
+        }
+    }
+
+    /// Empty chunks (the encoder never makes one) are refused: a hostile blob of
+    /// millions of them made the lanes finish jobs without feeding the model, and a
+    /// shared worker rebuild its context again and again.
+    #[test]
+    fn an_empty_chunk_is_refused() {
+        let bytes = with_chunks(vec![chunk(12, 3, 4), chunk(0, 0, 0)]);
+        let stored = 4;
+        let err = Header::parse(&bytes, Some(bytes.len() as u64 + stored)).expect_err("empty");
+        assert!(err.to_string().contains("symbol count"), "{err}");
+    }
+
+    /// A chunk entry claiming far more stored bytes than its symbols can cost is refused
+    /// before a reader allocates them (a sparse 4 GiB blob costs an attacker nothing).
+    #[test]
+    fn a_chunk_claiming_more_bytes_than_its_symbols_can_cost_is_refused() {
+        let huge = with_chunks(vec![chunk(1, 1, u32::MAX)]);
+        let err = Header::parse(&huge, Some(huge.len() as u64 + u32::MAX as u64))
+            .expect_err("4 GiB for one symbol");
+        assert!(err.to_string().contains("claims"), "{err}");
+        // The bound itself, and the most a real chunk needs, still pass.
+        for (n, stored) in [(1, 24), (3, 4), (1000, 8016)] {
+            let ok = with_chunks(vec![chunk(n, n, stored)]);
+            Header::parse(&ok, Some(ok.len() as u64 + stored as u64)).expect("within the bound");
+        }
+        let over = with_chunks(vec![chunk(1000, 1000, 8017)]);
+        assert!(Header::parse(&over, Some(over.len() as u64 + 8017)).is_err());
     }
 
     #[test]

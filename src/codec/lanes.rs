@@ -121,43 +121,47 @@ pub fn run_lanes(
         }
         // Take at most one new job per step while lanes are busy: workers sharing a queue
         // then split a handful of long chunks evenly instead of the first one taking all.
-        for slot in 0..n_lanes {
+        'fill: for slot in 0..n_lanes {
             if lanes[slot].is_some() {
                 continue;
             }
-            let all_idle = lanes.iter().all(|l| l.is_none());
-            let busy_background = lanes.iter().flatten().filter(|l| l.background).count();
-            let Some(Taken { id, job, priority }) =
-                source.next(all_idle, busy_background < background_slots)
-            else {
-                break;
-            };
-            let work = match job {
-                ChunkJob::Encode(symbols) => Work::Enc {
-                    symbols,
-                    enc: Encoder::new(),
-                },
-                ChunkJob::Decode { data, n_symbols } => Work::Dec {
-                    dec: Decoder::new(data),
-                    n: n_symbols,
-                    out: Vec::with_capacity(n_symbols.min(1 << 20)),
-                },
-            };
-            let lane = Lane {
-                id,
-                background: priority.load(Ordering::Relaxed) == BACKGROUND,
-                priority,
-                model: ChunkModel::new(params, allowed),
-                work,
-                done: 0,
-            };
-            if lane.len() == 0 {
-                finish(lane, source);
-                continue;
+            // An empty job is answered at once and the same slot takes the next: every
+            // slot skipping one must not end the run with jobs still queued.
+            loop {
+                let all_idle = lanes.iter().all(|l| l.is_none());
+                let busy_background = lanes.iter().flatten().filter(|l| l.background).count();
+                let Some(Taken { id, job, priority }) =
+                    source.next(all_idle, busy_background < background_slots)
+                else {
+                    break 'fill;
+                };
+                let work = match job {
+                    ChunkJob::Encode(symbols) => Work::Enc {
+                        symbols,
+                        enc: Encoder::new(),
+                    },
+                    ChunkJob::Decode { data, n_symbols } => Work::Dec {
+                        dec: Decoder::new(data),
+                        n: n_symbols,
+                        out: Vec::with_capacity(n_symbols.min(1 << 20)),
+                    },
+                };
+                let lane = Lane {
+                    id,
+                    background: priority.load(Ordering::Relaxed) == BACKGROUND,
+                    priority,
+                    model: ChunkModel::new(params, allowed),
+                    work,
+                    done: 0,
+                };
+                if lane.len() == 0 {
+                    finish(lane, source);
+                    continue;
+                }
+                lm.reset_lane(slot)?;
+                lanes[slot] = Some(lane);
+                break 'fill;
             }
-            lm.reset_lane(slot)?;
-            lanes[slot] = Some(lane);
-            break;
         }
         feeds.clear();
         order.clear();
@@ -308,4 +312,76 @@ fn finish(lane: Lane, source: &mut dyn JobSource) {
         Work::Dec { out, .. } => ChunkOutput::Decoded(out),
     };
     source.finished(lane.id, out);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Flat logits: which jobs run, not what they code, is under test.
+    struct Flat {
+        lanes: usize,
+        logits: Vec<f32>,
+    }
+
+    impl LanguageModel for Flat {
+        fn n_vocab(&self) -> usize {
+            self.logits.len()
+        }
+        fn n_lanes(&self) -> usize {
+            self.lanes
+        }
+        fn reset_lane(&mut self, _lane: usize) -> Result<(), ModelError> {
+            Ok(())
+        }
+        fn step(&mut self, _feeds: &[Feed]) -> Result<(), ModelError> {
+            Ok(())
+        }
+        fn logits(&self, _feed_index: usize) -> &[f32] {
+            &self.logits
+        }
+    }
+
+    struct Queue {
+        jobs: std::collections::VecDeque<(usize, ChunkJob)>,
+        done: Vec<bool>,
+    }
+
+    impl JobSource for Queue {
+        fn next(&mut self, _block: bool, _background_ok: bool) -> Option<Taken> {
+            self.jobs
+                .pop_front()
+                .map(|(id, job)| Taken::background(id, job))
+        }
+        fn finished(&mut self, id: usize, _output: ChunkOutput) {
+            self.done[id] = true;
+        }
+    }
+
+    /// As many empty jobs in a row as there are lanes, then a real one: every job is
+    /// answered before the run ends. (Each slot used to skip past its empty job, so the
+    /// step found no lane busy and the run ended with the real job still queued.)
+    #[test]
+    fn empty_jobs_never_end_a_run_with_jobs_queued() {
+        let vocab = 300;
+        let params = CoderParams::new(vocab as u32, 0, 1);
+        let allowed = vec![true; vocab];
+        let mut lm = Flat {
+            lanes: 2,
+            logits: vec![0.0; vocab],
+        };
+        let mut jobs: std::collections::VecDeque<(usize, ChunkJob)> = (0..3)
+            .map(|id| (id, ChunkJob::Encode(Vec::new())))
+            .collect();
+        jobs.push_back((
+            3,
+            ChunkJob::Encode(vec![Symbol::Token(5), Symbol::Token(7)]),
+        ));
+        let mut queue = Queue {
+            jobs,
+            done: vec![false; 4],
+        };
+        run_lanes(&mut lm, &params, &allowed, 2, &mut queue).expect("run");
+        assert_eq!(queue.done, [true; 4], "jobs left unanswered");
+    }
 }
