@@ -86,6 +86,46 @@ fn a_panic_in_a_compression_leaves_the_file_plaintext_and_no_files_behind() {
     assert_eq!(code, 0, "{out}");
 }
 
+/// A panic while a coder worker creates its model context fails the job it was woken
+/// for, and the worker tries again: it does not die and leave every later job (and the
+/// reads and compressions waiting on them) unanswered for good.
+#[test]
+fn a_panic_creating_a_coder_context_fails_jobs_instead_of_hanging_them() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (backing, mnt) = new_volume(dir.path());
+    let d = Daemon::start_env(
+        &backing,
+        &mnt,
+        "idle=0,workers=1",
+        &[("NACRITHFS_PANIC_IN", "pool.context")],
+    );
+    let failures_reach = |n: u64| {
+        let start = std::time::Instant::now();
+        while status_field(&mnt, "failures") < n
+            && start.elapsed() < std::time::Duration::from_secs(120)
+        {
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        status_field(&mnt, "failures")
+    };
+    let a = b"Plain English text for the model, whose context cannot be made.\n".repeat(8);
+    write_synced(&mnt.join("a.txt"), &a);
+    assert!(failures_reach(1) >= 1, "{}", d.log_text());
+    // The worker is still there: the next file's compression fails too, in its turn.
+    let b = b"Another text, written after the first compression failed.\n".repeat(8);
+    write_synced(&mnt.join("b.txt"), &b);
+    assert!(failures_reach(2) >= 2, "{}", d.log_text());
+    let log = d.log_text();
+    assert!(log.contains("fault injection"), "{log}");
+    assert!(log.contains("creating a coder context panicked"), "{log}");
+    assert_eq!(fs::read(mnt.join("a.txt")).expect("read a"), a);
+    assert_eq!(fs::read(mnt.join("b.txt")).expect("read b"), b);
+    assert_eq!(status_field(&mnt, "compressed"), 0);
+    d.unmount();
+    let (code, out) = fsck(&[], &backing);
+    assert_eq!(code, 0, "{out}");
+}
+
 /// A fresh volume whose parent (a 0700 temp directory) other users may traverse, so
 /// that `nobody` can reach the mount point.
 fn volume_other_users_can_reach(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf) {

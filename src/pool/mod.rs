@@ -355,7 +355,17 @@ fn worker(runtime: &ModelRuntime, shared: &Shared, me: usize, lanes: usize) {
             active: HashMap::new(),
             next_id: 0,
         };
-        let lm = runtime.lanes(lanes + READ_LANES, &shared.params);
+        // Caught like a panic in the lanes below: a worker thread that died here would
+        // leave its jobs (and every read waiting on them) unanswered for good.
+        let lm = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            crate::crash::panic_point("pool.context");
+            runtime.lanes(lanes + READ_LANES, &shared.params)
+        }))
+        .unwrap_or_else(|_| {
+            Err(ModelError::Runtime(
+                "creating a coder context panicked".into(),
+            ))
+        });
         let outcome = match lm {
             Ok(mut lm) => std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                 run_lanes(
