@@ -1823,6 +1823,11 @@ impl Store {
         f(&self.tally.lock().unwrap_or_else(|p| p.into_inner()))
     }
 
+    /// Park or unpark queue entries in the in-memory index (nothing durable changes).
+    pub fn with_queue_mut<T>(&self, f: impl FnOnce(&mut tally::Tally) -> T) -> T {
+        f(&mut self.tally.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
     pub fn flush(&self) -> Result<()> {
         let _w = self.watch.enter("flush");
         self.checked(self.db.flush())

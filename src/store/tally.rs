@@ -3,7 +3,7 @@
 //! the files, and the compression queue ordered by due time. A status read or a
 //! "what is due next" is then O(1) or O(log n), never a scan of the index.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::record::{Inode, Kind};
@@ -127,6 +127,10 @@ pub struct Tally {
     pub totals: Totals,
     by_due: BTreeSet<(u64, u64)>,
     due_of: HashMap<u64, u64>,
+    /// Queue entries the compressors pass over for now (files waiting for an equal
+    /// file's compression): kept out of `by_due`, so that the scan for the next due file
+    /// does not walk thousands of them on every call, and kept right by `set_due`.
+    parked: HashSet<u64>,
     /// Dirty regular files (what a flush queues), so a flush walks them, not the index.
     dirty: BTreeSet<u64>,
     /// What the count at open found for the mount's recovery, taken once: clean cached
@@ -141,9 +145,32 @@ impl Tally {
         if let Some(old) = self.due_of.remove(&ino) {
             self.by_due.remove(&(old, ino));
         }
-        if let Some(d) = due {
-            self.due_of.insert(ino, d);
-            self.by_due.insert((d, ino));
+        match due {
+            Some(d) => {
+                self.due_of.insert(ino, d);
+                if !self.parked.contains(&ino) {
+                    self.by_due.insert((d, ino));
+                }
+            }
+            None => {
+                self.parked.remove(&ino);
+            }
+        }
+    }
+
+    /// Keep queued `ino` out of [`Tally::in_due_order`] until [`Tally::unpark`].
+    pub fn park(&mut self, ino: u64) {
+        if let Some(&d) = self.due_of.get(&ino) {
+            self.by_due.remove(&(d, ino));
+            self.parked.insert(ino);
+        }
+    }
+
+    pub fn unpark(&mut self, ino: u64) {
+        if self.parked.remove(&ino) {
+            if let Some(&d) = self.due_of.get(&ino) {
+                self.by_due.insert((d, ino));
+            }
         }
     }
 
@@ -170,12 +197,18 @@ impl Tally {
         self.due_of.len()
     }
 
-    /// Entries due at `now_ms` or before (walks only those).
+    /// Entries due at `now_ms` or before, parked ones included (walks only those and
+    /// the parked).
     pub fn due(&self, now_ms: u64) -> usize {
-        self.by_due.range(..=(now_ms, u64::MAX)).count()
+        let parked = self
+            .parked
+            .iter()
+            .filter(|ino| self.due_of.get(ino).is_some_and(|&d| d <= now_ms))
+            .count();
+        self.by_due.range(..=(now_ms, u64::MAX)).count() + parked
     }
 
-    /// The queue in due order, from the earliest.
+    /// The queue in due order, from the earliest, parked entries left out.
     pub fn in_due_order(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
         self.by_due.iter().map(|&(due, ino)| (ino, due))
     }
@@ -197,5 +230,40 @@ mod tests {
         t.set_due(5, None);
         assert_eq!(t.in_due_order().collect::<Vec<_>>(), vec![(6, 50)]);
         assert_eq!(t.due(1000), 1);
+    }
+
+    /// A parked entry stays queued and counted but out of the due order, follows the
+    /// changes made to it meanwhile, and comes back in its place when unparked.
+    #[test]
+    fn a_parked_entry_is_passed_over_and_kept_right() {
+        let mut t = Tally::default();
+        for ino in 1..=1000 {
+            t.set_due(ino, Some(10));
+        }
+        t.set_due(2000, Some(20));
+        for ino in 1..=1000 {
+            t.park(ino);
+        }
+        assert_eq!(t.in_due_order().collect::<Vec<_>>(), vec![(2000, 20)]);
+        assert_eq!((t.queued(), t.due(15), t.due(25)), (1001, 1000, 1001));
+        // Changed while parked: the new due time is kept, the entry stays parked.
+        t.set_due(7, Some(5));
+        assert_eq!(t.due_of(7), Some(5));
+        assert_eq!(t.in_due_order().count(), 1);
+        // Dequeued while parked: gone, and an unpark does not bring it back.
+        t.set_due(8, None);
+        t.unpark(8);
+        assert_eq!(t.due_of(8), None);
+        assert_eq!(t.queued(), 1000);
+        t.unpark(7);
+        t.unpark(9);
+        assert_eq!(
+            t.in_due_order().collect::<Vec<_>>(),
+            vec![(7, 5), (9, 10), (2000, 20)]
+        );
+        // Parking what is not queued does nothing.
+        t.park(4242);
+        t.set_due(4242, Some(1));
+        assert_eq!(t.in_due_order().next(), Some((4242, 1)));
     }
 }

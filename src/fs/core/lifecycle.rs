@@ -238,9 +238,12 @@ impl Core {
             .map(|(k, _)| *k);
         if let Some(key) = owned {
             if let Some((_, waiting)) = st.coding.remove(&key) {
-                for w in waiting {
-                    st.deferred.remove(&w);
-                }
+                self.store.with_queue_mut(|q| {
+                    for w in waiting {
+                        st.deferred.remove(&w);
+                        q.unpark(w);
+                    }
+                });
                 self.wake.notify_all();
             }
         }
@@ -259,6 +262,9 @@ impl Core {
             Some((_, waiting)) => {
                 waiting.push(ino);
                 st.deferred.insert(ino);
+                // Out of the scan for the next due file until then: with thousands of
+                // equal files waiting, every scan walked them all, under the state lock.
+                self.store.with_queue_mut(|q| q.park(ino));
                 self.compression_ended(st, ino);
                 false
             }
