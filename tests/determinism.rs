@@ -292,7 +292,7 @@ fn shared_pool_lanes_join_leave_and_pause_without_changing_any_stream() {
 /// for every one of them at once.
 #[test]
 fn chunks_with_other_parameters_share_one_private_thread() {
-    use nacrithfs::codec::lanes::{ChunkOutput, URGENT};
+    use nacrithfs::codec::lanes::{ChunkOutput, CANCELLED, URGENT};
     use nacrithfs::codec::{check_engine, chunk_bytes, chunk_job, Plan};
     use nacrithfs::pool::{Done, Submit};
     use std::sync::atomic::AtomicU8;
@@ -345,6 +345,39 @@ fn chunks_with_other_parameters_share_one_private_thread() {
             d.tag
         );
         done += 1;
+    }
+    // Jobs given up while they wait (a decode abandoned) are answered "cancelled" and
+    // cost the private thread nothing; one still wanted among them is decoded.
+    for (i, r) in plan.regions.iter().enumerate() {
+        let wanted = i == plan.regions.len() - 1;
+        pool.submit(
+            &params,
+            Submit {
+                tag: i as u64,
+                job: chunk_job(&blob, r).expect("chunk job"),
+                priority: Arc::new(AtomicU8::new(if wanted { URGENT } else { CANCELLED })),
+                progress: None,
+                reply: tx.clone(),
+            },
+        );
+    }
+    for _ in 0..plan.regions.len() {
+        let d = rx
+            .recv_timeout(std::time::Duration::from_secs(600))
+            .expect("a chunk job never answered");
+        if d.tag as usize == plan.regions.len() - 1 {
+            assert!(
+                matches!(d.result, Ok(ChunkOutput::Decoded(_))),
+                "the wanted chunk failed"
+            );
+        } else {
+            let err = d.result.err().map(|e| e.to_string()).unwrap_or_default();
+            assert!(
+                err.contains("cancelled"),
+                "a cancelled chunk was run: {:?}",
+                err
+            );
+        }
     }
     // (The compression above may have started the pool's one already.)
     let started = pool.private_threads_started();

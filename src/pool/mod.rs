@@ -261,6 +261,15 @@ impl LocalPool {
                 .name("nacrith-private".into())
                 .spawn(move || {
                     for (params, s) in rx {
+                        // A job given up while it waited (its decode abandoned, a hostile
+                        // blob's thousands of chunks among them) is answered, not run.
+                        if s.priority.load(Ordering::Relaxed) == CANCELLED {
+                            let _ = s.reply.send(Done {
+                                tag: s.tag,
+                                result: Err(cancelled()),
+                            });
+                            continue;
+                        }
                         let job = s.job;
                         let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                             run_private(&rt, &params, vec![job], 1, 1, &|_| {})
