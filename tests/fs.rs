@@ -1071,6 +1071,58 @@ fn a_read_only_mount_keeps_its_decodes_under_the_cache_cap() {
     assert_eq!(code, 0, "{text}");
 }
 
+/// A write to a compressed file waits for the whole file to be decoded; its chunks go
+/// to the pool a few at a time (as many as the pool has lanes), so a cold read of
+/// another file is served after the chunks already running, not after the whole file.
+/// (They were all queued at once: every chunk's coded bytes in memory, and the other
+/// reader behind all of them.) One worker of 1 + 4 lanes, 1 KiB chunks.
+#[test]
+fn a_cold_read_is_not_queued_behind_a_whole_file_decode() {
+    let _llm = common::llm_lock();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (backing, mnt) = new_volume(dir.path());
+    let d = Daemon::start(
+        &backing,
+        &mnt,
+        "idle=3600,workers=1,batch=1,chunk_size=1K,head_chunk=0,verify=none",
+    );
+    let big = common::english(24_000); // at least 24 chunks of at most 1 KiB
+    let small = common::english(500);
+    write_synced(&mnt.join("big.txt"), &big);
+    write_synced(&mnt.join("small.txt"), &small);
+    admin("flush", &mnt);
+    admin("evict", &mnt);
+    assert_eq!(status_field(&mnt, "regions_decoded"), 0);
+    let path = mnt.join("big.txt");
+    let writer = std::thread::spawn(move || {
+        let mut f = OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .expect("open big.txt");
+        f.write_all(b"x").expect("append to big.txt");
+    });
+    // The append's decode is under way (its first chunks in the lanes: a 1 KiB chunk
+    // takes seconds here)...
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(
+        !writer.is_finished(),
+        "the whole file decoded before the test could look"
+    );
+    // ...when another file is read cold.
+    assert_eq!(fs::read(mnt.join("small.txt")).expect("read small"), small);
+    let decoded = status_field(&mnt, "regions_decoded");
+    assert!(
+        decoded <= 10,
+        "the cold read waited for {decoded} regions of the other file's decode"
+    );
+    writer.join().expect("writer");
+    let mut expect = big.clone();
+    expect.push(b'x');
+    assert_eq!(fs::read(mnt.join("big.txt")).expect("read big"), expect);
+    assert!(status_field(&mnt, "regions_decoded") >= 25);
+    d.unmount();
+}
+
 /// `mount -o remount,ro` and `remount,rw` (mount(8) runs this binary as its helper):
 /// the mount turns read-only with its files readable and its queue kept (nothing is
 /// compressed while read-only), then writable again, and the queue is compressed.

@@ -21,7 +21,7 @@ use crate::codec::source::{FileSource, Source};
 use crate::codec::{
     self, CodecError, CompressOptions, DecompressOptions, Engine, Plan, RegionKind,
 };
-use crate::pool::{Done, LocalPool, Submit};
+use crate::pool::{Done, LocalPool, Submit, READ_LANES};
 use crate::store::{sync_dir, BlobRef};
 
 /// The background threads of one mount.
@@ -602,6 +602,11 @@ struct Decoding {
     file: Arc<std::fs::File>,
     state: Vec<RegionState>,
     remaining: usize,
+    /// LLM chunks handed to the pool and not answered yet (at most the pool's lanes for
+    /// a reader's regions: see [`Decoder::start_urgent`]).
+    running: usize,
+    /// Regions before this one are started or done for a whole-file wait.
+    cursor: usize,
     last_used: Instant,
 }
 
@@ -753,28 +758,74 @@ impl Decoder<'_> {
             }
         }
         let n = self.decodings.get(&ino).map_or(0, |d| d.plan.regions.len());
-        let mut urgent = Vec::new();
-        for r in self.core.waiting_ranges(ino) {
-            match r {
-                None => urgent.extend(0..n),
-                Some(r) => urgent.extend(self.covering(ino, r)),
-            }
+        if let Err((errno, why)) = self.start_urgent(ino) {
+            return self.fail(ino, Some(blob), errno, why);
         }
         let ahead = need.range.map_or(0..0, |r| {
             let c = self.covering(ino, r);
             c.end..(c.end + READ_AHEAD_REGIONS).min(n)
         });
-        for i in urgent {
-            if let Err((errno, why)) = self.start_region(ino, i, URGENT) {
-                return self.fail(ino, Some(blob), errno, why);
-            }
-        }
         for i in ahead {
             if let Err((errno, why)) = self.start_region(ino, i, READ_AHEAD) {
                 return self.fail(ino, Some(blob), errno, why);
             }
         }
         self.progressed(ino);
+    }
+
+    /// Start (or raise to urgent) the regions readers of `ino` wait for, in file order.
+    /// LLM chunks are handed to the pool only while fewer than its lanes are running
+    /// for this decode; the rest follow as those finish ([`Decoder::chunk_done`]). A
+    /// write to a large compressed file waits for the whole file: handing over all its
+    /// chunks at once put every chunk's coded bytes in the pool's queue (memory growing
+    /// with the file) and queued a cold read of any other file behind all of them.
+    fn start_urgent(&mut self, ino: u64) -> Result<(), (i32, String)> {
+        let Some(d) = self.decodings.get(&ino) else {
+            return Ok(());
+        };
+        let n = d.plan.regions.len();
+        let window = d
+            .pool
+            .as_ref()
+            .map_or(usize::MAX, |(p, _)| p.workers * (p.lanes + READ_LANES));
+        // Reads of a range first, then whole-file waits, each in file order.
+        let waiting = self.core.waiting_ranges(ino);
+        let whole = waiting.iter().any(|r| r.is_none());
+        let mut urgent: Vec<usize> = waiting
+            .into_iter()
+            .flatten()
+            .flat_map(|r| self.covering(ino, r))
+            .collect();
+        urgent.sort_unstable();
+        urgent.dedup();
+        let waits = |d: &Decoding, i: usize| {
+            matches!(d.state[i], RegionState::Missing)
+                && matches!(d.plan.regions[i].kind, RegionKind::Chunk { .. })
+                && d.running >= window
+        };
+        for i in urgent {
+            match self.decodings.get(&ino) {
+                Some(d) if !waits(d, i) => self.start_region(ino, i, URGENT)?,
+                Some(_) => {}
+                None => return Ok(()),
+            }
+        }
+        // The whole file: on from the first region not yet started (a cursor, so that
+        // each finished chunk costs O(1) here, not a walk over the file's regions).
+        while whole {
+            let Some(d) = self.decodings.get(&ino) else {
+                return Ok(());
+            };
+            let i = d.cursor;
+            if i >= n || waits(d, i) {
+                break;
+            }
+            self.start_region(ino, i, URGENT)?;
+            if let Some(d) = self.decodings.get_mut(&ino) {
+                d.cursor = i + 1;
+            }
+        }
+        Ok(())
     }
 
     fn covering(&self, ino: u64, r: std::ops::Range<u64>) -> std::ops::Range<usize> {
@@ -859,6 +910,8 @@ impl Decoder<'_> {
             file: Arc::new(file),
             state: (0..n).map(|_| RegionState::Missing).collect(),
             remaining: n,
+            running: 0,
+            cursor: 0,
             last_used: Instant::now(),
         })
     }
@@ -899,6 +952,7 @@ impl Decoder<'_> {
                     },
                 );
                 d.state[i] = RegionState::Running(p);
+                d.running += 1;
                 Ok(())
             }
         }
@@ -948,6 +1002,9 @@ impl Decoder<'_> {
                     format!("writing its plaintext: {e}"),
                 )
             })?;
+        if matches!(d.state[i], RegionState::Running(_)) {
+            d.running -= 1;
+        }
         d.state[i] = RegionState::Done;
         d.remaining -= 1;
         core.count_regions(1);
@@ -972,6 +1029,10 @@ impl Decoder<'_> {
             (Err(e), _) => Err((libc::EIO, format!("{}: {e}", d.path.display()))),
         };
         if let Err((errno, why)) = r {
+            return self.fail(ino, Some(blob), errno, why);
+        }
+        // A lane of this decode is free: the next region its readers wait for.
+        if let Err((errno, why)) = self.start_urgent(ino) {
             return self.fail(ino, Some(blob), errno, why);
         }
         self.progressed(ino);
