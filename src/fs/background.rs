@@ -812,20 +812,22 @@ impl Decoder<'_> {
         }
         // The whole file: on from the first region not yet started (a cursor, so that
         // each finished chunk costs O(1) here, not a walk over the file's regions).
-        while whole {
+        if !whole {
+            return Ok(());
+        }
+        loop {
             let Some(d) = self.decodings.get(&ino) else {
                 return Ok(());
             };
             let i = d.cursor;
             if i >= n || waits(d, i) {
-                break;
+                return Ok(());
             }
             self.start_region(ino, i, URGENT)?;
             if let Some(d) = self.decodings.get_mut(&ino) {
                 d.cursor = i + 1;
             }
         }
-        Ok(())
     }
 
     fn covering(&self, ino: u64, r: std::ops::Range<u64>) -> std::ops::Range<usize> {
