@@ -104,9 +104,9 @@ pub fn index_records(data: &[u8]) {
 /// A model that gives flat logits: the decoder's path (chunk table, range decoder,
 /// mixing, tokenizer output) does not depend on the logits' values, and the real model
 /// would cost ~10 ms a symbol.
-struct FlatModel {
-    lanes: usize,
-    logits: Vec<f32>,
+pub(crate) struct FlatModel {
+    pub(crate) lanes: usize,
+    pub(crate) logits: Vec<f32>,
 }
 
 impl LanguageModel for FlatModel {

@@ -318,29 +318,8 @@ fn finish(lane: Lane, source: &mut dyn JobSource) {
 mod tests {
     use super::*;
 
-    /// Flat logits: which jobs run, not what they code, is under test.
-    struct Flat {
-        lanes: usize,
-        logits: Vec<f32>,
-    }
-
-    impl LanguageModel for Flat {
-        fn n_vocab(&self) -> usize {
-            self.logits.len()
-        }
-        fn n_lanes(&self) -> usize {
-            self.lanes
-        }
-        fn reset_lane(&mut self, _lane: usize) -> Result<(), ModelError> {
-            Ok(())
-        }
-        fn step(&mut self, _feeds: &[Feed]) -> Result<(), ModelError> {
-            Ok(())
-        }
-        fn logits(&self, _feed_index: usize) -> &[f32] {
-            &self.logits
-        }
-    }
+    // Flat logits: which jobs run, not what they code, is under test.
+    use crate::fuzzing::FlatModel as Flat;
 
     struct Queue {
         jobs: std::collections::VecDeque<(usize, ChunkJob)>,
