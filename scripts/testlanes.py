@@ -9,9 +9,17 @@ NACRITHFS_TEST_ONLY=fs,cli runs only those binaries). Each binary's
 output goes to target/test-logs/<name>.log and is printed whole when it ends; a summary
 table follows, and the exit status is 1 if any binary failed (all of them run, unlike
 `cargo test`, which stops at the first failing binary).
+
+A binary that runs past its limit (NACRITHFS_TEST_TIMEOUT seconds, else 2.5 times its
+expected time and at least 600 s) is a hang: the backtraces of every thread of it and of
+the daemons it started (gdb), and the tails of those daemons' logs, go into its log, then
+it is killed and counted as failed, and the other binaries go on. (A hang used to run
+until CI's own limit took the whole run, with nothing to say where it hung.)
 """
 import json
 import os
+import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -58,6 +66,106 @@ def build(root):
     return jobs
 
 
+def descendants(pid):
+    """pid and every process below it (children first found through /proc)."""
+    kids = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                # The field after the parenthesised name is the state, then the ppid.
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        kids.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo.extend(kids.get(p, []))
+    return out
+
+
+def argv_of(pid):
+    """The command line of a process ([] once it is gone)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return [a.decode("utf-8", "replace") for a in f.read().split(b"\0") if a]
+    except OSError:
+        return []
+
+
+def report_hang(pid, out):
+    """Write what a hung binary and its daemons are doing into its log."""
+    def w(text):
+        out.write(text.encode("utf-8", "replace"))
+        out.flush()
+
+    for p in descendants(pid):
+        argv = argv_of(p)
+        if not argv:
+            continue
+        w(f"\n==== hang: pid {p}: {' '.join(argv)}\n")
+        if shutil.which("gdb"):
+            try:
+                bt = subprocess.run(
+                    ["gdb", "-p", str(p), "-batch", "-ex", "thread apply all bt"],
+                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=120,
+                )
+                w(bt.stdout.decode("utf-8", "replace"))
+            except subprocess.TimeoutExpired:
+                w("(gdb did not answer in 120 s)\n")
+        else:
+            w("(no gdb: kernel stacks only)\n")
+            for t in sorted(os.listdir(f"/proc/{p}/task")):
+                try:
+                    with open(f"/proc/{p}/task/{t}/stack") as f:
+                        w(f"-- thread {t}\n{f.read()}")
+                except OSError:
+                    pass
+        # A test daemon logs to <backing>.daemon.log (tests/common/mount.rs).
+        if len(argv) > 1 and os.path.basename(argv[0]) == "nacrithfs":
+            log = argv[1].rstrip("/") + ".daemon.log"
+            try:
+                with open(log, "rb") as f:
+                    tail = f.read()[-20000:].decode("utf-8", "replace")
+                w(f"\n==== the last of {log}\n{tail}\n")
+            except OSError as e:
+                w(f"\n==== {log}: {e}\n")
+
+
+def run_binary(exe, root, out, limit):
+    """Run one test binary into `out`; its exit status, or None if it hung."""
+    p = subprocess.Popen([exe], cwd=root, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        return p.wait(timeout=limit)
+    except subprocess.TimeoutExpired:
+        pass
+    out.write(f"\n==== scripts/test: still running after {limit:.0f} s: a hang\n".encode())
+    out.flush()
+    # The mount points of its daemons (argv: nacrithfs BACKING MNT ...), to clear once
+    # they are killed: a dead mount hangs the next `ls` of its parent. Only these: the
+    # other lanes' mounts are alive.
+    mounts = []
+    for q in descendants(p.pid):
+        argv = argv_of(q)
+        if len(argv) > 2 and os.path.basename(argv[0]) == "nacrithfs":
+            mounts.append(argv[2])
+    try:
+        report_hang(p.pid, out)
+    finally:
+        for q in descendants(p.pid):
+            try:
+                os.kill(q, signal.SIGKILL)
+            except OSError:
+                pass
+        p.wait()
+        for m in mounts:
+            subprocess.run(["umount", "-l", m], stderr=subprocess.DEVNULL)
+    return None
+
+
 def main():
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     jobs = build(root)
@@ -82,15 +190,21 @@ def main():
                 name, exe = jobs.pop(0)
             path = os.path.join(logs, f"{name}.log")
             t = time.time()
+            fixed = os.environ.get("NACRITHFS_TEST_TIMEOUT")
+            limit = float(fixed) if fixed else max(600.0, 2.5 * EXPECTED.get(name, 60))
             with open(path, "wb") as out:
                 # The cwd cargo gives a test: the package root.
-                rc = subprocess.run([exe], cwd=root, stdout=out, stderr=subprocess.STDOUT).returncode
+                rc = run_binary(exe, root, out, limit)
             took = time.time() - t
             with open(path, "rb") as f:
                 text = f.read().decode("utf-8", "replace")
             summary = [l for l in text.splitlines() if l.startswith("test result:")]
             with lock:
-                verdict = "ok" if rc == 0 else f"FAILED (exit {rc})"
+                if rc is None:
+                    verdict = f"FAILED (hung: killed after {took:.0f} s)"
+                    rc = -1
+                else:
+                    verdict = "ok" if rc == 0 else f"FAILED (exit {rc})"
                 print(f"\n==== {name}: {verdict} in {took:.0f} s", flush=True)
                 sys.stdout.write(text)
                 sys.stdout.flush()
