@@ -403,13 +403,24 @@ impl Core {
 
     /// An inode as it is now: its record with what writes changed since (see
     /// [`Unsynced`]).
+    ///
+    /// The pending fields are read under the same hold of their lock as the record: a
+    /// commit writes the record first and clears the pending fields after, under that
+    /// lock, so a `get` without the state lock (getattr, lookup) that read the record
+    /// before a commit still sees the pending fields, and one after sees the record.
+    /// Read apart, a getattr racing the commit at an appended file's close answered the
+    /// size from before the appends, the kernel took it, and the next `O_APPEND` wrote
+    /// over them (a lost burst in the soak of 2026-12-05).
     pub fn get(&self, ino: u64) -> FsResult<Inode> {
+        let pending = self.unsynced();
         let mut inode = self
             .store
             .get(ino)
             .map_err(store_err)?
             .ok_or(libc::ENOENT)?;
-        if let Some(u) = self.unsynced().meta.get(&ino) {
+        #[cfg(test)]
+        tests::after_record_read();
+        if let Some(u) = pending.meta.get(&ino) {
             inode.size = u.size.unwrap_or(inode.size);
             inode.mtime = u.mtime.unwrap_or(inode.mtime);
             inode.ctime = inode.ctime.max(u.ctime.unwrap_or(inode.ctime));
@@ -586,6 +597,19 @@ fn check_xattr_namespace(name: &[u8]) -> FsResult<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::cell::RefCell;
+
+    thread_local! {
+        /// Run by [`Core::get`] on this thread between reading the record and the
+        /// pending fields (once).
+        static AFTER_RECORD_READ: RefCell<Option<Box<dyn FnOnce()>>> = RefCell::new(None);
+    }
+
+    pub(super) fn after_record_read() {
+        if let Some(f) = AFTER_RECORD_READ.with(|h| h.borrow_mut().take()) {
+            f();
+        }
+    }
 
     /// A core over a fresh store; no background worker, and the model is never loaded.
     fn core(dir: &std::path::Path) -> Arc<Core> {
@@ -601,6 +625,49 @@ mod tests {
     fn state(core: &Core, ino: u64) -> &'static str {
         let inode = core.get(ino).expect("inode");
         core.file_state(ino, &inode).expect("state")
+    }
+
+    /// A getattr (no state lock) that read the record just before the commit of the
+    /// file's pending size (its last close) still answers the new size. It answered the
+    /// record's old one: the kernel took it, and the next O_APPEND wrote over the bytes
+    /// of the last writes (a lost burst in the soak of 2026-12-05).
+    #[test]
+    fn a_getattr_racing_the_commit_of_a_pending_size_answers_the_new_size() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let core = core(dir.path());
+        let ino = core
+            .mknod(ROOT_INO, b"f", libc::S_IFREG | 0o644, 0, 0, 0, 0, None)
+            .expect("create")
+            .ino;
+        let fh = core
+            .open(ino, libc::O_WRONLY | libc::O_APPEND)
+            .expect("open")
+            .fh;
+        core.write(ino, fh, 0, b"first\n", false).expect("write");
+        core.write(ino, fh, 6, b"second\n", false).expect("write");
+        assert!(core.store.get(ino).expect("index").expect("record").size < 13);
+        // Between this getattr's read of the record and of the pending fields, the
+        // close's commit of the pending size (given 300 ms to finish: it waits for the
+        // getattr when the two are read under one lock).
+        let other = core.clone();
+        AFTER_RECORD_READ.with(|h| {
+            *h.borrow_mut() = Some(Box::new(move || {
+                let (tx, rx) = crossbeam_channel::bounded(1);
+                std::thread::spawn(move || {
+                    let _ = tx.send(other.sync_metadata_of(ino));
+                });
+                if let Ok(r) = rx.recv_timeout(Duration::from_millis(300)) {
+                    r.expect("commit of the pending size");
+                }
+            }))
+        });
+        assert_eq!(core.getattr(ino).expect("getattr").inode.size, 13);
+        core.release(fh, true).expect("release");
+        assert_eq!(core.getattr(ino).expect("getattr").inode.size, 13);
+        assert_eq!(
+            core.store.get(ino).expect("index").expect("record").size,
+            13
+        );
     }
 
     /// A compression that read the file's version while a write's bytes were on their
