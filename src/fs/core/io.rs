@@ -640,8 +640,11 @@ impl Core {
         if r != 0 {
             return Err(io_err(std::io::Error::last_os_error()));
         }
-        let len = file.metadata().map_err(io_err)?.len();
         let mut st = self.lock();
+        // The length under the lock, as a write's size is taken: read before it, a
+        // write that extended the file meanwhile (and recorded its end) would be cut off
+        // the size here. (The kernel orders them today; nothing here relies on that.)
+        let len = file.metadata().map_err(io_err)?.len();
         change.end(&mut st);
         let mut inode = match self.get(ino) {
             Ok(i) => i,

@@ -298,6 +298,8 @@ pub struct Core {
 #[derive(Default)]
 pub(crate) struct Unsynced {
     meta: HashMap<u64, Meta>,
+    /// Bumped each time committed entries leave `meta` (see [`Core::get`]).
+    cleared: u64,
     /// ino → due time (None: off the queue).
     queue: HashMap<u64, Option<u64>>,
 }
@@ -404,29 +406,39 @@ impl Core {
     /// An inode as it is now: its record with what writes changed since (see
     /// [`Unsynced`]).
     ///
-    /// The pending fields are read under the same hold of their lock as the record: a
-    /// commit writes the record first and clears the pending fields after, under that
-    /// lock, so a `get` without the state lock (getattr, lookup) that read the record
-    /// before a commit still sees the pending fields, and one after sees the record.
-    /// Read apart, a getattr racing the commit at an appended file's close answered the
-    /// size from before the appends, the kernel took it, and the next `O_APPEND` wrote
-    /// over them (a lost burst in the soak of 2026-12-05).
+    /// A `get` without the state lock (getattr, lookup) may race a commit, which writes
+    /// the record and then clears its pending fields: read between the two, the old
+    /// record and no pending fields made an answer that was never true. A getattr
+    /// racing the commit at an appended file's close answered the size from before the
+    /// appends, the kernel took it, and the next `O_APPEND` wrote over them (a lost burst
+    /// in the soak of 2026-12-05). So the read is tried again when pending fields were
+    /// cleared while it ran (rare; the record read stays outside that lock, which every
+    /// write takes).
     pub fn get(&self, ino: u64) -> FsResult<Inode> {
-        let pending = self.unsynced();
-        let mut inode = self
-            .store
-            .get(ino)
-            .map_err(store_err)?
-            .ok_or(libc::ENOENT)?;
-        #[cfg(test)]
-        tests::after_record_read();
-        if let Some(u) = pending.meta.get(&ino) {
+        loop {
+            let before = self.unsynced().cleared;
+            let inode = self
+                .store
+                .get(ino)
+                .map_err(store_err)?
+                .ok_or(libc::ENOENT)?;
+            #[cfg(test)]
+            tests::after_record_read();
+            let pending = self.unsynced();
+            if pending.cleared == before {
+                return Ok(Self::with_pending(inode, pending.meta.get(&ino)));
+            }
+        }
+    }
+
+    fn with_pending(mut inode: Inode, pending: Option<&Meta>) -> Inode {
+        if let Some(u) = pending {
             inode.size = u.size.unwrap_or(inode.size);
             inode.mtime = u.mtime.unwrap_or(inode.mtime);
             inode.ctime = inode.ctime.max(u.ctime.unwrap_or(inode.ctime));
             inode.atime = u.atime.unwrap_or(inode.atime);
         }
-        Ok(inode)
+        inode
     }
 
     fn unsynced(&self) -> MutexGuard<'_, Unsynced> {
@@ -444,6 +456,8 @@ impl Core {
             for ino in written {
                 u.meta.remove(&ino);
             }
+            // (Under the same hold as the removals: a `get` that saw them sees this.)
+            u.cleared += 1;
             for ino in queued {
                 u.queue.remove(&ino);
             }
@@ -647,18 +661,14 @@ mod tests {
         core.write(ino, fh, 6, b"second\n", false).expect("write");
         assert!(core.store.get(ino).expect("index").expect("record").size < 13);
         // Between this getattr's read of the record and of the pending fields, the
-        // close's commit of the pending size (given 300 ms to finish: it waits for the
-        // getattr when the two are read under one lock).
+        // close's commit of the pending size.
         let other = core.clone();
         AFTER_RECORD_READ.with(|h| {
             *h.borrow_mut() = Some(Box::new(move || {
-                let (tx, rx) = crossbeam_channel::bounded(1);
-                std::thread::spawn(move || {
-                    let _ = tx.send(other.sync_metadata_of(ino));
-                });
-                if let Ok(r) = rx.recv_timeout(Duration::from_millis(300)) {
-                    r.expect("commit of the pending size");
-                }
+                std::thread::spawn(move || other.sync_metadata_of(ino))
+                    .join()
+                    .expect("commit thread")
+                    .expect("commit of the pending size");
             }))
         });
         assert_eq!(core.getattr(ino).expect("getattr").inode.size, 13);
