@@ -125,7 +125,7 @@ def report_hang(pid, out):
                 except OSError:
                     pass
         # A test daemon logs to <backing>.daemon.log (tests/common/mount.rs).
-        if len(argv) > 1 and os.path.basename(argv[0]) == "nacrithfs":
+        if len(argv) > 2 and os.path.basename(argv[0]) == "nacrithfs" and argv[1].startswith("/"):
             log = argv[1].rstrip("/") + ".daemon.log"
             try:
                 with open(log, "rb") as f:
@@ -150,7 +150,7 @@ def run_binary(exe, root, out, limit):
     mounts = []
     for q in descendants(p.pid):
         argv = argv_of(q)
-        if len(argv) > 2 and os.path.basename(argv[0]) == "nacrithfs":
+        if len(argv) > 2 and os.path.basename(argv[0]) == "nacrithfs" and argv[1].startswith("/"):
             mounts.append(argv[2])
     try:
         report_hang(p.pid, out)
