@@ -557,6 +557,15 @@ fn an_unmount_during_compression_stops_it_cleanly() {
     d.unmount();
 }
 
+/// Sets its flag when dropped, a panic's unwinding included.
+struct StopOnDrop<'a>(&'a AtomicBool);
+
+impl Drop for StopOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
 /// Evictions (which delete clean copies without the state lock) racing reads that decode
 /// and install copies again, truncations of evicted files that make new cache files, and
 /// files opened, unlinked and read through their handle: every read sees the content it
@@ -581,6 +590,11 @@ fn evictions_racing_reads_truncations_and_unlinks_lose_nothing() {
     let end = Instant::now() + Duration::from_secs(20);
     let (evictions, reads, rewrites, orphans) = std::thread::scope(|s| {
         let stop = &stop;
+        // However this scope ends (a panic in any thread included), the loops that run
+        // until `stop` end too: the scope waits for every thread, so a failed flush in
+        // the unlinker left the readers and the evictor running forever, the failure
+        // never printed (likely what hung this binary on CI, 2026-12-05).
+        let _stop_on_exit = StopOnDrop(stop);
         let mnt = mnt.as_path();
         let evictor = s.spawn(move || {
             let mut n = 0u64;

@@ -513,8 +513,9 @@ fn share_equal_blob(
     let blob_ref = core.store.get(owner).ok()??.blob?;
     if let Some(slot) = blob_ref.pack {
         // A packed blob nobody refers to any more (its file deleted or rewritten since
-        // the read above) cannot be shared: the commit would refuse it (EAGAIN) at
-        // every retry. Coded instead, the file's blob becomes the hint.
+        // the read above) cannot be shared: the commit would refuse it. Coded instead,
+        // the file's blob becomes the hint. (Gone after this check: the commit refuses
+        // it and the file is due again at once.)
         if core.store.slot_refs(slot).ok()?.is_empty() {
             return None;
         }

@@ -175,7 +175,17 @@ impl Core {
             // The shared packed blob must still be referenced: compaction (under this
             // lock) moves referenced blobs only, and drops packs nobody refers to.
             if self.store.slot_refs(slot).map_err(store_err)?.is_empty() {
-                return Err(libc::EAGAIN);
+                // Every file that referred to it went since it was found (the equal
+                // file deleted, its last handle closed): nothing to share, and nothing
+                // wrong with this file, which is due again at once and coded on its own
+                // (its content hint names a file without that blob now). A failure here
+                // failed a `nacrithfs flush` running meanwhile.
+                st.stats.superseded += 1;
+                log::info!("inode {ino}: the equal file whose blob it was to share is gone; compressed again on its own");
+                let mut txn = Txn::default();
+                txn.enqueue(ino, unix_ms(SystemTime::now()));
+                self.commit(txn, false)?;
+                return Ok(false);
             }
         }
         let mut txn = Txn::default();

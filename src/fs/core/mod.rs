@@ -865,6 +865,49 @@ mod tests {
         assert!(st.compressing.is_empty());
     }
 
+    /// A compression that shares a packed blob whose every referrer went (the equal
+    /// file it was found in deleted meanwhile, its last handle closed) does not commit,
+    /// and is not a failure either: the file is due again at once, to be coded on its
+    /// own. (It was counted a failure, which fails a `nacrithfs flush` running then:
+    /// the likeliest cause of the tests/scale.rs hang on CI, 2026-12-05, where such a
+    /// panic in a thread scope left its other threads running forever.)
+    #[test]
+    fn a_shared_blob_whose_referrers_went_meanwhile_is_due_again_not_failed() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let core = core(dir.path());
+        let ino = core
+            .mknod(ROOT_INO, b"f", libc::S_IFREG | 0o644, 0, 0, 0, 0, None)
+            .expect("create")
+            .ino;
+        let fh = core.open(ino, libc::O_WRONLY).expect("open").fh;
+        core.write(ino, fh, 0, b"equal to a gone file", false)
+            .expect("write");
+        core.release(fh, true).expect("release");
+        core.request_flush().expect("flush");
+        let (_, version) = core.next_due().expect("queue").expect("due");
+        assert!(core.claim(ino).expect("claim").is_some());
+        // A slot nothing refers to: the shared file's last reference is gone.
+        let blob = NewBlob {
+            seq: 1,
+            stored_size: 20,
+            original: 20,
+            content: [7; 32],
+            shared: true,
+            pack: Some(crate::store::PackSlot { pack: 1, offset: 0 }),
+        };
+        assert_eq!(core.commit_blob(ino, version, &blob), Ok(false));
+        {
+            let st = core.lock();
+            assert_eq!(st.stats.failures, 0);
+            assert_eq!(st.stats.superseded, 1);
+            assert!(st.compressing.is_empty());
+        }
+        assert!(core.get(ino).expect("inode").dirty);
+        let due = core.store.queue_due(ino).expect("queue").expect("queued");
+        assert!(due <= unix_ms(SystemTime::now()), "not due at once: {due}");
+        assert_eq!(core.next_due().expect("queue").map(|(i, _)| i), Ok(ino));
+    }
+
     /// A file compressed (its blob committed) with its clean copy still cached.
     fn compressed_file(core: &Core, name: &[u8], data: &[u8]) -> u64 {
         let ino = core
