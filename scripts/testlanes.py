@@ -119,7 +119,11 @@ def report_hang(pid, out):
                 w("(gdb did not answer in 120 s)\n")
         else:
             w("(no gdb: kernel stacks only)\n")
-            for t in sorted(os.listdir(f"/proc/{p}/task")):
+            try:
+                tasks = sorted(os.listdir(f"/proc/{p}/task"))
+            except OSError:
+                tasks = []
+            for t in tasks:
                 try:
                     with open(f"/proc/{p}/task/{t}/stack") as f:
                         w(f"-- thread {t}\n{f.read()}")
@@ -163,17 +167,27 @@ def run_binary(exe, root, out, limit):
                 pass
         p.wait()
         for m in mounts:
-            subprocess.run(["umount", "-l", m], stderr=subprocess.DEVNULL)
+            try:
+                subprocess.run(["umount", "-l", m], stderr=subprocess.DEVNULL)
+            except OSError as e:
+                out.write(f"\n==== umount -l {m}: {e}\n".encode())
     return None
 
 
 def main():
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    fixed = os.environ.get("NACRITHFS_TEST_TIMEOUT")
+    try:
+        fixed = float(fixed) if fixed else None
+    except ValueError:
+        sys.exit(f"scripts/test: NACRITHFS_TEST_TIMEOUT={fixed!r} is not a number of seconds")
+
     jobs = build(root)
     only = [o for o in os.environ.get("NACRITHFS_TEST_ONLY", "").split(",") if o]
     if only:
         jobs = [j for j in jobs if j[0] in only]
     jobs.sort(key=lambda j: -EXPECTED.get(j[0], 60))
+    all_jobs = list(jobs)
     lanes = int(os.environ.get("NACRITHFS_TEST_LANES") or min(4, max(1, os.cpu_count() or 1)))
     logs = os.path.join(root, "target", "test-logs")
     os.makedirs(logs, exist_ok=True)
@@ -191,19 +205,23 @@ def main():
                 name, exe = jobs.pop(0)
             path = os.path.join(logs, f"{name}.log")
             t = time.time()
-            fixed = os.environ.get("NACRITHFS_TEST_TIMEOUT")
-            limit = float(fixed) if fixed else max(600.0, 2.5 * EXPECTED.get(name, 60))
-            with open(path, "wb") as out:
-                # The cwd cargo gives a test: the package root.
-                rc = run_binary(exe, root, out, limit)
+            limit = fixed or max(600.0, 2.5 * EXPECTED.get(name, 60))
+            try:
+                with open(path, "wb") as out:
+                    # The cwd cargo gives a test: the package root.
+                    rc = run_binary(exe, root, out, limit)
+                with open(path, "rb") as f:
+                    text = f.read().decode("utf-8", "replace")
+            except Exception as e:  # noqa: BLE001 - any error is this binary's failure
+                rc, text = -2, f"scripts/test could not run {exe}: {e!r}\n"
             took = time.time() - t
-            with open(path, "rb") as f:
-                text = f.read().decode("utf-8", "replace")
             summary = [l for l in text.splitlines() if l.startswith("test result:")]
             with lock:
                 if rc is None:
                     verdict = f"FAILED (hung: killed after {took:.0f} s)"
                     rc = -1
+                elif rc == -2:
+                    verdict = "FAILED (not run)"
                 else:
                     verdict = "ok" if rc == 0 else f"FAILED (exit {rc})"
                 print(f"\n==== {name}: {verdict} in {took:.0f} s", flush=True)
@@ -222,6 +240,11 @@ def main():
     doc = subprocess.run(["cargo", "test", "--release", "--locked", "--doc"], cwd=root)
     results.append(("doctests", doc.returncode, time.time() - t, ""))
 
+    # Every binary has a result line (a lane that died would leave some out).
+    ran = {r[0] for r in results}
+    for name, _ in all_jobs:
+        if name not in ran:
+            results.append((name, -3, 0.0, "never run (a lane of scripts/test died)"))
     failed = [r for r in results if r[1] != 0]
     print(f"\n{'binary':<28} {'seconds':>8}  result")
     for name, rc, took, summary in sorted(results, key=lambda r: -r[2]):
