@@ -60,7 +60,7 @@ fn help(key: &str) -> &'static str {
         "bytes_out" => "Blob bytes written since mount.",
         "busy_seconds" => "Seconds with at least one compression running, since mount.",
         "failures" => "Compressions that failed (the file stays plaintext and is retried).",
-        "superseded" => "Compressions dropped because their file changed meanwhile.",
+        "superseded" => "Compressions dropped because their file changed meanwhile (or the blob it was to share went).",
         "verify_failures" => "New blobs that did not decode back (stored with zstd instead).",
         "decompressions" => "Files decompressed into the cache since mount.",
         "decompress_failures" => "Decompressions that failed (EIO to the reader).",
@@ -367,7 +367,7 @@ pub fn print_status(mnt: &Path, json: bool, backends: bool) -> Result<(), String
         human(s.get("shared_bytes"))
     );
     println!(
-        "superseded    {} compressions dropped because the file changed meanwhile",
+        "superseded    {} compressions dropped: the file changed, or the blob to share went",
         s.get("superseded")
     );
     println!(

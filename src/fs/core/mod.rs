@@ -298,7 +298,8 @@ pub struct Core {
 #[derive(Default)]
 pub(crate) struct Unsynced {
     meta: HashMap<u64, Meta>,
-    /// Bumped each time committed entries leave `meta` (see [`Core::get`]).
+    /// Bumped before and after each commit that replaces entries of `meta` (see
+    /// [`Core::get`]).
     cleared: u64,
     /// ino → due time (None: off the queue).
     queue: HashMap<u64, Option<u64>>,
@@ -411,11 +412,13 @@ impl Core {
     /// record and no pending fields made an answer that was never true. A getattr
     /// racing the commit at an appended file's close answered the size from before the
     /// appends, the kernel took it, and the next `O_APPEND` wrote over them (a lost burst
-    /// in the soak of 2026-12-05). So the read is tried again when pending fields were
-    /// cleared while it ran (rare; the record read stays outside that lock, which every
-    /// write takes).
+    /// in the soak of 2026-12-05). So the read is tried again when a commit that
+    /// replaces pending fields overlapped it (rare: `cleared` is bumped before and after
+    /// such a commit); after a few overlaps, the record is read holding the pending
+    /// fields' lock, which a commit needs to clear them (correct in the direction that
+    /// lost data, and never starved by a stream of commits).
     pub fn get(&self, ino: u64) -> FsResult<Inode> {
-        loop {
+        for _ in 0..3 {
             let before = self.unsynced().cleared;
             let inode = self
                 .store
@@ -429,6 +432,13 @@ impl Core {
                 return Ok(Self::with_pending(inode, pending.meta.get(&ino)));
             }
         }
+        let pending = self.unsynced();
+        let inode = self
+            .store
+            .get(ino)
+            .map_err(store_err)?
+            .ok_or(libc::ENOENT)?;
+        Ok(Self::with_pending(inode, pending.meta.get(&ino)))
     }
 
     fn with_pending(mut inode: Inode, pending: Option<&Meta>) -> Inode {
@@ -450,14 +460,27 @@ impl Core {
     /// queue changes are newer than any pending: neither is pending any more.
     pub(crate) fn commit(&self, txn: Txn, durable: bool) -> FsResult<()> {
         let (written, queued) = txn.touched();
+        // A record that replaces pending fields: a `get` overlapping this commit, from
+        // here to the removal below, reads again (see [`Core::get`]).
+        let replaces = !written.is_empty() && {
+            let mut u = self.unsynced();
+            let any = written.iter().any(|ino| u.meta.contains_key(ino));
+            if any {
+                u.cleared += 1;
+            }
+            any
+        };
         self.store.commit(txn, durable).map_err(store_err)?;
         if !written.is_empty() || !queued.is_empty() {
             let mut u = self.unsynced();
+            let mut removed = false;
             for ino in written {
-                u.meta.remove(&ino);
+                removed |= u.meta.remove(&ino).is_some();
             }
             // (Under the same hold as the removals: a `get` that saw them sees this.)
-            u.cleared += 1;
+            if replaces || removed {
+                u.cleared += 1;
+            }
             for ino in queued {
                 u.queue.remove(&ino);
             }
