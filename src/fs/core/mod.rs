@@ -420,11 +420,7 @@ impl Core {
     pub fn get(&self, ino: u64) -> FsResult<Inode> {
         for _ in 0..3 {
             let before = self.unsynced().cleared;
-            let inode = self
-                .store
-                .get(ino)
-                .map_err(store_err)?
-                .ok_or(libc::ENOENT)?;
+            let inode = self.record(ino)?;
             #[cfg(test)]
             tests::after_record_read();
             let pending = self.unsynced();
@@ -433,12 +429,13 @@ impl Core {
             }
         }
         let pending = self.unsynced();
-        let inode = self
-            .store
-            .get(ino)
-            .map_err(store_err)?
-            .ok_or(libc::ENOENT)?;
+        let inode = self.record(ino)?;
         Ok(Self::with_pending(inode, pending.meta.get(&ino)))
+    }
+
+    /// The index's record of `ino`, without what is pending.
+    fn record(&self, ino: u64) -> FsResult<Inode> {
+        self.store.get(ino).map_err(store_err)?.ok_or(libc::ENOENT)
     }
 
     fn with_pending(mut inode: Inode, pending: Option<&Meta>) -> Inode {
@@ -863,16 +860,7 @@ mod tests {
     fn a_compression_of_a_file_deleted_meanwhile_counts_as_superseded() {
         let dir = tempfile::tempdir().expect("tempdir");
         let core = core(dir.path());
-        let ino = core
-            .mknod(ROOT_INO, b"f", libc::S_IFREG | 0o644, 0, 0, 0, 0, None)
-            .expect("create")
-            .ino;
-        let fh = core.open(ino, libc::O_WRONLY).expect("open").fh;
-        core.write(ino, fh, 0, b"gone soon", false).expect("write");
-        core.release(fh, true).expect("release");
-        core.request_flush().expect("flush");
-        let (_, version) = core.next_due().expect("queue").expect("due");
-        assert!(core.claim(ino).expect("claim").is_some());
+        let (ino, version) = claimed_file(&core, b"gone soon");
         core.remove(ROOT_INO, b"f", false).expect("unlink");
         let blob = NewBlob {
             seq: 1,
@@ -898,17 +886,7 @@ mod tests {
     fn a_shared_blob_whose_referrers_went_meanwhile_is_due_again_not_failed() {
         let dir = tempfile::tempdir().expect("tempdir");
         let core = core(dir.path());
-        let ino = core
-            .mknod(ROOT_INO, b"f", libc::S_IFREG | 0o644, 0, 0, 0, 0, None)
-            .expect("create")
-            .ino;
-        let fh = core.open(ino, libc::O_WRONLY).expect("open").fh;
-        core.write(ino, fh, 0, b"equal to a gone file", false)
-            .expect("write");
-        core.release(fh, true).expect("release");
-        core.request_flush().expect("flush");
-        let (_, version) = core.next_due().expect("queue").expect("due");
-        assert!(core.claim(ino).expect("claim").is_some());
+        let (ino, version) = claimed_file(&core, b"equal to a gone file");
         // A slot nothing refers to: the shared file's last reference is gone.
         let blob = NewBlob {
             seq: 1,
@@ -929,6 +907,23 @@ mod tests {
         let due = core.store.queue_due(ino).expect("queue").expect("queued");
         assert!(due <= unix_ms(SystemTime::now()), "not due at once: {due}");
         assert_eq!(core.next_due().expect("queue").map(|(i, _)| i), Ok(ino));
+    }
+
+    /// A new file "f" holding `data`, closed, queued by a flush request and claimed by a
+    /// compressor: its inode and the version the compression read.
+    fn claimed_file(core: &Core, data: &[u8]) -> (u64, u64) {
+        let ino = core
+            .mknod(ROOT_INO, b"f", libc::S_IFREG | 0o644, 0, 0, 0, 0, None)
+            .expect("create")
+            .ino;
+        let fh = core.open(ino, libc::O_WRONLY).expect("open").fh;
+        core.write(ino, fh, 0, data, false).expect("write");
+        core.release(fh, true).expect("release");
+        core.request_flush().expect("flush");
+        let (due, version) = core.next_due().expect("queue").expect("due");
+        assert_eq!(due, ino);
+        assert!(core.claim(ino).expect("claim").is_some());
+        (ino, version)
     }
 
     /// A file compressed (its blob committed) with its clean copy still cached.
