@@ -18,17 +18,17 @@ use std::time::{Duration, Instant};
 use common::mount::*;
 use nacrithfs::store::{Store, Txn};
 
-fn fixture_dir(version: u32) -> PathBuf {
+fn fixture_dir(name: &str) -> PathBuf {
     PathBuf::from(format!(
-        "{}/tests/fixtures/format-v{version}",
+        "{}/tests/fixtures/{name}",
         env!("CARGO_MANIFEST_DIR")
     ))
 }
 
 /// (path, sha256) from the fixture's manifest, written by scripts/make-format-fixture.
-fn fixture_manifest(version: u32) -> Vec<(String, String)> {
+fn fixture_manifest(name: &str) -> Vec<(String, String)> {
     let path = format!(
-        "{}/tests/fixtures/format-v{version}.sha256",
+        "{}/tests/fixtures/{name}.sha256",
         env!("CARGO_MANIFEST_DIR")
     );
     let text = fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
@@ -70,13 +70,13 @@ fn check_manifest(mnt: &Path, manifest: &[(String, String)], skip: &[&str]) {
 /// copy's queue entries are moved far into the future; a mount then caps them at its own
 /// `idle`, and dirty.txt stays dirty until a test flushes it.
 fn fixture_copy(dir: &Path) -> (PathBuf, PathBuf) {
-    fixture_copy_of(dir, 1)
+    fixture_copy_of(dir, "format-v1")
 }
 
 /// The same for the fixture of format `version`. Opening it moves its index to format 3.
-fn fixture_copy_of(dir: &Path, version: u32) -> (PathBuf, PathBuf) {
+fn fixture_copy_of(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
     let backing = dir.join("backing");
-    copy_tree(&fixture_dir(version), &backing);
+    copy_tree(&fixture_dir(name), &backing);
     make_private(&backing);
     let store = Store::open_existing(&backing).expect("open the fixture copy");
     let mut txn = Txn::default();
@@ -102,21 +102,31 @@ fn read_err(path: &Path) -> std::io::Error {
 }
 
 /// The fixtures of formats 1 and 2 (sled indexes), 3 (fjall, layout 5: packed blobs
-/// with compact headers beside a blob file) and 4 (as 3, files in subdirectories of
-/// 4096 inode numbers made on first use): a read-only mount reads them as they are and
+/// with compact headers v2 beside a blob file), 4 (as 3, files in subdirectories of
+/// 4096 inode numbers made on first use) and 4 at index layout 7 (inode records v2,
+/// compact headers v3, 16-byte content hints, up entries; with a packed slot two files
+/// share and a renamed directory): a read-only mount reads them as they are and
 /// changes nothing; the first read-write open moves a sled index to fjall (format 3,
 /// flat for format 1), after which fsck --deep decodes every blob and a mount
 /// reads every file byte-exact, with its xattrs, links, modes and states.
 #[test]
 fn format_fixtures_mount_and_read_byte_exact() {
     let _llm = common::llm_lock();
-    for version in [1, 2, 3, 4] {
+    for (name, version) in [
+        ("format-v1", 1),
+        ("format-v2", 2),
+        ("format-v3", 3),
+        ("format-v4", 4),
+        ("format-v4-layout7", 4),
+    ] {
         let dir = tempfile::tempdir().expect("tempdir");
-        let manifest = fixture_manifest(version);
-        assert_eq!(manifest.len(), 8);
+        let manifest = fixture_manifest(name);
+        // The fixtures made since layout 7 add an equal copy and a renamed directory.
+        let newer = name == "format-v4-layout7";
+        assert_eq!(manifest.len(), if newer { 10 } else { 8 }, "{name}");
 
         let untouched = dir.path().join("untouched");
-        copy_tree(&fixture_dir(version), &untouched);
+        copy_tree(&fixture_dir(name), &untouched);
         make_private(&untouched);
         let before = tree_listing(&untouched);
         let ro_mnt = dir.path().join("ro-mnt");
@@ -126,7 +136,7 @@ fn format_fixtures_mount_and_read_byte_exact() {
         assert_eq!(
             tree_listing(&untouched),
             before,
-            "format {version}: the read-only mount changed the backing directory"
+            "{name}: the read-only mount changed the backing directory"
         );
         // A check (no --repair) finds the old volume clean and changes nothing in it
         // either: no move to the current format, no index rebuild (asked for always).
@@ -134,31 +144,35 @@ fn format_fixtures_mount_and_read_byte_exact() {
         assert_eq!(
             status.code(),
             Some(0),
-            "format {version}: fsck of the untouched fixture:\n{out}"
+            "{name}: fsck of the untouched fixture:\n{out}"
         );
         assert_eq!(
             tree_listing(&untouched),
             before,
-            "format {version}: a check-only fsck changed the backing directory"
+            "{name}: a check-only fsck changed the backing directory"
         );
 
-        let (backing, mnt) = fixture_copy_of(dir.path(), version);
+        let (backing, mnt) = fixture_copy_of(dir.path(), name);
         let marker = fs::read_to_string(backing.join("nacrithfs.format")).expect("marker");
         let expected = match version {
             1 => "nacrithfs 3 flat\n",
             4 => "nacrithfs 4\n",
             _ => "nacrithfs 3\n",
         };
-        assert_eq!(marker, expected, "format {version}: marker after the move");
+        assert_eq!(marker, expected, "{name}: marker after the move");
         assert!(
             !backing.join("index").exists(),
-            "format {version}: the sled index is still there"
+            "{name}: the sled index is still there"
         );
         // fsck --deep decodes every blob, the LLM ones through the model.
         let (code, out) = fsck(&["--deep"], &backing);
-        println!("format {version}: {out}");
+        println!("{name}: {out}");
         assert_eq!(code, 0, "fsck of the untouched fixture:\n{out}");
-        assert!(out.contains("6 blobs checked (6 decoded"), "{out}");
+        let blobs = if newer { 8 } else { 6 };
+        assert!(
+            out.contains(&format!("{blobs} blobs checked ({blobs} decoded")),
+            "{out}"
+        );
 
         let d = Daemon::start(&backing, &mnt, "idle=3600");
         check_manifest(&mnt, &manifest, &[]);
@@ -184,27 +198,36 @@ fn format_fixtures_mount_and_read_byte_exact() {
             xattr(&mnt.join("books/en/gpl-head.txt"), "user.nacrith.state"),
             "compressed"
         );
+        if newer {
+            assert!(
+                out.contains("2 files share their blob with an equal file"),
+                "{name}: the equal copy does not share the packed slot:\n{out}"
+            );
+            let sub = fs::metadata(mnt.join("renamed/sub/..")).expect("stat ..");
+            let dir = fs::metadata(mnt.join("renamed")).expect("stat renamed");
+            assert_eq!(sub.ino(), dir.ino(), "{name}: .. of the renamed directory");
+        }
         if version >= 3 {
             // The fixture's content hints (index layout 5: the whole BLAKE3, naming a
             // blob) were rewritten by the move to layout 6: copies of a packed file and
             // of one with a blob file share those blobs instead of being coded again.
             let shared = status_field(&mnt, "shared_files");
-            for name in ["gpl-head.txt", "gpl-tail.txt"] {
-                let data = fs::read(mnt.join("books/en").join(name)).expect("read");
-                fs::write(mnt.join(format!("copy-of-{name}")), &data).expect("write copy");
+            for file in ["gpl-head.txt", "gpl-tail.txt"] {
+                let data = fs::read(mnt.join("books/en").join(file)).expect("read");
+                fs::write(mnt.join(format!("copy-of-{file}")), &data).expect("write copy");
             }
             admin("flush", &mnt);
             assert_eq!(
                 status_field(&mnt, "shared_files"),
                 shared + 2,
-                "format {version}: the copies were coded again, not shared"
+                "{name}: the copies were coded again, not shared"
             );
             admin("evict", &mnt);
-            for name in ["gpl-head.txt", "gpl-tail.txt"] {
+            for file in ["gpl-head.txt", "gpl-tail.txt"] {
                 assert!(
-                    fs::read(mnt.join(format!("copy-of-{name}"))).expect("read copy")
-                        == fs::read(mnt.join("books/en").join(name)).expect("read"),
-                    "format {version}: copy of {name}"
+                    fs::read(mnt.join(format!("copy-of-{file}"))).expect("read copy")
+                        == fs::read(mnt.join("books/en").join(file)).expect("read"),
+                    "{name}: copy of {file}"
                 );
             }
         }
@@ -220,11 +243,11 @@ fn format_fixtures_mount_and_read_byte_exact() {
 fn read_only_mount_serves_repeated_reads_of_a_decoded_file() {
     let dir = tempfile::tempdir().expect("tempdir");
     let backing = dir.path().join("backing");
-    copy_tree(&fixture_dir(2), &backing);
+    copy_tree(&fixture_dir("format-v2"), &backing);
     make_private(&backing);
     let mnt = dir.path().join("mnt");
     let d = Daemon::start(&backing, &mnt, "ro,idle=3600");
-    let manifest = fixture_manifest(2);
+    let manifest = fixture_manifest("format-v2");
     let hash = |name: &str| {
         manifest
             .iter()
@@ -280,7 +303,7 @@ fn clean_copies_of_an_older_layout_are_checked_against_their_blobs() {
     let len = fs::metadata(&plain).expect("clean copy").len();
     fs::write(&plain, vec![0u8; len as usize]).expect("zero-fill");
     let d = Daemon::start(&backing, &mnt, "idle=3600");
-    let manifest = fixture_manifest(1);
+    let manifest = fixture_manifest("format-v1");
     check_manifest(&mnt, &manifest, &[]);
     let log = d.log_text();
     assert!(
@@ -313,7 +336,7 @@ fn a_clean_copy_whose_blob_is_unreadable_is_kept() {
         log.contains("inode 7: its blob") && log.contains("its clean copy is kept, unchecked"),
         "{log}"
     );
-    let want: Vec<_> = fixture_manifest(1)
+    let want: Vec<_> = fixture_manifest("format-v1")
         .into_iter()
         .filter(|(p, _)| p == "books/en/gpl-tail.txt")
         .collect();
@@ -496,7 +519,7 @@ fn fsck_finds_and_repairs_every_planted_defect() {
 
     let _llm = common::llm_lock();
     let d = Daemon::start(&backing, &mnt, "idle=3600");
-    let manifest = fixture_manifest(1);
+    let manifest = fixture_manifest("format-v1");
     check_manifest(&mnt, &manifest, &["data/zeros.bin", "empty"]);
     assert_eq!(
         read_err(&mnt.join("data/zeros.bin")).raw_os_error(),
@@ -588,7 +611,7 @@ fn corrupt_and_truncated_blobs_give_eio_and_one_log_line() {
             assert_eq!(e.raw_os_error(), Some(libc::EIO), "{name}: {e}");
         }
     }
-    let manifest = fixture_manifest(1);
+    let manifest = fixture_manifest("format-v1");
     check_manifest(
         &mnt,
         &manifest,
@@ -641,7 +664,7 @@ fn missing_or_broken_model_at_runtime_keeps_files_plaintext_and_serving() {
     let head = mnt.join("books/en/gpl-head.txt");
     assert_eq!(read_err(&head).raw_os_error(), Some(libc::EIO));
     // Blobs without LLM segments need no model.
-    let manifest = fixture_manifest(1);
+    let manifest = fixture_manifest("format-v1");
     check_manifest(
         &mnt,
         &manifest,
@@ -744,7 +767,7 @@ fn full_backing_disk_gives_enospc_and_loses_nothing() {
     let (backing, mnt) = fixture_copy(&small);
     let mnt = dir.path().join(mnt.file_name().expect("name"));
     let d = Daemon::start(&backing, &mnt, "idle=3600,reserve=3M");
-    let manifest = fixture_manifest(1);
+    let manifest = fixture_manifest("format-v1");
 
     // statfs says what writes can use: the backing filesystem's free space less the
     // reserve (a program that fills "free" space gets no early ENOSPC).
