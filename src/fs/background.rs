@@ -192,11 +192,11 @@ fn compressor(core: &Core, budget: &Budget) {
             return;
         }
         match core.next_due() {
-            Ok(Ok((ino, version))) => {
+            Ok(Ok(ino)) => {
                 // A bug in the coder must not stop the queue or lose the file: it stays
                 // plaintext and is retried later.
                 let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    compress_one(core, budget, ino, version)
+                    compress_one(core, budget, ino)
                 }));
                 if r.is_err() {
                     log::error!("compressing inode {ino} panicked; it stays uncompressed");
@@ -218,9 +218,9 @@ fn compressor(core: &Core, budget: &Budget) {
     }
 }
 
-fn compress_one(core: &Core, budget: &Budget, ino: u64, version: u64) {
-    let path = match core.claim(ino) {
-        Ok(Some(p)) => p,
+fn compress_one(core: &Core, budget: &Budget, ino: u64) {
+    let (path, version) = match core.claim(ino) {
+        Ok(Some(claimed)) => claimed,
         Ok(None) => return,
         Err(e) => {
             log::error!("claiming inode {ino} for compression: errno {e}; retried later");

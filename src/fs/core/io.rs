@@ -61,6 +61,7 @@ impl Core {
             return Ok(());
         }
         live.file = None;
+        st.tidy_live(ino);
         let inode = match self.get(ino) {
             Ok(i) => i,
             Err(libc::ENOENT) => return Ok(()),
@@ -283,6 +284,7 @@ impl Core {
         if let Some(l) = st.live.get_mut(&ino) {
             l.pins = l.pins.saturating_sub(1);
         }
+        st.tidy_live(ino);
     }
 
     /// Read from a cached file, or from the decoded part of one being decoded (call
@@ -338,8 +340,9 @@ impl Core {
         }
         inode.dirty = true;
         st.clean.remove(ino);
+        let version = st.new_version();
         let live = st.live.entry(ino).or_default();
-        live.version += 1;
+        live.version = version;
         if live.open == 0 {
             txn.enqueue(ino, unix_ms(now + self.opts.idle));
         } else if self.store.queue_due(ino).ok().flatten().is_some() {
@@ -347,6 +350,9 @@ impl Core {
             // next batch or the group commit).
             self.defer_queue(ino, None);
         }
+        // (A truncation by path: nothing holds the file. The version matters only to a
+        // compression, which keeps the entry while it runs.)
+        st.tidy_live(ino);
     }
 
     /// Before the cache file of a file that is not dirty changes (a clean copy, or none
@@ -787,8 +793,9 @@ pub(super) struct Change<'a> {
 
 impl<'a> Change<'a> {
     fn begin(core: &'a Core, st: &mut State, ino: u64) -> Change<'a> {
+        let version = st.new_version();
         let live = st.live.entry(ino).or_default();
-        live.version += 1;
+        live.version = version;
         live.changing += 1;
         Change {
             core,
@@ -799,11 +806,13 @@ impl<'a> Change<'a> {
 
     fn end(&mut self, st: &mut State) {
         if std::mem::take(&mut self.open) {
+            let version = st.new_version();
             if let Some(l) = st.live.get_mut(&self.ino) {
                 l.changing = l.changing.saturating_sub(1);
                 // What a compression read before the change ended is not the file's.
-                l.version += 1;
+                l.version = version;
             }
+            st.tidy_live(self.ino);
         }
     }
 }

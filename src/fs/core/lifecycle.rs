@@ -56,7 +56,7 @@ impl Core {
     }
 
     /// The next due queue entry, or how long to wait for one.
-    pub(crate) fn next_due(&self) -> FsResult<Result<(u64, u64), Duration>> {
+    pub(crate) fn next_due(&self) -> FsResult<Result<u64, Duration>> {
         let st = self.lock();
         if st.paused {
             return Ok(Err(Duration::from_secs(5)));
@@ -81,16 +81,17 @@ impl Core {
                     wait = wait.min(Duration::from_millis(due - now));
                     break;
                 }
-                let version = st.live.get(&ino).map_or(0, |l| l.version);
-                return Ok((ino, version));
+                return Ok(ino);
             }
             Err(wait)
         }))
     }
 
-    /// Claim `ino` for compression. Returns its plaintext path and size, or None if it
-    /// no longer needs compressing (then its queue entry is dropped).
-    pub(crate) fn claim(&self, ino: u64) -> FsResult<Option<std::path::PathBuf>> {
+    /// Claim `ino` for compression. Returns its plaintext path and the content version
+    /// its commit will be checked against (read here, under the lock that marks it
+    /// compressing, so that its in-memory state is kept from now until the end), or
+    /// None if it no longer needs compressing (then its queue entry is dropped).
+    pub(crate) fn claim(&self, ino: u64) -> FsResult<Option<(std::path::PathBuf, u64)>> {
         let mut st = self.lock();
         if st.compressing.contains(&ino) {
             // Another compressor took it between next_due and now.
@@ -107,7 +108,8 @@ impl Core {
                     st.busy_since = Some(Instant::now());
                 }
                 st.compressing.push(ino);
-                Ok(Some(self.store.cache_path(ino)))
+                let version = st.live.get(&ino).map_or(0, |l| l.version);
+                Ok(Some((self.store.cache_path(ino), version)))
             }
             _ => {
                 let mut txn = Txn::default();
@@ -131,6 +133,11 @@ impl Core {
             pack,
         } = *blob;
         let mut st = self.lock();
+        // Read before the compression ends: its end may drop the file's in-memory state.
+        let (current, changing) = st
+            .live
+            .get(&ino)
+            .map_or((0, 0), |l| (l.version, l.changing));
         self.compression_ended(&mut st, ino);
         let mut inode = match self.get(ino) {
             Ok(i) => i,
@@ -141,10 +148,6 @@ impl Core {
             }
             Err(e) => return Err(e),
         };
-        let (current, changing) = st
-            .live
-            .get(&ino)
-            .map_or((0, 0), |l| (l.version, l.changing));
         // An unmount in progress does not refuse a finished compression: its commit is
         // as durable as any, and the clean stop is recorded only after every
         // compressor has stopped (so after this commit, or without it).
@@ -235,6 +238,7 @@ impl Core {
     /// Files waiting for this one's content (see [`Core::start_coding`]) are released.
     pub(super) fn compression_ended(&self, st: &mut State, ino: u64) {
         st.compressing.retain(|&i| i != ino);
+        st.tidy_live(ino);
         if st.compressing.is_empty() {
             if let Some(t) = st.busy_since.take() {
                 st.stats.busy += t.elapsed();

@@ -118,12 +118,19 @@ impl Partial {
     }
 }
 
+/// What the daemon keeps in memory of a file while something uses it (handles, pins,
+/// a change or a compression under way); dropped once nothing does (see
+/// [`State::tidy_live`]), so that a mount's memory does not grow with every file it
+/// ever opened. An absent entry means all zero.
 #[derive(Default)]
 struct Live {
     /// Open handles, and how many of them can write.
     open: u32,
     writers: u32,
-    /// Bumped by every change to the content; a compression commits only if unchanged.
+    /// Set anew by every change to the content, from a counter of the whole mount
+    /// ([`State::new_version`]): a compression commits only if it is unchanged. Never a
+    /// value the file had before, even after its entry was dropped and made again
+    /// (absent reads as 0, which no change ever sets).
     version: u64,
     /// Changes of the content under way: a write's, fallocate's or truncation's bytes
     /// going to the cache file between its two locked sections ([`Change`]). A
@@ -242,6 +249,29 @@ pub(crate) struct State {
     /// may make a new cache file at that path until it is gone (see
     /// [`Core::wait_cache_path_free`]).
     evicting: std::collections::HashSet<u64>,
+    /// The last content version handed out ([`State::new_version`]).
+    versions: u64,
+}
+
+impl State {
+    /// A content version no file of this mount has had yet.
+    fn new_version(&mut self) -> u64 {
+        self.versions += 1;
+        self.versions
+    }
+
+    /// Drop `ino`'s in-memory state if nothing uses it: no handle, pin or change, and
+    /// no compression (whose commit compares the version it read at its claim: kept
+    /// until it ends, the comparison means what it says).
+    fn tidy_live(&mut self, ino: u64) {
+        let idle = self
+            .live
+            .get(&ino)
+            .is_some_and(|l| l.open == 0 && l.writers == 0 && l.changing == 0 && l.pins == 0);
+        if idle && !self.compressing.contains(&ino) {
+            self.live.remove(&ino);
+        }
+    }
 }
 
 pub struct Core {
@@ -365,6 +395,7 @@ impl Core {
                 busy_since: None,
                 reported: Default::default(),
                 evicting: Default::default(),
+                versions: 0,
             }),
             wake: Condvar::new(),
             sleepers: std::sync::atomic::AtomicUsize::new(0),
@@ -726,8 +757,7 @@ mod tests {
             "handed out mid-write"
         );
         // ...and one that read the version as it is now could not commit.
-        let version = core.lock().live.get(&ino).map_or(0, |l| l.version);
-        assert!(core.claim(ino).expect("claim").is_some());
+        let (_, version) = core.claim(ino).expect("claim").expect("claimed");
         assert!(core.changed_since(ino, version));
         let blob = NewBlob {
             seq: 1,
@@ -745,9 +775,102 @@ mod tests {
         core.write(ino, fh, 0, b"new", false).expect("write");
         core.release(fh, true).expect("release");
         core.request_flush().expect("flush");
-        let (_, version) = core.next_due().expect("queue").expect("due");
-        assert!(core.claim(ino).expect("claim").is_some());
+        assert_eq!(core.next_due().expect("queue"), Ok(ino));
+        let (_, version) = core.claim(ino).expect("claim").expect("claimed");
         assert!(!core.changed_since(ino, version));
+    }
+
+    /// A mount's memory does not grow with the files it ever used: the in-memory state
+    /// of a file goes once nothing uses it (handles, pins, changes), and a change made
+    /// after that still gets a version no compression could have read before.
+    #[test]
+    fn a_file_nothing_uses_leaves_no_state_in_memory() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let core = core(dir.path());
+        let mut last = 0;
+        for i in 0..50u32 {
+            let name = format!("f{i}");
+            let ino = core
+                .mknod(
+                    ROOT_INO,
+                    name.as_bytes(),
+                    libc::S_IFREG | 0o644,
+                    0,
+                    0,
+                    0,
+                    0,
+                    None,
+                )
+                .expect("create")
+                .ino;
+            let fh = core.open(ino, libc::O_WRONLY).expect("open").fh;
+            core.write(ino, fh, 0, b"hello", false).expect("write");
+            let version = core.lock().live.get(&ino).expect("in use").version;
+            assert!(version > last, "version {version} after {last}");
+            last = version;
+            core.closed(ino).expect("close (FUSE FLUSH)");
+            core.release(fh, true).expect("release");
+            let fh = core.open(ino, libc::O_RDONLY).expect("open").fh;
+            let core2 = core.clone();
+            core.with_plain(
+                ino,
+                Box::new(move |r| {
+                    r.expect("plaintext");
+                    assert_eq!(core2.read(ino, 0, 5, false).expect("read"), b"hello");
+                }),
+            );
+            core.release(fh, false).expect("release");
+            // A truncation by path (no handle), then a chmod.
+            core.setattr(ino, None, None, None, Some(2), None, None, None)
+                .expect("truncate");
+            core.setattr(ino, Some(0o600), None, None, None, None, None, None)
+                .expect("chmod");
+        }
+        assert_eq!(core.lock().live.len(), 0, "in-memory state left behind");
+    }
+
+    /// A compression keeps its file's in-memory state until it ends, however the file's
+    /// handles come and go meanwhile: its commit compares the version it read at the
+    /// claim with the file's (dropped, the state would read as 0 and refuse a commit of
+    /// unchanged content; dropped and made again, a version could come back).
+    #[test]
+    fn a_compression_keeps_the_version_it_read_while_its_file_closes() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let core = core(dir.path());
+        let ino = core
+            .mknod(ROOT_INO, b"f", libc::S_IFREG | 0o644, 0, 0, 0, 0, None)
+            .expect("create")
+            .ino;
+        let fh = core.open(ino, libc::O_WRONLY).expect("open").fh;
+        core.write(ino, fh, 0, b"hello", false).expect("write");
+        core.closed(ino).expect("close (FUSE FLUSH)");
+        core.request_flush().expect("flush");
+        assert_eq!(core.next_due().expect("queue"), Ok(ino));
+        let (_, version) = core.claim(ino).expect("claim").expect("claimed");
+        assert_ne!(version, 0, "the write's version");
+        // The RELEASE of the last handle arrives while the file is being compressed.
+        core.release(fh, true).expect("release");
+        assert_eq!(
+            core.lock().live.get(&ino).map(|l| l.version),
+            Some(version),
+            "dropped while its compression runs"
+        );
+        assert!(!core.changed_since(ino, version));
+        let blob = NewBlob {
+            seq: 1,
+            stored_size: 5,
+            original: 5,
+            content: [0; 32],
+            shared: false,
+            pack: None,
+        };
+        assert_eq!(core.commit_blob(ino, version, &blob), Ok(true));
+        assert!(!core.get(ino).expect("inode").dirty);
+        assert_eq!(
+            core.lock().live.len(),
+            0,
+            "kept after the compression ended"
+        );
     }
 
     /// A directory cannot be moved into itself or below itself, by rename or exchange
@@ -834,7 +957,7 @@ mod tests {
         core.write(ino, fh, 0, b"hello", false).expect("write");
         // FUSE FLUSH with the handle still open: queued in memory, not yet in the index.
         core.closed(ino).expect("close (FUSE FLUSH)");
-        let (due, _) = core
+        let due = core
             .next_due()
             .expect("queue")
             .expect("due at once (idle=0)");
@@ -842,7 +965,7 @@ mod tests {
         assert!(core.claim(ino).expect("claim").is_some());
         core.compression_failed(ino);
         core.sync_metadata().expect("group commit");
-        if let Ok((i, _)) = core.next_due().expect("queue") {
+        if let Ok(i) = core.next_due().expect("queue") {
             panic!("inode {i} handed out again right after its failure");
         }
         let retry = core.store.queue_due(ino).expect("due").expect("queued");
@@ -906,7 +1029,7 @@ mod tests {
         assert!(core.get(ino).expect("inode").dirty);
         let due = core.store.queue_due(ino).expect("queue").expect("queued");
         assert!(due <= unix_ms(SystemTime::now()), "not due at once: {due}");
-        assert_eq!(core.next_due().expect("queue").map(|(i, _)| i), Ok(ino));
+        assert_eq!(core.next_due().expect("queue"), Ok(ino));
     }
 
     /// A new file "f" holding `data`, closed, queued by a flush request and claimed by a
@@ -920,9 +1043,9 @@ mod tests {
         core.write(ino, fh, 0, data, false).expect("write");
         core.release(fh, true).expect("release");
         core.request_flush().expect("flush");
-        let (due, version) = core.next_due().expect("queue").expect("due");
+        let due = core.next_due().expect("queue").expect("due");
         assert_eq!(due, ino);
-        assert!(core.claim(ino).expect("claim").is_some());
+        let (_, version) = core.claim(ino).expect("claim").expect("claimed");
         (ino, version)
     }
 
@@ -936,8 +1059,8 @@ mod tests {
         core.write(ino, fh, 0, data, false).expect("write");
         core.release(fh, true).expect("release");
         core.request_flush().expect("flush");
-        let (_, version) = core.next_due().expect("queue").expect("due");
-        assert!(core.claim(ino).expect("claim").is_some());
+        assert_eq!(core.next_due().expect("queue"), Ok(ino));
+        let (_, version) = core.claim(ino).expect("claim").expect("claimed");
         let blob = NewBlob {
             seq: 1,
             stored_size: data.len() as u64,
