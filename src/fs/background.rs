@@ -461,7 +461,16 @@ fn compress_file(
             }
         }
         Ok(false) => log::debug!("{name} changed while compressing; blob dropped"),
-        Err(e) => fail(format!("committing the blob: errno {e}")),
+        Err(e) => {
+            // Not through `fail`: `commit_blob` has ended the compression, which may
+            // have dropped the file's in-memory state, and `changed_since` would then
+            // call an unchanged file changed (superseded, due again at once, the error
+            // hidden) instead of failed (retried after RETRY_AFTER, logged).
+            log::error!(
+                "compressing {name}: committing the blob: errno {e}; it stays uncompressed and will be retried"
+            );
+            core.compression_failed(ino);
+        }
     }
     core.enforce_cache_cap();
 }

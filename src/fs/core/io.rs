@@ -127,10 +127,13 @@ impl Core {
                         txn.put_inode(ino, &inode);
                         self.commit(txn, true)?;
                         st.clean.remove(ino);
+                        st.tidy_live(ino);
                         log::warn!("inode {ino}: its clean copy is gone; it is decoded from its blob again");
                         return Err(libc::ESTALE);
                     }
                 }
+                // (Made above for a caller with no handle, a truncation by path.)
+                st.tidy_live(ino);
                 return Err(io_err(e));
             }
         };
