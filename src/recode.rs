@@ -598,8 +598,16 @@ fn switch_blob(store: &Store, c: &Candidate, new: BlobRef) -> Result<(), String>
     txn.put_inode(c.ino, &inode);
     txn.bury_blob(c.ino, &c.blob);
     txn.put_content_hint(&c.header.checksum, c.ino);
-    if let Err(e) = store.commit(txn, true) {
+    // Not applied: nothing names the new blob. Applied but not flushed: the index names
+    // it (and may have it on disk), so both blobs stay (a later mount's reaper deletes
+    // the old one once the switch is durable; its recovery the new one if it never is).
+    if let Err(e) = store.commit(txn, false) {
         return drop_new(e.to_string());
+    }
+    if let Err(e) = store.flush() {
+        return Err(format!(
+            "the index flush after the switch failed ({e}); both blobs kept"
+        ));
     }
     crate::crash::point("recode.after_commit");
     if c.blob.pack.is_some() {

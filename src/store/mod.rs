@@ -1475,7 +1475,7 @@ impl Store {
             }
         }
         if durable {
-            self.checked(self.db.flush())?;
+            self.flush_index()?;
         }
         Ok(())
     }
@@ -1830,6 +1830,14 @@ impl Store {
 
     pub fn flush(&self) -> Result<()> {
         let _w = self.watch.enter("flush");
+        self.flush_index()
+    }
+
+    fn flush_index(&self) -> Result<()> {
+        #[cfg(test)]
+        if tests::FAIL_FLUSH.with(|f| f.get()) {
+            return Err(io::Error::from_raw_os_error(libc::EIO).into());
+        }
         self.checked(self.db.flush())
     }
 
@@ -2181,8 +2189,14 @@ fn disk_usage(dir: &Path) -> u64 {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+
+    thread_local! {
+        /// Makes every index flush on this thread fail with EIO (after a commit's batch
+        /// is applied: what a journal fsync failing looks like).
+        pub(crate) static FAIL_FLUSH: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    }
 
     #[test]
     fn a_second_open_of_a_backing_directory_is_refused_with_the_reason() {

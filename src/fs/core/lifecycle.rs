@@ -206,7 +206,18 @@ impl Core {
         txn.dequeue(ino);
         // The newest blob with this content: a later duplicate shares it.
         txn.put_content_hint(content, ino);
-        self.commit(txn, true)?;
+        // Applied, then flushed: once the batch is applied the index names the blob
+        // (and may have it on disk already), so a failed flush must not make the
+        // caller delete the blob: it returned an error, and the compressor removed the
+        // blob file the index named (the clean copy then the only copy, until an
+        // eviction). Nothing is deleted on this commit's account before a later flush
+        // succeeds: evictions and the reaper flush first.
+        self.commit(txn, false)?;
+        if let Err(e) = self.store.flush() {
+            log::error!(
+                "inode {ino}: its blob is committed but the index flush failed ({e}); the blob is kept, durable with the next flush that succeeds"
+            );
+        }
         crate::crash::point("compress.after_commit");
         self.reap_soon();
         st.clean.insert(ino, inode.size);

@@ -1032,6 +1032,42 @@ mod tests {
         assert_eq!(core.next_due().expect("queue"), Ok(ino));
     }
 
+    /// A compression whose commit was applied but whose index flush failed (a journal
+    /// fsync error) still counts as committed: the index names its blob, so the blob
+    /// must stay. It returned an error, and the compressor deleted the blob file the
+    /// index named, leaving the clean copy as the only copy until the next eviction.
+    #[test]
+    fn a_commit_whose_flush_fails_keeps_its_blob() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let core = core(dir.path());
+        let (ino, version) = claimed_file(&core, b"hello");
+        let blob = NewBlob {
+            seq: 1,
+            stored_size: 5,
+            original: 5,
+            content: [0; 32],
+            shared: false,
+            pack: None,
+        };
+        crate::store::tests::FAIL_FLUSH.with(|f| f.set(true));
+        let committed = core.commit_blob(ino, version, &blob);
+        crate::store::tests::FAIL_FLUSH.with(|f| f.set(false));
+        assert_eq!(committed, Ok(true), "the caller would delete the blob");
+        let inode = core.get(ino).expect("inode");
+        assert!(!inode.dirty);
+        assert_eq!(inode.blob.map(|b| b.seq), Some(1));
+        core.store.flush().expect("a later flush");
+        assert_eq!(
+            core.store
+                .get(ino)
+                .expect("index")
+                .expect("record")
+                .blob
+                .map(|b| b.seq),
+            Some(1)
+        );
+    }
+
     /// A new file "f" holding `data`, closed, queued by a flush request and claimed by a
     /// compressor: its inode and the version the compression read.
     fn claimed_file(core: &Core, data: &[u8]) -> (u64, u64) {
