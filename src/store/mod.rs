@@ -548,19 +548,29 @@ fn wait_for_lock<T>(backing: &Path, mut attempt: impl FnMut() -> Result<Option<T
 /// waiting a little for it.
 fn flock_shared(path: &Path, backing: &Path) -> Result<File> {
     use std::os::fd::AsRawFd;
-    let lock = File::open(path)?;
     wait_for_lock(backing, || {
+        let lock = File::open(path)?;
         // SAFETY: a valid fd; flock has no memory effects.
-        if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_SH | libc::LOCK_NB) } == 0 {
-            return Ok(Some(()));
+        if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_SH | libc::LOCK_NB) } != 0 {
+            let e = io::Error::last_os_error();
+            return match e.raw_os_error() {
+                Some(libc::EWOULDBLOCK) => Ok(None),
+                _ => Err(e.into()),
+            };
         }
-        let e = io::Error::last_os_error();
-        match e.raw_os_error() {
-            Some(libc::EWOULDBLOCK) => Ok(None),
-            _ => Err(e.into()),
-        }
-    })?;
-    Ok(lock)
+        // A read-write open that rebuilds the index closes it (its lock released) and
+        // puts a new index directory, with a new lock file, in its place: a lock taken
+        // on the old file meanwhile would exclude nobody. Only the file at the path
+        // counts; else wait for that one.
+        Ok(still_at(&lock, path)?.then_some(lock))
+    })
+}
+
+/// Whether the open `file` is still the one `path` names.
+fn still_at(file: &File, path: &Path) -> io::Result<bool> {
+    use std::os::unix::fs::MetadataExt;
+    let (held, named) = (file.metadata()?, std::fs::metadata(path)?);
+    Ok(held.dev() == named.dev() && held.ino() == named.ino())
 }
 
 /// Open the fjall index in `dir`, waiting a little for its lock.
@@ -603,6 +613,13 @@ fn copy_index_for_reading(backing: &Path, sled: bool) -> Result<(PathBuf, File, 
         } else {
             // fjall's lock file is copied too; the copy's is not held by anyone.
             copy_tree(&backing.join(INDEX_DIR), &dir.join(INDEX_DIR))?;
+            // (A rebuild's exchange between the lock and the copy: what was copied may
+            // be the new index, open for writing.)
+            if !still_at(&lock, &backing.join(INDEX_DIR).join("lock"))? {
+                return Err(StoreError::Setup(
+                    "the index was replaced while it was copied (a read-write mount rebuilding it); try again".into(),
+                ));
+            }
             open_index(&dir.join(INDEX_DIR), backing)
         }
     })();
@@ -1532,10 +1549,11 @@ impl Store {
                     e.insert(info)
                 }
             };
-            let bytes = len + pack::RECORD_HEADER;
+            // (Saturating: the lengths and counts come from the index.)
+            let bytes = len.saturating_add(pack::RECORD_HEADER);
             if after {
-                info.live_bytes += bytes;
-                info.live_blobs += 1;
+                info.live_bytes = info.live_bytes.saturating_add(bytes);
+                info.live_blobs = info.live_blobs.saturating_add(1);
             } else {
                 info.live_bytes = info.live_bytes.saturating_sub(bytes);
                 info.live_blobs = info.live_blobs.saturating_sub(1);
@@ -2196,6 +2214,44 @@ pub(crate) mod tests {
         /// Makes every index flush on this thread fail with EIO (after a commit's batch
         /// is applied: what a journal fsync failing looks like).
         pub(crate) static FAIL_FLUSH: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    }
+
+    /// A shared lock counts only on the lock file the path names when it is taken. An
+    /// index rebuild releases the old index's lock and then puts a new index (a new lock
+    /// file, locked again by the read-write daemon) in its place; a read-only opener
+    /// waiting on the old file got that one, and held a lock that excluded nobody.
+    #[test]
+    fn a_shared_lock_is_taken_on_the_file_the_path_names_now() {
+        use std::os::fd::AsRawFd;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("lock");
+        let ex = |f: &File| {
+            // SAFETY: a valid fd.
+            assert_eq!(
+                unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) },
+                0
+            );
+        };
+        let old = File::create(&path).expect("old lock file");
+        ex(&old);
+        let waiter = {
+            let (path, backing) = (path.clone(), dir.path().to_path_buf());
+            std::thread::spawn(move || flock_shared(&path, &backing).map(|_| ()))
+        };
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        // The rebuild's order: the new index in place (locked), the old lock released.
+        let new_tmp = dir.path().join("lock.new");
+        let new = File::create(&new_tmp).expect("new lock file");
+        ex(&new);
+        std::fs::rename(&new_tmp, &path).expect("replace");
+        drop(old);
+        let got = waiter.join().expect("waiter");
+        assert!(
+            got.is_err(),
+            "a shared lock on the replaced file was taken while the new one is held"
+        );
+        drop(new);
+        assert!(flock_shared(&path, dir.path()).is_ok());
     }
 
     #[test]

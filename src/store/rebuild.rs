@@ -16,7 +16,7 @@ use std::path::Path;
 use std::time::Instant;
 
 use super::index::Index;
-use super::{open_index, sync_dir, Result, StoreError, INDEX_DIR, INDEX_TMP_DIR};
+use super::{open_index, sync_dir, Result, INDEX_DIR, INDEX_TMP_DIR};
 
 /// Journal blocks below which the index is left as it is. A rebuild costs a few
 /// fsyncs and a copy of the live keys (milliseconds for thousands of files); the rule
@@ -48,6 +48,10 @@ fn index_blocks(dir: &Path) -> std::io::Result<(u64, u64)> {
 /// Swap two directory entries atomically.
 fn exchange(a: &Path, b: &Path) -> std::io::Result<()> {
     use std::os::unix::ffi::OsStrExt;
+    #[cfg(test)]
+    if let Some(errno) = tests::EXCHANGE_FAILS.with(|e| e.get()) {
+        return Err(std::io::Error::from_raw_os_error(errno));
+    }
     let c = |p: &Path| {
         std::ffi::CString::new(p.as_os_str().as_bytes())
             .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))
@@ -74,7 +78,15 @@ fn exchange(a: &Path, b: &Path) -> std::io::Result<()> {
 /// already removed). Returns it, or the rebuilt one.
 pub(super) fn maybe(db: Index, backing: &Path) -> Result<Index> {
     let dir = backing.join(INDEX_DIR);
-    let (journal, tables) = index_blocks(&dir)?;
+    // (A file fjall deletes between the listing and its stat: a rebuild only saves
+    // space, so nothing about deciding on it stops a mount.)
+    let (journal, tables) = match index_blocks(&dir) {
+        Ok(b) => b,
+        Err(e) => {
+            log::warn!("index: not rebuilt: measuring {}: {e}", dir.display());
+            return Ok(db);
+        }
+    };
     let wanted = match std::env::var("NACRITHFS_INDEX_REBUILD").as_deref() {
         Ok("always") => true,
         Ok("never") => false,
@@ -123,25 +135,20 @@ fn rebuild(db: Index, backing: &Path, before: u64, journal: u64) -> Result<Index
     crate::crash::point("index_rebuild.after_copy");
     // Closed (its threads joined) before its directory changes name under it.
     drop(db);
-    match exchange(&tmp, &dir) {
-        Ok(()) => {}
-        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
-            // The backing filesystem cannot exchange names: keep the old index.
-            log::warn!(
-                "index: not rebuilt ({}: {e}); the journal stays",
-                backing.display()
-            );
-            std::fs::remove_dir_all(&tmp)?;
-            sync_dir(backing)?;
-            return open_index(&dir, backing);
+    if let Err(e) = exchange(&tmp, &dir) {
+        // A failed exchange changed no name (EINVAL: the backing filesystem cannot
+        // exchange names; ENOSYS or EPERM: a sandbox refuses the call; EXDEV: an
+        // overlay): the old index is whole, and a volume mounts with it. The copy goes
+        // (or the next open removes it).
+        log::warn!(
+            "index: not rebuilt (exchanging {} and {}: {e}); the journal stays",
+            tmp.display(),
+            dir.display()
+        );
+        if let Err(e) = std::fs::remove_dir_all(&tmp).and_then(|()| sync_dir(backing)) {
+            log::warn!("index: removing the copy {}: {e}", tmp.display());
         }
-        Err(e) => {
-            return Err(StoreError::Setup(format!(
-                "index rebuild: exchanging {} and {}: {e}",
-                tmp.display(),
-                dir.display()
-            )))
-        }
+        return open_index(&dir, backing);
     }
     sync_dir(backing)?;
     crate::crash::point("index_rebuild.after_exchange");
@@ -152,7 +159,7 @@ fn rebuild(db: Index, backing: &Path, before: u64, journal: u64) -> Result<Index
         Err(e) => log::warn!("index: removing the old index {}: {e}", tmp.display()),
     }
     let rebuilt = open_index(&dir, backing)?;
-    let (j2, t2) = index_blocks(&dir)?;
+    let (j2, t2) = index_blocks(&dir).unwrap_or((0, 0));
     log::info!(
         "index: rebuilt ({copied} keys, {:.1} s): {} KiB on disk instead of {} KiB ({} KiB of journal)",
         started.elapsed().as_secs_f64(),
@@ -168,12 +175,16 @@ mod tests {
     use super::*;
     use crate::store::index::Batch;
 
-    /// Every key and value the same after a rebuild; the journal gone, the temporary
-    /// directory too, and the new index open (locked) under the old name.
-    #[test]
-    fn a_rebuilt_index_holds_the_same_keys_without_the_journal() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let backing = dir.path();
+    thread_local! {
+        /// The errno every exchange on this thread fails with.
+        pub(super) static EXCHANGE_FAILS: std::cell::Cell<Option<i32>> = const { std::cell::Cell::new(None) };
+    }
+
+    /// An index of 3000 keys with a journal of their history, checkpointed: its keys,
+    /// and its journal's bytes.
+    type Keys = Vec<(Vec<u8>, Vec<u8>)>;
+
+    fn index_with_history(backing: &Path) -> (Index, Keys, u64) {
         let db = Index::open(&backing.join(INDEX_DIR)).expect("open");
         for i in 0..3000u32 {
             let mut b = Batch::default();
@@ -186,15 +197,47 @@ mod tests {
             db.apply(b).expect("apply");
         }
         db.checkpoint().expect("checkpoint");
-        let all = |db: &Index| -> Vec<(Vec<u8>, Vec<u8>)> {
-            db.iter()
-                .map(|r| r.map(|(k, v)| (k.to_vec(), v.to_vec())).expect("read"))
-                .collect()
-        };
-        let before = all(&db);
-        assert_eq!(before.len(), 3000);
+        let keys = all(&db);
+        assert_eq!(keys.len(), 3000);
         let (journal, _) = index_blocks(&backing.join(INDEX_DIR)).expect("blocks");
         assert!(journal > 100_000, "journal {journal}");
+        (db, keys, journal)
+    }
+
+    fn all(db: &Index) -> Keys {
+        db.iter()
+            .map(|r| r.map(|(k, v)| (k.to_vec(), v.to_vec())).expect("read"))
+            .collect()
+    }
+
+    /// An exchange the backing filesystem or a sandbox refuses (EPERM, ENOSYS, EXDEV as
+    /// well as EINVAL) changes no name: the volume mounts with its old index, whole,
+    /// and the copy is gone. Only EINVAL did; any other errno failed the mount, at
+    /// every read-write open.
+    #[test]
+    fn a_refused_exchange_keeps_the_old_index_and_mounts() {
+        for errno in [libc::EINVAL, libc::EPERM, libc::ENOSYS, libc::EXDEV] {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let backing = dir.path();
+            let (db, before, journal) = index_with_history(backing);
+            EXCHANGE_FAILS.with(|e| e.set(Some(errno)));
+            let kept = rebuild(db, backing, 0, journal);
+            EXCHANGE_FAILS.with(|e| e.set(None));
+            let db = kept.unwrap_or_else(|e| panic!("errno {errno}: {e}"));
+            assert_eq!(all(&db), before, "errno {errno}");
+            assert!(!backing.join(INDEX_TMP_DIR).exists(), "errno {errno}");
+            let (after, _) = index_blocks(&backing.join(INDEX_DIR)).expect("blocks");
+            assert!(after >= journal, "errno {errno}: the journal went");
+        }
+    }
+
+    /// Every key and value the same after a rebuild; the journal gone, the temporary
+    /// directory too, and the new index open (locked) under the old name.
+    #[test]
+    fn a_rebuilt_index_holds_the_same_keys_without_the_journal() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let backing = dir.path();
+        let (db, before, journal) = index_with_history(backing);
         let db = rebuild(db, backing, 0, journal).expect("rebuild");
         assert_eq!(all(&db), before);
         let (journal, _) = index_blocks(&backing.join(INDEX_DIR)).expect("blocks");

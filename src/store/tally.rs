@@ -60,7 +60,10 @@ pub fn on_disk(len: u64) -> u64 {
 /// included).
 pub fn stored_disk(inode: &Inode) -> u64 {
     match (inode.dirty, inode.blob) {
-        (false, Some(b)) if b.pack.is_some() => b.stored_size + super::pack::RECORD_HEADER,
+        // (Saturating: the values come from the index, which a damaged disk can hold.)
+        (false, Some(b)) if b.pack.is_some() => {
+            b.stored_size.saturating_add(super::pack::RECORD_HEADER)
+        }
         _ => on_disk(stored_size(inode)),
     }
 }
@@ -93,14 +96,15 @@ impl Totals {
     }
 
     fn add(&mut self, o: &Totals) {
-        self.files += o.files;
-        self.dirty += o.dirty;
-        self.dirty_bytes += o.dirty_bytes;
-        self.logical += o.logical;
-        self.stored += o.stored;
-        self.cached += o.cached;
-        self.stored_disk += o.stored_disk;
-        self.clean_disk += o.clean_disk;
+        // Saturating, as `sub`: sizes come from index records.
+        self.files = self.files.saturating_add(o.files);
+        self.dirty = self.dirty.saturating_add(o.dirty);
+        self.dirty_bytes = self.dirty_bytes.saturating_add(o.dirty_bytes);
+        self.logical = self.logical.saturating_add(o.logical);
+        self.stored = self.stored.saturating_add(o.stored);
+        self.cached = self.cached.saturating_add(o.cached);
+        self.stored_disk = self.stored_disk.saturating_add(o.stored_disk);
+        self.clean_disk = self.clean_disk.saturating_add(o.clean_disk);
     }
 
     fn sub(&mut self, o: &Totals) {
