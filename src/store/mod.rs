@@ -1741,6 +1741,15 @@ impl Store {
                 "pack number {id} is already in use: the blob counter is behind; run `nacrithfs fsck --repair`"
             )));
         }
+        // Nor over a pack file the index does not know (checked before its entry is
+        // written: an entry with no references would make compaction bury that file).
+        let path = self.packs.path(id);
+        if path.exists() {
+            return Err(io::Error::other(format!(
+                "{} is already there: the blob counter is behind; run `nacrithfs fsck --repair`",
+                path.display()
+            )));
+        }
         let info = PackInfo {
             profile,
             ..Default::default()
@@ -2214,6 +2223,23 @@ pub(crate) mod tests {
         /// Makes every index flush on this thread fail with EIO (after a commit's batch
         /// is applied: what a journal fsync failing looks like).
         pub(crate) static FAIL_FLUSH: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    }
+
+    /// A new pack never takes the number of a pack file already there (a blob counter
+    /// set back), and then writes no pack entry for it: an entry with no references
+    /// made compaction bury that file, which the index had never accounted for.
+    #[test]
+    fn a_new_pack_refuses_a_number_whose_file_exists_before_writing_its_entry() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path()).expect("store");
+        let next = store.alloc_blob_seq().expect("seq") + 1;
+        let path = store.packs().path(next);
+        std::fs::create_dir_all(path.parent().expect("packs/")).expect("packs/");
+        std::fs::write(&path, b"a pack the index does not know").expect("stray pack");
+        let made = store.new_pack(0);
+        assert!(made.is_err(), "made pack {made:?} over {}", path.display());
+        assert_eq!(store.pack_info(next).expect("index"), None);
+        assert!(path.exists());
     }
 
     /// A shared lock counts only on the lock file the path names when it is taken. An
