@@ -132,6 +132,8 @@ impl Core {
                     Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                         // A dirty file whose cache file never reached the disk (created
                         // and not fsynced before a power cut): its content is empty.
+                        // (Its subdirectory too, if it was removed by hand.)
+                        self.store.make_file_dir(false, ino)?;
                         std::fs::File::create(&cache)?;
                         inode.size = 0;
                         emptied += 1;
@@ -256,6 +258,7 @@ impl Core {
             let len = match std::fs::metadata(&cache) {
                 Ok(m) => m.len(),
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    self.store.make_file_dir(false, ino)?;
                     std::fs::File::create(&cache)?;
                     emptied_dirs.insert(self.store.cache_dir_of(ino));
                     0
@@ -338,7 +341,7 @@ impl Core {
                 let entries = match std::fs::read_dir(&dir) {
                     Ok(e) => e,
                     // A subdirectory removed by hand: nothing in it to sweep (it is made
-                    // again at the next mount).
+                    // again when a file of it is next made).
                     Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
                     Err(e) => return Err(e.into()),
                 };
