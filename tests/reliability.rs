@@ -203,9 +203,8 @@ fn format_fixtures_mount_and_read_byte_exact() {
                 out.contains("2 files share their blob with an equal file"),
                 "{name}: the equal copy does not share the packed slot:\n{out}"
             );
-            let sub = fs::metadata(mnt.join("renamed/sub/..")).expect("stat ..");
-            let dir = fs::metadata(mnt.join("renamed")).expect("stat renamed");
-            assert_eq!(sub.ino(), dir.ino(), "{name}: .. of the renamed directory");
+            // (The renamed directory's up entry is checked by the fsck runs above; the
+            // kernel answers `..` from its own cache, so a stat of it would not be.)
         }
         if version >= 3 {
             // The fixture's content hints (index layout 5: the whole BLAKE3, naming a

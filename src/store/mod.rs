@@ -1744,11 +1744,13 @@ impl Store {
         // Nor over a pack file the index does not know (checked before its entry is
         // written: an entry with no references would make compaction bury that file).
         let path = self.packs.path(id);
-        if path.exists() {
-            return Err(io::Error::other(format!(
+        match std::fs::symlink_metadata(&path) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+            Ok(_) => return Err(io::Error::other(format!(
                 "{} is already there: the blob counter is behind; run `nacrithfs fsck --repair`",
                 path.display()
-            )));
+            ))),
         }
         let info = PackInfo {
             profile,
@@ -1860,12 +1862,20 @@ impl Store {
         self.flush_index()
     }
 
+    /// A failed flush poisons fjall (every later write and flush is refused), so it
+    /// marks the index failed at once: the daemon's watchdog stops it (exit 70), and
+    /// the next mount's journal replay says what was durable.
     fn flush_index(&self) -> Result<()> {
         #[cfg(test)]
         if tests::FAIL_FLUSH.with(|f| f.get()) {
+            self.watch.set_failed();
             return Err(io::Error::from_raw_os_error(libc::EIO).into());
         }
-        self.checked(self.db.flush())
+        let r = self.checked(self.db.flush());
+        if r.is_err() {
+            self.watch.set_failed();
+        }
+        r
     }
 
     /// The inode the content hint for `hash` names, if any (an index of layout 6; older

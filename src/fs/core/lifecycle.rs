@@ -210,12 +210,14 @@ impl Core {
         // (and may have it on disk already), so a failed flush must not make the
         // caller delete the blob: it returned an error, and the compressor removed the
         // blob file the index named (the clean copy then the only copy, until an
-        // eviction). Nothing is deleted on this commit's account before a later flush
-        // succeeds: evictions and the reaper flush first.
+        // eviction). A failed flush stops the daemon (the index refuses every later
+        // write; see `Store::flush`), and nothing is deleted meanwhile: evictions and
+        // the reaper flush first. The next mount's journal replay has the commit (blob
+        // in use) or not (the file dirty with its synced plaintext, the blob swept).
         self.commit(txn, false)?;
         if let Err(e) = self.store.flush() {
             log::error!(
-                "inode {ino}: its blob is committed but the index flush failed ({e}); the blob is kept, durable with the next flush that succeeds"
+                "inode {ino}: its blob is committed but the index flush failed ({e}); the blob is kept, and the daemon stops"
             );
         }
         crate::crash::point("compress.after_commit");

@@ -1049,50 +1049,61 @@ mod tests {
             shared: false,
             pack: None,
         };
+        assert!(!core.store.watch().failed());
         crate::store::tests::FAIL_FLUSH.with(|f| f.set(true));
         let committed = core.commit_blob(ino, version, &blob);
         crate::store::tests::FAIL_FLUSH.with(|f| f.set(false));
         assert_eq!(committed, Ok(true), "the caller would delete the blob");
+        // The flush was tried, failed, and stops the daemon (its watchdog).
+        assert!(
+            core.store.watch().failed(),
+            "the failed flush went unnoticed"
+        );
         let inode = core.get(ino).expect("inode");
         assert!(!inode.dirty);
         assert_eq!(inode.blob.map(|b| b.seq), Some(1));
-        core.store.flush().expect("a later flush");
-        assert_eq!(
-            core.store
-                .get(ino)
-                .expect("index")
-                .expect("record")
-                .blob
-                .map(|b| b.seq),
-            Some(1)
-        );
     }
 
-    /// Recovery after an unclean stop of a volume whose cache subdirectory was removed
-    /// (by hand: the daemon fsyncs a subdirectory before any file in it) mounts: the
+    /// Recovery (after an unclean stop, and after a clean one) of a volume whose cache
+    /// subdirectory was removed (by hand: the daemon fsyncs a subdirectory before any
+    /// file in it) mounts: the
     /// dirty file that lived there is empty, its subdirectory made again. Every mount
     /// failed on it ("No such file or directory") until someone ran fsck.
     #[test]
     fn recovery_makes_a_missing_cache_subdirectory_again() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let ino = {
+        // After an unclean stop (the full pass) and after a clean one (dirty files only).
+        for clean_stop in [false, true] {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let ino = {
+                let core = core(dir.path());
+                let ino = core
+                    .mknod(ROOT_INO, b"f", libc::S_IFREG | 0o644, 0, 0, 0, 0, None)
+                    .expect("create")
+                    .ino;
+                let fh = core.open(ino, libc::O_WRONLY).expect("open").fh;
+                core.write(ino, fh, 0, b"hello", false).expect("write");
+                core.release(fh, true).expect("release");
+                core.sync_metadata().expect("group commit");
+                ino
+            };
+            let store = Store::open(dir.path()).expect("store");
+            if clean_stop {
+                store.mark_clean_stop().expect("clean stop");
+            }
+            let sub = store.cache_dir_of(ino);
+            drop(store);
+            std::fs::remove_dir_all(&sub).expect("remove the subdirectory");
             let core = core(dir.path());
-            let ino = core
-                .mknod(ROOT_INO, b"f", libc::S_IFREG | 0o644, 0, 0, 0, 0, None)
-                .expect("create")
-                .ino;
-            let fh = core.open(ino, libc::O_WRONLY).expect("open").fh;
-            core.write(ino, fh, 0, b"hello", false).expect("write");
-            core.release(fh, true).expect("release");
-            core.sync_metadata().expect("group commit");
-            // Dropped without a clean stop: the next open recovers.
-            ino
-        };
-        let sub = Store::open(dir.path()).expect("store").cache_dir_of(ino);
-        std::fs::remove_dir_all(&sub).expect("remove the subdirectory");
-        let core = core(dir.path());
-        assert_eq!(core.get(ino).expect("inode").size, 0);
-        assert!(core.store.cache_path(ino).exists());
+            assert_eq!(
+                core.get(ino).expect("inode").size,
+                0,
+                "clean stop {clean_stop}"
+            );
+            assert!(
+                core.store.cache_path(ino).exists(),
+                "clean stop {clean_stop}"
+            );
+        }
     }
 
     /// A new file "f" holding `data`, closed, queued by a flush request and claimed by a
