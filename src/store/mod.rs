@@ -1747,10 +1747,13 @@ impl Store {
         match std::fs::symlink_metadata(&path) {
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => return Err(e),
-            Ok(_) => return Err(io::Error::other(format!(
-                "{} is already there: the blob counter is behind; run `nacrithfs fsck --repair`",
-                path.display()
-            ))),
+            Ok(_) => {
+                let why = "the blob counter is behind; run `nacrithfs fsck --repair`";
+                return Err(io::Error::other(format!(
+                    "{} is already there: {why}",
+                    path.display()
+                )));
+            }
         }
         let info = PackInfo {
             profile,
