@@ -687,6 +687,18 @@ mod tests {
         Core::new(store, engine, opts).expect("core").0
     }
 
+    /// A new regular file `name` in the root, opened with `mode` and written `data` at
+    /// offset 0: its inode and the handle (still open).
+    fn written_file(core: &Core, name: &[u8], mode: i32, data: &[u8]) -> (u64, u64) {
+        let ino = core
+            .mknod(ROOT_INO, name, libc::S_IFREG | 0o644, 0, 0, 0, 0, None)
+            .expect("create")
+            .ino;
+        let fh = core.open(ino, mode).expect("open").fh;
+        core.write(ino, fh, 0, data, false).expect("write");
+        (ino, fh)
+    }
+
     fn state(core: &Core, ino: u64) -> &'static str {
         let inode = core.get(ino).expect("inode");
         core.file_state(ino, &inode).expect("state")
@@ -700,15 +712,7 @@ mod tests {
     fn a_getattr_racing_the_commit_of_a_pending_size_answers_the_new_size() {
         let dir = tempfile::tempdir().expect("tempdir");
         let core = core(dir.path());
-        let ino = core
-            .mknod(ROOT_INO, b"f", libc::S_IFREG | 0o644, 0, 0, 0, 0, None)
-            .expect("create")
-            .ino;
-        let fh = core
-            .open(ino, libc::O_WRONLY | libc::O_APPEND)
-            .expect("open")
-            .fh;
-        core.write(ino, fh, 0, b"first\n", false).expect("write");
+        let (ino, fh) = written_file(&core, b"f", libc::O_WRONLY | libc::O_APPEND, b"first\n");
         core.write(ino, fh, 6, b"second\n", false).expect("write");
         assert!(core.store.get(ino).expect("index").expect("record").size < 13);
         // Between this getattr's read of the record and of the pending fields, the
@@ -739,12 +743,7 @@ mod tests {
     fn a_compression_never_commits_while_a_write_is_under_way() {
         let dir = tempfile::tempdir().expect("tempdir");
         let core = core(dir.path());
-        let ino = core
-            .mknod(ROOT_INO, b"f", libc::S_IFREG | 0o644, 0, 0, 0, 0, None)
-            .expect("create")
-            .ino;
-        let fh = core.open(ino, libc::O_RDWR).expect("open").fh;
-        core.write(ino, fh, 0, b"old", false).expect("write");
+        let (ino, fh) = written_file(&core, b"f", libc::O_RDWR, b"old");
         core.closed(ino).expect("close (FUSE FLUSH)");
         core.request_flush().expect("flush");
         // A write's first section: the change begun, its bytes not yet written.
@@ -837,12 +836,7 @@ mod tests {
     fn a_compression_keeps_the_version_it_read_while_its_file_closes() {
         let dir = tempfile::tempdir().expect("tempdir");
         let core = core(dir.path());
-        let ino = core
-            .mknod(ROOT_INO, b"f", libc::S_IFREG | 0o644, 0, 0, 0, 0, None)
-            .expect("create")
-            .ino;
-        let fh = core.open(ino, libc::O_WRONLY).expect("open").fh;
-        core.write(ino, fh, 0, b"hello", false).expect("write");
+        let (ino, fh) = written_file(&core, b"f", libc::O_WRONLY, b"hello");
         core.closed(ino).expect("close (FUSE FLUSH)");
         core.request_flush().expect("flush");
         assert_eq!(core.next_due().expect("queue"), Ok(ino));
@@ -911,12 +905,7 @@ mod tests {
     fn flush_takes_a_closed_file_whose_release_is_still_on_its_way() {
         let dir = tempfile::tempdir().expect("tempdir");
         let core = core(dir.path());
-        let ino = core
-            .mknod(ROOT_INO, b"f", libc::S_IFREG | 0o644, 0, 0, 0, 0, None)
-            .expect("create")
-            .ino;
-        let fh = core.open(ino, libc::O_WRONLY).expect("open").fh;
-        core.write(ino, fh, 0, b"hello", false).expect("write");
+        let (ino, fh) = written_file(&core, b"f", libc::O_WRONLY, b"hello");
         core.request_flush().expect("flush");
         assert_eq!(
             state(&core, ino),
@@ -949,12 +938,7 @@ mod tests {
             ..FsOptions::default()
         };
         let core = core_with(dir.path(), opts);
-        let ino = core
-            .mknod(ROOT_INO, b"f", libc::S_IFREG | 0o644, 0, 0, 0, 0, None)
-            .expect("create")
-            .ino;
-        let fh = core.open(ino, libc::O_WRONLY).expect("open").fh;
-        core.write(ino, fh, 0, b"hello", false).expect("write");
+        let (ino, fh) = written_file(&core, b"f", libc::O_WRONLY, b"hello");
         // FUSE FLUSH with the handle still open: queued in memory, not yet in the index.
         core.closed(ino).expect("close (FUSE FLUSH)");
         let due = core
@@ -1076,12 +1060,7 @@ mod tests {
             let dir = tempfile::tempdir().expect("tempdir");
             let ino = {
                 let core = core(dir.path());
-                let ino = core
-                    .mknod(ROOT_INO, b"f", libc::S_IFREG | 0o644, 0, 0, 0, 0, None)
-                    .expect("create")
-                    .ino;
-                let fh = core.open(ino, libc::O_WRONLY).expect("open").fh;
-                core.write(ino, fh, 0, b"hello", false).expect("write");
+                let (ino, fh) = written_file(&core, b"f", libc::O_WRONLY, b"hello");
                 core.release(fh, true).expect("release");
                 core.sync_metadata().expect("group commit");
                 ino
@@ -1109,12 +1088,7 @@ mod tests {
     /// A new file "f" holding `data`, closed, queued by a flush request and claimed by a
     /// compressor: its inode and the version the compression read.
     fn claimed_file(core: &Core, data: &[u8]) -> (u64, u64) {
-        let ino = core
-            .mknod(ROOT_INO, b"f", libc::S_IFREG | 0o644, 0, 0, 0, 0, None)
-            .expect("create")
-            .ino;
-        let fh = core.open(ino, libc::O_WRONLY).expect("open").fh;
-        core.write(ino, fh, 0, data, false).expect("write");
+        let (ino, fh) = written_file(core, b"f", libc::O_WRONLY, data);
         core.release(fh, true).expect("release");
         core.request_flush().expect("flush");
         let due = core.next_due().expect("queue").expect("due");
@@ -1125,12 +1099,7 @@ mod tests {
 
     /// A file compressed (its blob committed) with its clean copy still cached.
     fn compressed_file(core: &Core, name: &[u8], data: &[u8]) -> u64 {
-        let ino = core
-            .mknod(ROOT_INO, name, libc::S_IFREG | 0o644, 0, 0, 0, 0, None)
-            .expect("create")
-            .ino;
-        let fh = core.open(ino, libc::O_WRONLY).expect("open").fh;
-        core.write(ino, fh, 0, data, false).expect("write");
+        let (ino, fh) = written_file(core, name, libc::O_WRONLY, data);
         core.release(fh, true).expect("release");
         core.request_flush().expect("flush");
         assert_eq!(core.next_due().expect("queue"), Ok(ino));
