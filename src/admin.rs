@@ -33,6 +33,7 @@ const COUNTERS: &[&str] = &[
     "coding_seconds",
     "shared_files",
     "shared_bytes",
+    "grouped_files",
 ];
 
 /// One line of help per field, for the Prometheus exposition.
@@ -74,6 +75,9 @@ fn help(key: &str) -> &'static str {
             "Files stored since mount as a second name of an equal file's blob (no coding)."
         }
         "shared_bytes" => "Blob bytes those shared files did not write.",
+        "grouped_files" => {
+            "Files stored since mount as members of a solid group (small files coded together as one blob)."
+        }
         "packs" => "Pack files (many small blobs in one file).",
         "pack_disk_bytes" => "What the pack files occupy on disk, in whole blocks.",
         "pack_live_bytes" => {
@@ -365,6 +369,10 @@ pub fn print_status(mnt: &Path, json: bool, backends: bool) -> Result<(), String
         "duplicates    {} files stored as an equal file's blob since mount ({} not written)",
         s.get("shared_files"),
         human(s.get("shared_bytes"))
+    );
+    println!(
+        "groups        {} small files stored in solid groups since mount (coded together, one blob per group)",
+        s.get("grouped_files")
     );
     println!(
         "superseded    {} compressions dropped: the file changed, or the blob to share went",

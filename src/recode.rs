@@ -279,10 +279,8 @@ pub fn recode(backing: &Path, opts: &Options<'_>) -> Result<Report, RecodeError>
     };
     let progress = Progress {
         files_total: groups.values().map(|g| g.len() as u64).sum(),
-        bytes_total: groups
-            .iter()
-            .map(|((_, len), g)| len * g.len() as u64)
-            .sum(),
+        // (The files' sizes: a solid group's members share one header's length.)
+        bytes_total: groups.values().flatten().map(|c| c.inode.size).sum(),
         ..Progress::default()
     };
     if opts.dry_run {
@@ -333,14 +331,15 @@ pub fn recode(backing: &Path, opts: &Options<'_>) -> Result<Report, RecodeError>
                 let Some((key, group)) = next else {
                     return;
                 };
-                let (n, len) = (group.len() as u64, key.1);
+                let n = group.len() as u64;
+                let len: u64 = group.iter().map(|c| c.inode.size).sum();
                 let existing = on_target.get(&key).copied();
                 let mut part = Report::default();
                 recode_group(&store, &engines, group, existing, &count, &mut part);
                 total.lock().unwrap_or_else(|p| p.into_inner()).absorb(part);
                 let mut g = shared.lock().unwrap_or_else(|p| p.into_inner());
                 g.0.files_done += n;
-                g.0.bytes_done += len * n;
+                g.0.bytes_done += len;
                 g.0.symbols = symbols.load(Ordering::Relaxed);
                 (opts.progress)(&g.0);
             });
@@ -415,22 +414,33 @@ fn recode_group(
         log::debug!("recode: {n} file(s) left as they were: {why}");
         *report.left.entry(why).or_default() += n;
     };
-    if let Some((ino, blob)) = existing {
+    // Members of a solid group (several files' plaintexts in one blob: these candidates
+    // share the group's header) keep their range of the same plaintext in the new blob,
+    // which must be packed: a blob file has no ranges.
+    let has_members = group.iter().any(|c| c.blob.member.is_some());
+    let mut group = group;
+    group.sort_by_key(|c| c.blob.member.is_some());
+    if let Some((ino, blob)) = existing.filter(|(_, b)| b.pack.is_some() || !has_members) {
         let path = store.blob_path(ino, blob.seq);
         for c in &group {
+            let new = |seq| BlobRef {
+                seq,
+                member: c.blob.member,
+                ..blob
+            };
             let done = match blob.pack {
                 // A packed blob is shared by referring to its slot (the index counts).
                 Some(_) => store
                     .alloc_blob_seq()
                     .map_err(|e| e.to_string())
-                    .and_then(|seq| switch_blob(store, c, BlobRef { seq, ..blob })),
+                    .and_then(|seq| switch_blob(store, c, new(seq))),
                 None => link_blob(store, c, &path, blob.stored_size),
             };
             match done {
                 Ok(()) => {
                     report.linked += 1;
-                    report.bytes_before += c.blob.stored_size;
-                    report.bytes_after += blob.stored_size;
+                    report.bytes_before += c.blob.share(c.inode.size);
+                    report.bytes_after += new(0).share(c.inode.size);
                 }
                 Err(e) => leave(format!("switching to its new blob failed: {e}"), 1, report),
             }
@@ -442,34 +452,54 @@ fn recode_group(
         Err(why) => return leave(why, group.len() as u64, report),
     };
     let first = &group[0];
-    let (new_blob, zstd) =
-        match code_new_blob(store, engines, first.ino, &src, count, !engines.opts.nopack) {
-            Ok(x) => x,
-            Err(e) => {
-                return leave(
-                    format!("coding a new blob failed: {e}"),
-                    group.len() as u64,
-                    report,
-                )
-            }
-        };
+    // (A group is coded as one chunk, as the daemon coded it, and packed even with
+    // --nopack.)
+    let (new_blob, zstd) = match code_new_blob(
+        store,
+        engines,
+        first.ino,
+        &src,
+        count,
+        has_members || !engines.opts.nopack,
+        has_members,
+    ) {
+        Ok(x) => x,
+        Err(e) => {
+            return leave(
+                format!("coding a new blob failed: {e}"),
+                group.len() as u64,
+                report,
+            )
+        }
+    };
     let new_len = new_blob.stored_size;
     for (i, c) in group.iter().enumerate() {
-        let done = if i == 0 {
-            switch_blob(store, c, new_blob)
+        let with_range = |seq| BlobRef {
+            seq,
+            member: c.blob.member,
+            ..new_blob
+        };
+        let done = if c.blob.member.is_some() && new_blob.pack.is_none() {
+            if i == 0 {
+                // Nobody else can use it either (the members come last).
+                let _ = std::fs::remove_file(store.blob_path(first.ino, new_blob.seq));
+            }
+            Err("its solid group's new blob could not be packed".to_string())
+        } else if i == 0 {
+            switch_blob(store, c, with_range(new_blob.seq))
         } else if new_blob.pack.is_some() {
-            // Equal files share a packed blob by referring to its slot.
+            // Equal files (and a group's members) share a packed blob by its slot.
             store
                 .alloc_blob_seq()
                 .map_err(|e| e.to_string())
-                .and_then(|seq| switch_blob(store, c, BlobRef { seq, ..new_blob }))
+                .and_then(|seq| switch_blob(store, c, with_range(seq)))
         } else {
             link_blob(store, c, &store.blob_path(first.ino, new_blob.seq), new_len)
         };
         match done {
             Ok(()) => {
-                report.bytes_before += c.blob.stored_size;
-                report.bytes_after += new_len;
+                report.bytes_before += c.blob.share(c.inode.size);
+                report.bytes_after += with_range(0).share(c.inode.size);
                 if i == 0 {
                     report.recoded += 1;
                     report.from_clean_copy += from_cache as u64;
@@ -493,6 +523,7 @@ fn code_new_blob(
     src: &FileSource,
     count: &(dyn Fn(usize) + Sync),
     pack: bool,
+    one_chunk: bool,
 ) -> Result<(BlobRef, bool), CodecError> {
     let seq = store
         .alloc_blob_seq()
@@ -500,7 +531,15 @@ fn code_new_blob(
     let path = store.blob_path(ino, seq);
     let tmp = path.with_extension("tmp");
     let dir = store.blob_dir_of(ino);
-    let copts = CompressOptions::default();
+    let copts = if one_chunk {
+        CompressOptions {
+            chunk_size: usize::try_from(src.len()).unwrap_or(usize::MAX).max(1024),
+            head_chunk: 0,
+            ..CompressOptions::default()
+        }
+    } else {
+        CompressOptions::default()
+    };
     let target: &dyn Engine = &engines.target;
     let coded = (|| -> Result<(u64, bool), CodecError> {
         store.make_file_dir(true, ino)?;
@@ -536,6 +575,7 @@ fn code_new_blob(
                         seq,
                         stored_size: plen,
                         pack: Some(p.slot),
+                        member: None,
                     },
                     zstd,
                 ));
@@ -597,7 +637,11 @@ fn switch_blob(store: &Store, c: &Candidate, new: BlobRef) -> Result<(), String>
     let mut txn = Txn::default();
     txn.put_inode(c.ino, &inode);
     txn.bury_blob(c.ino, &c.blob);
-    txn.put_content_hint(&c.header.checksum, c.ino);
+    // (A member's hint, keyed by its own content, names it already: the header's
+    // BLAKE3 is its group's.)
+    if c.blob.member.is_none() {
+        txn.put_content_hint(&c.header.checksum, c.ino);
+    }
     // Not applied: nothing names the new blob. Applied but not flushed: the index names
     // it (and may have it on disk), so both blobs stay (a later mount's reaper deletes
     // the old one once the switch is durable; its recovery the new one if it never is).

@@ -25,8 +25,11 @@ use common::mount::*;
 
 /// The template and the cases that exercise blob files: every blob a file of its own.
 const OPTS: &str = "idle=3600,nopack";
-/// The pack cases: small blobs go into packs (the default).
-const OPTS_PACK: &str = "idle=3600";
+/// The pack cases: small blobs go into packs (the default), one blob per file (the
+/// compaction cases need blobs of their own to move).
+const OPTS_PACK: &str = "idle=3600,nogroup";
+/// The solid group cases: small files coded together (the default).
+const OPTS_GROUP: &str = "idle=3600";
 
 /// The template's files and their content.
 fn contents() -> &'static BTreeMap<&'static str, Vec<u8>> {
@@ -44,6 +47,13 @@ fn contents() -> &'static BTreeMap<&'static str, Vec<u8>> {
         m.insert("dirty.txt", text[1900..2200].to_vec());
         m
     })
+}
+
+/// The files the solid group cases write.
+const GROUPED: [&str; 3] = ["g1.txt", "dir/g2.txt", "g3.txt"];
+
+fn grouped_text(i: usize) -> Vec<u8> {
+    common::english(12_000)[8000 + 900 * i..8700 + 900 * i].to_vec()
 }
 
 fn new_text() -> Vec<u8> {
@@ -486,6 +496,29 @@ fn cases() -> Vec<Case> {
             fs::remove_file(mnt.join(name)).expect("rm");
         }
     }
+    /// Three small files written and flushed: with dirty.txt, coded as one solid group.
+    fn write_group(mnt: &Path) {
+        for (i, name) in GROUPED.iter().enumerate() {
+            let _ = fs::write(mnt.join(name), grouped_text(i));
+        }
+        let _ = admin_raw("flush", mnt);
+    }
+    fn grouped() -> Allowed {
+        let mut a = unchanged();
+        for (i, name) in GROUPED.iter().enumerate() {
+            allow(&mut a, name, vec![Some(grouped_text(i))]);
+        }
+        a
+    }
+    let g = |point| Case {
+        op: "compress a solid group",
+        point,
+        run: write_group,
+        allowed: grouped,
+        when: When::Running,
+        verify: nothing_more,
+        opts: OPTS_GROUP,
+    };
     fn with_p3() -> Allowed {
         let mut a = unchanged();
         let text = common::english(8000);
@@ -511,6 +544,8 @@ fn cases() -> Vec<Case> {
         opts: OPTS_PACK,
     };
     vec![
+        g("group.after_pack"),
+        g("group.after_commit"),
         p("pack.after_tmp", flush),
         p("pack.after_create", flush),
         p("pack.after_append", flush),
@@ -942,9 +977,11 @@ fn run_case(case: &Case, dir: &Path) {
             }
         }
     }
-    // Each read on its own, so that a file served without its decoder is named.
+    // Each read on its own, so that a file served without its decoder is named (after
+    // an evict: a member of a solid group gets its copy from the decode of another).
     let mut not_decoded = Vec::new();
     for p in compressed.values() {
+        admin("evict", &mnt);
         let before = status_field(&mnt, "regions_decoded");
         let _ = fs::read(mnt.join(p));
         if status_field(&mnt, "regions_decoded") == before {

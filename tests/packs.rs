@@ -1,7 +1,8 @@
 //! Pack files (issue 15): small blobs appended to shared packs with compact headers,
 //! equal files sharing one packed blob, `du` counting a file's share of its pack,
 //! compaction giving back what deleted files held, fsck checking references and
-//! counts, a damaged packed blob failing only its own file. Real mounts, real model.
+//! counts, a damaged packed blob failing only its own file; solid groups of small
+//! files coded together, read back alone, shared, checked. Real mounts, real model.
 
 mod common;
 
@@ -11,6 +12,10 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use common::mount::*;
+
+/// One blob per file, as these tests count them (solid groups have tests of their own
+/// at the end).
+const PACK_OPTS: &str = "idle=3600,nogroup";
 
 fn pack_files(backing: &Path) -> Vec<PathBuf> {
     let mut v: Vec<PathBuf> = fs::read_dir(backing.join("packs"))
@@ -62,7 +67,7 @@ fn small_files_are_packed_shared_compacted_and_checked() {
     let _llm = common::llm_lock();
     let dir = tempfile::tempdir().expect("tempdir");
     let (backing, mnt) = new_volume(dir.path());
-    let d = Daemon::start(&backing, &mnt, "idle=3600");
+    let d = Daemon::start(&backing, &mnt, PACK_OPTS);
     let text = common::english(12_000);
     let mut files: Vec<(String, Vec<u8>)> = (0..6)
         .map(|i| {
@@ -136,7 +141,7 @@ fn small_files_are_packed_shared_compacted_and_checked() {
 
     // Most files deleted: the sealed pack is mostly dead bytes; `compact` copies the
     // live blobs into a new pack and deletes the old one.
-    let d = Daemon::start(&backing, &mnt, "idle=3600");
+    let d = Daemon::start(&backing, &mnt, PACK_OPTS);
     for name in ["t0.txt", "copy0.txt", "t2.txt", "t3.txt", "t4.txt"] {
         fs::remove_file(mnt.join(name)).expect("rm");
     }
@@ -197,7 +202,7 @@ fn small_files_are_packed_shared_compacted_and_checked() {
         fs::write(&path, &bytes).expect("write pack");
         ino
     };
-    let d = Daemon::start(&backing, &mnt, "idle=3600");
+    let d = Daemon::start(&backing, &mnt, PACK_OPTS);
     // No clean copy: every read goes through the decompressor.
     admin("evict", &mnt);
     let mut failed = Vec::new();
@@ -229,7 +234,7 @@ fn small_files_are_packed_shared_compacted_and_checked() {
 fn content_that_comes_back_after_its_blob_was_dropped_is_compressed_again() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (backing, mnt) = new_volume(dir.path());
-    let d = Daemon::start(&backing, &mnt, "idle=3600");
+    let d = Daemon::start(&backing, &mnt, PACK_OPTS);
     let first = common::random_bytes(3000, 11);
     let second = common::random_bytes(3000, 12);
     let f = mnt.join("f.bin");
@@ -267,7 +272,7 @@ fn a_blob_counter_set_back_never_reuses_a_pack_number() {
     // Four files, then one more in a mount of its own: the last pack holds its blob
     // alone and has the highest number in use (allocated after that blob's).
     for batch in [&files[..4], &files[4..]] {
-        let d = Daemon::start(&backing, &mnt, "idle=3600");
+        let d = Daemon::start(&backing, &mnt, PACK_OPTS);
         for (name, data) in batch {
             fs::write(mnt.join(name), data).expect("write");
         }
@@ -308,7 +313,7 @@ fn a_blob_counter_set_back_never_reuses_a_pack_number() {
     // The daemon, one number lower: the new blob gets it, the new pack would be
     // `last` again. It is refused; the file stays plaintext.
     set_counter(last - 1);
-    let d = Daemon::start(&backing, &mnt, "idle=3600");
+    let d = Daemon::start(&backing, &mnt, PACK_OPTS);
     files.push(("g.bin".into(), common::random_bytes(2000, 201)));
     fs::write(mnt.join("g.bin"), &files[5].1).expect("write");
     let _ = admin_raw("flush", &mnt);
@@ -328,7 +333,7 @@ fn a_blob_counter_set_back_never_reuses_a_pack_number() {
     let (code, out) = fsck(&["--repair"], &backing);
     assert_ne!(code, 4, "{out}");
     // Repaired (or already moved on): new packs get new numbers.
-    let d = Daemon::start(&backing, &mnt, "idle=3600");
+    let d = Daemon::start(&backing, &mnt, PACK_OPTS);
     admin("flush", &mnt);
     assert_eq!(
         xattr(&mnt.join("g.bin"), "user.nacrith.state"),
@@ -352,7 +357,7 @@ fn a_stale_reference_stops_compaction_of_its_pack_only() {
     let files: Vec<(String, Vec<u8>)> = (0..6)
         .map(|i| (format!("f{i}.bin"), common::random_bytes(3000, 301 + 2 * i)))
         .collect();
-    let d = Daemon::start(&backing, &mnt, "idle=3600");
+    let d = Daemon::start(&backing, &mnt, PACK_OPTS);
     for (name, data) in &files {
         fs::write(mnt.join(name), data).expect("write");
     }
@@ -373,7 +378,7 @@ fn a_stale_reference_stops_compaction_of_its_pack_only() {
             .raw_insert(&key, &blob.stored_size.to_le_bytes())
             .expect("plant a stale reference");
     }
-    let d = Daemon::start(&backing, &mnt, "idle=3600");
+    let d = Daemon::start(&backing, &mnt, PACK_OPTS);
     for (name, _) in &files[1..] {
         fs::remove_file(mnt.join(name)).expect("rm");
     }
@@ -387,7 +392,7 @@ fn a_stale_reference_stops_compaction_of_its_pack_only() {
     println!("{out}");
     assert_ne!(code, 0, "fsck found nothing: {out}");
     assert_ne!(code, 4, "{out}");
-    let d = Daemon::start(&backing, &mnt, "idle=3600");
+    let d = Daemon::start(&backing, &mnt, PACK_OPTS);
     let out = admin("compact", &mnt);
     println!("{}", String::from_utf8_lossy(&out.stdout));
     std::thread::sleep(Duration::from_secs(3));
@@ -414,7 +419,7 @@ fn an_undecodable_profile_is_restored_from_a_pack_header() {
     let files: Vec<(String, Vec<u8>)> = (0..3)
         .map(|i| (format!("f{i}.bin"), common::random_bytes(2000, 301 + 2 * i)))
         .collect();
-    let d = Daemon::start(&backing, &mnt, "idle=3600");
+    let d = Daemon::start(&backing, &mnt, PACK_OPTS);
     for (name, data) in &files {
         fs::write(mnt.join(name), data).expect("write");
     }
@@ -428,7 +433,7 @@ fn an_undecodable_profile_is_restored_from_a_pack_header() {
             .raw_insert(b"P\0\0\0\x01", b"\xff\xff\xff")
             .expect("damage profile 1");
     }
-    let d = Daemon::start(&backing, &mnt, "idle=3600");
+    let d = Daemon::start(&backing, &mnt, PACK_OPTS);
     let log = d.log_text();
     assert!(log.contains("coding profile 1 does not decode"), "{log}");
     assert!(
@@ -444,7 +449,7 @@ fn an_undecodable_profile_is_restored_from_a_pack_header() {
     assert!(out.contains("restored from the pack's header"), "{out}");
     let (code, out) = fsck(&[], &backing);
     assert_eq!(code, 0, "{out}");
-    let d = Daemon::start(&backing, &mnt, "idle=3600");
+    let d = Daemon::start(&backing, &mnt, PACK_OPTS);
     read_all(&mnt, &files, "after the repair");
     d.unmount();
 }
@@ -457,7 +462,7 @@ fn a_shared_packed_blob_is_counted_once_on_disk() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (backing, mnt) = new_volume(dir.path());
     let data = common::random_bytes(3000, 401);
-    let d = Daemon::start(&backing, &mnt, "idle=3600");
+    let d = Daemon::start(&backing, &mnt, PACK_OPTS);
     fs::write(mnt.join("a.bin"), &data).expect("write");
     admin("flush", &mnt);
     admin("evict", &mnt);
@@ -492,7 +497,7 @@ fn a_damaged_blob_stops_compaction_before_anything_is_copied() {
     let files: Vec<(String, Vec<u8>)> = (0..6)
         .map(|i| (format!("f{i}.bin"), common::random_bytes(3000, 501 + 2 * i)))
         .collect();
-    let d = Daemon::start(&backing, &mnt, "idle=3600");
+    let d = Daemon::start(&backing, &mnt, PACK_OPTS);
     for (name, data) in &files {
         fs::write(mnt.join(name), data).expect("write");
     }
@@ -532,7 +537,7 @@ fn a_damaged_blob_stops_compaction_before_anything_is_copied() {
         f.write_all_at(&[b[0] ^ 0xff], last.offset + 8)
             .expect("damage");
     }
-    let d = Daemon::start(&backing, &mnt, "idle=3600");
+    let d = Daemon::start(&backing, &mnt, PACK_OPTS);
     for (name, _) in &files[1..5] {
         fs::remove_file(mnt.join(name)).expect("rm");
     }
@@ -550,7 +555,7 @@ fn small_packs_of_different_profiles_are_left_alone() {
     let _llm = common::llm_lock();
     let dir = tempfile::tempdir().expect("tempdir");
     let (backing, mnt) = new_volume(dir.path());
-    let d = Daemon::start(&backing, &mnt, "idle=3600");
+    let d = Daemon::start(&backing, &mnt, PACK_OPTS);
     let files: Vec<(String, Vec<u8>)> = vec![
         ("a.txt".into(), common::english(1500)),
         ("b.txt".into(), common::english(1200)[200..].to_vec()),
@@ -564,7 +569,7 @@ fn small_packs_of_different_profiles_are_left_alone() {
     d.unmount();
     let packs = pack_files(&backing);
     assert_eq!(packs.len(), 2, "one pack per profile: {packs:?}");
-    let d = Daemon::start(&backing, &mnt, "idle=3600");
+    let d = Daemon::start(&backing, &mnt, PACK_OPTS);
     let _ = admin_raw("compact", &mnt);
     let log = d.log_text();
     assert!(!log.contains("packs compacted"), "{log}");
@@ -594,7 +599,7 @@ fn an_unreadable_inode_record_stops_compaction_of_its_pack_only() {
     let (a, b) = (batch("a", 801), batch("b", 901));
     // Two sealed packs, one per mount: a's, then b's.
     for files in [&a, &b] {
-        let d = Daemon::start(&backing, &mnt, "idle=3600");
+        let d = Daemon::start(&backing, &mnt, PACK_OPTS);
         for (name, data) in files.iter() {
             fs::write(mnt.join(name), data).expect("write");
         }
@@ -602,7 +607,7 @@ fn an_unreadable_inode_record_stops_compaction_of_its_pack_only() {
         d.unmount();
     }
     assert_eq!(pack_files(&backing).len(), 2);
-    let d = Daemon::start(&backing, &mnt, "idle=3600");
+    let d = Daemon::start(&backing, &mnt, PACK_OPTS);
     let damaged = fs::metadata(mnt.join("a1.bin")).expect("stat").ino();
     for name in ["a2", "a3", "a4", "a5", "b1", "b2", "b3", "b4", "b5"] {
         fs::remove_file(mnt.join(format!("{name}.bin"))).expect("rm");
@@ -616,7 +621,7 @@ fn an_unreadable_inode_record_stops_compaction_of_its_pack_only() {
             .raw_insert(&key, b"\xff\xff")
             .expect("damage an inode record");
     }
-    let d = Daemon::start(&backing, &mnt, "idle=3600");
+    let d = Daemon::start(&backing, &mnt, PACK_OPTS);
     let _ = admin_raw("compact", &mnt);
     std::thread::sleep(Duration::from_secs(2));
     let log = d.log_text();
@@ -625,4 +630,172 @@ fn an_unreadable_inode_record_stops_compaction_of_its_pack_only() {
     admin("evict", &mnt);
     read_all(&mnt, &[a[0].clone(), b[0].clone()], "after compaction");
     d.unmount();
+}
+
+/// Solid groups (issue 15, part 4): small files flushed together are coded as one
+/// chunk in one packed blob; each reads back alone through the decompressor (a
+/// read-write and a read-only mount; one decode of a group gives all its members), a
+/// copy of a member shares its range, `du` and
+/// the stored size count a member's share, fsck --deep decodes the group and checks
+/// every member's range, and a deleted member leaves the others readable.
+#[test]
+fn small_files_are_coded_in_solid_groups_and_read_back_alone() {
+    let _llm = common::llm_lock();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (backing, mnt) = new_volume(dir.path());
+    let d = Daemon::start(&backing, &mnt, "idle=3600");
+    let text = common::english(12_000);
+    let mut files: Vec<(String, Vec<u8>)> = (0..5)
+        .map(|i| {
+            (
+                format!("g{i}.txt"),
+                text[i * 1700..i * 1700 + 1000 + 150 * i].to_vec(),
+            )
+        })
+        .collect();
+    files.push(("empty.txt".into(), Vec::new()));
+    files.push(("r.bin".into(), common::random_bytes(700, 9)));
+    for (name, data) in &files {
+        fs::write(mnt.join(name), data).expect("write");
+    }
+    admin("flush", &mnt);
+    let grouped = status_field(&mnt, "grouped_files");
+    assert!(grouped >= 5, "{grouped} files were grouped");
+    assert!(files_under(&backing, "blobs").is_empty());
+    // One group: the members share one slot, each counting its share.
+    let mut stored_total = 0;
+    for (name, data) in &files {
+        let p = mnt.join(name);
+        assert_eq!(xattr(&p, "user.nacrith.state"), "compressed", "{name}");
+        let stored: u64 = xattr(&p, "user.nacrith.stored_size")
+            .parse()
+            .expect("number");
+        stored_total += stored;
+        if name.ends_with(".txt") && !data.is_empty() {
+            assert!(stored < data.len() as u64 / 3, "{name}: {stored} bytes");
+        }
+        let blocks = fs::metadata(&p).expect("stat").blocks();
+        assert!(
+            blocks * 512 <= data.len() as u64 + 512,
+            "{name}: {blocks} blocks"
+        );
+    }
+    let plain: usize = files.iter().map(|(_, d)| d.len()).sum();
+    assert!(
+        (stored_total as usize) < plain / 3,
+        "{stored_total} bytes stored for {plain}"
+    );
+    admin("evict", &mnt);
+    // A member alone, through the decompressor: its group is decoded once, and the
+    // other members come with it (reading them decodes nothing more).
+    let (last, data) = files.last().expect("files");
+    assert!(
+        fs::read(mnt.join(last)).expect("read") == *data,
+        "{last} differs"
+    );
+    let regions = status_field(&mnt, "regions_decoded");
+    assert!(regions > 0);
+    read_all(&mnt, &files, "after one member's group was decoded");
+    assert_eq!(
+        status_field(&mnt, "regions_decoded"),
+        regions,
+        "the group was decoded again for another member"
+    );
+    admin("evict", &mnt);
+    assert!(
+        fs::read(mnt.join("g2.txt")).expect("read") == files[2].1,
+        "g2.txt differs"
+    );
+    // A copy of a member shares its range: no model time.
+    let coded = status_field(&mnt, "symbols_coded");
+    fs::write(mnt.join("copy2.txt"), &files[2].1).expect("write");
+    files.push(("copy2.txt".into(), files[2].1.clone()));
+    admin("flush", &mnt);
+    assert_eq!(status_field(&mnt, "shared_files"), 1);
+    assert!(
+        status_field(&mnt, "symbols_coded") - coded < 50,
+        "the copy was coded"
+    );
+    admin("evict", &mnt);
+    read_all(&mnt, &files, "through the decompressor");
+    d.unmount();
+    let (code, out) = fsck(&["--deep"], &backing);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("2 files share their blob"), "{out}");
+
+    // Read-only: a member decodes into the private temp directory.
+    let d = Daemon::start(&backing, &mnt, "ro");
+    read_all(&mnt, &files, "on a read-only mount");
+    d.unmount();
+
+    // Deleting members leaves the others readable (and the slot referenced).
+    let d = Daemon::start(&backing, &mnt, "idle=3600");
+    for name in ["g0.txt", "g3.txt", "copy2.txt"] {
+        fs::remove_file(mnt.join(name)).expect("rm");
+        files.retain(|(n, _)| n != name);
+    }
+    admin("evict", &mnt);
+    read_all(&mnt, &files, "after members were deleted");
+    three_compactions_do_not_grow_the_packs(&backing, &mnt);
+    d.unmount();
+    let d = Daemon::start(&backing, &mnt, "idle=3600");
+    read_all(&mnt, &files, "after a remount");
+    d.unmount();
+    let (code, out) = fsck(&["--deep"], &backing);
+    assert_eq!(code, 0, "{out}");
+
+    // A member rewritten is coded again (alone or in a new group) and the old range
+    // stays for the others.
+    let d = Daemon::start(&backing, &mnt, "idle=3600");
+    let new = text[9000..10_500].to_vec();
+    fs::write(mnt.join("g1.txt"), &new).expect("rewrite");
+    for f in files.iter_mut().filter(|(n, _)| n == "g1.txt") {
+        f.1 = new.clone();
+    }
+    admin("flush", &mnt);
+    admin("evict", &mnt);
+    read_all(&mnt, &files, "after a member was rewritten");
+    d.unmount();
+    let (code, out) = fsck(&["--deep"], &backing);
+    assert_eq!(code, 0, "{out}");
+}
+
+/// A member whose group decodes but whose range is not the content its record names
+/// (the record's BLAKE3 tail damaged) fails with EIO, alone: its group's other members
+/// read, and fsck --deep names it.
+#[test]
+fn a_member_whose_range_does_not_match_its_record_fails_alone() {
+    let _llm = common::llm_lock();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (backing, mnt) = new_volume(dir.path());
+    let d = Daemon::start(&backing, &mnt, "idle=3600");
+    let text = common::english(6000);
+    let a = text[0..900].to_vec();
+    let b = text[1000..1800].to_vec();
+    fs::write(mnt.join("a.txt"), &a).expect("write");
+    fs::write(mnt.join("b.txt"), &b).expect("write");
+    admin("flush", &mnt);
+    assert_eq!(status_field(&mnt, "grouped_files"), 2);
+    let ino = fs::metadata(mnt.join("a.txt")).expect("stat").ino();
+    admin("evict", &mnt);
+    d.unmount();
+    {
+        let store = nacrithfs::store::Store::open_existing(&backing).expect("open");
+        let mut inode = store.get(ino).expect("get").expect("inode");
+        let mut blob = inode.blob.expect("blob");
+        let m = blob.member.as_mut().expect("a member");
+        m.tail[0] ^= 1;
+        inode.blob = Some(blob);
+        let mut txn = nacrithfs::store::Txn::default();
+        txn.put_inode(ino, &inode);
+        store.commit(txn, true).expect("commit");
+    }
+    let d = Daemon::start(&backing, &mnt, "idle=3600");
+    let err = fs::read(mnt.join("a.txt")).expect_err("a damaged member read");
+    assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
+    assert_eq!(fs::read(mnt.join("b.txt")).expect("b"), b);
+    d.unmount();
+    let (code, out) = fsck(&["--deep"], &backing);
+    assert_ne!(code, 0, "{out}");
+    assert!(out.contains("are not the file the index names"), "{out}");
 }

@@ -105,7 +105,9 @@ fn read_err(path: &Path) -> std::io::Error {
 /// with compact headers v2 beside a blob file), 4 (as 3, files in subdirectories of
 /// 4096 inode numbers made on first use) and 4 at index layout 7 (inode records v2,
 /// compact headers v3, 16-byte content hints, up entries; with a packed slot two files
-/// share and a renamed directory): a read-only mount reads them as they are and
+/// share and a renamed directory), and 4 at index layout 8 (the same files, four of them
+/// members of one solid group, one copy sharing a member's range): a read-only mount
+/// reads them as they are and
 /// changes nothing; the first read-write open moves a sled index to fjall (format 3,
 /// flat for format 1), after which fsck --deep decodes every blob and a mount
 /// reads every file byte-exact, with its xattrs, links, modes and states.
@@ -118,11 +120,13 @@ fn format_fixtures_mount_and_read_byte_exact() {
         ("format-v3", 3),
         ("format-v4", 4),
         ("format-v4-layout7", 4),
+        ("format-v4-layout8", 4),
     ] {
         let dir = tempfile::tempdir().expect("tempdir");
         let manifest = fixture_manifest(name);
         // The fixtures made since layout 7 add an equal copy and a renamed directory.
-        let newer = name == "format-v4-layout7";
+        let newer = name.starts_with("format-v4-layout");
+        let groups = name == "format-v4-layout8";
         assert_eq!(manifest.len(), if newer { 10 } else { 8 }, "{name}");
 
         let untouched = dir.path().join("untouched");
@@ -168,11 +172,28 @@ fn format_fixtures_mount_and_read_byte_exact() {
         let (code, out) = fsck(&["--deep"], &backing);
         println!("{name}: {out}");
         assert_eq!(code, 0, "fsck of the untouched fixture:\n{out}");
-        let blobs = if newer { 8 } else { 6 };
+        // (A group is decoded once for its members.)
+        let (blobs, decoded) = match (newer, groups) {
+            (_, true) => (8, 4),
+            (true, _) => (8, 8),
+            _ => (6, 6),
+        };
         assert!(
-            out.contains(&format!("{blobs} blobs checked ({blobs} decoded")),
+            out.contains(&format!("{blobs} blobs checked ({decoded} decoded")),
             "{out}"
         );
+        if groups {
+            let store = nacrithfs::store::Store::open_existing(&backing).expect("open");
+            let members = store
+                .raw_entries()
+                .expect("read the index")
+                .iter()
+                .filter(|(k, _)| k[0] == b'i')
+                .filter_map(|(_, v)| nacrithfs::store::Inode::decode(v).ok())
+                .filter(|i| i.blob.is_some_and(|b| b.member.is_some()))
+                .count();
+            assert_eq!(members, 5, "{name}: members of solid groups in the index");
+        }
 
         let d = Daemon::start(&backing, &mnt, "idle=3600");
         check_manifest(&mnt, &manifest, &[]);

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
 
-use super::core::{Core, Need, NewBlob};
+use super::core::{Companion, Core, GroupMember, Need, NewBlob};
 use crate::blobfile;
 use crate::codec::lanes::{ChunkOutput, CANCELLED, READ_AHEAD, URGENT};
 use crate::codec::params::CoderParams;
@@ -219,7 +219,7 @@ fn compressor(core: &Core, budget: &Budget) {
 }
 
 fn compress_one(core: &Core, budget: &Budget, ino: u64) {
-    let (path, version) = match core.claim(ino) {
+    let (path, version, companions) = match core.claim_group(ino) {
         Ok(Some(claimed)) => claimed,
         Ok(None) => return,
         Err(e) => {
@@ -229,23 +229,14 @@ fn compress_one(core: &Core, budget: &Budget, ino: u64) {
             return;
         }
     };
+    // Let go however this ends, unless the group takes them.
+    let mut held = Held {
+        core,
+        list: companions,
+    };
     let start = Instant::now();
     let name = core.describe(ino);
-    let fail = |why: String| {
-        if core.is_shutting_down() {
-            log::info!("compressing {name}: stopped by the unmount ({why}); it stays queued");
-            return core.compression_interrupted(ino);
-        }
-        // The file is read while it is coded, not copied first: a write, truncation or
-        // deletion meanwhile makes a short read or a verify mismatch that says nothing
-        // about the coder. Such a compression is superseded, as at commit.
-        if core.changed_since(ino, version) {
-            log::debug!("{name} changed while compressing ({why}); dropped");
-            return core.compression_superseded(ino);
-        }
-        log::error!("compressing {name}: {why}; it stays uncompressed and will be retried");
-        core.compression_failed(ino);
-    };
+    let fail = |why: String| end_claim(core, ino, version, &name, why);
     // The length is fixed here: bytes appended meanwhile change the version, and the
     // commit is refused; a shrunk file fails the read.
     let src = match FileSource::open(&path) {
@@ -266,23 +257,344 @@ fn compress_one(core: &Core, budget: &Budget, ino: u64) {
         budget,
         n: budget.take(size.min(codec::WINDOW as u64)),
     };
-    compress_file(core, ino, version, &name, &src, start, &fail);
+    compress_file(core, ino, version, &name, &src, start, &fail, &mut held);
     core.count_compress_time(start.elapsed());
+}
+
+/// Files claimed with the one being compressed, for its solid group: let go (still
+/// due, for another compressor) unless the group takes them, however the compression
+/// ends (a panic in the coder included).
+struct Held<'a> {
+    core: &'a Core,
+    list: Vec<Companion>,
+}
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        for c in self.list.drain(..) {
+            self.core.compression_interrupted(c.ino);
+        }
+    }
+}
+
+/// The companions a solid group took: each one's compression is ended by the group
+/// (committed, failed, let go); a panic in the coder before that ends them here, as a
+/// failure (the compressor's `catch_unwind` ends only the first file's).
+struct Joining<'a> {
+    core: &'a Core,
+    inos: Vec<u64>,
+}
+
+impl Joining<'_> {
+    /// The group ended every companion's compression.
+    fn done(&mut self) {
+        self.inos.clear();
+    }
+}
+
+impl Drop for Joining<'_> {
+    fn drop(&mut self) {
+        for &ino in &self.inos {
+            self.core.compression_failed(ino);
+        }
+    }
+}
+
+/// End the claim of `ino` (read at `version`) whose compression could not go on.
+fn end_claim(core: &Core, ino: u64, version: u64, name: &str, why: String) {
+    if core.is_shutting_down() {
+        log::info!("compressing {name}: stopped by the unmount ({why}); it stays queued");
+        return core.compression_interrupted(ino);
+    }
+    // The file is read while it is coded, not copied first: a write, truncation or
+    // deletion meanwhile makes a short read or a verify mismatch that says nothing
+    // about the coder. Such a compression is superseded, as at commit.
+    if core.changed_since(ino, version) {
+        log::debug!("{name} changed while compressing ({why}); dropped");
+        return core.compression_superseded(ino);
+    }
+    log::error!("compressing {name}: {why}; it stays uncompressed and will be retried");
+    core.compression_failed(ino);
+}
+
+/// Whether a file of `size` bytes is coded in a solid group: groups are on (they live
+/// in packs), and the file is at most half a group.
+fn groups_small_files(core: &Core, size: u64) -> bool {
+    core.opts.pack && size > 0 && size <= core.opts.group / 2
+}
+
+/// The file a compressor claimed, about to be coded.
+struct Claimed<'a> {
+    ino: u64,
+    version: u64,
+    name: String,
+    src: &'a FileSource,
+    content: [u8; 32],
+}
+
+/// A file claimed to join a solid group: its plaintext read whole (at most half a
+/// group) and hashed.
+struct Joined {
+    ino: u64,
+    version: u64,
+    name: String,
+    src: FileSource,
+    bytes: Vec<u8>,
+    content: [u8; 32],
+}
+
+/// Code `first` with other due small files as one solid group: their plaintexts one
+/// after the other, coded as one chunk (each file with the ones before it as context:
+/// the cold start of a small file is most of its cost), packed as one blob, and every
+/// member committed in one index batch (docs/DURABILITY.md, "solid group"). Returns
+/// false when no other file joins, or the group's blob does not pack: `first` is still
+/// claimed and the caller codes it on its own. True: `first`'s compression has ended.
+#[allow(clippy::too_many_arguments)]
+fn compress_group(
+    core: &Core,
+    engine: &dyn Engine,
+    first: Claimed,
+    claimed: Vec<Companion>,
+    seq: u64,
+    tmp: &std::path::Path,
+    start: Instant,
+    fail: &dyn Fn(String),
+) -> bool {
+    let mut joining = Joining {
+        core,
+        inos: claimed.iter().map(|c| c.ino).collect(),
+    };
+    let handled = code_group(core, engine, first, claimed, seq, tmp, start, fail);
+    joining.done();
+    handled
+}
+
+/// [`compress_group`]'s work: every companion's compression is ended on every way out
+/// but a panic.
+#[allow(clippy::too_many_arguments)]
+fn code_group(
+    core: &Core,
+    engine: &dyn Engine,
+    first: Claimed,
+    claimed: Vec<Companion>,
+    seq: u64,
+    tmp: &std::path::Path,
+    start: Instant,
+    fail: &dyn Fn(String),
+) -> bool {
+    let each = core.opts.group / 2;
+    let mut companions = Vec::new();
+    for Companion { ino, path, version } in claimed {
+        let name = core.describe(ino);
+        let read = FileSource::open(&path).and_then(|src| {
+            if src.len() > each || src.is_empty() {
+                // Not what the index said: a write or truncation under way (its commit
+                // would be refused anyway).
+                return Ok(None);
+            }
+            let bytes = src.read_range(0..src.len())?;
+            Ok(Some((src, bytes)))
+        });
+        let (src, bytes) = match read {
+            Ok(Some(r)) => r,
+            Ok(None) => {
+                core.compression_superseded(ino);
+                continue;
+            }
+            Err(e) => {
+                end_claim(
+                    core,
+                    ino,
+                    version,
+                    &name,
+                    format!("reading its plaintext: {e}"),
+                );
+                continue;
+            }
+        };
+        let content: [u8; 32] = blake3::hash(&bytes).into();
+        if core.opts.dedup {
+            // Equal to a stored file: it goes on its own, where it shares that blob
+            // (the claim ends, the file stays due; a stale hint only costs it a turn).
+            if matches!(core.store.content_hint(&content), Ok(Some(_))) {
+                core.compression_interrupted(ino);
+                continue;
+            }
+            // Equal to a file being coded now: it waits for that one's blob.
+            if !core.start_coding(ino, &content) {
+                continue;
+            }
+        }
+        companions.push(Joined {
+            ino,
+            version,
+            name,
+            src,
+            bytes,
+            content,
+        });
+    }
+    if companions.is_empty() {
+        return false;
+    }
+    let release = |companions: &[Joined]| {
+        for c in companions {
+            core.compression_interrupted(c.ino);
+        }
+    };
+    let fail_all = |why: String| {
+        for c in &companions {
+            end_claim(core, c.ino, c.version, &c.name, why.clone());
+        }
+        fail(why);
+    };
+    // The group's plaintext, and each member's place in it.
+    let mut plain = match first.src.read_range(0..first.src.len()) {
+        Ok(b) => b,
+        Err(e) => {
+            release(&companions);
+            fail(format!("reading its plaintext: {e}"));
+            return true;
+        }
+    };
+    let mut members = vec![GroupMember {
+        ino: first.ino,
+        version: first.version,
+        offset: 0,
+        size: plain.len() as u64,
+        content: first.content,
+    }];
+    for c in &companions {
+        members.push(GroupMember {
+            ino: c.ino,
+            version: c.version,
+            offset: plain.len() as u64,
+            size: c.bytes.len() as u64,
+            content: c.content,
+        });
+        plain.extend_from_slice(&c.bytes);
+    }
+    let group_len = plain.len() as u64;
+    let count = |n: usize| core.count_symbols(n as u64);
+    if let Err(e) = code_into_tmp(core, first.ino, &plain, Some(engine), tmp, true) {
+        fail_all(e.to_string());
+        return true;
+    }
+    if core.opts.verify {
+        // Checked against the copy that was coded: a mismatch is the coder's, whatever
+        // the files did meanwhile (their changes are caught at commit).
+        if let Err(e) = verify_tmp(core, tmp, &plain, Some(engine), &count) {
+            if core.is_shutting_down() {
+                fail_all(e.to_string());
+                return true;
+            }
+            log::error!(
+                "compressing a group of {} files: the new blob did not decode to the same bytes ({e}); storing it with zstd instead",
+                members.len()
+            );
+            core.count_verify_failure();
+            let fallback = code_into_tmp(core, first.ino, &plain, None, tmp, true)
+                .and_then(|_| verify_tmp(core, tmp, &plain, None, &|_| {}));
+            if let Err(e) = fallback {
+                fail_all(format!("the zstd fallback did not verify either: {e}"));
+                return true;
+            }
+        }
+    }
+    // Held until the commit is done: compaction leaves the pack alone meanwhile.
+    let (pending, blob_len) = match core.store.pack_blob(first.ino, tmp) {
+        Ok(Some(p)) => p,
+        Ok(None) => {
+            log::warn!("a group's blob does not pack; its files are coded on their own");
+            release(&companions);
+            return false;
+        }
+        Err(e) => {
+            fail_all(format!("appending its blob to a pack: {e}"));
+            return true;
+        }
+    };
+    let _ = std::fs::remove_file(tmp);
+    let slot = pending.slot;
+    crate::crash::point("group.after_pack");
+    // Every member's plaintext becomes its clean copy: on disk before the index says so.
+    let mut dirs = std::collections::BTreeSet::new();
+    let mut synced = first.src.file().sync_all();
+    dirs.insert(core.store.cache_dir_of(first.ino));
+    for c in &companions {
+        synced = synced.and_then(|()| c.src.file().sync_all());
+        dirs.insert(core.store.cache_dir_of(c.ino));
+    }
+    for d in &dirs {
+        synced = synced.and_then(|()| sync_dir(d));
+    }
+    if let Err(e) = synced {
+        fail_all(format!("syncing the plaintexts of its group: {e}"));
+        return true;
+    }
+    pause_before_commit(&format!(
+        "{} at {}",
+        core.store.packs().path(slot.pack).display(),
+        slot.offset
+    ));
+    let n = members.len();
+    match core.commit_group(&members, seq, blob_len, slot, group_len) {
+        Ok(done) => {
+            drop(pending);
+            log::info!(
+                "compressed a group of {n} files ({} and {} more): {group_len} -> {blob_len} bytes ({:.3} bits/byte) in {:.1} s{}",
+                first.name,
+                n - 1,
+                codec::bits_per_byte(blob_len, group_len),
+                start.elapsed().as_secs_f64(),
+                match n - done.len() {
+                    0 => String::new(),
+                    k => format!("; {k} changed meanwhile and stay dirty"),
+                }
+            );
+        }
+        Err(e) => {
+            drop(pending);
+            // Every member's compression ended in `commit_group`.
+            log::error!(
+                "compressing a group of {n} files ({} and {} more): committing: errno {e}; they stay uncompressed and will be retried",
+                first.name,
+                n - 1
+            );
+            for m in &members {
+                core.compression_failed(m.ino);
+            }
+        }
+    }
+    core.enforce_cache_cap();
+    true
 }
 
 /// Code `src` (with the model, or zstd alone) into the new blob's temp file, durably.
 /// Returns the blob's length.
+/// `one_chunk`: a solid group, coded as one chunk (each file with the ones before it as
+/// context), not cut at the mount's chunk size.
 fn code_into_tmp(
     core: &Core,
     ino: u64,
     src: &dyn Source,
     engine: Option<&dyn Engine>,
     tmp: &std::path::Path,
+    one_chunk: bool,
 ) -> Result<u64, CodecError> {
-    let opts = CompressOptions {
-        chunk_size: core.opts.chunk_size,
-        head_chunk: core.opts.head_chunk,
-        ..CompressOptions::default()
+    let opts = if one_chunk {
+        let whole = usize::try_from(src.len()).unwrap_or(usize::MAX).max(1024);
+        CompressOptions {
+            chunk_size: whole,
+            head_chunk: 0,
+            ..CompressOptions::default()
+        }
+    } else {
+        CompressOptions {
+            chunk_size: core.opts.chunk_size,
+            head_chunk: core.opts.head_chunk,
+            ..CompressOptions::default()
+        }
     };
     // Symbols coded, for the status (tokens/s); counted as they go, failures included.
     let count = |n: usize| core.count_symbols(n as u64);
@@ -317,6 +629,7 @@ fn verify_tmp(
     checked
 }
 
+#[allow(clippy::too_many_arguments)]
 fn compress_file(
     core: &Core,
     ino: u64,
@@ -325,6 +638,7 @@ fn compress_file(
     src: &FileSource,
     start: Instant,
     fail: &dyn Fn(String),
+    held: &mut Held,
 ) {
     // Without the model nothing is compressed (not even with zstd): a text file stored
     // with zstd now would stay that way, so it waits as plaintext for the model.
@@ -364,9 +678,22 @@ fn compress_file(
     } else {
         None
     };
+    if shared.is_none() && !held.list.is_empty() && groups_small_files(core, src.len()) {
+        let claimed = std::mem::take(&mut held.list);
+        let first = Claimed {
+            ino,
+            version,
+            name: name.to_string(),
+            src,
+            content,
+        };
+        if compress_group(core, engine, first, claimed, seq, &tmp, start, fail) {
+            return;
+        }
+    }
     let mut blob_len = match shared {
         Some(s) => s.len,
-        None => match code_into_tmp(core, ino, src, Some(engine), &tmp) {
+        None => match code_into_tmp(core, ino, src, Some(engine), &tmp, false) {
             Ok(n) => n,
             Err(e) => return fail(e.to_string()),
         },
@@ -383,7 +710,7 @@ fn compress_file(
                 "compressing {name}: the new blob did not decode to the same bytes ({e}); storing it with zstd instead"
             );
             core.count_verify_failure();
-            blob_len = match code_into_tmp(core, ino, src, None, &tmp) {
+            blob_len = match code_into_tmp(core, ino, src, None, &tmp, false) {
                 Ok(n) => n,
                 Err(e) => return fail(e.to_string()),
             };
@@ -442,6 +769,7 @@ fn compress_file(
         content,
         shared: shared.is_some(),
         pack,
+        member: shared.and_then(|s| s.member),
     };
     match core.commit_blob(ino, version, &blob) {
         Ok(true) => {
@@ -501,6 +829,8 @@ struct Shared {
     owner: u64,
     /// Its slot when packed (shared by reference); None: `tmp` is a hard link to it.
     pack: Option<crate::store::PackSlot>,
+    /// A member of a solid group: the range shared.
+    member: Option<crate::store::Member>,
 }
 
 /// Deduplication: if the content hint for `content` names a file whose blob still exists, holds
@@ -519,7 +849,22 @@ fn share_equal_blob(
     // The file the hint names, as the index has it now (deleted or not compressed any
     // more: nothing to share; rewritten since: its header's BLAKE3 differs, below).
     let owner = core.store.content_hint(content).ok()??;
-    let blob_ref = core.store.get(owner).ok()??.blob?;
+    let owner_inode = core.store.get(owner).ok()??;
+    let blob_ref = owner_inode.blob?;
+    if let Some(m) = blob_ref.member {
+        // A member's range holds this plaintext if its length and the BLAKE3's second
+        // half (in its record) are this file's, the first half being the hint's key.
+        // Its length is the file's size only while the file is clean.
+        if owner_inode.dirty
+            || owner_inode.size != size
+            || m.tail != crate::store::Member::tail_of(content)
+            || m.offset
+                .checked_add(size)
+                .is_none_or(|end| end > m.group_len)
+        {
+            return None;
+        }
+    }
     if let Some(slot) = blob_ref.pack {
         // A packed blob nobody refers to any more (its file deleted or rewritten since
         // the read above) cannot be shared: the commit would refuse it. Coded instead,
@@ -531,7 +876,11 @@ fn share_equal_blob(
     }
     let blob = core.store.open_blob(owner, &blob_ref).ok()?;
     let (header, _) = codec::container::Header::read_from(&blob).ok()?;
-    if header.original_len != size || header.checksum != *content {
+    let holds = match blob_ref.member {
+        Some(m) => header.original_len == m.group_len,
+        None => header.original_len == size && header.checksum == *content,
+    };
+    if !holds {
         return None;
     }
     if header.has_llm_segments()
@@ -544,6 +893,7 @@ fn share_equal_blob(
             len: blob_ref.stored_size,
             owner,
             pack: Some(slot),
+            member: blob_ref.member,
         });
     }
     // The blob's name may go (its file deleted) before the link: then there is nothing
@@ -558,6 +908,7 @@ fn share_equal_blob(
         len: blob.len(),
         owner,
         pack: None,
+        member: None,
     })
 }
 
@@ -588,6 +939,16 @@ fn pause_before_commit(blob: &str) {
     }
 }
 
+/// Members installed with the one a group was decoded for (each an fsync, a rename and
+/// an index write on the decoder's thread).
+const MAX_SIBLINGS: usize = 32;
+
+/// Where a member of a solid group has its group decoded (a temp file like the file's
+/// own, removed once the member is out of it, and by recovery and fsck as any temp).
+fn group_tmp_path(core: &Core, ino: u64) -> PathBuf {
+    core.store.cache_tmp_path(ino).with_extension("group.tmp")
+}
+
 /// Regions decoded past the last one a reader asked for. Sequential readers find the
 /// next chunks decoded (or decoding) when they get there; a reader that only wants the
 /// first page does not pay for the whole book.
@@ -601,9 +962,12 @@ enum RegionState {
     Done,
 }
 
-/// One file being decoded into its cache temp file, region by region.
+/// One file being decoded into its cache temp file, region by region (a member of a
+/// solid group: its group, into a temp file of the group's, see [`group_tmp_path`]).
 struct Decoding {
     blob: BlobRef,
+    /// The file's length (a member's range in its group).
+    size: u64,
     path: PathBuf,
     /// The blob, read a region at a time (never whole: it can be as large as the file).
     data: crate::store::pack::BlobSource,
@@ -723,6 +1087,9 @@ impl Decoder<'_> {
             }
             self.core.partial_dropped(ino, d.blob);
             let _ = std::fs::remove_file(self.core.store.cache_tmp_path(ino));
+            if d.blob.member.is_some() {
+                let _ = std::fs::remove_file(group_tmp_path(self.core, ino));
+            }
         }
     }
 
@@ -755,13 +1122,17 @@ impl Decoder<'_> {
         if !self.decodings.contains_key(&ino) {
             match self.start(ino, size, blob) {
                 Ok(d) => {
-                    self.core.partial_started(
-                        ino,
-                        blob,
-                        d.file.clone(),
-                        Arc::new(d.plan.regions.iter().map(|r| r.out.clone()).collect()),
-                        size,
-                    );
+                    // A member's reads wait for its whole group (one chunk): its decoded
+                    // regions are the group's, not the file's.
+                    if blob.member.is_none() {
+                        self.core.partial_started(
+                            ino,
+                            blob,
+                            d.file.clone(),
+                            Arc::new(d.plan.regions.iter().map(|r| r.out.clone()).collect()),
+                            size,
+                        );
+                    }
                     self.decodings.insert(ino, d);
                 }
                 Err((errno, why)) => return self.fail(ino, Some(blob), errno, why),
@@ -771,10 +1142,13 @@ impl Decoder<'_> {
         if let Err((errno, why)) = self.start_urgent(ino) {
             return self.fail(ino, Some(blob), errno, why);
         }
-        let ahead = need.range.map_or(0..0, |r| {
-            let c = self.covering(ino, r);
-            c.end..(c.end + READ_AHEAD_REGIONS).min(n)
-        });
+        let ahead = match need.range {
+            Some(r) if blob.member.is_none() => {
+                let c = self.covering(ino, r);
+                c.end..(c.end + READ_AHEAD_REGIONS).min(n)
+            }
+            _ => 0..0,
+        };
         for i in ahead {
             if let Err((errno, why)) = self.start_region(ino, i, READ_AHEAD) {
                 return self.fail(ino, Some(blob), errno, why);
@@ -798,12 +1172,15 @@ impl Decoder<'_> {
             .pool
             .as_ref()
             .map_or(usize::MAX, |(p, _)| p.workers * (p.lanes + READ_LANES));
-        // Reads of a range first, then whole-file waits, each in file order.
+        // Reads of a range first, then whole-file waits, each in file order (a member's
+        // reads all wait for its whole group).
+        let member = d.blob.member.is_some();
         let waiting = self.core.waiting_ranges(ino);
-        let whole = waiting.iter().any(|r| r.is_none());
+        let whole = member || waiting.iter().any(|r| r.is_none());
         let mut urgent: Vec<usize> = waiting
             .into_iter()
             .flatten()
+            .filter(|_| !member)
             .flat_map(|r| self.covering(ino, r))
             .collect();
         urgent.sort_unstable();
@@ -856,9 +1233,25 @@ impl Decoder<'_> {
             .open_blob(ino, &blob)
             .map_err(|e| fail(format!("{path}: {e}")))?;
         let plan = Plan::read_from(&data).map_err(|e| fail(format!("{path}: {e}")))?;
-        if plan.header.original_len != size {
+        // What the blob decodes to: the file, or a member's whole group.
+        let whole = match blob.member {
+            Some(m) => {
+                if m.offset
+                    .checked_add(size)
+                    .is_none_or(|end| end > m.group_len)
+                {
+                    return Err(fail(format!(
+                        "the index puts its {size} bytes at {} of a {}-byte group",
+                        m.offset, m.group_len
+                    )));
+                }
+                m.group_len
+            }
+            None => size,
+        };
+        if plan.header.original_len != whole {
             return Err(fail(format!(
-                "{} holds {} bytes but the index says {size}",
+                "{} holds {} bytes but the index says {whole}",
                 path, plan.header.original_len
             )));
         }
@@ -877,7 +1270,10 @@ impl Decoder<'_> {
         } else {
             None
         };
-        let tmp = self.core.store.cache_tmp_path(ino);
+        let tmp = match blob.member {
+            Some(_) => group_tmp_path(self.core, ino),
+            None => self.core.store.cache_tmp_path(ino),
+        };
         // A new file, never the old one truncated: a reader may still hold an earlier
         // decode's file (by its handle) and must not see it shrink under it.
         match std::fs::remove_file(&tmp) {
@@ -902,7 +1298,7 @@ impl Decoder<'_> {
             })
             .and_then(|f| {
                 // Made by us just now and of no use: not left for fsck to find.
-                f.set_len(size).map(|()| f).inspect_err(|_| {
+                f.set_len(whole).map(|()| f).inspect_err(|_| {
                     let _ = std::fs::remove_file(&tmp);
                 })
             })
@@ -915,6 +1311,7 @@ impl Decoder<'_> {
         let n = plan.regions.len();
         Ok(Decoding {
             blob,
+            size,
             path: path.into(),
             data,
             plan,
@@ -1056,16 +1453,21 @@ impl Decoder<'_> {
             return;
         };
         let blob = d.blob;
-        self.core.partial_progress(ino, blob, &d.done_flags());
+        if blob.member.is_none() {
+            self.core.partial_progress(ino, blob, &d.done_flags());
+        }
         if d.remaining > 0 {
             return;
         }
         let Some(d) = self.decodings.remove(&ino) else {
             return;
         };
-        // Every chunk passed its CRC; the whole file must also pass its BLAKE3 before it
-        // becomes the clean copy.
-        let tmp = self.core.store.cache_tmp_path(ino);
+        // Every chunk passed its CRC; the whole file (or group) must also pass its BLAKE3
+        // before it becomes the clean copy.
+        let tmp = match blob.member {
+            Some(_) => group_tmp_path(self.core, ino),
+            None => self.core.store.cache_tmp_path(ino),
+        };
         let check = d
             .file
             .sync_all()
@@ -1096,11 +1498,135 @@ impl Decoder<'_> {
                 v.finish()
                     .map_err(|e| (libc::EIO, format!("{}: {e}", d.path.display())))
             });
+        let check = check.and_then(|()| match blob.member {
+            Some(_) => self.install_member(ino, d.size, blob, &d),
+            None => Ok(()),
+        });
         match check {
-            Ok(()) => self.core.materialized(ino, Some(blob), Ok(())),
+            Ok(()) => {
+                if blob.member.is_some() {
+                    // Before the reader is answered: what it does next (an evict, a
+                    // read of another member) then finds the siblings installed, not
+                    // being installed.
+                    self.install_siblings(ino, &d);
+                    let _ = std::fs::remove_file(group_tmp_path(self.core, ino));
+                }
+                self.core.materialized(ino, Some(blob), Ok(()));
+            }
             Err((errno, why)) => {
                 self.decodings.insert(ino, d);
                 self.fail(ino, Some(blob), errno, why);
+            }
+        }
+    }
+
+    /// A member's group is decoded and checked: its range becomes the file's temp file
+    /// (checked against the BLAKE3 tail in its record), handed to the core as a decode
+    /// that is complete (a read-only mount serves it from there), and the group's temp
+    /// file goes.
+    fn install_member(
+        &self,
+        ino: u64,
+        size: u64,
+        blob: BlobRef,
+        d: &Decoding,
+    ) -> Result<(), (i32, String)> {
+        use std::io::Write;
+        use std::os::unix::fs::FileExt;
+        let io = |what: String| {
+            move |e: std::io::Error| {
+                (
+                    e.raw_os_error().unwrap_or(libc::EIO),
+                    format!("{what}: {e}"),
+                )
+            }
+        };
+        let Some(m) = blob.member.filter(|m| {
+            m.offset
+                .checked_add(size)
+                .is_some_and(|end| end <= m.group_len)
+        }) else {
+            return Err((libc::EIO, "not a range of its group".into()));
+        };
+        let len = usize::try_from(size).map_err(|_| (libc::EIO, "member too large".to_string()))?;
+        let mut bytes = vec![0u8; len];
+        d.file
+            .read_exact_at(&mut bytes, m.offset)
+            .map_err(io(format!(
+                "reading the decoded group of {}",
+                d.path.display()
+            )))?;
+        let hash: [u8; 32] = blake3::hash(&bytes).into();
+        if crate::store::Member::tail_of(&hash) != m.tail {
+            return Err((
+                libc::EIO,
+                format!(
+                    "{}: the group decoded, but bytes {}..{} are not the file the index names",
+                    d.path.display(),
+                    m.offset,
+                    m.offset + size
+                ),
+            ));
+        }
+        let tmp = self.core.store.cache_tmp_path(ino);
+        match std::fs::remove_file(&tmp) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(io(format!("removing {}", tmp.display()))(e));
+            }
+            _ => {}
+        }
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&tmp)
+            .and_then(|mut f| f.write_all(&bytes).and_then(|()| f.sync_all()).map(|()| f))
+            .map_err(|e| {
+                let _ = std::fs::remove_file(&tmp);
+                io(format!("writing {}", tmp.display()))(e)
+            })?;
+        self.core.partial_started(
+            ino,
+            blob,
+            Arc::new(file),
+            Arc::new(std::iter::once(0..size).collect()),
+            size,
+        );
+        self.core.partial_progress(ino, blob, &[true]);
+        Ok(())
+    }
+
+    /// The group `d` decoded for one member holds the others too: up to
+    /// [`MAX_SIBLINGS`] members of the same group whose files have no copy (and no
+    /// decode of their own under way) get their ranges installed as well, so that
+    /// reading a group's files one after the other decodes it once, not once per file
+    /// (readers of several members at once may still each decode it). Best effort: a
+    /// member that cannot be installed is decoded when it is read.
+    fn install_siblings(&self, ino: u64, d: &Decoding) {
+        let (Some(slot), Some(m)) = (d.blob.pack, d.blob.member) else {
+            return;
+        };
+        let Ok(refs) = self.core.store.slot_refs(slot) else {
+            return;
+        };
+        for other in refs.into_iter().take(MAX_SIBLINGS) {
+            if other == ino || self.decodings.contains_key(&other) {
+                continue;
+            }
+            let Ok(Some((size, blob))) = self.core.blob_of(other) else {
+                continue; // cached, gone, or unreadable: nothing to do here
+            };
+            let same_group =
+                blob.pack == Some(slot) && blob.member.is_some_and(|o| o.group_len == m.group_len);
+            if !same_group || self.core.has_complete_partial(other, blob) {
+                continue;
+            }
+            match self.install_member(other, size, blob, d) {
+                Ok(()) => self.core.materialized(other, Some(blob), Ok(())),
+                Err((_, why)) => {
+                    self.core.partial_dropped(other, blob);
+                    log::debug!("inode {other}: not installed with its group ({why})");
+                }
             }
         }
     }

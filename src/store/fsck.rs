@@ -83,7 +83,16 @@ struct Checker<'a> {
     txn: Txn,
     /// Unusable blobs the repaired index no longer refers to.
     rescue_after_commit: Vec<PathBuf>,
+    /// The groups decoded last (deep check): slot -> the group's plaintext or why it
+    /// did not decode, so that a group is decoded once for its members, not once each.
+    groups: Vec<(super::PackSlot, Decoded)>,
 }
+
+/// A group's plaintext, or why it did not decode.
+type Decoded = std::sync::Arc<std::result::Result<Vec<u8>, String>>;
+
+/// Groups kept decoded by a deep check (each at most `MAX_GROUP` bytes).
+const GROUPS_KEPT: usize = 64;
 
 impl Checker<'_> {
     fn found(&mut self, code: &'static str, detail: String, fix: Option<String>) {
@@ -125,6 +134,7 @@ pub fn fsck(backing: &Path, opts: FsckOptions<'_>) -> Result<Report> {
         report: Report::default(),
         txn: Txn::default(),
         rescue_after_commit: Vec::new(),
+        groups: Vec::new(),
     };
     check_key_shapes(&mut c)?;
     check_profiles(&mut c)?;
@@ -922,7 +932,18 @@ fn check_files(c: &mut Checker, inodes: &HashMap<u64, Inode>) -> Result<HashSet<
                     blob_ok = true;
                     use std::os::unix::fs::MetadataExt;
                     let shared = match b.pack {
-                        Some(slot) => c.store.slot_refs(slot)?.len() > 1,
+                        // (Members of one group share the slot, not their content.)
+                        Some(slot) => c
+                            .store
+                            .slot_refs(slot)?
+                            .iter()
+                            .filter(|&&other| other != ino)
+                            .any(|other| {
+                                inodes
+                                    .get(other)
+                                    .and_then(|i| i.blob)
+                                    .is_some_and(|o| o.member == b.member)
+                            }),
                         None => std::fs::metadata(&path).is_ok_and(|m| m.nlink() > 1),
                     };
                     if shared {
@@ -1084,6 +1105,9 @@ fn check_blob(
     } else {
         match Header::read_from(&blob) {
             Err(e) => e.to_string(),
+            Ok((h, _)) if b.member.is_some() => {
+                return check_member(c, inode, b, &blob, &h).map(|why| ("bad-blob", why));
+            }
             Ok((h, _)) if h.original_len != inode.size => format!(
                 "decodes to {} bytes, the file has {}",
                 h.original_len, inode.size
@@ -1103,6 +1127,87 @@ fn check_blob(
         }
     };
     Some(("bad-blob", why))
+}
+
+/// A member of a solid group: its group's length is the header's, its range lies in
+/// the group, and (deep) the group decodes and the range's BLAKE3 tail is its record's.
+/// Returns what is wrong.
+fn check_member(
+    c: &mut Checker,
+    inode: &Inode,
+    b: &super::BlobRef,
+    blob: &super::pack::BlobSource,
+    h: &Header,
+) -> Option<String> {
+    let m = b.member?;
+    if h.original_len != m.group_len {
+        return Some(format!(
+            "decodes to {} bytes, the index says its group holds {}",
+            h.original_len, m.group_len
+        ));
+    }
+    // (Decoded into memory below: never more than a group can hold.)
+    if m.group_len > crate::fs::options::MAX_GROUP {
+        return Some(format!(
+            "is a group of {} bytes, more than a group holds ({})",
+            m.group_len,
+            crate::fs::options::MAX_GROUP
+        ));
+    }
+    let size = inode.size;
+    let Some(end) = m.offset.checked_add(size).filter(|&e| e <= m.group_len) else {
+        return Some(format!(
+            "is a group of {} bytes; the file's {size} bytes at {} run past it",
+            m.group_len, m.offset
+        ));
+    };
+    if h.has_llm_segments() && c.opts.engine.is_none() {
+        return None; // header and range are sound; the payload needs --deep
+    }
+    let slot = b.pack?;
+    let known = c
+        .groups
+        .iter()
+        .find(|(s, _)| *s == slot)
+        .map(|(_, g)| g.clone());
+    let group = match known {
+        Some(g) => g,
+        None => {
+            c.report.blobs_decoded += 1;
+            let engine = c.opts.engine.filter(|_| h.has_llm_segments());
+            let mut plain = Vec::new();
+            let decoded = codec::decode_to(
+                blob,
+                engine,
+                &DecompressOptions::default(),
+                &|_| {},
+                &mut plain,
+            )
+            .map(|_| plain)
+            .map_err(|e| e.to_string());
+            let g = std::sync::Arc::new(decoded);
+            if c.groups.len() >= GROUPS_KEPT {
+                c.groups.remove(0);
+            }
+            c.groups.push((slot, g.clone()));
+            g
+        }
+    };
+    match &*group {
+        Err(e) => Some(e.clone()),
+        Ok(plain) => {
+            let range = plain.get(m.offset as usize..end as usize)?;
+            let hash: [u8; 32] = blake3::hash(range).into();
+            if super::Member::tail_of(&hash) != m.tail && !inode.dirty {
+                Some(format!(
+                    "decodes, but bytes {}..{end} of its group are not the file the index names",
+                    m.offset
+                ))
+            } else {
+                None
+            }
+        }
+    }
 }
 
 fn check_queue_and_xattrs(c: &mut Checker, inodes: &HashMap<u64, Inode>) -> Result<()> {

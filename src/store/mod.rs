@@ -38,7 +38,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 pub use pack::{PackInfo, PackSlot};
-pub use record::{BlobRef, Inode, Kind};
+pub use record::{BlobRef, Inode, Kind, Member};
 
 pub const ROOT_INO: u64 = 1;
 const FORMAT_MARKER: &str = "nacrithfs.format";
@@ -271,7 +271,8 @@ const NEXT_COOKIE_KEY: &[u8] = b"mnext_cookie";
 /// values: about a third of a small file's index bytes), and inode records of version
 /// 2 (varints: ~35 bytes for a packed file instead of 114; version 1 still decodes);
 /// 7 = up entries ('u': directory and cookie, two varints) in place of parent entries
-/// ('p': directory and the whole name, a third copy of it).
+/// ('p': directory and the whole name, a third copy of it); 8 = inode records may name
+/// a member of a solid group (blob marker 3: several small files coded as one blob).
 const LAYOUT_KEY: &[u8] = b"mlayout";
 /// Present while clean copies made by layout 1 (never fsynced) are still to be checked
 /// against their blobs' size and BLAKE3 (by the next read-write recovery).
@@ -289,7 +290,7 @@ const META_KEYS: &[&[u8]] = &[
     CHECK_CLEAN_KEY,
     CLEAN_STOP_KEY,
 ];
-const LAYOUT: u64 = 7;
+const LAYOUT: u64 = 8;
 /// The first layout with readdir cookies.
 const LAYOUT_COOKIES: u64 = 2;
 /// The first layout whose cookie values hold the entry (child, kind, name), not just
@@ -1174,8 +1175,8 @@ impl Store {
         };
         let mut txn = Txn::default();
         if from >= LAYOUT_COOKIE_ENTRIES {
-            // Layouts 5 to 7 only add keys, or change the hints and parent entries
-            // (done above).
+            // Layouts 5 to 8 only add keys or record forms, or change the hints and
+            // parent entries (done above).
             txn.batch.insert(LAYOUT_KEY, LAYOUT.to_le_bytes());
             self.commit(txn, true)?;
             self.layout = LAYOUT;
@@ -2564,6 +2565,7 @@ pub(crate) mod tests {
                 seq,
                 stored_size: len,
                 pack: Some(slot(offset)),
+                member: None,
             });
             i
         };

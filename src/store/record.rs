@@ -73,6 +73,32 @@ pub struct BlobRef {
     /// In a pack (layout 5): the slot holding its `stored_size` bytes; None: a file of
     /// its own.
     pub pack: Option<PackSlot>,
+    /// A member of a solid group (layout 8): the blob holds several small files coded as
+    /// one plaintext, and this file is `size` bytes of it. Always packed.
+    pub member: Option<Member>,
+}
+
+/// Where a grouped file's bytes are in its group's plaintext (see [`BlobRef::member`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Member {
+    /// The file's first byte in the group's plaintext (its length is the inode's size).
+    pub offset: u64,
+    /// The group's plaintext length (the blob header's original length): what the
+    /// file's share of the blob is counted from.
+    pub group_len: u64,
+    /// Bytes 16..32 of the BLAKE3 of the file's bytes. A content hint is keyed by the
+    /// first 16: with both, a duplicate is checked against all 32 without decoding the
+    /// group; fsck --deep checks the decoded range against them.
+    pub tail: [u8; 16],
+}
+
+impl Member {
+    /// The tail of `hash` a member record keeps.
+    pub fn tail_of(hash: &[u8; 32]) -> [u8; 16] {
+        let mut t = [0u8; 16];
+        t.copy_from_slice(&hash[16..]);
+        t
+    }
 }
 
 impl BlobRef {
@@ -81,6 +107,20 @@ impl BlobRef {
             seq,
             stored_size,
             pack: None,
+            member: None,
+        }
+    }
+
+    /// The blob bytes counted for a file of `size` bytes: all of its blob, or for a
+    /// group member its share (by length; at least 1 byte of a non-empty blob).
+    pub fn share(&self, size: u64) -> u64 {
+        match self.member {
+            Some(m) if m.group_len > 0 => {
+                let share = (self.stored_size as u128 * size.min(m.group_len) as u128
+                    / m.group_len as u128) as u64;
+                share.max(u64::from(self.stored_size > 0))
+            }
+            _ => self.stored_size,
         }
     }
 }
@@ -136,9 +176,10 @@ impl Inode {
     /// nlink, size; mtime: varint zigzag seconds, varint nanoseconds; u8 "same" bits
     /// (1 atime, 2 ctime, 4 crtime equal to mtime), then for each of atime, ctime,
     /// crtime that is not: varint zigzag (its seconds - mtime's, as i128), varint
-    /// nanoseconds; varint rdev; blob marker u8 (0 none, 1 file, 2 packed), then varint
-    /// seq, stored size, and for a packed blob varint pack, offset; varint target
-    /// length, target
+    /// nanoseconds; varint rdev; blob marker u8 (0 none, 1 file, 2 packed, 3 group
+    /// member, layout 8), then varint seq, stored size, and for a packed blob or a
+    /// member varint pack, offset, and for a member varint member offset, group length
+    /// and 16 bytes of BLAKE3 (see [`Member`]); varint target length, target
     /// ```
     pub fn encode(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(48 + self.target.len());
@@ -175,12 +216,24 @@ impl Inode {
         put_varint(&mut out, self.rdev as u128);
         match self.blob {
             Some(b) => {
-                out.push(if b.pack.is_some() { 2 } else { 1 });
+                // (A member without a slot cannot be made; were one asked for, it is
+                // written as a plain blob file, which fsck would then find missing.)
+                let member = b.member.filter(|_| b.pack.is_some());
+                out.push(match (b.pack, member) {
+                    (_, Some(_)) => 3,
+                    (Some(_), None) => 2,
+                    (None, _) => 1,
+                });
                 put_varint(&mut out, b.seq as u128);
                 put_varint(&mut out, b.stored_size as u128);
                 if let Some(s) = b.pack {
                     put_varint(&mut out, s.pack as u128);
                     put_varint(&mut out, s.offset as u128);
+                }
+                if let Some(m) = member {
+                    put_varint(&mut out, m.offset as u128);
+                    put_varint(&mut out, m.group_len as u128);
+                    out.extend_from_slice(&m.tail);
                 }
             }
             None => out.push(0),
@@ -229,6 +282,13 @@ impl Inode {
         }
         let rdev = r.var_u32()?;
         let blob = r.blob(Reader::var_u64)?;
+        if let Some(m) = blob.and_then(|b| b.member) {
+            // (Its end is checked where the range is used, against the file's size:
+            // records are decoded before anything is compared.)
+            if m.offset > m.group_len {
+                return Err("group member starts past its group".into());
+            }
+        }
         let tlen = usize::try_from(r.var_u64()?).map_err(|_| "target length out of range")?;
         let target = r.target(tlen)?;
         Ok(Inode {
@@ -391,6 +451,21 @@ impl<'a> Reader<'a> {
                     pack: int(self)?,
                     offset: int(self)?,
                 }),
+                member: None,
+            }),
+            // Only in version 2 records (layout 8); a version-1 record never has it.
+            3 if self.data.first() == Some(&RECORD_V2) => Some(BlobRef {
+                seq: int(self)?,
+                stored_size: int(self)?,
+                pack: Some(PackSlot {
+                    pack: int(self)?,
+                    offset: int(self)?,
+                }),
+                member: Some(Member {
+                    offset: int(self)?,
+                    group_len: int(self)?,
+                    tail: self.array()?,
+                }),
             }),
             _ => return Err("bad blob marker".into()),
         })
@@ -529,6 +604,7 @@ mod tests {
                 pack: 3,
                 offset: 5_000_000,
             }),
+            member: None,
         });
         let v2 = packed.encode();
         assert_eq!(v2[0], RECORD_V2);
@@ -599,8 +675,37 @@ mod tests {
                 pack: 5,
                 offset: 4096,
             }),
+            member: None,
         });
         assert_eq!(Inode::decode(&packed.encode()).unwrap(), packed);
+        // A group member (layout 8): marker 3, its range and hash tail round-trip; a
+        // range past its group is refused.
+        let mut member = packed.clone();
+        member.kind = Kind::File;
+        member.target.clear();
+        member.size = 100;
+        member.blob = Some(BlobRef {
+            member: Some(Member {
+                offset: 200,
+                group_len: 300,
+                tail: [7; 16],
+            }),
+            ..packed.blob.unwrap()
+        });
+        let e = member.encode();
+        assert_eq!(Inode::decode(&e).unwrap(), member);
+        for cut in 0..e.len() {
+            assert!(Inode::decode(&e[..cut]).is_err(), "cut at {cut}");
+        }
+        if let Some(m) = member.blob.as_mut().and_then(|b| b.member.as_mut()) {
+            m.offset = 301;
+        }
+        assert!(Inode::decode(&member.encode()).is_err());
+        if let Some(m) = member.blob.as_mut().and_then(|b| b.member.as_mut()) {
+            m.offset = 200;
+        }
+        assert_eq!(member.blob.unwrap().share(100), 100);
+        assert_eq!(BlobRef::file(1, 300).share(100), 300);
         for cut in 0..i.encode().len() {
             assert!(Inode::decode(&i.encode()[..cut]).is_err());
         }

@@ -30,9 +30,10 @@ pub struct Totals {
 
 /// What `st_blocks` and the status count for one inode: its blob once compressed, else
 /// its plaintext (bytes, not rounded).
+/// A group member counts its share of the group's blob (see [`super::BlobRef::share`]).
 pub fn stored_size(inode: &Inode) -> u64 {
     match (inode.dirty, inode.blob) {
-        (false, Some(b)) => b.stored_size,
+        (false, Some(b)) => b.share(inode.size),
         _ => inode.size,
     }
 }
@@ -61,9 +62,15 @@ pub fn on_disk(len: u64) -> u64 {
 pub fn stored_disk(inode: &Inode) -> u64 {
     match (inode.dirty, inode.blob) {
         // (Saturating: the values come from the index, which a damaged disk can hold.)
-        (false, Some(b)) if b.pack.is_some() => {
-            b.stored_size.saturating_add(super::pack::RECORD_HEADER)
-        }
+        (false, Some(b)) if b.pack.is_some() => match b.member {
+            // Its share of the slot, record header included (by length).
+            Some(m) if m.group_len > 0 => {
+                let slot = b.stored_size.saturating_add(super::pack::RECORD_HEADER);
+                ((slot as u128 * inode.size.min(m.group_len) as u128 / m.group_len as u128) as u64)
+                    .max(1)
+            }
+            _ => b.stored_size.saturating_add(super::pack::RECORD_HEADER),
+        },
         _ => on_disk(stored_size(inode)),
     }
 }

@@ -266,7 +266,7 @@ impl Core {
              compressed_since_mount={}\nbytes_in={}\nbytes_out={}\nbusy_seconds={secs:.1}\n\
              failures={}\nsuperseded={}\nverify_failures={}\ndecompressions={}\ndecompress_failures={}\n\
              symbols_coded={}\nregions_decoded={}\nchunk_jobs_queued={chunk_jobs}\nindex_commits={}\n\
-             compress_seconds={:.3}\ncoding_seconds={:.3}\nshared_files={}\nshared_bytes={}\npaused={}\nread_only={}\n\
+             compress_seconds={:.3}\ncoding_seconds={:.3}\nshared_files={}\nshared_bytes={}\ngrouped_files={}\npaused={}\nread_only={}\n\
              packs={packs}\npack_disk_bytes={pack_disk}\npack_live_bytes={pack_live}\n",
             queued,
             stats.compressed_files,
@@ -284,6 +284,7 @@ impl Core {
             stats.coding_time.as_secs_f64(),
             stats.shared_files,
             stats.shared_bytes,
+            stats.grouped_files,
             u8::from(paused),
             u8::from(self.opts.read_only),
         ))

@@ -273,6 +273,15 @@ impl Core {
         true
     }
 
+    /// Whether `ino` has a whole decoded copy of `blob` that is not its clean copy (a
+    /// read-only mount's).
+    pub(crate) fn has_complete_partial(&self, ino: u64, blob: BlobRef) -> bool {
+        self.lock()
+            .partial
+            .get(&ino)
+            .is_some_and(|p| p.blob == blob && p.complete())
+    }
+
     /// The decoder gave up on (or finished with) a partial decode of `ino`.
     pub(crate) fn partial_dropped(&self, ino: u64, blob: BlobRef) {
         let mut st = self.lock();

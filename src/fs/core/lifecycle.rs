@@ -4,6 +4,31 @@ use super::*;
 
 /// The due time of a file `nacrithfs flush` asked for: before any wall-clock time.
 const FLUSH_DUE: u64 = 0;
+/// Queue entries looked at for the companions of a solid group (under the state lock,
+/// each an index read).
+const GROUP_SCAN: usize = 64;
+
+/// A file claimed to be coded in a solid group with the one a compressor claimed: its
+/// plaintext and the content version read at its claim.
+pub(crate) struct Companion {
+    pub ino: u64,
+    pub path: std::path::PathBuf,
+    pub version: u64,
+}
+
+/// A claim: the plaintext's path, the content version, and the files claimed with it.
+pub(crate) type Claimed = (std::path::PathBuf, u64, Vec<Companion>);
+
+/// A file of a solid group being committed (see [`Core::commit_group`]).
+pub(crate) struct GroupMember {
+    pub ino: u64,
+    /// The content version read at its claim.
+    pub version: u64,
+    /// Its first byte in the group's plaintext, its length, and its BLAKE3.
+    pub offset: u64,
+    pub size: u64,
+    pub content: [u8; 32],
+}
 
 impl Core {
     /// Queue `ino` (a dirty file) to be compressed after `delay`: in memory now, in the
@@ -90,8 +115,24 @@ impl Core {
     /// Claim `ino` for compression. Returns its plaintext path and the content version
     /// its commit will be checked against (read here, under the lock that marks it
     /// compressing, so that its in-memory state is kept from now until the end), or
-    /// None if it no longer needs compressing (then its queue entry is dropped).
+    /// None if it no longer needs compressing (then its queue entry is dropped). (The
+    /// compressors claim with [`Core::claim_group`].)
+    #[cfg(test)]
     pub(crate) fn claim(&self, ino: u64) -> FsResult<Option<(std::path::PathBuf, u64)>> {
+        Ok(self
+            .claim_with(ino, false)?
+            .map(|(path, version, _)| (path, version)))
+    }
+
+    /// As [`Core::claim`]; and if the file is small enough for a solid group, claim
+    /// the other due files of its group too, in the same locked section: compressors
+    /// woken together (a flush) would otherwise each take one file of what is one
+    /// group, and code them alone.
+    pub(crate) fn claim_group(&self, ino: u64) -> FsResult<Option<Claimed>> {
+        self.claim_with(ino, true)
+    }
+
+    fn claim_with(&self, ino: u64, group: bool) -> FsResult<Option<Claimed>> {
         let mut st = self.lock();
         if st.compressing.contains(&ino) {
             // Another compressor took it between next_due and now.
@@ -109,7 +150,14 @@ impl Core {
                 }
                 st.compressing.push(ino);
                 let version = st.live.get(&ino).map_or(0, |l| l.version);
-                Ok(Some((self.store.cache_path(ino), version)))
+                let limit = self.opts.group;
+                let small = i.size > 0 && i.size <= limit / 2;
+                let companions = if group && self.opts.pack && small {
+                    self.claim_companions(&mut st, ino, limit / 2, limit - i.size)
+                } else {
+                    Vec::new()
+                };
+                Ok(Some((self.store.cache_path(ino), version, companions)))
             }
             _ => {
                 let mut txn = Txn::default();
@@ -118,6 +166,161 @@ impl Core {
                 Ok(None)
             }
         }
+    }
+
+    /// Claim other due files of at most `each` bytes, `room` bytes in all, to be coded
+    /// in one solid group with `first` (being claimed). Looks at the first
+    /// [`GROUP_SCAN`] entries of the queue in due order (files closed together are
+    /// mostly neighbours in a corpus); each claimed one is marked compressing as
+    /// [`Core::claim`] does.
+    fn claim_companions(&self, st: &mut State, first: u64, each: u64, room: u64) -> Vec<Companion> {
+        let now = unix_ms(SystemTime::now());
+        let candidates: Vec<u64> = self.store.with_queue(|q| {
+            q.in_due_order()
+                .take_while(|&(_, due)| due <= now)
+                .map(|(ino, _)| ino)
+                .filter(|&ino| {
+                    ino != first
+                        && !st.compressing.contains(&ino)
+                        && !st.deferred.contains(&ino)
+                        && st.live.get(&ino).is_none_or(|l| l.changing == 0)
+                })
+                .take(GROUP_SCAN)
+                .collect()
+        });
+        let mut room = room;
+        let mut out = Vec::new();
+        for ino in candidates {
+            if room == 0 {
+                break;
+            }
+            // (Not there or unreadable: the file's own claim deals with it.)
+            let Ok(inode) = self.get(ino) else { continue };
+            // (An empty file gains nothing from a group, and would tie its next write
+            // to a decode of the group.)
+            if inode.kind != Kind::File
+                || !inode.dirty
+                || !inode.cached
+                || inode.size == 0
+                || inode.size > each
+                || inode.size > room
+            {
+                continue;
+            }
+            room -= inode.size;
+            st.compressing.push(ino);
+            let version = st.live.get(&ino).map_or(0, |l| l.version);
+            out.push(Companion {
+                ino,
+                path: self.store.cache_path(ino),
+                version,
+            });
+        }
+        out
+    }
+
+    /// Commit a solid group: each member's inode switches to its range of the packed
+    /// blob at `slot` (written durably, holding `group_len` bytes of plaintext), all in
+    /// one index batch. A member that changed since its version was read (or whose
+    /// plaintext is not the file's length) is left out, as [`Core::commit_blob`] would
+    /// refuse it; its range stays in the slot unused. Every member's compression ends
+    /// here. Returns the members committed (none: the slot has no reference, and
+    /// compaction takes it).
+    pub(crate) fn commit_group(
+        &self,
+        members: &[GroupMember],
+        seq: u64,
+        stored_size: u64,
+        slot: crate::store::PackSlot,
+        group_len: u64,
+    ) -> FsResult<Vec<u64>> {
+        let mut st = self.lock();
+        let mut accepted = Vec::new();
+        let mut retry = Txn::default();
+        for m in members {
+            let (current, changing) = st
+                .live
+                .get(&m.ino)
+                .map_or((0, 0), |l| (l.version, l.changing));
+            self.compression_ended(&mut st, m.ino);
+            let inode = match self.get(m.ino) {
+                Ok(i) => i,
+                Err(libc::ENOENT) => {
+                    st.stats.superseded += 1;
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            if st.paused
+                || current != m.version
+                || changing > 0
+                || !inode.dirty
+                || !inode.cached
+                || inode.size != m.size
+            {
+                st.stats.superseded += 1;
+                if !st.paused
+                    && current == m.version
+                    && changing == 0
+                    && inode.dirty
+                    && inode.cached
+                {
+                    // Its plaintext is not the file's length (see `commit_blob`): not
+                    // grouped again every few seconds.
+                    retry.enqueue(m.ino, unix_ms(SystemTime::now() + RETRY_AFTER));
+                }
+                continue;
+            }
+            accepted.push((m, inode));
+        }
+        if !retry.is_empty() {
+            self.commit(retry, false)?;
+        }
+        if accepted.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut txn = Txn::default();
+        for (m, inode) in &mut accepted {
+            if let Some(old) = inode.blob {
+                txn.bury_blob(m.ino, &old);
+            }
+            inode.dirty = false;
+            inode.blob = Some(BlobRef {
+                seq,
+                stored_size,
+                pack: Some(slot),
+                member: Some(crate::store::Member {
+                    offset: m.offset,
+                    group_len,
+                    tail: crate::store::Member::tail_of(&m.content),
+                }),
+            });
+            txn.put_inode(m.ino, inode);
+            txn.dequeue(m.ino);
+            // The newest blob with this content: a later duplicate shares the range.
+            txn.put_content_hint(&m.content, m.ino);
+        }
+        // Applied, then flushed, as in `commit_blob` (a failed flush stops the daemon;
+        // the commit stands).
+        self.commit(txn, false)?;
+        if let Err(e) = self.store.flush() {
+            log::error!(
+                "a group of {} files is committed but the index flush failed ({e}); the daemon stops",
+                accepted.len()
+            );
+        }
+        crate::crash::point("group.after_commit");
+        self.reap_soon();
+        let mut done = Vec::with_capacity(accepted.len());
+        for (m, inode) in &accepted {
+            st.clean.insert(m.ino, inode.size);
+            st.stats.compressed_files += 1;
+            st.stats.grouped_files += 1;
+            st.stats.bytes_in += inode.size;
+            st.stats.bytes_out += inode.blob.map_or(0, |b| b.share(inode.size));
+            done.push(m.ino);
+        }
+        Ok(done)
     }
 
     /// Switch `ino` to the blob just written durably at `seq`, unless the file changed
@@ -131,6 +334,7 @@ impl Core {
             ref content,
             shared,
             pack,
+            member,
         } = *blob;
         let mut st = self.lock();
         // Read before the compression ends: its end may drop the file's in-memory state.
@@ -200,6 +404,7 @@ impl Core {
             seq,
             stored_size,
             pack,
+            member,
         };
         inode.blob = Some(new);
         txn.put_inode(ino, &inode);
@@ -225,10 +430,10 @@ impl Core {
         st.clean.insert(ino, inode.size);
         st.stats.compressed_files += 1;
         st.stats.bytes_in += original;
-        st.stats.bytes_out += stored_size;
+        st.stats.bytes_out += new.share(original);
         if shared {
             st.stats.shared_files += 1;
-            st.stats.shared_bytes += stored_size;
+            st.stats.shared_bytes += new.share(original);
         }
         Ok(true)
     }

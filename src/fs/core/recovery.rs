@@ -27,6 +27,7 @@ enum CopyCheck {
 impl Core {
     /// A clean copy is the blob's content: its size and BLAKE3 are the header's.
     fn clean_copy_matches(&self, ino: u64, blob: BlobRef, size: u64) -> Result<(), CopyCheck> {
+        let member = blob.member;
         let blob = self.store.open_blob(ino, &blob).map_err(|e| {
             CopyCheck::BlobUnreadable(format!(
                 "its blob {} cannot be read ({e})",
@@ -38,7 +39,13 @@ impl Core {
         let unreadable = |e: std::io::Error| CopyCheck::Differs(format!("cannot be read ({e})"));
         let mut plain = File::open(self.store.cache_path(ino)).map_err(unreadable)?;
         let len = plain.metadata().map_err(unreadable)?.len();
-        if len != header.original_len || header.original_len != size {
+        // A group member's copy is its range of the group: its length is the file's,
+        // and its BLAKE3's second half is the one in its record.
+        let (whole, want_len) = match member {
+            Some(m) => (m.group_len, size),
+            None => (size, header.original_len),
+        };
+        if len != want_len || header.original_len != whole || len != size {
             return Err(CopyCheck::Differs(format!(
                 "has {len} bytes, the blob {}",
                 header.original_len
@@ -47,7 +54,12 @@ impl Core {
         // Streamed: a clean copy can be far larger than memory allows.
         let mut hasher = blake3::Hasher::new();
         std::io::copy(&mut plain, &mut hasher).map_err(unreadable)?;
-        if hasher.finalize().as_bytes() != &header.checksum {
+        let hash: [u8; 32] = hasher.finalize().into();
+        let matches = match member {
+            Some(m) => crate::store::Member::tail_of(&hash) == m.tail,
+            None => hash == header.checksum,
+        };
+        if !matches {
             return Err(CopyCheck::Differs(
                 "does not match the blob's BLAKE3".into(),
             ));
