@@ -343,6 +343,12 @@ struct Joined {
     content: [u8; 32],
 }
 
+impl AsRef<[u8]> for Joined {
+    fn as_ref(&self) -> &[u8] {
+        &self.bytes
+    }
+}
+
 /// Code `first` with other due small files as one solid group: their plaintexts one
 /// after the other, coded as one chunk (each file with the ones before it as context:
 /// the cold start of a small file is most of its cost), packed as one blob, and every
@@ -433,6 +439,16 @@ fn code_group(
             bytes,
             content,
         });
+    }
+    if companions.is_empty() {
+        return false;
+    }
+    // The group: the candidates most like the files in it so far, up to its size; the
+    // others are let go (still due: the next compressor groups them).
+    let room = core.opts.group.saturating_sub(first.src.len());
+    let (companions, others) = pick_similar(&first_bytes_of(first.src), companions, room);
+    for c in &others {
+        core.compression_interrupted(c.ino);
     }
     if companions.is_empty() {
         return false;
@@ -568,6 +584,63 @@ fn code_group(
     }
     core.enforce_cache_cap();
     true
+}
+
+/// The first file's plaintext for [`pick_similar`] (empty if it cannot be read: the
+/// group is then taken in due order, and the read fails again where it matters).
+fn first_bytes_of(src: &FileSource) -> Vec<u8> {
+    src.read_range(0..src.len()).unwrap_or_default()
+}
+
+/// The 8-byte shingles of `data`, one in four kept (by a hash of the shingle, so the
+/// same ones in every file): what files share, at a quarter of the cost.
+fn shingles(data: &[u8]) -> std::collections::HashSet<u64> {
+    data.windows(8)
+        .map(|w| u64::from_le_bytes([w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7]]))
+        .filter(|&v| v.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 62 == 0)
+        .collect()
+}
+
+/// Split `candidates` into a solid group (in the order to code them) and the rest:
+/// starting from `first`, each next member is the candidate whose shingles are most
+/// contained in the group's so far (files with a close neighbour code like the reference
+/// method measured in the README: -40% of coded bytes), ties and files with nothing in
+/// common in due order, while the members fit `room` bytes.
+fn pick_similar<T: AsRef<[u8]>>(first: &[u8], candidates: Vec<T>, room: u64) -> (Vec<T>, Vec<T>) {
+    let mut seen = shingles(first);
+    let mut left: Vec<(T, std::collections::HashSet<u64>)> = candidates
+        .into_iter()
+        .map(|c| {
+            let s = shingles(c.as_ref());
+            (c, s)
+        })
+        .collect();
+    let mut group = Vec::new();
+    let mut room = room;
+    loop {
+        let best = left
+            .iter()
+            .enumerate()
+            .filter(|(_, (c, _))| c.as_ref().len() as u64 <= room)
+            .map(|(i, (_, s))| {
+                let shared = s.iter().filter(|v| seen.contains(v)).count();
+                // Containment as a fraction, compared without floats.
+                (i, shared as u128, s.len().max(1) as u128)
+            })
+            .fold(
+                None,
+                |best: Option<(usize, u128, u128)>, (i, n, d)| match best {
+                    Some((_, bn, bd)) if n * bd <= bn * d => best,
+                    _ => Some((i, n, d)),
+                },
+            );
+        let Some((i, _, _)) = best else { break };
+        let (c, s) = left.remove(i);
+        room -= c.as_ref().len() as u64;
+        seen.extend(s);
+        group.push(c);
+    }
+    (group, left.into_iter().map(|(c, _)| c).collect())
 }
 
 /// Code `src` (with the model, or zstd alone) into the new blob's temp file, durably.
@@ -1653,5 +1726,36 @@ impl Decoder<'_> {
                 self.need(Need { ino, range: None });
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::pick_similar;
+
+    /// A group takes the candidates most like its files first (a near-copy before an
+    /// unrelated text), in due order when nothing is shared, and only what fits.
+    #[test]
+    fn a_group_takes_the_most_similar_candidates_that_fit() {
+        let first = b"The licence grants you the right to copy, modify and distribute this software, provided that the notice above is kept in every copy.".to_vec();
+        let unrelated = b"def parse(line):\n    key, _, value = line.partition('=')\n    return key.strip(), value.strip()\n".to_vec();
+        let mut near = first.clone();
+        near.extend_from_slice(b" Written by someone else in another year.");
+        let big = vec![b'x'; 5000];
+        let candidates = vec![unrelated.clone(), big.clone(), near.clone()];
+        let (group, rest) = pick_similar(&first, candidates.clone(), 1000);
+        assert_eq!(group, vec![near.clone(), unrelated.clone()]);
+        assert_eq!(rest, vec![big.clone()]);
+        let room = near.len() as u64;
+        let (group, rest) = pick_similar(&first, candidates, room);
+        assert_eq!(group, vec![near]);
+        assert_eq!(rest, vec![unrelated.clone(), big]);
+        // Nothing shared: due order.
+        let (group, _) = pick_similar(
+            b"zzzz",
+            vec![unrelated.clone(), b"qqqqqqqqqqqqq".to_vec()],
+            1000,
+        );
+        assert_eq!(group[0], unrelated);
     }
 }

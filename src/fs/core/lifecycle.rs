@@ -7,6 +7,9 @@ const FLUSH_DUE: u64 = 0;
 /// Queue entries looked at for the companions of a solid group (under the state lock,
 /// each an index read).
 const GROUP_SCAN: usize = 64;
+/// Plaintext claimed as candidates for a solid group, in group sizes: the group takes
+/// the candidates most like its first file, up to one group size.
+const GROUP_CANDIDATES: u64 = 4;
 
 /// A file claimed to be coded in a solid group with the one a compressor claimed: its
 /// plaintext and the content version read at its claim.
@@ -125,9 +128,9 @@ impl Core {
     }
 
     /// As [`Core::claim`]; and if the file is small enough for a solid group, claim
-    /// the other due files of its group too, in the same locked section: compressors
-    /// woken together (a flush) would otherwise each take one file of what is one
-    /// group, and code them alone.
+    /// other due small files as candidates for its group (up to [`GROUP_CANDIDATES`]
+    /// group sizes), in the same locked section: compressors woken together (a flush)
+    /// would otherwise each take one file of what is one group, and code them alone.
     pub(crate) fn claim_group(&self, ino: u64) -> FsResult<Option<Claimed>> {
         self.claim_with(ino, true)
     }
@@ -153,7 +156,9 @@ impl Core {
                 let limit = self.opts.group;
                 let small = i.size > 0 && i.size <= limit / 2;
                 let companions = if group && self.opts.pack && small {
-                    self.claim_companions(&mut st, ino, limit / 2, limit - i.size)
+                    // Candidates for several groups: the compressor keeps the ones most
+                    // like this file and lets the rest go.
+                    self.claim_companions(&mut st, ino, limit / 2, GROUP_CANDIDATES * limit)
                 } else {
                     Vec::new()
                 };
