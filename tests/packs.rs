@@ -689,17 +689,35 @@ fn small_files_are_coded_in_solid_groups_and_read_back_alone() {
     // A member alone, through the decompressor: its group is decoded once, and the
     // other members come with it (reading them decodes nothing more).
     let (last, data) = files.last().expect("files");
+    let before = status_field(&mnt, "regions_decoded");
     assert!(
         fs::read(mnt.join(last)).expect("read") == *data,
         "{last} differs"
     );
     let regions = status_field(&mnt, "regions_decoded");
-    assert!(regions > 0);
+    let group_regions = regions - before;
+    assert!(group_regions > 0);
     read_all(&mnt, &files, "after one member's group was decoded");
     assert_eq!(
         status_field(&mnt, "regions_decoded"),
         regions,
         "the group was decoded again for another member"
+    );
+    // Readers of every member at once: the group is decoded once for all of them.
+    admin("evict", &mnt);
+    std::thread::scope(|s| {
+        for (name, data) in &files {
+            let mnt = &mnt;
+            s.spawn(move || {
+                let got = fs::read(mnt.join(name)).unwrap_or_else(|e| panic!("{name}: {e}"));
+                assert!(got == *data, "{name} differs (concurrent readers)");
+            });
+        }
+    });
+    assert_eq!(
+        status_field(&mnt, "regions_decoded") - regions,
+        group_regions,
+        "concurrent readers of one group decoded it more than once"
     );
     admin("evict", &mnt);
     assert!(

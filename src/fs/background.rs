@@ -1041,6 +1041,8 @@ struct Decoding {
     blob: BlobRef,
     /// The file's length (a member's range in its group).
     size: u64,
+    /// Other members of the group waiting for this decode (see [`Decoder::ride`]).
+    riders: Vec<u64>,
     path: PathBuf,
     /// The blob, read a region at a time (never whole: it can be as large as the file).
     data: crate::store::pack::BlobSource,
@@ -1077,6 +1079,10 @@ struct Decoder<'a> {
     tags: HashMap<u64, (u64, u64, usize)>,
     next_tag: u64,
     done_tx: Sender<Done>,
+    /// Members of a solid group whose reads wait on a decode of their group started for
+    /// another member (its riders), dropped before it finished: they are asked for again
+    /// (see [`Decoder::ride`]).
+    requeue: Vec<u64>,
 }
 
 fn decoder(core: &Core, rx: Receiver<Need>) {
@@ -1087,6 +1093,7 @@ fn decoder(core: &Core, rx: Receiver<Need>) {
         tags: HashMap::new(),
         next_tag: 0,
         done_tx,
+        requeue: Vec::new(),
     };
     loop {
         // Checked every turn: chunk answers can keep the select busy past any timeout.
@@ -1108,18 +1115,57 @@ fn decoder(core: &Core, rx: Receiver<Need>) {
             // Short: the unmount waits for this thread to see the shutdown.
             default(Duration::from_millis(100)) => {
                 d.expire();
+                d.drain_requeue();
             }
         }
     }
 }
 
 impl Decoder<'_> {
-    /// Run `f`; a panic in it fails that file's decode, not the decoder.
+    /// Run `f`; a panic in it fails that file's decode, not the decoder. Then the
+    /// riders of decodes dropped meanwhile are asked for again.
     fn guarded(&mut self, ino: u64, f: impl FnOnce(&mut Self)) {
         let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(self)));
         if r.is_err() {
             let blob = self.decodings.get(&ino).map(|d| d.blob);
             self.fail(ino, blob, libc::EIO, "the decoder panicked".into());
+        }
+        self.drain_requeue();
+    }
+
+    /// Ask again for the riders of decodes that were dropped or finished without them.
+    fn drain_requeue(&mut self) {
+        while let Some(rider) = self.requeue.pop() {
+            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                self.need(Need {
+                    ino: rider,
+                    range: None,
+                })
+            }));
+            if r.is_err() {
+                self.core.materialized(rider, None, Err(libc::EIO));
+            }
+        }
+    }
+
+    /// A read of `ino`, a member of a solid group whose group is being decoded for
+    /// another member now: it waits for that decode (which installs it with the other
+    /// members) instead of decoding the group again. Returns whether it rides one.
+    fn ride(&mut self, ino: u64, blob: BlobRef) -> bool {
+        let (Some(slot), Some(m)) = (blob.pack, blob.member) else {
+            return false;
+        };
+        let carrier = self.decodings.values_mut().find(|d| {
+            d.blob.pack == Some(slot) && d.blob.member.is_some_and(|o| o.group_len == m.group_len)
+        });
+        match carrier {
+            Some(d) => {
+                if !d.riders.contains(&ino) {
+                    d.riders.push(ino);
+                }
+                true
+            }
+            None => false,
         }
     }
 
@@ -1148,6 +1194,7 @@ impl Decoder<'_> {
 
     fn drop_decoding(&mut self, ino: u64) {
         if let Some(d) = self.decodings.remove(&ino) {
+            self.requeue.extend(d.riders.iter().copied());
             // Late answers of its jobs ("cancelled", mostly) must not reach a new decode
             // of the same blob.
             self.tags.retain(|_, &mut (i, _, _)| i != ino);
@@ -1190,6 +1237,9 @@ impl Decoder<'_> {
         if !self.decodings.contains_key(&ino) && self.core.serve_complete_partial(ino, blob) {
             // A read-only mount's finished decode serves its reads; decoding it again
             // would only replace the copy under them.
+            return;
+        }
+        if !self.decodings.contains_key(&ino) && self.ride(ino, blob) {
             return;
         }
         if !self.decodings.contains_key(&ino) {
@@ -1385,6 +1435,7 @@ impl Decoder<'_> {
         Ok(Decoding {
             blob,
             size,
+            riders: Vec::new(),
             path: path.into(),
             data,
             plan,
@@ -1585,6 +1636,9 @@ impl Decoder<'_> {
                     let _ = std::fs::remove_file(group_tmp_path(self.core, ino));
                 }
                 self.core.materialized(ino, Some(blob), Ok(()));
+                // Riders not installed with it (changed meanwhile, or past the cap):
+                // answered from their copy, or decoded on their own.
+                self.requeue.extend(d.riders.iter().copied());
             }
             Err((errno, why)) => {
                 self.decodings.insert(ino, d);
@@ -1682,7 +1736,11 @@ impl Decoder<'_> {
         let Ok(refs) = self.core.store.slot_refs(slot) else {
             return;
         };
-        for other in refs.into_iter().take(MAX_SIBLINGS) {
+        // Riders first (their readers wait), then others up to the cap.
+        let mut order: Vec<u64> = d.riders.clone();
+        order.extend(refs.into_iter().filter(|r| !d.riders.contains(r)));
+        let cap = d.riders.len().max(MAX_SIBLINGS);
+        for other in order.into_iter().take(cap) {
             if other == ino || self.decodings.contains_key(&other) {
                 continue;
             }
