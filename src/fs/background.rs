@@ -1136,6 +1136,10 @@ impl Decoder<'_> {
     /// Ask again for the riders of decodes that were dropped or finished without them.
     fn drain_requeue(&mut self) {
         while let Some(rider) = self.requeue.pop() {
+            // (Installed and answered with its carrier, or nobody waits any more.)
+            if self.core.waiting_ranges(rider).is_empty() {
+                continue;
+            }
             let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                 self.need(Need {
                     ino: rider,
@@ -1143,7 +1147,8 @@ impl Decoder<'_> {
                 })
             }));
             if r.is_err() {
-                self.core.materialized(rider, None, Err(libc::EIO));
+                let blob = self.decodings.get(&rider).map(|d| d.blob);
+                self.fail(rider, blob, libc::EIO, "the decoder panicked".into());
             }
         }
     }
@@ -1583,9 +1588,13 @@ impl Decoder<'_> {
         if d.remaining > 0 {
             return;
         }
-        let Some(d) = self.decodings.remove(&ino) else {
+        let Some(mut d) = self.decodings.remove(&ino) else {
             return;
         };
+        // Its riders are asked for again once this is done, however it ends (a panic in
+        // the install included): those installed with it are answered by then, the
+        // others get their own decode.
+        self.requeue.extend(d.riders.iter().copied());
         // Every chunk passed its CRC; the whole file (or group) must also pass its BLAKE3
         // before it becomes the clean copy.
         let tmp = match blob.member {
@@ -1636,11 +1645,10 @@ impl Decoder<'_> {
                     let _ = std::fs::remove_file(group_tmp_path(self.core, ino));
                 }
                 self.core.materialized(ino, Some(blob), Ok(()));
-                // Riders not installed with it (changed meanwhile, or past the cap):
-                // answered from their copy, or decoded on their own.
-                self.requeue.extend(d.riders.iter().copied());
             }
             Err((errno, why)) => {
+                // (Its riders are in the requeue already.)
+                d.riders.clear();
                 self.decodings.insert(ino, d);
                 self.fail(ino, Some(blob), errno, why);
             }
