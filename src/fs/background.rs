@@ -355,30 +355,10 @@ impl AsRef<[u8]> for Joined {
 /// member committed in one index batch (docs/DURABILITY.md, "solid group"). Returns
 /// false when no other file joins, or the group's blob does not pack: `first` is still
 /// claimed and the caller codes it on its own. True: `first`'s compression has ended.
+/// Every companion's compression is ended on every way out but a panic (the caller's
+/// [`Joining`] guard ends them then).
 #[allow(clippy::too_many_arguments)]
 fn compress_group(
-    core: &Core,
-    engine: &dyn Engine,
-    first: Claimed,
-    claimed: Vec<Companion>,
-    seq: u64,
-    tmp: &std::path::Path,
-    start: Instant,
-    fail: &dyn Fn(String),
-) -> bool {
-    let mut joining = Joining {
-        core,
-        inos: claimed.iter().map(|c| c.ino).collect(),
-    };
-    let handled = code_group(core, engine, first, claimed, seq, tmp, start, fail);
-    joining.done();
-    handled
-}
-
-/// [`compress_group`]'s work: every companion's compression is ended on every way out
-/// but a panic.
-#[allow(clippy::too_many_arguments)]
-fn code_group(
     core: &Core,
     engine: &dyn Engine,
     first: Claimed,
@@ -446,25 +426,13 @@ fn code_group(
     // The group: the candidates most like the files in it so far, up to its size; the
     // others are let go (still due: the next compressor groups them).
     let room = core.opts.group.saturating_sub(first.src.len());
-    let (companions, others) = pick_similar(&first_bytes_of(first.src), companions, room);
-    for c in &others {
-        core.compression_interrupted(c.ino);
-    }
-    if companions.is_empty() {
-        return false;
-    }
     let release = |companions: &[Joined]| {
         for c in companions {
             core.compression_interrupted(c.ino);
         }
     };
-    let fail_all = |why: String| {
-        for c in &companions {
-            end_claim(core, c.ino, c.version, &c.name, why.clone());
-        }
-        fail(why);
-    };
-    // The group's plaintext, and each member's place in it.
+    // The group's plaintext starts with the first file's (read once: it also steers the
+    // choice of the others).
     let mut plain = match first.src.read_range(0..first.src.len()) {
         Ok(b) => b,
         Err(e) => {
@@ -473,6 +441,18 @@ fn code_group(
             return true;
         }
     };
+    let (companions, others) = pick_similar(&plain, companions, room);
+    release(&others);
+    if companions.is_empty() {
+        return false;
+    }
+    let fail_all = |why: String| {
+        for c in &companions {
+            end_claim(core, c.ino, c.version, &c.name, why.clone());
+        }
+        fail(why);
+    };
+    // The group's plaintext, and each member's place in it.
     let mut members = vec![GroupMember {
         ino: first.ino,
         version: first.version,
@@ -584,12 +564,6 @@ fn code_group(
     }
     core.enforce_cache_cap();
     true
-}
-
-/// The first file's plaintext for [`pick_similar`] (empty if it cannot be read: the
-/// group is then taken in due order, and the read fails again where it matters).
-fn first_bytes_of(src: &FileSource) -> Vec<u8> {
-    src.read_range(0..src.len()).unwrap_or_default()
 }
 
 /// The 8-byte shingles of `data`, one in four kept (by a hash of the shingle, so the
@@ -760,7 +734,13 @@ fn compress_file(
             src,
             content,
         };
-        if compress_group(core, engine, first, claimed, seq, &tmp, start, fail) {
+        let mut joining = Joining {
+            core,
+            inos: claimed.iter().map(|c| c.ino).collect(),
+        };
+        let handled = compress_group(core, engine, first, claimed, seq, &tmp, start, fail);
+        joining.done();
+        if handled {
             return;
         }
     }
