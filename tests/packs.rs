@@ -579,6 +579,36 @@ fn small_packs_of_different_profiles_are_left_alone() {
     d.unmount();
 }
 
+/// A sealed pack holding one small blob and nothing dead is left where it is: its
+/// header (the coding profile) is not dead space. It used to count as dead, so such a
+/// pack (here an empty file's blob, ~40 bytes in a 126-byte pack, sealed by the
+/// unmount) was copied into the open pack at every pass that found it sealed, once per
+/// mount (this test failed so before the fix). No model needed.
+#[test]
+fn a_sealed_pack_of_one_small_blob_is_not_copied_again_and_again() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (backing, mnt) = new_volume(dir.path());
+    let tiny = vec![("empty.txt".to_string(), Vec::new())];
+    let d = Daemon::start(&backing, &mnt, PACK_OPTS);
+    fs::write(mnt.join(&tiny[0].0), &tiny[0].1).expect("write");
+    admin("flush", &mnt);
+    d.unmount();
+    let packs = pack_files(&backing);
+    assert_eq!(packs.len(), 1, "{packs:?}");
+    for pass in 0..2 {
+        let d = Daemon::start(&backing, &mnt, PACK_OPTS);
+        let _ = admin_raw("compact", &mnt);
+        let log = d.log_text();
+        assert!(!log.contains("packs compacted"), "pass {pass}: {log}");
+        admin("evict", &mnt);
+        read_all(&mnt, &tiny, "after a compaction pass");
+        d.unmount();
+        assert_eq!(pack_files(&backing), packs, "pass {pass}");
+    }
+    let (code, out) = fsck(&[], &backing);
+    assert_eq!(code, 0, "{out}");
+}
+
 /// An inode record that cannot be read stops compaction of the pack it refers into
 /// only: later packs are still compacted (the pass used to end there, every time, for
 /// every pack after it). No model needed.

@@ -20,11 +20,24 @@ pub struct Compacted {
     pub bytes_freed: u64,
 }
 
-/// A sealed pack is compacted when under this share of it is still referenced...
+/// A sealed pack is compacted when under this share of its records (its header apart)
+/// is still referenced...
 const LIVE_SHARE: f64 = 0.5;
 /// ...or when it is this small (a pack sealed early, by an unmount): merging it costs
 /// little and keeps the number of files down.
 const SMALL_PACK: u64 = PACK_TARGET / 8;
+
+/// The bytes of pack `path` (`len` long) that hold records: its length less its
+/// header. The header (the coding profile, a few hundred bytes) is not dead space a
+/// copy would give back: counted as dead, a sealed pack holding one small blob and
+/// nothing dead (an empty file's, a small pack sealed by an unmount) was copied into
+/// the open pack at every pass that found it sealed again.
+fn record_bytes(path: &std::path::Path, len: u64) -> u64 {
+    crate::codec::source::FileSource::open(path)
+        .ok()
+        .and_then(|f| pack::read_header(&f).ok())
+        .map_or(len, |(.., header)| len.saturating_sub(header))
+}
 
 impl Core {
     /// One compaction pass over every sealed pack (O(packs), each a few MiB). Runs in
@@ -65,7 +78,9 @@ impl Core {
                     done.packs_dropped += 1;
                     done.bytes_freed += len;
                 }
-            } else if (info.live_bytes as f64) < LIVE_SHARE * len as f64 {
+            } else if (info.live_bytes as f64) < LIVE_SHARE * len as f64
+                && (info.live_bytes as f64) < LIVE_SHARE * record_bytes(&path, len) as f64
+            {
                 if self.compact_one(id, info.profile, &mut done)? {
                     done.bytes_freed += len;
                 }
