@@ -609,6 +609,75 @@ fn a_sealed_pack_of_one_small_blob_is_not_copied_again_and_again() {
     assert_eq!(code, 0, "{out}");
 }
 
+/// A pack's index entry that names another coding profile than the pack's header
+/// (a damaged index) stops compaction of that pack: its blobs, coded with the header's
+/// profile, would have been copied into an open pack of the entry's and not decoded
+/// there. fsck reports it and `--repair` sets the entry from the header; compaction
+/// then goes on. No model needed.
+#[test]
+fn a_pack_entry_with_another_profile_than_its_header_is_not_compacted() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (backing, mnt) = new_volume(dir.path());
+    let files: Vec<(String, Vec<u8>)> = (0..6)
+        .map(|i| {
+            (
+                format!("f{i}.bin"),
+                common::random_bytes(3000, 1301 + 2 * i),
+            )
+        })
+        .collect();
+    let d = Daemon::start(&backing, &mnt, PACK_OPTS);
+    for (name, data) in &files {
+        fs::write(mnt.join(name), data).expect("write");
+    }
+    admin("flush", &mnt);
+    for (name, _) in &files[1..] {
+        fs::remove_file(mnt.join(name)).expect("rm");
+    }
+    d.unmount();
+    let packs = pack_files(&backing);
+    assert_eq!(packs.len(), 1, "{packs:?}");
+    {
+        let store = nacrithfs::store::Store::open_existing(&backing).expect("open");
+        let (id, info) = store.pack_infos().expect("pack entries")[0];
+        let mut info = info.expect("a readable pack entry");
+        info.profile += 1;
+        let mut key = vec![b'k'];
+        key.extend_from_slice(&id.to_be_bytes());
+        store
+            .raw_insert(&key, &info.encode())
+            .expect("name another profile");
+    }
+    let d = Daemon::start(&backing, &mnt, PACK_OPTS);
+    let _ = admin_raw("compact", &mnt);
+    let log = d.log_text();
+    assert!(log.contains("of coding profile"), "{log}");
+    assert!(!log.contains("packs compacted"), "{log}");
+    assert_eq!(pack_files(&backing), packs);
+    admin("evict", &mnt);
+    read_all(&mnt, &files[..1], "after a refused compaction");
+    d.unmount();
+    let (code, out) = fsck(&[], &backing);
+    assert_eq!(code, 4, "{out}");
+    assert!(out.contains("pack-profile"), "{out}");
+    let (code, out) = fsck(&["--repair"], &backing);
+    assert_eq!(code, 1, "{out}");
+    let (code, out) = fsck(&[], &backing);
+    assert_eq!(code, 0, "{out}");
+    let d = Daemon::start(&backing, &mnt, PACK_OPTS);
+    let _ = admin_raw("compact", &mnt);
+    assert!(
+        d.log_text().contains("1 packs compacted"),
+        "{}",
+        d.log_text()
+    );
+    admin("evict", &mnt);
+    read_all(&mnt, &files[..1], "after the repair and compaction");
+    d.unmount();
+    let (code, out) = fsck(&[], &backing);
+    assert_eq!(code, 0, "{out}");
+}
+
 /// An inode record that cannot be read stops compaction of the pack it refers into
 /// only: later packs are still compacted (the pass used to end there, every time, for
 /// every pack after it). No model needed.

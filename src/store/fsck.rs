@@ -281,14 +281,34 @@ fn check_packs(c: &mut Checker) -> Result<HashSet<PathBuf>> {
         let Some(info) = info else {
             continue; // check_key_shapes reported it
         };
-        if c.store.packs().profile(info.profile).is_none() && reported.insert(info.profile) {
+        let mut fixed = *info;
+        // The entry's profile is the one compaction appends the pack's blobs under: one
+        // that differs from the header's (which the blobs were coded with) would move
+        // them into a pack of another profile, undecodable there.
+        let header = FileSource::open(&path)
+            .ok()
+            .and_then(|f| super::pack::read_header(&f).ok())
+            .filter(|(hid, ..)| *hid == id);
+        if let Some((_, profile, ..)) = header.filter(|h| h.1 != info.profile) {
+            c.found(
+                "pack-profile",
+                format!(
+                    "{} is entered with coding profile {}; its header says {profile}",
+                    path.display(),
+                    info.profile
+                ),
+                Some("entry set to the header's profile".into()),
+            );
+            fixed.profile = profile;
+        }
+        if c.store.packs().profile(fixed.profile).is_none() && reported.insert(fixed.profile) {
             // (check_profiles restored every profile a readable pack header carries.)
             c.found(
                 "unknown-profile",
                 format!(
                     "{} holds coding profile {}, which the index does not have",
                     path.display(),
-                    info.profile
+                    fixed.profile
                 ),
                 None,
             );
@@ -320,11 +340,10 @@ fn check_packs(c: &mut Checker) -> Result<HashSet<PathBuf>> {
                 ),
                 Some("recounted".into()),
             );
-            let fixed = PackInfo {
-                live_bytes: bytes,
-                live_blobs: blobs,
-                ..*info
-            };
+            fixed.live_bytes = bytes;
+            fixed.live_blobs = blobs;
+        }
+        if fixed != *info {
             c.txn.batch.insert(super::pack_key(id), fixed.encode());
         }
     }

@@ -190,7 +190,7 @@ impl Core {
             }
         }
         let refs = self.store.pack_refs(id).map_err(store_err)?;
-        let file = match std::fs::File::open(&path) {
+        let source = match crate::codec::source::FileSource::open(&path) {
             Ok(f) => f,
             Err(e) => {
                 log::error!(
@@ -200,6 +200,26 @@ impl Core {
                 return Ok(false);
             }
         };
+        // The blobs were coded with the profile of the pack's header; copied into an
+        // open pack of another profile (an index entry that says another) they would
+        // not decode there.
+        match pack::read_header(&source) {
+            Ok((pid, header_profile, ..)) if pid == id && header_profile == profile => {}
+            Ok((pid, header_profile, ..)) => {
+                log::error!(
+                    "compaction: {} says it is pack {pid} of coding profile {header_profile}; the index has pack {id} of profile {profile}; not compacted: run `nacrithfs fsck --repair`",
+                    path.display()
+                );
+                return Ok(false);
+            }
+            Err(e) => {
+                log::error!(
+                    "compaction: {}: {e}; its blobs stay where they are",
+                    path.display()
+                );
+                return Ok(false);
+            }
+        }
         // Every blob read and checked before any is copied: a damaged one keeps the
         // pack where it is with nothing appended (copying the good ones first left them
         // as dead bytes in the open pack, again at every pass). Copied once per blob,
@@ -226,7 +246,7 @@ impl Core {
                     ));
                 }
                 let mut bytes = vec![0u8; len as usize];
-                file.read_exact_at(&mut bytes, slot.offset)?;
+                source.file().read_exact_at(&mut bytes, slot.offset)?;
                 // The compact header's checksum: a damaged blob is not spread further
                 // (it stays where it is, for fsck to report).
                 crate::codec::compact::parse(&bytes)
