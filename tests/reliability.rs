@@ -1445,6 +1445,7 @@ fn stress_concurrent_writers_readers_renamers() {
     let compressed = status_field(&mnt, "compressed_since_mount");
     let decompressed = status_field(&mnt, "decompressions");
     let superseded = status_field(&mnt, "superseded");
+    let grouped = status_field(&mnt, "grouped_files");
     let check = |when: &str| {
         for (name, data) in &reference {
             let got = fs::read(mnt.join(name)).unwrap_or_else(|e| panic!("{when}: {name}: {e}"));
@@ -1471,8 +1472,8 @@ fn stress_concurrent_writers_readers_renamers() {
     assert_eq!(code, 0, "{out}");
     println!(
         "{secs} s, 3 writers + 1 reader: {} files match the reference; {reads} concurrent reads; \
-         {compressed} compressions committed, {superseded} superseded, {decompressed} \
-         decompressions during the run; 0 errors; fsck --deep clean",
+         {compressed} compressions committed ({grouped} files in solid groups), {superseded} \
+         superseded, {decompressed} decompressions during the run; 0 errors; fsck --deep clean",
         reference.len()
     );
 }

@@ -389,11 +389,12 @@ impl Core {
             .wake
             .wait_timeout(st, wait)
             .unwrap_or_else(|p| p.into_inner());
-        // The others' wake times are not kept: while some still sleep, every new due
-        // entry wakes them (extra wakes, never a missed one).
-        let left = self.sleepers.fetch_sub(1, Relaxed) - 1;
-        self.sleep_until
-            .store(if left == 0 { u64::MAX } else { 0 }, Relaxed);
+        // The others' wake times are not kept: unknown (u64::MAX), so while some still
+        // sleep, every new due entry wakes them (extra wakes, never a missed one). (It
+        // was 0, which woke nobody: after the first of several sleepers woke, a file due
+        // now waited for a compressor's own timeout, up to 5 s.)
+        self.sleepers.fetch_sub(1, Relaxed);
+        self.sleep_until.store(u64::MAX, Relaxed);
         !st.shutting_down
     }
 

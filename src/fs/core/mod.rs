@@ -294,8 +294,8 @@ pub struct Core {
     state: Mutex<State>,
     /// Wakes the compressor (new due work, flush, shutdown).
     pub(crate) wake: Condvar,
-    /// Compressors waiting in [`Core::wait_for_due`], and the earliest time (unix ms)
-    /// one of them wakes by itself (0: unknown, so any new due entry wakes them).
+    /// Compressors waiting in [`Core::wait_for_due`], and a time (unix ms) by which one
+    /// of them wakes by itself (u64::MAX: unknown, so any new due entry wakes them).
     /// Changed and read with the state lock held: a file queued for later than that
     /// wakes nobody (a close of each of 10^6 new files woke every compressor, which
     /// took the state lock only to go back to sleep).
@@ -737,6 +737,52 @@ mod tests {
         assert_eq!(
             core.store.get(ino).expect("index").expect("record").size,
             13
+        );
+    }
+
+    /// A compressor asleep until its next due entry is woken by a file due now even
+    /// after another sleeper woke first. The earliest wake time then became "unknown",
+    /// stored as 0, and an entry due at once woke nobody: it waited for a compressor's
+    /// own timeout (up to 5 s; at idle=0 fsx's file was never compressed between its
+    /// operations). Before the fix this test took its sleeper's whole minute and failed.
+    #[test]
+    fn a_file_due_now_wakes_a_sleeping_compressor_after_another_woke() {
+        use std::sync::atomic::Ordering::Relaxed;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let core = core(dir.path());
+        let (ino, fh) = written_file(&core, b"f", libc::O_WRONLY, b"text");
+        core.release(fh, true).expect("release");
+        let sleepers = |n: usize| {
+            let start = std::time::Instant::now();
+            while core.sleepers.load(Relaxed) != n {
+                assert!(start.elapsed() < Duration::from_secs(30), "{n} sleepers");
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        };
+        let long = {
+            let core = core.clone();
+            std::thread::spawn(move || {
+                let start = std::time::Instant::now();
+                core.wait_for_due(Duration::from_secs(60));
+                start.elapsed()
+            })
+        };
+        sleepers(1);
+        // A second sleeper that wakes by itself first.
+        let short = {
+            let core = core.clone();
+            std::thread::spawn(move || core.wait_for_due(Duration::from_millis(20)))
+        };
+        assert!(short.join().expect("short sleeper"));
+        sleepers(1);
+        {
+            let _st = core.lock();
+            core.defer_queue(ino, Some(unix_ms(SystemTime::now())));
+        }
+        let slept = long.join().expect("long sleeper");
+        assert!(
+            slept < Duration::from_secs(30),
+            "a file due now did not wake the sleeping compressor ({slept:?})"
         );
     }
 
