@@ -610,43 +610,56 @@ fn a_sealed_pack_of_one_small_blob_is_not_copied_again_and_again() {
 }
 
 /// A pack's index entry that names another coding profile than the pack's header
-/// (a damaged index) stops compaction of that pack: its blobs, coded with the header's
-/// profile, would have been copied into an open pack of the entry's and not decoded
-/// there. fsck reports it and `--repair` sets the entry from the header; compaction
-/// then goes on. No model needed.
+/// (a damaged index) stops compaction of that pack: its text blobs, coded with the
+/// header's profile (the model's), would have been copied into the open pack of the
+/// entry's (here the binary files' profile) and not decoded there. fsck reports it and
+/// `--repair` sets the entry from the header; compaction then goes on.
 #[test]
 fn a_pack_entry_with_another_profile_than_its_header_is_not_compacted() {
+    let _llm = common::llm_lock();
     let dir = tempfile::tempdir().expect("tempdir");
     let (backing, mnt) = new_volume(dir.path());
-    let files: Vec<(String, Vec<u8>)> = (0..6)
+    let text = common::english(6000);
+    let mut files: Vec<(String, Vec<u8>)> = (0..4)
         .map(|i| {
             (
-                format!("f{i}.bin"),
-                common::random_bytes(3000, 1301 + 2 * i),
+                format!("t{i}.txt"),
+                text[i * 1400..i * 1400 + 1200].to_vec(),
             )
         })
         .collect();
+    files.push(("b.bin".into(), common::random_bytes(2000, 1301)));
     let d = Daemon::start(&backing, &mnt, PACK_OPTS);
     for (name, data) in &files {
         fs::write(mnt.join(name), data).expect("write");
     }
     admin("flush", &mnt);
-    for (name, _) in &files[1..] {
+    let kept = fs::metadata(mnt.join("t0.txt")).expect("stat").ino();
+    let binary = fs::metadata(mnt.join("b.bin")).expect("stat").ino();
+    for name in ["t1.txt", "t2.txt", "t3.txt"] {
         fs::remove_file(mnt.join(name)).expect("rm");
     }
+    files.retain(|(n, _)| n == "t0.txt" || n == "b.bin");
     d.unmount();
     let packs = pack_files(&backing);
-    assert_eq!(packs.len(), 1, "{packs:?}");
+    assert_eq!(packs.len(), 2, "one pack per profile: {packs:?}");
     {
         let store = nacrithfs::store::Store::open_existing(&backing).expect("open");
-        let (id, info) = store.pack_infos().expect("pack entries")[0];
-        let mut info = info.expect("a readable pack entry");
-        info.profile += 1;
+        let pack_of = |ino: u64| {
+            let blob = store.get(ino).expect("get").expect("inode").blob;
+            blob.and_then(|b| b.pack).expect("packed").pack
+        };
+        let (text_pack, binary_pack) = (pack_of(kept), pack_of(binary));
+        let info = |id: u64| store.pack_info(id).expect("entry").expect("an entry");
+        let mut entry = info(text_pack);
+        let other = info(binary_pack).profile;
+        assert_ne!(entry.profile, other, "text and binary share a profile");
+        entry.profile = other;
         let mut key = vec![b'k'];
-        key.extend_from_slice(&id.to_be_bytes());
+        key.extend_from_slice(&text_pack.to_be_bytes());
         store
-            .raw_insert(&key, &info.encode())
-            .expect("name another profile");
+            .raw_insert(&key, &entry.encode())
+            .expect("name the other profile");
     }
     let d = Daemon::start(&backing, &mnt, PACK_OPTS);
     let _ = admin_raw("compact", &mnt);
@@ -655,7 +668,7 @@ fn a_pack_entry_with_another_profile_than_its_header_is_not_compacted() {
     assert!(!log.contains("packs compacted"), "{log}");
     assert_eq!(pack_files(&backing), packs);
     admin("evict", &mnt);
-    read_all(&mnt, &files[..1], "after a refused compaction");
+    read_all(&mnt, &files, "after a refused compaction");
     d.unmount();
     let (code, out) = fsck(&[], &backing);
     assert_eq!(code, 4, "{out}");
@@ -672,9 +685,9 @@ fn a_pack_entry_with_another_profile_than_its_header_is_not_compacted() {
         d.log_text()
     );
     admin("evict", &mnt);
-    read_all(&mnt, &files[..1], "after the repair and compaction");
+    read_all(&mnt, &files, "after the repair and compaction");
     d.unmount();
-    let (code, out) = fsck(&[], &backing);
+    let (code, out) = fsck(&["--deep"], &backing);
     assert_eq!(code, 0, "{out}");
 }
 

@@ -191,6 +191,8 @@ fn compressor(core: &Core, budget: &Budget) {
         if core.is_shutting_down() {
             return;
         }
+        // Read before the scan: anything queued after it makes the wait below return.
+        let seen = core.due_generation();
         match core.next_due() {
             Ok(Ok(ino)) => {
                 // A bug in the coder must not stop the queue or lose the file: it stays
@@ -204,7 +206,7 @@ fn compressor(core: &Core, budget: &Budget) {
                 }
             }
             Ok(Err(wait)) => {
-                if !core.wait_for_due(wait) {
+                if !core.wait_for_due(wait, seen) {
                     return;
                 }
             }

@@ -287,8 +287,17 @@ fn check_packs(c: &mut Checker) -> Result<HashSet<PathBuf>> {
         // them into a pack of another profile, undecodable there.
         let header = FileSource::open(&path)
             .ok()
-            .and_then(|f| super::pack::read_header(&f).ok())
-            .filter(|(hid, ..)| *hid == id);
+            .and_then(|f| super::pack::read_header(&f).ok());
+        if let Some((hid, ..)) = header.as_ref().filter(|(hid, ..)| *hid != id) {
+            // A pack file under another pack's name: reads and compaction refuse it;
+            // which of the two is right is not fsck's to guess.
+            c.found(
+                "pack-id",
+                format!("{} says it is pack {hid}", path.display()),
+                None,
+            );
+        }
+        let header = header.filter(|(hid, ..)| *hid == id);
         if let Some((_, profile, ..)) = header.filter(|h| h.1 != info.profile) {
             c.found(
                 "pack-profile",
@@ -617,20 +626,23 @@ fn check_key_shapes(c: &mut Checker) -> Result<()> {
 fn check_profiles(c: &mut Checker) -> Result<()> {
     let mut restored = HashSet::new();
     for (id, info) in c.store.pack_infos()? {
-        let Some(info) = info else {
+        if info.is_none() {
             continue; // check_key_shapes reported it
-        };
-        if restored.contains(&info.profile) || c.store.packs().profile(info.profile).is_some() {
-            continue;
         }
+        // The header's profile, whatever the entry names (check_packs sets an entry
+        // that names another profile from the header; restored here, one --repair
+        // does both).
         let path = c.store.packs().path(id);
         let header = FileSource::open(&path)
             .ok()
             .and_then(|f| super::pack::read_header(&f).ok())
-            .filter(|(_, pid, _, _)| *pid == info.profile);
+            .filter(|(hid, ..)| *hid == id);
         let Some((_, pid, profile, _)) = header else {
             continue; // check_packs reports it
         };
+        if restored.contains(&pid) || c.store.packs().profile(pid).is_some() {
+            continue;
+        }
         c.txn
             .batch
             .insert(super::profile_key(pid), profile.encode());

@@ -469,10 +469,12 @@ impl Packs {
             .is_none_or(|w| w.end >= PACK_TARGET)
         {
             writers.remove(&profile_id);
-            let id = create()?;
+            // Looked up before `create` records a pack in the index: an unknown profile
+            // left an entry with no file at every try.
             let profile = self
                 .profile(profile_id)
                 .ok_or_else(|| bad(format!("profile {profile_id} is unknown")))?;
+            let id = create()?;
             let header = encode_header(id, profile_id, &profile);
             let path = self.path(id);
             if path.exists() {

@@ -203,11 +203,17 @@ impl Core {
         // The blobs were coded with the profile of the pack's header; copied into an
         // open pack of another profile (an index entry that says another) they would
         // not decode there.
+        // (The profile itself too: a damaged profile entry in the index would write the
+        // copies' pack header from it, and the old pack, the only record of how its
+        // blobs were coded, would go.)
         match pack::read_header(&source) {
-            Ok((pid, header_profile, ..)) if pid == id && header_profile == profile => {}
+            Ok((pid, header_profile, coded_with, _))
+                if pid == id
+                    && header_profile == profile
+                    && self.store.packs().profile(profile).as_ref() == Some(&coded_with) => {}
             Ok((pid, header_profile, ..)) => {
                 log::error!(
-                    "compaction: {} says it is pack {pid} of coding profile {header_profile}; the index has pack {id} of profile {profile}; not compacted: run `nacrithfs fsck --repair`",
+                    "compaction: {} says it is pack {pid} of coding profile {header_profile}; the index has pack {id} of profile {profile}, or another profile {profile}; not compacted: run `nacrithfs fsck --repair`",
                     path.display()
                 );
                 return Ok(false);

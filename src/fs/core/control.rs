@@ -373,13 +373,17 @@ impl Core {
     }
 
     /// A compressor's wait for the next due entry, `wait` being how long until it is
-    /// due ([`Core::next_due`]): woken early only by an entry due sooner, a flush or a
-    /// shutdown (see `Core::sleepers`).
-    pub(crate) fn wait_for_due(&self, wait: Duration) -> bool {
+    /// due ([`Core::next_due`], whose scan began at [`Core::due_generation`] `seen`):
+    /// woken early only by an entry due sooner, a flush or a shutdown (see
+    /// `Core::sleepers`); not begun at all if something became due since the scan.
+    pub(crate) fn wait_for_due(&self, wait: Duration, seen: u64) -> bool {
         use std::sync::atomic::Ordering::Relaxed;
         let st = self.lock();
         if st.shutting_down {
             return false;
+        }
+        if self.due_generation() != seen {
+            return true;
         }
         let at = unix_ms(SystemTime::now() + wait);
         self.sleepers.fetch_add(1, Relaxed);
@@ -390,7 +394,7 @@ impl Core {
             .wait_timeout(st, wait)
             .unwrap_or_else(|p| p.into_inner());
         // The others' wake times are not kept: unknown (u64::MAX), so while some still
-        // sleep, every new due entry wakes them (extra wakes, never a missed one). (It
+        // sleep, every new due entry wakes them (extra wakes, not a missed one). (It
         // was 0, which woke nobody: after the first of several sleepers woke, a file due
         // now waited for a compressor's own timeout, up to 5 s.)
         self.sleepers.fetch_sub(1, Relaxed);

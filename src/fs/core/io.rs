@@ -819,12 +819,21 @@ impl<'a> Change<'a> {
     fn end(&mut self, st: &mut State) {
         if std::mem::take(&mut self.open) {
             let version = st.new_version();
+            let mut ended = false;
             if let Some(l) = st.live.get_mut(&self.ino) {
                 l.changing = l.changing.saturating_sub(1);
+                ended = l.changing == 0;
                 // What a compression read before the change ended is not the file's.
                 l.version = version;
             }
             st.tidy_live(self.ino);
+            // A queued file under change is passed over by the compressors' scan: due
+            // again now (a map lookup; a file being written is rarely queued).
+            if ended {
+                if let Some(d) = self.core.store.with_queue(|q| q.due_of(self.ino)) {
+                    self.core.due_at(d);
+                }
+            }
         }
     }
 }

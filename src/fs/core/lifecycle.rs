@@ -78,6 +78,7 @@ impl Core {
             }
         }
         self.commit(txn, false)?;
+        self.due_at(FLUSH_DUE);
         drop(st);
         self.wake.notify_all();
         Ok(())
@@ -481,6 +482,7 @@ impl Core {
                         q.unpark(w);
                     }
                 });
+                self.due_at(0);
                 self.wake.notify_all();
             }
         }

@@ -301,6 +301,12 @@ pub struct Core {
     /// took the state lock only to go back to sleep).
     sleepers: std::sync::atomic::AtomicUsize,
     sleep_until: std::sync::atomic::AtomicU64,
+    /// Bumped (with the state lock held) whenever something may have become due sooner
+    /// than a compressor's last scan of the queue said: an entry queued, a flush, a
+    /// change to a queued file ended, a parked file freed. A compressor reads it before
+    /// its scan and does not go to sleep if it moved meanwhile (between the scan and the
+    /// wait the lock is not held, and a notify then reached nobody).
+    due_gen: std::sync::atomic::AtomicU64,
     /// An eviction's deletions are done (`State::evicting` shrank).
     cache_path_free: Condvar,
     /// The graveyard has new entries (see `graveyard.rs`); its own lock, so it can be
@@ -405,6 +411,7 @@ impl Core {
             wake: Condvar::new(),
             sleepers: std::sync::atomic::AtomicUsize::new(0),
             sleep_until: std::sync::atomic::AtomicU64::new(u64::MAX),
+            due_gen: std::sync::atomic::AtomicU64::new(0),
             cache_path_free: Condvar::new(),
             reap_wanted: Mutex::new(false),
             compacting: Mutex::new(()),
@@ -564,12 +571,25 @@ impl Core {
     pub(crate) fn defer_queue(&self, ino: u64, due: Option<u64>) {
         self.store.set_due_in_memory(ino, due);
         self.unsynced().queue.insert(ino, due);
-        use std::sync::atomic::Ordering::Relaxed;
-        if due
-            .is_some_and(|d| self.sleepers.load(Relaxed) > 0 && d < self.sleep_until.load(Relaxed))
-        {
+        if let Some(d) = due {
+            self.due_at(d);
+        }
+    }
+
+    /// Something is due at `d` (unix ms), maybe sooner than the compressors know: those
+    /// asleep past it are woken, and one between its scan and its sleep does not sleep.
+    /// With the state lock held.
+    pub(crate) fn due_at(&self, d: u64) {
+        use std::sync::atomic::Ordering::{Relaxed, SeqCst};
+        self.due_gen.fetch_add(1, SeqCst);
+        if self.sleepers.load(Relaxed) > 0 && d < self.sleep_until.load(Relaxed) {
             self.wake.notify_all();
         }
+    }
+
+    /// What a compressor reads before its scan of the queue, for [`Core::wait_for_due`].
+    pub(crate) fn due_generation(&self) -> u64 {
+        self.due_gen.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Commit everything pending in one batch (the group commit; also before a flush
@@ -763,7 +783,7 @@ mod tests {
             let core = core.clone();
             std::thread::spawn(move || {
                 let start = std::time::Instant::now();
-                core.wait_for_due(Duration::from_secs(60));
+                core.wait_for_due(Duration::from_secs(60), core.due_generation());
                 start.elapsed()
             })
         };
@@ -771,7 +791,9 @@ mod tests {
         // A second sleeper that wakes by itself first.
         let short = {
             let core = core.clone();
-            std::thread::spawn(move || core.wait_for_due(Duration::from_millis(20)))
+            std::thread::spawn(move || {
+                core.wait_for_due(Duration::from_millis(20), core.due_generation())
+            })
         };
         assert!(short.join().expect("short sleeper"));
         sleepers(1);
@@ -784,6 +806,32 @@ mod tests {
             slept < Duration::from_secs(30),
             "a file due now did not wake the sleeping compressor ({slept:?})"
         );
+    }
+
+    /// A file queued between a compressor's scan of the queue (nothing due soon) and its
+    /// sleep: no compressor was asleep to be woken, and it then slept the whole wait its
+    /// scan had computed (up to 5 s). The scan's generation, moved by the queueing,
+    /// keeps it from sleeping.
+    #[test]
+    fn a_file_queued_between_the_scan_and_the_sleep_is_not_slept_through() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let core = core(dir.path());
+        let (ino, fh) = written_file(&core, b"f", libc::O_WRONLY, b"text");
+        core.release(fh, true).expect("release");
+        let seen = core.due_generation();
+        assert!(core.next_due().expect("queue").is_err(), "nothing due yet");
+        {
+            let _st = core.lock();
+            core.defer_queue(ino, Some(unix_ms(SystemTime::now())));
+        }
+        let start = std::time::Instant::now();
+        assert!(core.wait_for_due(Duration::from_secs(60), seen));
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "slept {:?} with a file due",
+            start.elapsed()
+        );
+        assert_eq!(core.next_due().expect("queue"), Ok(ino));
     }
 
     /// A compression that read the file's version while a write's bytes were on their
