@@ -691,6 +691,70 @@ fn a_pack_entry_with_another_profile_than_its_header_is_not_compacted() {
     assert_eq!(code, 0, "{out}");
 }
 
+/// Two pack files swapped (each under the other's name): fsck names both (`pack-id`,
+/// left to a person: which file is which is not for it to guess), their files' reads
+/// fail with EIO rather than return another file's bytes, and compaction leaves both
+/// where they are. No model needed.
+#[test]
+fn pack_files_under_each_others_names_are_reported_and_left_alone() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (backing, mnt) = new_volume(dir.path());
+    let batch = |tag: &str, seed: u64| -> Vec<(String, Vec<u8>)> {
+        (0..4)
+            .map(|i| {
+                (
+                    format!("{tag}{i}.bin"),
+                    common::random_bytes(2000, seed + i),
+                )
+            })
+            .collect()
+    };
+    let (a, b) = (batch("a", 1501), batch("b", 1601));
+    for files in [&a, &b] {
+        let d = Daemon::start(&backing, &mnt, PACK_OPTS);
+        for (name, data) in files.iter() {
+            fs::write(mnt.join(name), data).expect("write");
+        }
+        admin("flush", &mnt);
+        d.unmount();
+    }
+    let packs = pack_files(&backing);
+    assert_eq!(packs.len(), 2, "{packs:?}");
+    let (first, second) = (
+        fs::read(&packs[0]).expect("read"),
+        fs::read(&packs[1]).expect("read"),
+    );
+    fs::write(&packs[0], &second).expect("swap");
+    fs::write(&packs[1], &first).expect("swap");
+    let (code, out) = fsck(&[], &backing);
+    assert_eq!(code, 4, "{out}");
+    assert_eq!(out.matches("pack-id").count(), 2, "{out}");
+    let d = Daemon::start(&backing, &mnt, PACK_OPTS);
+    for name in ["a1.bin", "a2.bin", "a3.bin", "b1.bin", "b2.bin", "b3.bin"] {
+        fs::remove_file(mnt.join(name)).expect("rm");
+    }
+    let _ = admin_raw("compact", &mnt);
+    let log = d.log_text();
+    assert!(!log.contains("packs compacted"), "{log}");
+    assert!(log.contains("says it is pack"), "{log}");
+    admin("evict", &mnt);
+    for name in ["a0.bin", "b0.bin"] {
+        let e = fs::read(mnt.join(name)).expect_err("a file read from the wrong pack");
+        assert_eq!(e.raw_os_error(), Some(libc::EIO), "{name}: {e}");
+    }
+    d.unmount();
+    // Put back, everything reads again.
+    fs::write(&packs[0], &first).expect("restore");
+    fs::write(&packs[1], &second).expect("restore");
+    let d = Daemon::start(&backing, &mnt, PACK_OPTS);
+    read_all(
+        &mnt,
+        &[a[0].clone(), b[0].clone()],
+        "with the packs restored",
+    );
+    d.unmount();
+}
+
 /// An inode record that cannot be read stops compaction of the pack it refers into
 /// only: later packs are still compacted (the pass used to end there, every time, for
 /// every pack after it). No model needed.

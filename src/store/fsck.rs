@@ -298,6 +298,21 @@ fn check_packs(c: &mut Checker) -> Result<HashSet<PathBuf>> {
             );
         }
         let header = header.filter(|(hid, ..)| *hid == id);
+        if let Some((_, pid, profile, _)) = &header {
+            if c.store.packs().profile(*pid).is_some_and(|p| p != *profile) {
+                // The header is checksummed and is how the blobs were coded; the index's
+                // copy of the profile may be the damaged one, or the header may be a
+                // pack of another volume: reads and compaction refuse the pack.
+                c.found(
+                    "profile-contents",
+                    format!(
+                        "{} carries coding profile {pid} with other contents than the index's",
+                        path.display()
+                    ),
+                    None,
+                );
+            }
+        }
         if let Some((_, profile, ..)) = header.filter(|h| h.1 != info.profile) {
             c.found(
                 "pack-profile",

@@ -410,6 +410,17 @@ impl Txn {
         (records, queued)
     }
 
+    /// The earliest time (unix ms) a queue entry this batch sets is due.
+    pub fn earliest_due(&self) -> Option<u64> {
+        self.changes
+            .iter()
+            .filter_map(|c| match c {
+                Change::Queue(_, due) => *due,
+                Change::Inode(..) => None,
+            })
+            .min()
+    }
+
     /// Whether the batch changes nothing.
     pub fn is_empty(&self) -> bool {
         self.ops == 0

@@ -211,9 +211,16 @@ impl Core {
                 if pid == id
                     && header_profile == profile
                     && self.store.packs().profile(profile).as_ref() == Some(&coded_with) => {}
-            Ok((pid, header_profile, ..)) => {
+            Ok((pid, header_profile, ..)) if pid != id || header_profile != profile => {
                 log::error!(
-                    "compaction: {} says it is pack {pid} of coding profile {header_profile}; the index has pack {id} of profile {profile}, or another profile {profile}; not compacted: run `nacrithfs fsck --repair`",
+                    "compaction: {} says it is pack {pid} of coding profile {header_profile}; the index has pack {id} of profile {profile}; not compacted: run `nacrithfs fsck --repair`",
+                    path.display()
+                );
+                return Ok(false);
+            }
+            Ok(_) => {
+                log::error!(
+                    "compaction: {}'s header carries coding profile {profile} with other contents than the index's; not compacted: run `nacrithfs fsck`",
                     path.display()
                 );
                 return Ok(false);

@@ -463,6 +463,11 @@ impl Core {
     pub(super) fn compression_ended(&self, st: &mut State, ino: u64) {
         st.compressing.retain(|&i| i != ino);
         st.tidy_live(ino);
+        // Still queued (a group's candidate let go, a compression that stepped aside):
+        // the scans passed over it while it was claimed.
+        if let Some(d) = self.store.with_queue(|q| q.due_of(ino)) {
+            self.due_at(d);
+        }
         if st.compressing.is_empty() {
             if let Some(t) = st.busy_since.take() {
                 st.stats.busy += t.elapsed();

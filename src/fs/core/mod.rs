@@ -500,6 +500,7 @@ impl Core {
     /// queue changes are newer than any pending: neither is pending any more.
     pub(crate) fn commit(&self, txn: Txn, durable: bool) -> FsResult<()> {
         let (written, queued) = txn.touched();
+        let due = txn.earliest_due();
         // A record that replaces pending fields: a `get` overlapping this commit, from
         // here to the removal below, reads again (see [`Core::get`]).
         let replaces = !written.is_empty() && {
@@ -524,6 +525,12 @@ impl Core {
             for ino in queued {
                 u.queue.remove(&ino);
             }
+        }
+        // Entries queued by the batch are in the in-memory queue now: the compressors
+        // hear of them (precisely when the caller holds the state lock, as the writes,
+        // truncations and compressions that queue files do).
+        if let Some(d) = due {
+            self.due_at(d);
         }
         Ok(())
     }
@@ -578,7 +585,8 @@ impl Core {
 
     /// Something is due at `d` (unix ms), maybe sooner than the compressors know: those
     /// asleep past it are woken, and one between its scan and its sleep does not sleep.
-    /// With the state lock held.
+    /// With the state lock held (without it a notify can still fall between a
+    /// compressor's check and its wait: it then sleeps at most its 5 s).
     pub(crate) fn due_at(&self, d: u64) {
         use std::sync::atomic::Ordering::{Relaxed, SeqCst};
         self.due_gen.fetch_add(1, SeqCst);
