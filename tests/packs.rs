@@ -691,6 +691,103 @@ fn a_pack_entry_with_another_profile_than_its_header_is_not_compacted() {
     assert_eq!(code, 0, "{out}");
 }
 
+/// The index's copy of a coding profile replaced by another valid profile (here the
+/// binary files' profile entry holding the text profile): fsck reports
+/// `profile-contents` (no repair: which copy is right is not for it to guess), reads of
+/// that pack's files fail with EIO instead of decoding with the wrong profile, and
+/// compaction leaves the pack alone (it would have written the copies' pack header from
+/// the index's copy and deleted the only header saying how they were coded).
+#[test]
+fn a_profile_whose_index_copy_differs_from_the_pack_header_is_reported_and_left_alone() {
+    let _llm = common::llm_lock();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (backing, mnt) = new_volume(dir.path());
+    let text = common::english(1500);
+    let mut files: Vec<(String, Vec<u8>)> = vec![("t.txt".into(), text[..1200].to_vec())];
+    files.extend((0..4).map(|i| (format!("b{i}.bin"), common::random_bytes(2000, 1701 + i))));
+    let d = Daemon::start(&backing, &mnt, PACK_OPTS);
+    for (name, data) in &files {
+        fs::write(mnt.join(name), data).expect("write");
+    }
+    admin("flush", &mnt);
+    let (t, b) = (
+        fs::metadata(mnt.join("t.txt")).expect("stat").ino(),
+        fs::metadata(mnt.join("b0.bin")).expect("stat").ino(),
+    );
+    for name in ["b1.bin", "b2.bin", "b3.bin"] {
+        fs::remove_file(mnt.join(name)).expect("rm");
+    }
+    files.retain(|(n, _)| n == "t.txt" || n == "b0.bin");
+    d.unmount();
+    let packs = pack_files(&backing);
+    assert_eq!(packs.len(), 2, "one pack per profile: {packs:?}");
+    let profile_key = |id: u32| {
+        let mut k = vec![b'P'];
+        k.extend_from_slice(&id.to_be_bytes());
+        k
+    };
+    let (binary_key, binary_value) = {
+        let store = nacrithfs::store::Store::open_existing(&backing).expect("open");
+        let profile_of = |ino: u64| {
+            let slot = store.get(ino).expect("get").expect("inode").blob;
+            let pack = slot.and_then(|b| b.pack).expect("packed").pack;
+            store
+                .pack_info(pack)
+                .expect("entry")
+                .expect("an entry")
+                .profile
+        };
+        let (text_profile, binary_profile) = (profile_of(t), profile_of(b));
+        assert_ne!(text_profile, binary_profile);
+        let entries = store.raw_entries().expect("entries");
+        let value = |key: &[u8]| {
+            entries
+                .iter()
+                .find(|(k, _)| k == key)
+                .map(|(_, v)| v.clone())
+                .expect("a profile entry")
+        };
+        let (binary_key, text_key) = (profile_key(binary_profile), profile_key(text_profile));
+        let binary_value = value(&binary_key);
+        store
+            .raw_insert(&binary_key, &value(&text_key))
+            .expect("replace the binary profile's copy");
+        (binary_key, binary_value)
+    };
+    let (code, out) = fsck(&[], &backing);
+    assert_eq!(code, 4, "{out}");
+    assert!(out.contains("profile-contents"), "{out}");
+    let d = Daemon::start(&backing, &mnt, PACK_OPTS);
+    let _ = admin_raw("compact", &mnt);
+    let log = d.log_text();
+    assert!(!log.contains("packs compacted"), "{log}");
+    assert!(log.contains("other contents than the index"), "{log}");
+    admin("evict", &mnt);
+    let e = fs::read(mnt.join("b0.bin")).expect_err("decoded with another profile");
+    assert_eq!(e.raw_os_error(), Some(libc::EIO), "{e}");
+    read_all(&mnt, &files[..1], "beside a pack of a damaged profile");
+    d.unmount();
+    assert_eq!(pack_files(&backing), packs);
+    {
+        let store = nacrithfs::store::Store::open_existing(&backing).expect("open");
+        store
+            .raw_insert(&binary_key, &binary_value)
+            .expect("put the profile back");
+    }
+    let (code, out) = fsck(&[], &backing);
+    assert_eq!(code, 0, "{out}");
+    let d = Daemon::start(&backing, &mnt, PACK_OPTS);
+    let _ = admin_raw("compact", &mnt);
+    assert!(
+        d.log_text().contains("1 packs compacted"),
+        "{}",
+        d.log_text()
+    );
+    admin("evict", &mnt);
+    read_all(&mnt, &files, "with the profile put back and compacted");
+    d.unmount();
+}
+
 /// Two pack files swapped (each under the other's name): fsck names both (`pack-id`,
 /// left to a person: which file is which is not for it to guess), their files' reads
 /// fail with EIO rather than return another file's bytes, and compaction leaves both
