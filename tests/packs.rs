@@ -55,6 +55,33 @@ fn three_compactions_do_not_grow_the_packs(backing: &Path, mnt: &Path) {
     );
 }
 
+fn write_all(mnt: &Path, files: &[(String, Vec<u8>)]) {
+    for (name, data) in files {
+        fs::write(mnt.join(name), data).unwrap_or_else(|e| panic!("write {name}: {e}"));
+    }
+}
+
+/// Mount, run one compaction pass, which must compact one pack, and read `files` back
+/// through the decompressor.
+fn compact_one_pack_and_read(backing: &Path, mnt: &Path, files: &[(String, Vec<u8>)], when: &str) {
+    let d = Daemon::start(backing, mnt, PACK_OPTS);
+    let _ = admin_raw("compact", mnt);
+    assert!(
+        d.log_text().contains("1 packs compacted"),
+        "{}",
+        d.log_text()
+    );
+    admin("evict", mnt);
+    read_all(mnt, files, when);
+    d.unmount();
+}
+
+/// The pack slot `ino`'s blob is in (it must be packed).
+fn packed_slot(store: &nacrithfs::store::Store, ino: u64) -> nacrithfs::store::PackSlot {
+    let blob = store.get(ino).expect("get").expect("inode").blob;
+    blob.and_then(|b| b.pack).expect("packed")
+}
+
 fn read_all(mnt: &Path, files: &[(String, Vec<u8>)], when: &str) {
     for (name, data) in files {
         let got = fs::read(mnt.join(name)).unwrap_or_else(|e| panic!("{name} {when}: {e}"));
@@ -80,15 +107,11 @@ fn small_files_are_packed_shared_compacted_and_checked() {
     files.push(("copy0.txt".into(), files[0].1.clone()));
     files.push(("copy1.txt".into(), files[1].1.clone()));
     files.push(("r.bin".into(), common::random_bytes(1500, 7)));
-    for (name, data) in &files[..6] {
-        fs::write(mnt.join(name), data).expect("write");
-    }
+    write_all(&mnt, &files[..6]);
     admin("flush", &mnt);
     let coded = status_field(&mnt, "symbols_coded");
     assert!(coded > 500, "the model coded only {coded} symbols");
-    for (name, data) in &files[6..] {
-        fs::write(mnt.join(name), data).expect("write");
-    }
+    write_all(&mnt, &files[6..]);
     admin("flush", &mnt);
 
     // Every blob went into a pack: no blob file, a few packs (one per coding profile).
@@ -273,9 +296,7 @@ fn a_blob_counter_set_back_never_reuses_a_pack_number() {
     // alone and has the highest number in use (allocated after that blob's).
     for batch in [&files[..4], &files[4..]] {
         let d = Daemon::start(&backing, &mnt, PACK_OPTS);
-        for (name, data) in batch {
-            fs::write(mnt.join(name), data).expect("write");
-        }
+        write_all(&mnt, batch);
         admin("flush", &mnt);
         d.unmount();
     }
@@ -358,9 +379,7 @@ fn a_stale_reference_stops_compaction_of_its_pack_only() {
         .map(|i| (format!("f{i}.bin"), common::random_bytes(3000, 301 + 2 * i)))
         .collect();
     let d = Daemon::start(&backing, &mnt, PACK_OPTS);
-    for (name, data) in &files {
-        fs::write(mnt.join(name), data).expect("write");
-    }
+    write_all(&mnt, &files);
     admin("flush", &mnt);
     let kept = "f0.bin";
     let kept_ino = fs::metadata(mnt.join(kept)).expect("stat").ino();
@@ -420,9 +439,7 @@ fn an_undecodable_profile_is_restored_from_a_pack_header() {
         .map(|i| (format!("f{i}.bin"), common::random_bytes(2000, 301 + 2 * i)))
         .collect();
     let d = Daemon::start(&backing, &mnt, PACK_OPTS);
-    for (name, data) in &files {
-        fs::write(mnt.join(name), data).expect("write");
-    }
+    write_all(&mnt, &files);
     admin("flush", &mnt);
     admin("evict", &mnt);
     d.unmount();
@@ -498,9 +515,7 @@ fn a_damaged_blob_stops_compaction_before_anything_is_copied() {
         .map(|i| (format!("f{i}.bin"), common::random_bytes(3000, 501 + 2 * i)))
         .collect();
     let d = Daemon::start(&backing, &mnt, PACK_OPTS);
-    for (name, data) in &files {
-        fs::write(mnt.join(name), data).expect("write");
-    }
+    write_all(&mnt, &files);
     admin("flush", &mnt);
     let inos: Vec<u64> = ["f0.bin", "f5.bin"]
         .iter()
@@ -510,12 +525,7 @@ fn a_damaged_blob_stops_compaction_before_anything_is_copied() {
     // The kept blob at the higher offset gets a damaged compact header.
     let slots: Vec<_> = {
         let store = nacrithfs::store::Store::open_existing(&backing).expect("open");
-        inos.iter()
-            .map(|&ino| {
-                let inode = store.get(ino).expect("get").expect("inode");
-                inode.blob.expect("compressed").pack.expect("packed")
-            })
-            .collect()
+        inos.iter().map(|&ino| packed_slot(&store, ino)).collect()
     };
     assert_eq!(slots[0].pack, slots[1].pack, "one pack for all six");
     let last = *slots.iter().max_by_key(|s| s.offset).expect("two");
@@ -562,9 +572,7 @@ fn small_packs_of_different_profiles_are_left_alone() {
         ("c.bin".into(), common::random_bytes(2000, 701)),
         ("d.bin".into(), common::random_bytes(2000, 703)),
     ];
-    for (name, data) in &files {
-        fs::write(mnt.join(name), data).expect("write");
-    }
+    write_all(&mnt, &files);
     admin("flush", &mnt);
     d.unmount();
     let packs = pack_files(&backing);
@@ -630,9 +638,7 @@ fn a_pack_entry_with_another_profile_than_its_header_is_not_compacted() {
         .collect();
     files.push(("b.bin".into(), common::random_bytes(2000, 1301)));
     let d = Daemon::start(&backing, &mnt, PACK_OPTS);
-    for (name, data) in &files {
-        fs::write(mnt.join(name), data).expect("write");
-    }
+    write_all(&mnt, &files);
     admin("flush", &mnt);
     let kept = fs::metadata(mnt.join("t0.txt")).expect("stat").ino();
     let binary = fs::metadata(mnt.join("b.bin")).expect("stat").ino();
@@ -645,11 +651,10 @@ fn a_pack_entry_with_another_profile_than_its_header_is_not_compacted() {
     assert_eq!(packs.len(), 2, "one pack per profile: {packs:?}");
     {
         let store = nacrithfs::store::Store::open_existing(&backing).expect("open");
-        let pack_of = |ino: u64| {
-            let blob = store.get(ino).expect("get").expect("inode").blob;
-            blob.and_then(|b| b.pack).expect("packed").pack
-        };
-        let (text_pack, binary_pack) = (pack_of(kept), pack_of(binary));
+        let (text_pack, binary_pack) = (
+            packed_slot(&store, kept).pack,
+            packed_slot(&store, binary).pack,
+        );
         let info = |id: u64| store.pack_info(id).expect("entry").expect("an entry");
         let mut entry = info(text_pack);
         let other = info(binary_pack).profile;
@@ -677,16 +682,7 @@ fn a_pack_entry_with_another_profile_than_its_header_is_not_compacted() {
     assert_eq!(code, 1, "{out}");
     let (code, out) = fsck(&[], &backing);
     assert_eq!(code, 0, "{out}");
-    let d = Daemon::start(&backing, &mnt, PACK_OPTS);
-    let _ = admin_raw("compact", &mnt);
-    assert!(
-        d.log_text().contains("1 packs compacted"),
-        "{}",
-        d.log_text()
-    );
-    admin("evict", &mnt);
-    read_all(&mnt, &files, "after the repair and compaction");
-    d.unmount();
+    compact_one_pack_and_read(&backing, &mnt, &files, "after the repair and compaction");
     let (code, out) = fsck(&["--deep"], &backing);
     assert_eq!(code, 0, "{out}");
 }
@@ -706,9 +702,7 @@ fn a_profile_whose_index_copy_differs_from_the_pack_header_is_reported_and_left_
     let mut files: Vec<(String, Vec<u8>)> = vec![("t.txt".into(), text[..1200].to_vec())];
     files.extend((0..4).map(|i| (format!("b{i}.bin"), common::random_bytes(2000, 1701 + i))));
     let d = Daemon::start(&backing, &mnt, PACK_OPTS);
-    for (name, data) in &files {
-        fs::write(mnt.join(name), data).expect("write");
-    }
+    write_all(&mnt, &files);
     admin("flush", &mnt);
     let (t, b) = (
         fs::metadata(mnt.join("t.txt")).expect("stat").ino(),
@@ -729,8 +723,7 @@ fn a_profile_whose_index_copy_differs_from_the_pack_header_is_reported_and_left_
     let (binary_key, binary_value) = {
         let store = nacrithfs::store::Store::open_existing(&backing).expect("open");
         let profile_of = |ino: u64| {
-            let slot = store.get(ino).expect("get").expect("inode").blob;
-            let pack = slot.and_then(|b| b.pack).expect("packed").pack;
+            let pack = packed_slot(&store, ino).pack;
             store
                 .pack_info(pack)
                 .expect("entry")
@@ -776,16 +769,12 @@ fn a_profile_whose_index_copy_differs_from_the_pack_header_is_reported_and_left_
     }
     let (code, out) = fsck(&[], &backing);
     assert_eq!(code, 0, "{out}");
-    let d = Daemon::start(&backing, &mnt, PACK_OPTS);
-    let _ = admin_raw("compact", &mnt);
-    assert!(
-        d.log_text().contains("1 packs compacted"),
-        "{}",
-        d.log_text()
+    compact_one_pack_and_read(
+        &backing,
+        &mnt,
+        &files,
+        "with the profile put back and compacted",
     );
-    admin("evict", &mnt);
-    read_all(&mnt, &files, "with the profile put back and compacted");
-    d.unmount();
 }
 
 /// Two pack files swapped (each under the other's name): fsck names both (`pack-id`,
@@ -809,9 +798,7 @@ fn pack_files_under_each_others_names_are_reported_and_left_alone() {
     let (a, b) = (batch("a", 1501), batch("b", 1601));
     for files in [&a, &b] {
         let d = Daemon::start(&backing, &mnt, PACK_OPTS);
-        for (name, data) in files.iter() {
-            fs::write(mnt.join(name), data).expect("write");
-        }
+        write_all(&mnt, files);
         admin("flush", &mnt);
         d.unmount();
     }
@@ -873,9 +860,7 @@ fn an_unreadable_inode_record_stops_compaction_of_its_pack_only() {
     // Two sealed packs, one per mount: a's, then b's.
     for files in [&a, &b] {
         let d = Daemon::start(&backing, &mnt, PACK_OPTS);
-        for (name, data) in files.iter() {
-            fs::write(mnt.join(name), data).expect("write");
-        }
+        write_all(&mnt, files);
         admin("flush", &mnt);
         d.unmount();
     }
@@ -928,9 +913,7 @@ fn small_files_are_coded_in_solid_groups_and_read_back_alone() {
         .collect();
     files.push(("empty.txt".into(), Vec::new()));
     files.push(("r.bin".into(), common::random_bytes(700, 9)));
-    for (name, data) in &files {
-        fs::write(mnt.join(name), data).expect("write");
-    }
+    write_all(&mnt, &files);
     admin("flush", &mnt);
     let grouped = status_field(&mnt, "grouped_files");
     assert!(grouped >= 5, "{grouped} files were grouped");
