@@ -77,8 +77,8 @@ impl Core {
                 txn.enqueue(ino, FLUSH_DUE);
             }
         }
+        // (The commit tells the compressors of the entries it queued.)
         self.commit(txn, false)?;
-        self.due_at(FLUSH_DUE);
         drop(st);
         self.wake.notify_all();
         Ok(())
