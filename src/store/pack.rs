@@ -425,7 +425,10 @@ impl Packs {
         })
     }
 
-    fn profile_of_pack(&self, id: u64, file: &std::fs::File) -> io::Result<u32> {
+    /// The coding profile pack `id` (open as `file`) was written with, once its header
+    /// is checked against the index: its own id, and its profile equal to the index's
+    /// copy. Reads and compaction both go through this check.
+    pub fn profile_of_pack(&self, id: u64, file: &std::fs::File) -> io::Result<u32> {
         if let Some(p) = self
             .pack_profiles
             .lock()
@@ -441,7 +444,7 @@ impl Packs {
         }
         if self.profile(profile_id).as_ref() != Some(&profile) {
             return Err(bad(format!(
-                "pack {id:016x}'s profile {profile_id} differs from the index's"
+                "pack {id:016x}'s profile {profile_id} has other contents than the index's"
             )));
         }
         self.pack_profiles

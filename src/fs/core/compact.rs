@@ -201,33 +201,22 @@ impl Core {
             }
         };
         // The blobs were coded with the profile of the pack's header; copied into an
-        // open pack of another profile (an index entry that says another) they would
-        // not decode there.
-        // (The profile itself too: a damaged profile entry in the index would write the
-        // copies' pack header from it, and the old pack, the only record of how its
-        // blobs were coded, would go.)
-        match pack::read_header(&source) {
-            Ok((pid, header_profile, coded_with, _))
-                if pid == id
-                    && header_profile == profile
-                    && self.store.packs().profile(profile).as_ref() == Some(&coded_with) => {}
-            Ok((pid, header_profile, ..)) if pid != id || header_profile != profile => {
+        // open pack of another profile (an index entry that says another, or a damaged
+        // copy of the profile in the index, from which the copies' header would be
+        // written) they would not decode there, and the old pack, the only record of
+        // how they were coded, would go. The read path's check, and the entry's profile.
+        match self.store.packs().profile_of_pack(id, source.file()) {
+            Ok(header_profile) if header_profile == profile => {}
+            Ok(header_profile) => {
                 log::error!(
-                    "compaction: {} says it is pack {pid} of coding profile {header_profile}; the index has pack {id} of profile {profile}; not compacted: run `nacrithfs fsck --repair`",
-                    path.display()
-                );
-                return Ok(false);
-            }
-            Ok(_) => {
-                log::error!(
-                    "compaction: {}'s header carries coding profile {profile} with other contents than the index's; not compacted: run `nacrithfs fsck`",
+                    "compaction: {} is of coding profile {header_profile}; the index has it of profile {profile}; not compacted: run `nacrithfs fsck --repair`",
                     path.display()
                 );
                 return Ok(false);
             }
             Err(e) => {
                 log::error!(
-                    "compaction: {}: {e}; its blobs stay where they are",
+                    "compaction: {}: {e}; its blobs stay where they are: run `nacrithfs fsck`",
                     path.display()
                 );
                 return Ok(false);
