@@ -942,13 +942,21 @@ fn small_files_are_coded_in_solid_groups_and_read_back_alone() {
         "{stored_total} bytes stored for {plain}"
     );
     admin("evict", &mnt);
-    // A member alone, through the decompressor: its group is decoded once, and the
-    // other members come with it (reading them decodes nothing more).
-    let (last, data) = files.last().expect("files");
+    // The binary file is not a member (see below): its own blob.
+    let (bin, data) = files.last().expect("files");
     let before = status_field(&mnt, "regions_decoded");
     assert!(
-        fs::read(mnt.join(last)).expect("read") == *data,
-        "{last} differs"
+        fs::read(mnt.join(bin)).expect("read") == *data,
+        "{bin} differs"
+    );
+    let bin_regions = status_field(&mnt, "regions_decoded") - before;
+    // A member alone, through the decompressor: its group is decoded once, and the
+    // other members come with it (reading them decodes nothing more).
+    let (member, data) = &files[4];
+    let before = status_field(&mnt, "regions_decoded");
+    assert!(
+        fs::read(mnt.join(member)).expect("read") == *data,
+        "{member} differs"
     );
     let regions = status_field(&mnt, "regions_decoded");
     let group_regions = regions - before;
@@ -972,7 +980,7 @@ fn small_files_are_coded_in_solid_groups_and_read_back_alone() {
     });
     assert_eq!(
         status_field(&mnt, "regions_decoded") - regions,
-        group_regions,
+        group_regions + bin_regions,
         "concurrent readers of one group decoded it more than once"
     );
     admin("evict", &mnt);
@@ -1000,6 +1008,27 @@ fn small_files_are_coded_in_solid_groups_and_read_back_alone() {
     // Read-only: a member decodes into the private temp directory.
     let d = Daemon::start(&backing, &mnt, "ro");
     read_all(&mnt, &files, "on a read-only mount");
+    d.unmount();
+
+    // The binary file was flushed with the texts but not grouped with them: coded
+    // alone it needs no model, so it reads while the model is gone; the texts do not.
+    let real = nacrithfs::model::find_model(None)
+        .unwrap_or_else(|e| panic!("this test needs the real model: {e}"));
+    let model = dir.path().join("model.gguf");
+    fs::copy(&real, &model).expect("copy model");
+    let d = Daemon::start(
+        &backing,
+        &mnt,
+        &format!("idle=3600,model={}", model.display()),
+    );
+    admin("evict", &mnt);
+    fs::remove_file(&model).expect("remove model");
+    let bin = &files.iter().find(|(n, _)| n == "r.bin").expect("r.bin").1;
+    let got =
+        fs::read(mnt.join("r.bin")).unwrap_or_else(|e| panic!("r.bin without the model: {e}"));
+    assert!(got == *bin, "r.bin differs");
+    let err = fs::read(mnt.join("g1.txt")).expect_err("a text member read without the model");
+    assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
     d.unmount();
 
     // Deleting members leaves the others readable (and the slot referenced).

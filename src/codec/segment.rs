@@ -91,6 +91,12 @@ pub fn segment(data: &[u8]) -> Vec<(RunKind, Range<usize>)> {
     runs
 }
 
+/// Whether any of `data` would go to the LLM coder (a text run): a file without one is
+/// coded by the classical codec alone, and needs no model to be read.
+pub fn has_text(data: &[u8]) -> bool {
+    segment(data).iter().any(|(k, _)| *k == RunKind::Text)
+}
+
 /// Runs of `data`, which starts at file offset `base`: zero runs of at least
 /// [`ZERO_MIN`] bytes (block-aligned in the file), and text and binary runs between them.
 pub fn segment_at(data: &[u8], base: u64) -> Vec<(RunKind, Range<usize>)> {

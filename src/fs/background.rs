@@ -17,6 +17,7 @@ use super::core::{Companion, Core, GroupMember, Need, NewBlob};
 use crate::blobfile;
 use crate::codec::lanes::{ChunkOutput, CANCELLED, READ_AHEAD, URGENT};
 use crate::codec::params::CoderParams;
+use crate::codec::segment;
 use crate::codec::source::{FileSource, Source};
 use crate::codec::{
     self, CodecError, CompressOptions, DecompressOptions, Engine, Plan, RegionKind,
@@ -355,7 +356,8 @@ impl AsRef<[u8]> for Joined {
 /// after the other, coded as one chunk (each file with the ones before it as context:
 /// the cold start of a small file is most of its cost), packed as one blob, and every
 /// member committed in one index batch (docs/DURABILITY.md, "solid group"). Returns
-/// false when no other file joins, or the group's blob does not pack: `first` is still
+/// false when no other file joins, `first` is binary (see [`segment::has_text`]), or
+/// the group's blob does not pack: `first` is still
 /// claimed and the caller codes it on its own. True: `first`'s compression has ended.
 /// Every companion's compression is ended on every way out but a panic (the caller's
 /// [`Joining`] guard ends them then).
@@ -400,6 +402,12 @@ fn compress_group(
                 continue;
             }
         };
+        if !segment::has_text(&bytes) {
+            // Binary alone, it needs no model to be read; in a group it would need the
+            // model that decodes the others. Let go: still due, coded alone.
+            core.compression_interrupted(ino);
+            continue;
+        }
         let content: [u8; 32] = blake3::hash(&bytes).into();
         if core.opts.dedup {
             // Equal to a stored file: it goes on its own, where it shares that blob
@@ -443,6 +451,11 @@ fn compress_group(
             return true;
         }
     };
+    if !segment::has_text(&plain) {
+        // Binary: coded alone it needs no model to be read (see above).
+        release(&companions);
+        return false;
+    }
     let (companions, others) = pick_similar(&plain, companions, room);
     release(&others);
     if companions.is_empty() {
