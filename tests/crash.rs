@@ -618,6 +618,8 @@ fn cases() -> Vec<Case> {
             released,
         ),
         c("unmount", "stop.after_syncfs", unmount, unchanged),
+        c("unmount", "stop_rebuild.after_copy", unmount, unchanged),
+        c("unmount", "stop_rebuild.after_exchange", unmount, unchanged),
         c("evict", "evict.after_index", evict, unchanged),
         c("evict", "evict.after_delete", evict, unchanged),
         c("decompress", "decode.after_rename", read_evicted, unchanged),
@@ -728,7 +730,7 @@ fn foreign_level() -> &'static str {
 /// Mount with the crash point armed; expect the daemon to die of it.
 fn run_to_crash(backing: &Path, mnt: &Path, case: &Case) {
     let mut env = vec![("NACRITHFS_CRASH_AT", case.point)];
-    if case.point.starts_with("index_rebuild.") {
+    if case.point.starts_with("index_rebuild.") || case.point.starts_with("stop_rebuild.") {
         // The template's journal is small: rebuild whatever the rule says.
         env.push(("NACRITHFS_INDEX_REBUILD", "always"));
     }

@@ -871,6 +871,62 @@ fn full_backing_disk_gives_enospc_and_loses_nothing() {
     assert_eq!(code, 0, "{out}");
 }
 
+/// A clean stop leaves a small volume's index without the journal of its session
+/// (rebuilt after the stop, docs/DURABILITY.md "Index rebuild"): cold storage spends its
+/// life unmounted, and fjall's journal of a few dozen files' history used to stay, more
+/// than their packed blobs. The clean stop survives the rebuild (the next mount trusts
+/// it), every file reads back, fsck is clean.
+#[test]
+fn a_clean_stop_leaves_a_small_index_without_its_journal() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (backing, mnt) = new_volume(dir.path());
+    let d = Daemon::start(&backing, &mnt, "idle=3600");
+    let files: Vec<(String, Vec<u8>)> = (0..60)
+        .map(|i| {
+            (
+                format!("f{i}"),
+                format!("file {i}\n").repeat(i + 1).into_bytes(),
+            )
+        })
+        .collect();
+    for (name, data) in &files {
+        fs::write(mnt.join(name), data).expect("write");
+    }
+    // Some history for the journal: every third file removed again.
+    let (removed, files): (Vec<_>, Vec<_>) =
+        files.into_iter().enumerate().partition(|(i, _)| i % 3 == 0);
+    for (_, (name, _)) in &removed {
+        fs::remove_file(mnt.join(name)).expect("rm");
+    }
+    let log = d.log.clone();
+    d.unmount();
+    let text = fs::read_to_string(&log).expect("daemon log");
+    assert!(text.contains("index: rebuilt after the stop ("), "{text}");
+    let journal: u64 = fs::read_dir(backing.join("index.fjall"))
+        .expect("index.fjall")
+        .map(|e| e.expect("entry").path())
+        .filter(|p| p.extension().is_some_and(|x| x == "jnl"))
+        .map(|p| fs::metadata(&p).expect("stat").blocks() * 512)
+        .sum();
+    assert!(journal <= 8192, "{journal} bytes of journal after the stop");
+    let d = Daemon::start(&backing, &mnt, "idle=3600");
+    for (_, (name, data)) in &files {
+        let got = fs::read(mnt.join(name)).unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert!(&got == data, "{name} reads back different bytes");
+    }
+    for (_, (name, _)) in &removed {
+        assert!(!mnt.join(name).exists(), "{name} came back");
+    }
+    assert!(
+        d.log_text().contains("the last stop was clean"),
+        "{}",
+        d.log_text()
+    );
+    d.unmount();
+    let (code, out) = fsck(&[], &backing);
+    assert_eq!(code, 0, "{out}");
+}
+
 /// An index rebuild (docs/DURABILITY.md) only saves space: with no room for the copy (the
 /// disk full, or out of inodes half-way through the copy) the volume mounts with its old
 /// index and serves every file; once there is room, the rebuild happens.

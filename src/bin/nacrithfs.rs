@@ -607,7 +607,21 @@ fn serve(
         // Nothing runs any more and everything is committed: the next mount may skip
         // its scan of the backing files.
         match core.store.mark_clean_stop() {
-            Ok(()) => log::info!("clean stop recorded"),
+            Ok(()) => {
+                log::info!("clean stop recorded");
+                // The index closed (every other holder of the core is gone), then
+                // rebuilt if its journal outweighs its tables: a volume left unmounted
+                // keeps no journal of this session (docs/DURABILITY.md, "Index rebuild").
+                match Arc::try_unwrap(core) {
+                    Ok(core) => {
+                        drop(core);
+                        if let Err(e) = nacrithfs::store::rebuild_index_after_stop(backing) {
+                            log::warn!("index: not rebuilt after the stop: {e}");
+                        }
+                    }
+                    Err(_) => log::info!("index: not rebuilt after the stop (still in use)"),
+                }
+            }
             Err(e) => log::warn!("recording the clean stop: {e} (the next mount scans)"),
         }
     }

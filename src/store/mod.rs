@@ -585,6 +585,26 @@ fn still_at(file: &File, path: &Path) -> io::Result<bool> {
     Ok(held.dev() == named.dev() && held.ino() == named.ino())
 }
 
+/// After a clean stop, with the daemon's index closed: rebuild the index of `backing`
+/// if the rule of `rebuild.rs` says so, so that a volume left unmounted keeps no
+/// journal of its last session (cold storage: most volumes spend their life so).
+/// Returns whether it was rebuilt. Errors only cost the space: the stop is recorded.
+pub fn rebuild_index_after_stop(backing: &Path) -> Result<bool> {
+    let dir = backing.join(INDEX_DIR);
+    if !dir.is_dir() {
+        return Ok(false);
+    }
+    let db = open_index(&dir, backing)?;
+    // (Left by a rebuild whose removal failed; nothing refers to it.)
+    let tmp = backing.join(INDEX_TMP_DIR);
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp)?;
+        sync_dir(backing)?;
+    }
+    let (_db, rebuilt) = rebuild::maybe_at(db, backing, rebuild::At::Stop)?;
+    Ok(rebuilt)
+}
+
 /// Open the fjall index in `dir`, waiting a little for its lock.
 fn open_index(dir: &Path, backing: &Path) -> Result<index::Index> {
     wait_for_lock(backing, || match index::Index::open(dir) {

@@ -6,7 +6,7 @@
 //! of what the volume went through: a corpus written once and then left cold carried
 //! ~1.3 KB of journal per file (bench-corpus --index-files), more than its packed blobs.
 //! When the journal takes more blocks than the tables and more than [`REBUILD_ABOVE`]
-//! (64 KiB), the live keys are copied into `index.fjall.tmp`, which then takes the
+//! (16 KiB), the live keys are copied into `index.fjall.tmp`, which then takes the
 //! place of `index.fjall` in one `renameat2(RENAME_EXCHANGE)`: at every instant
 //! `index.fjall` is a whole index, the old one or the new one.
 //!
@@ -21,28 +21,52 @@ use super::{open_index, sync_dir, Result, INDEX_DIR, INDEX_TMP_DIR};
 /// Journal blocks below which the index is left as it is. A rebuild costs a few
 /// fsyncs and a copy of the live keys (milliseconds for thousands of files); the rule
 /// that the journal outweigh the tables keeps a big volume's index from being copied
-/// at every mount (its tables outgrow fjall's 64 MB journal).
-const REBUILD_ABOVE: u64 = 64 << 10;
+/// at every mount (its tables outgrow fjall's 64 MB journal). It was 64 KiB, compared
+/// with every other file of the index: a small volume's fixed files (keyspace
+/// manifests and versions, ~56 KiB in 4 KiB blocks) then kept a journal of up to 64 KiB
+/// for good, more than a corpus of 48 small files takes in packs (bench-corpus).
+const REBUILD_ABOVE: u64 = 16 << 10;
 
-/// Bytes of disk blocks under `dir`: (journal files at its top, everything else).
-fn index_blocks(dir: &Path) -> std::io::Result<(u64, u64)> {
+/// Bytes of disk blocks under an index directory.
+#[derive(Debug, Clone, Copy, Default)]
+struct Blocks {
+    /// Journal files (at its top).
+    journal: u64,
+    /// Table files (in a keyspace's `tables/`): what the live keys (and the tombstones
+    /// and old versions not compacted yet) take.
+    tables: u64,
+    /// Everything else: fjall's own small files, whatever the index holds.
+    other: u64,
+}
+
+impl Blocks {
+    fn total(&self) -> u64 {
+        self.journal + self.tables + self.other
+    }
+}
+
+fn index_blocks(dir: &Path) -> std::io::Result<Blocks> {
     use std::os::unix::fs::MetadataExt;
-    let (mut journal, mut rest) = (0, 0);
+    let mut b = Blocks::default();
     let mut stack = vec![(dir.to_path_buf(), true)];
     while let Some((d, top)) = stack.pop() {
+        let in_tables = d.file_name().is_some_and(|n| n == "tables");
         for e in std::fs::read_dir(&d)? {
             let e = e?;
             let m = e.metadata()?;
+            let bytes = m.blocks() * 512;
             if m.is_dir() {
                 stack.push((e.path(), false));
             } else if top && e.path().extension().is_some_and(|x| x == "jnl") {
-                journal += m.blocks() * 512;
+                b.journal += bytes;
+            } else if in_tables {
+                b.tables += bytes;
             } else {
-                rest += m.blocks() * 512;
+                b.other += bytes;
             }
         }
     }
-    Ok((journal, rest))
+    Ok(b)
 }
 
 /// Swap two directory entries atomically.
@@ -74,33 +98,57 @@ fn exchange(a: &Path, b: &Path) -> std::io::Result<()> {
     }
 }
 
+/// When a rebuild runs: at a read-write open, or after a clean stop (the daemon's
+/// index closed, so that a volume left unmounted keeps no journal of its last session).
+/// Only the names of the crash points differ.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum At {
+    Open,
+    Stop,
+}
+
+impl At {
+    fn points(self) -> (&'static str, &'static str) {
+        match self {
+            At::Open => ("index_rebuild.after_copy", "index_rebuild.after_exchange"),
+            At::Stop => ("stop_rebuild.after_copy", "stop_rebuild.after_exchange"),
+        }
+    }
+}
+
 /// `db` is the index of `backing`, just opened read-write (a leftover `index.fjall.tmp`
 /// already removed). Returns it, or the rebuilt one.
 pub(super) fn maybe(db: Index, backing: &Path) -> Result<Index> {
+    Ok(maybe_at(db, backing, At::Open)?.0)
+}
+
+/// [`maybe`], at `at`; also says whether the index was rebuilt.
+pub(super) fn maybe_at(db: Index, backing: &Path, at: At) -> Result<(Index, bool)> {
     let dir = backing.join(INDEX_DIR);
     // (A file fjall deletes between the listing and its stat: a rebuild only saves
     // space, so nothing about deciding on it stops a mount.)
-    let (journal, tables) = match index_blocks(&dir) {
+    let blocks = match index_blocks(&dir) {
         Ok(b) => b,
         Err(e) => {
             log::warn!("index: not rebuilt: measuring {}: {e}", dir.display());
-            return Ok(db);
+            return Ok((db, false));
         }
     };
     let wanted = match std::env::var("NACRITHFS_INDEX_REBUILD").as_deref() {
         Ok("always") => true,
         Ok("never") => false,
-        _ => journal > REBUILD_ABOVE && journal > tables,
+        _ => blocks.journal > REBUILD_ABOVE && blocks.journal > blocks.tables,
     };
     if !wanted {
-        return Ok(db);
+        return Ok((db, false));
     }
-    rebuild(db, backing, journal + tables, journal)
+    rebuild(db, backing, blocks.total(), blocks.journal, at)
 }
 
 /// Copy the live keys of `db` into a new index and put it in the old one's place.
 /// `before`, `journal`: the old index's blocks, for the log line.
-fn rebuild(db: Index, backing: &Path, before: u64, journal: u64) -> Result<Index> {
+fn rebuild(db: Index, backing: &Path, before: u64, journal: u64, at: At) -> Result<(Index, bool)> {
+    let (after_copy, after_exchange) = at.points();
     let dir = backing.join(INDEX_DIR);
     let started = Instant::now();
     let tmp = backing.join(INDEX_TMP_DIR);
@@ -113,7 +161,7 @@ fn rebuild(db: Index, backing: &Path, before: u64, journal: u64) -> Result<Index
                 backing.display(),
                 before >> 10
             );
-            return Ok(db);
+            return Ok((db, false));
         }
         _ => {}
     }
@@ -129,10 +177,10 @@ fn rebuild(db: Index, backing: &Path, before: u64, journal: u64) -> Result<Index
             if std::fs::remove_dir_all(&tmp).is_ok() {
                 let _ = sync_dir(backing);
             }
-            return Ok(db);
+            return Ok((db, false));
         }
     };
-    crate::crash::point("index_rebuild.after_copy");
+    crate::crash::point(after_copy);
     // Closed (its threads joined) before its directory changes name under it.
     drop(db);
     if let Err(e) = exchange(&tmp, &dir) {
@@ -148,10 +196,10 @@ fn rebuild(db: Index, backing: &Path, before: u64, journal: u64) -> Result<Index
         if let Err(e) = std::fs::remove_dir_all(&tmp).and_then(|()| sync_dir(backing)) {
             log::warn!("index: removing the copy {}: {e}", tmp.display());
         }
-        return open_index(&dir, backing);
+        return Ok((open_index(&dir, backing)?, false));
     }
     sync_dir(backing)?;
-    crate::crash::point("index_rebuild.after_exchange");
+    crate::crash::point(after_exchange);
     // The old index, now under the temporary name (a crash, or a failure here, leaves
     // it to the next open, which removes it).
     match std::fs::remove_dir_all(&tmp).and_then(|()| sync_dir(backing)) {
@@ -159,15 +207,16 @@ fn rebuild(db: Index, backing: &Path, before: u64, journal: u64) -> Result<Index
         Err(e) => log::warn!("index: removing the old index {}: {e}", tmp.display()),
     }
     let rebuilt = open_index(&dir, backing)?;
-    let (j2, t2) = index_blocks(&dir).unwrap_or((0, 0));
+    let after = index_blocks(&dir).unwrap_or_default();
     log::info!(
-        "index: rebuilt ({copied} keys, {:.1} s): {} KiB on disk instead of {} KiB ({} KiB of journal)",
+        "index: rebuilt{} ({copied} keys, {:.1} s): {} KiB on disk instead of {} KiB ({} KiB of journal)",
+        if at == At::Stop { " after the stop" } else { "" },
         started.elapsed().as_secs_f64(),
-        (j2 + t2) >> 10,
+        after.total() >> 10,
         before >> 10,
         journal >> 10
     );
-    Ok(rebuilt)
+    Ok((rebuilt, true))
 }
 
 #[cfg(test)]
@@ -185,8 +234,14 @@ mod tests {
     type Keys = Vec<(Vec<u8>, Vec<u8>)>;
 
     fn index_with_history(backing: &Path) -> (Index, Keys, u64) {
+        let (db, keys, journal) = index_with_history_of(backing, 3000);
+        assert!(journal > 100_000, "journal {journal}");
+        (db, keys, journal)
+    }
+
+    fn index_with_history_of(backing: &Path, n: u32) -> (Index, Keys, u64) {
         let db = Index::open(&backing.join(INDEX_DIR)).expect("open");
-        for i in 0..3000u32 {
+        for i in 0..n {
             let mut b = Batch::default();
             b.insert(format!("k{i:05}"), vec![i as u8; 40]);
             // History the rebuilt index does not need: a key written and removed.
@@ -198,10 +253,46 @@ mod tests {
         }
         db.checkpoint().expect("checkpoint");
         let keys = all(&db);
-        assert_eq!(keys.len(), 3000);
-        let (journal, _) = index_blocks(&backing.join(INDEX_DIR)).expect("blocks");
-        assert!(journal > 100_000, "journal {journal}");
+        assert_eq!(keys.len(), n as usize);
+        let journal = index_blocks(&backing.join(INDEX_DIR))
+            .expect("blocks")
+            .journal;
         (db, keys, journal)
+    }
+
+    /// A small volume's index (a few hundred files' history): its journal is more than
+    /// its tables but less than fjall's fixed files, which the rule used to count as
+    /// tables, so it was never rebuilt. Now it is, at the next open, and keeps every key.
+    #[test]
+    fn a_small_index_whose_journal_outweighs_its_tables_is_rebuilt() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let backing = dir.path();
+        let (db, before, _) = index_with_history_of(backing, 150);
+        let b = index_blocks(&backing.join(INDEX_DIR)).expect("blocks");
+        assert!(
+            b.journal > REBUILD_ABOVE && b.journal > b.tables,
+            "not a case for the rule: {b:?}"
+        );
+        assert!(
+            b.journal < b.tables + b.other,
+            "the old rule would rebuild it too: {b:?}"
+        );
+        let db = maybe(db, backing).expect("open");
+        assert_eq!(all(&db), before);
+        let after = index_blocks(&backing.join(INDEX_DIR)).expect("blocks");
+        assert!(after.journal <= 8192, "not rebuilt: {after:?}");
+        assert!(after.total() < b.total(), "{b:?} -> {after:?}");
+        drop(db);
+        // Nothing more to gain: the next open leaves it.
+        let db = Index::open(&backing.join(INDEX_DIR)).expect("open");
+        let db = maybe(db, backing).expect("open");
+        assert_eq!(all(&db), before);
+        assert_eq!(
+            index_blocks(&backing.join(INDEX_DIR))
+                .expect("blocks")
+                .total(),
+            after.total()
+        );
     }
 
     fn all(db: &Index) -> Keys {
@@ -221,12 +312,14 @@ mod tests {
             let backing = dir.path();
             let (db, before, journal) = index_with_history(backing);
             EXCHANGE_FAILS.with(|e| e.set(Some(errno)));
-            let kept = rebuild(db, backing, 0, journal);
+            let kept = rebuild(db, backing, 0, journal, At::Open).map(|(db, _)| db);
             EXCHANGE_FAILS.with(|e| e.set(None));
             let db = kept.unwrap_or_else(|e| panic!("errno {errno}: {e}"));
             assert_eq!(all(&db), before, "errno {errno}");
             assert!(!backing.join(INDEX_TMP_DIR).exists(), "errno {errno}");
-            let (after, _) = index_blocks(&backing.join(INDEX_DIR)).expect("blocks");
+            let after = index_blocks(&backing.join(INDEX_DIR))
+                .expect("blocks")
+                .journal;
             assert!(after >= journal, "errno {errno}: the journal went");
         }
     }
@@ -238,9 +331,12 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let backing = dir.path();
         let (db, before, journal) = index_with_history(backing);
-        let db = rebuild(db, backing, 0, journal).expect("rebuild");
+        let (db, rebuilt) = rebuild(db, backing, 0, journal, At::Open).expect("rebuild");
+        assert!(rebuilt);
         assert_eq!(all(&db), before);
-        let (journal, _) = index_blocks(&backing.join(INDEX_DIR)).expect("blocks");
+        let journal = index_blocks(&backing.join(INDEX_DIR))
+            .expect("blocks")
+            .journal;
         assert!(journal <= 8192, "journal after the rebuild {journal}");
         assert!(!backing.join(INDEX_TMP_DIR).exists());
         assert!(matches!(
