@@ -180,6 +180,11 @@ impl Index {
             n += 1;
         }
         ingest.finish()?;
+        // Ingested tables are a new run of level 0, which every open of the index then
+        // queues for compaction: the next mount would rewrite them, and on a full disk
+        // that compaction fails and poisons the index (the mount fails). Compacted
+        // here, while the copy has room, nothing is left for an open to do.
+        self.tree.major_compact()?;
         self.checkpoint()?;
         Ok(n)
     }

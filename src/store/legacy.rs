@@ -37,10 +37,12 @@ fn is_lock_refusal(e: &sled::Error) -> bool {
 
 /// Open a sled index, waiting a little for its lock.
 pub fn open_sled(dir: &Path, backing: &Path) -> Result<sled::Db> {
-    super::wait_for_lock(backing, || match sled::Config::new().path(dir).open() {
-        Ok(db) => Ok(Some(db)),
-        Err(e) if is_lock_refusal(&e) => Ok(None),
-        Err(e) => Err(StoreError::Legacy(e)),
+    super::wait_for_lock(backing, super::Shared::No, || {
+        match sled::Config::new().path(dir).open() {
+            Ok(db) => Ok(Some(db)),
+            Err(e) if is_lock_refusal(&e) => Ok(None),
+            Err(e) => Err(StoreError::Legacy(e)),
+        }
     })
 }
 

@@ -541,13 +541,117 @@ fn in_use(backing: &Path) -> StoreError {
     ))
 }
 
-/// Call `attempt` until it returns something, or fails for another reason than the
-/// lock being held (`Ok(None)`), for at most [`LOCK_WAIT`]; then the volume is in use.
-fn wait_for_lock<T>(backing: &Path, mut attempt: impl FnMut() -> Result<Option<T>>) -> Result<T> {
+/// `BACKING/index.lock` (empty): an index rebuild (`rebuild.rs`) holds it exclusively
+/// from closing the old index until the old one is deleted; whoever opens or locks the
+/// real index holds it shared during each attempt. So no process opens or locks an
+/// index directory whose name is about to change: a mount that opened the old index in
+/// that gap would write into, or delete as a leftover, the index that takes its place.
+/// Made by read-write opens; a read-only opener that finds none takes none (no rebuild
+/// has run since then with a daemon of this version, and its own lock is checked to be
+/// the current index's, see [`flock_shared`]).
+pub(super) const REBUILD_LOCK: &str = "index.lock";
+
+/// The rebuild lock, as [`try_rebuild_lock`] found it.
+pub(super) enum RebuildLock {
+    Held(#[allow(dead_code)] File),
+    /// No such file (a shared taker that may not make it).
+    Absent,
+    /// Held the other way by another process.
+    Busy,
+}
+
+/// Take the rebuild lock without waiting: exclusive (a rebuild) or shared (an opener);
+/// `create`: make the file if it is not there (read-write openers and rebuilds).
+pub(super) fn try_rebuild_lock(
+    backing: &Path,
+    exclusive: bool,
+    create: bool,
+) -> io::Result<RebuildLock> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = backing.join(REBUILD_LOCK);
+    let file = if create {
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(&path)
+    } else {
+        File::open(&path)
+    };
+    let file = match file {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound && !create => return Ok(RebuildLock::Absent),
+        Err(e) => return Err(e),
+    };
+    let op = if exclusive {
+        libc::LOCK_EX
+    } else {
+        libc::LOCK_SH
+    };
+    // SAFETY: a valid fd; flock has no memory effects.
+    if unsafe { libc::flock(file.as_raw_fd(), op | libc::LOCK_NB) } != 0 {
+        let e = io::Error::last_os_error();
+        return match e.raw_os_error() {
+            Some(libc::EWOULDBLOCK) => Ok(RebuildLock::Busy),
+            _ => Err(e),
+        };
+    }
+    Ok(RebuildLock::Held(file))
+}
+
+/// The rebuild lock, exclusive, waiting for at most [`LOCK_WAIT`] (openers hold it
+/// shared only for an attempt).
+pub(super) fn rebuild_lock_exclusive(backing: &Path) -> Result<File> {
     let started = std::time::Instant::now();
     loop {
-        if let Some(t) = attempt()? {
-            return Ok(t);
+        match try_rebuild_lock(backing, true, true)? {
+            RebuildLock::Held(f) => return Ok(f),
+            RebuildLock::Absent | RebuildLock::Busy => {}
+        }
+        if started.elapsed() >= LOCK_WAIT {
+            return Err(StoreError::Setup(format!(
+                "{}: its rebuild lock {REBUILD_LOCK} stays taken",
+                backing.display()
+            )));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+/// Whether an attempt on the real index takes the rebuild lock shared: not at all (a
+/// private copy, a sled index), or making its file if need be (read-write) or not.
+#[derive(Clone, Copy)]
+enum Shared {
+    No,
+    Create,
+    IfPresent,
+}
+
+/// Call `attempt` until it returns something, or fails for another reason than the
+/// lock being held (`Ok(None)`), for at most [`LOCK_WAIT`]; then the volume is in use.
+/// Each attempt holds the rebuild lock shared as `shared` says (a rebuild holding it
+/// counts as the lock being held).
+fn wait_for_lock<T>(
+    backing: &Path,
+    shared: Shared,
+    mut attempt: impl FnMut() -> Result<Option<T>>,
+) -> Result<T> {
+    let started = std::time::Instant::now();
+    loop {
+        let outer = match shared {
+            Shared::No => RebuildLock::Absent,
+            Shared::Create => try_rebuild_lock(backing, false, true)?,
+            Shared::IfPresent => try_rebuild_lock(backing, false, false)?,
+        };
+        if !matches!(outer, RebuildLock::Busy) {
+            let got = attempt();
+            drop(outer);
+            if let Some(t) = got? {
+                return Ok(t);
+            }
         }
         if started.elapsed() >= LOCK_WAIT {
             return Err(in_use(backing));
@@ -560,7 +664,7 @@ fn wait_for_lock<T>(backing: &Path, mut attempt: impl FnMut() -> Result<Option<T
 /// waiting a little for it.
 fn flock_shared(path: &Path, backing: &Path) -> Result<File> {
     use std::os::fd::AsRawFd;
-    wait_for_lock(backing, || {
+    wait_for_lock(backing, Shared::IfPresent, || {
         let lock = File::open(path)?;
         // SAFETY: a valid fd; flock has no memory effects.
         if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_SH | libc::LOCK_NB) } != 0 {
@@ -607,7 +711,13 @@ pub fn rebuild_index_after_stop(backing: &Path) -> Result<bool> {
 
 /// Open the fjall index in `dir`, waiting a little for its lock.
 fn open_index(dir: &Path, backing: &Path) -> Result<index::Index> {
-    wait_for_lock(backing, || match index::Index::open(dir) {
+    // The real index: under the rebuild lock; a private copy elsewhere: not.
+    let shared = if dir == backing.join(INDEX_DIR) {
+        Shared::Create
+    } else {
+        Shared::No
+    };
+    wait_for_lock(backing, shared, || match index::Index::open(dir) {
         Ok(db) => Ok(Some(db)),
         Err(fjall::Error::Locked) => Ok(None),
         Err(e) => Err(StoreError::Index(e)),
@@ -744,6 +854,7 @@ fn read_format(backing: &Path, read_only: bool) -> Result<Format> {
                 let name = e.file_name();
                 let begun = name == LOG_FILE
                     || name == INDEX_DIR
+                    || name == REBUILD_LOCK
                     // (the marker's temp file: see write_durably)
                     || name == "nacrithfs.tmp"
                     || ((name == "blobs" || name == "cache" || name == pack::PACK_DIR)

@@ -181,6 +181,19 @@ fn rebuild(db: Index, backing: &Path, before: u64, journal: u64, at: At) -> Resu
         }
     };
     crate::crash::point(after_copy);
+    // From here until the old index is gone nobody may open or lock the real index (it
+    // would get the one about to change names): the rebuild lock, exclusive. Openers
+    // take it shared for each attempt, so this waits for attempts under way.
+    let guard = match super::rebuild_lock_exclusive(backing) {
+        Ok(g) => g,
+        Err(e) => {
+            log::warn!("index: not rebuilt ({e}); the journal stays");
+            if std::fs::remove_dir_all(&tmp).is_ok() {
+                let _ = sync_dir(backing);
+            }
+            return Ok((db, false));
+        }
+    };
     // Closed (its threads joined) before its directory changes name under it.
     drop(db);
     if let Err(e) = exchange(&tmp, &dir) {
@@ -196,6 +209,7 @@ fn rebuild(db: Index, backing: &Path, before: u64, journal: u64, at: At) -> Resu
         if let Err(e) = std::fs::remove_dir_all(&tmp).and_then(|()| sync_dir(backing)) {
             log::warn!("index: removing the copy {}: {e}", tmp.display());
         }
+        drop(guard);
         return Ok((open_index(&dir, backing)?, false));
     }
     sync_dir(backing)?;
@@ -206,7 +220,7 @@ fn rebuild(db: Index, backing: &Path, before: u64, journal: u64, at: At) -> Resu
         Ok(()) => {}
         Err(e) => log::warn!("index: removing the old index {}: {e}", tmp.display()),
     }
-    let rebuilt = open_index(&dir, backing)?;
+    drop(guard);
     let after = index_blocks(&dir).unwrap_or_default();
     log::info!(
         "index: rebuilt{} ({copied} keys, {:.1} s): {} KiB on disk instead of {} KiB ({} KiB of journal)",
@@ -216,6 +230,8 @@ fn rebuild(db: Index, backing: &Path, before: u64, journal: u64, at: At) -> Resu
         before >> 10,
         journal >> 10
     );
+    // (Another process may lock it first: then this open waits, or says who has it.)
+    let rebuilt = open_index(&dir, backing)?;
     Ok((rebuilt, true))
 }
 
@@ -258,6 +274,48 @@ mod tests {
             .expect("blocks")
             .journal;
         (db, keys, journal)
+    }
+
+    /// Between a rebuild's close of the old index and the removal of the old one, no
+    /// other process may open (read-write) or lock (read-only) the real index: it would
+    /// get the directory about to change names, write into the new one through its
+    /// paths, or delete it as a leftover. Both wait for the rebuild lock; before it, a
+    /// remount right after an unmount (its daemon rebuilding after the stop) could.
+    #[test]
+    fn nobody_opens_the_index_while_a_rebuild_changes_its_name() {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::sync::Arc;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let backing = dir.path().to_path_buf();
+        let db = Index::open(&backing.join(INDEX_DIR)).expect("open");
+        let guard = super::super::rebuild_lock_exclusive(&backing).expect("rebuild lock");
+        // The gap: the old index closed, unlocked, its name about to change.
+        drop(db);
+        let released = Arc::new(AtomicBool::new(false));
+        let (b, r) = (backing.clone(), released.clone());
+        let writer = std::thread::spawn(move || {
+            let db = open_index(&b.join(INDEX_DIR), &b).expect("open after the rebuild");
+            assert!(r.load(Ordering::SeqCst), "opened in the gap");
+            drop(db);
+        });
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        released.store(true, Ordering::SeqCst);
+        drop(guard);
+        writer.join().expect("read-write opener");
+
+        let guard = super::super::rebuild_lock_exclusive(&backing).expect("rebuild lock");
+        let released = Arc::new(AtomicBool::new(false));
+        let (b, r) = (backing.clone(), released.clone());
+        let reader = std::thread::spawn(move || {
+            let lock = super::super::flock_shared(&b.join(INDEX_DIR).join("lock"), &b)
+                .expect("shared lock after the rebuild");
+            assert!(r.load(Ordering::SeqCst), "locked in the gap");
+            drop(lock);
+        });
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        released.store(true, Ordering::SeqCst);
+        drop(guard);
+        reader.join().expect("read-only locker");
     }
 
     /// A small volume's index (a few hundred files' history): its journal is more than
