@@ -373,6 +373,26 @@ fn compress_group(
     fail: &dyn Fn(String),
 ) -> bool {
     let each = core.opts.group / 2;
+    // The group's plaintext starts with the first file's (read once: it also steers the
+    // choice of the others). Read before the candidates: a binary first file is coded
+    // alone, and then none of them needs reading.
+    let mut plain = match first.src.read_range(0..first.src.len()) {
+        Ok(b) => b,
+        Err(e) => {
+            for c in &claimed {
+                core.compression_interrupted(c.ino);
+            }
+            fail(format!("reading its plaintext: {e}"));
+            return true;
+        }
+    };
+    if !segment::has_text(&plain) {
+        // Binary: coded alone it needs no model to be read (see below).
+        for c in &claimed {
+            core.compression_interrupted(c.ino);
+        }
+        return false;
+    }
     let mut companions = Vec::new();
     for Companion { ino, path, version } in claimed {
         let name = core.describe(ino);
@@ -441,21 +461,6 @@ fn compress_group(
             core.compression_interrupted(c.ino);
         }
     };
-    // The group's plaintext starts with the first file's (read once: it also steers the
-    // choice of the others).
-    let mut plain = match first.src.read_range(0..first.src.len()) {
-        Ok(b) => b,
-        Err(e) => {
-            release(&companions);
-            fail(format!("reading its plaintext: {e}"));
-            return true;
-        }
-    };
-    if !segment::has_text(&plain) {
-        // Binary: coded alone it needs no model to be read (see above).
-        release(&companions);
-        return false;
-    }
     let (companions, others) = pick_similar(&plain, companions, room);
     release(&others);
     if companions.is_empty() {
