@@ -1012,10 +1012,7 @@ fn small_files_are_coded_in_solid_groups_and_read_back_alone() {
 
     // The binary file was flushed with the texts but not grouped with them: coded
     // alone it needs no model, so it reads while the model is gone; the texts do not.
-    let real = nacrithfs::model::find_model(None)
-        .unwrap_or_else(|e| panic!("this test needs the real model: {e}"));
-    let model = dir.path().join("model.gguf");
-    fs::copy(&real, &model).expect("copy model");
+    let model = common::model_copy(dir.path());
     let d = Daemon::start(
         &backing,
         &mnt,

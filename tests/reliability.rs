@@ -671,8 +671,7 @@ fn missing_or_broken_model_at_runtime_keeps_files_plaintext_and_serving() {
     let (backing, mnt) = fixture_copy(dir.path());
     let real = nacrithfs::model::find_model(None)
         .unwrap_or_else(|e| panic!("this test needs the real model: {e}"));
-    let model = dir.path().join("model.gguf");
-    fs::copy(&real, &model).expect("copy model");
+    let model = common::model_copy(dir.path());
 
     // The model is checked at mount, loaded on first use; it disappears in between.
     let d = Daemon::start(
@@ -871,6 +870,18 @@ fn full_backing_disk_gives_enospc_and_loses_nothing() {
     assert_eq!(code, 0, "{out}");
 }
 
+/// `n` small files f0, f1, ...: "file i" repeated i + 1 times.
+fn numbered_files(n: usize) -> Vec<(String, Vec<u8>)> {
+    (0..n)
+        .map(|i| {
+            (
+                format!("f{i}"),
+                format!("file {i}\n").repeat(i + 1).into_bytes(),
+            )
+        })
+        .collect()
+}
+
 /// A clean stop leaves a small volume's index without the journal of its session
 /// (rebuilt after the stop, docs/DURABILITY.md "Index rebuild"): cold storage spends its
 /// life unmounted, and fjall's journal of a few dozen files' history used to stay, more
@@ -881,14 +892,7 @@ fn a_clean_stop_leaves_a_small_index_without_its_journal() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (backing, mnt) = new_volume(dir.path());
     let d = Daemon::start(&backing, &mnt, "idle=3600");
-    let files: Vec<(String, Vec<u8>)> = (0..60)
-        .map(|i| {
-            (
-                format!("f{i}"),
-                format!("file {i}\n").repeat(i + 1).into_bytes(),
-            )
-        })
-        .collect();
+    let files = numbered_files(60);
     for (name, data) in &files {
         fs::write(mnt.join(name), data).expect("write");
     }
@@ -945,14 +949,7 @@ fn an_index_rebuild_without_room_keeps_the_old_index() {
         "idle=3600",
         &[("NACRITHFS_INDEX_REBUILD", "never")],
     );
-    let files: Vec<(String, Vec<u8>)> = (0..50)
-        .map(|i| {
-            (
-                format!("f{i}"),
-                format!("file {i}\n").repeat(i + 1).into_bytes(),
-            )
-        })
-        .collect();
+    let files = numbered_files(50);
     for (name, data) in &files {
         fs::write(mnt.join(name), data).expect("write");
     }

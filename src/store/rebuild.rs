@@ -145,6 +145,13 @@ pub(super) fn maybe_at(db: Index, backing: &Path, at: At) -> Result<(Index, bool
     rebuild(db, backing, blocks.total(), blocks.journal, at)
 }
 
+/// Remove a copy that will not take the index's name (or the next open removes it).
+fn drop_copy(tmp: &Path, backing: &Path) {
+    if std::fs::remove_dir_all(tmp).is_ok() {
+        let _ = sync_dir(backing);
+    }
+}
+
 /// Copy the live keys of `db` into a new index and put it in the old one's place.
 /// `before`, `journal`: the old index's blocks, for the log line.
 fn rebuild(db: Index, backing: &Path, before: u64, journal: u64, at: At) -> Result<(Index, bool)> {
@@ -173,10 +180,7 @@ fn rebuild(db: Index, backing: &Path, before: u64, journal: u64, at: At) -> Resu
         Err(e) => {
             // A full disk, a quota, an I/O error: the old index is whole and still open.
             log::warn!("index: not rebuilt ({e}); the journal stays");
-            // (Or the next open removes it.)
-            if std::fs::remove_dir_all(&tmp).is_ok() {
-                let _ = sync_dir(backing);
-            }
+            drop_copy(&tmp, backing);
             return Ok((db, false));
         }
     };
@@ -188,9 +192,7 @@ fn rebuild(db: Index, backing: &Path, before: u64, journal: u64, at: At) -> Resu
         Ok(g) => g,
         Err(e) => {
             log::warn!("index: not rebuilt ({e}); the journal stays");
-            if std::fs::remove_dir_all(&tmp).is_ok() {
-                let _ = sync_dir(backing);
-            }
+            drop_copy(&tmp, backing);
             return Ok((db, false));
         }
     };

@@ -58,3 +58,12 @@ pub fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
         })
         .collect()
 }
+
+/// A copy of the real model in `dir`, for a test that takes it away from a mount
+/// (`-o model=` the copy); panics saying the test needs the model.
+pub fn model_copy(dir: &std::path::Path) -> std::path::PathBuf {
+    let real = find_model(None).unwrap_or_else(|e| panic!("this test needs the real model: {e}"));
+    let model = dir.join("model.gguf");
+    std::fs::copy(&real, &model).expect("copy model");
+    model
+}
